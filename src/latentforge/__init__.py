@@ -1,0 +1,3 @@
+"""latentforge: Stable Diffusion, complete and readable."""
+
+__version__ = "0.1.0"
