@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up a test environment in .venv (reference oracles included) and run the default test suite.
+# torch/torchvision: the pair that lies on this project's machines (x86_64: CUDA build that runs on CPU),
+# needed because several references (open_clip, torch-fidelity, pytorch-fid) import torchvision.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+case "$(uname -m)" in
+  aarch64) TORCH="torch==2.9.1 torchvision==0.24.1" ;;
+  *) TORCH="torch==2.14.1 torchvision==0.29.1" ;;
+esac
+.venv/bin/pip install -q $TORCH
+.venv/bin/pip install -q -e ".[test]"
+.venv/bin/ruff check src tests benchmarks
+.venv/bin/ruff format --check src tests benchmarks
+.venv/bin/python -m pytest -n 2 -q "$@"

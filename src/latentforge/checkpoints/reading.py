@@ -1,0 +1,150 @@
+"""Read tensors from `.safetensors` and `.ckpt` files without ever running pickle code.
+
+`.ckpt`/`.pt`/`.pth` go through `torch.load(weights_only=True)` only; there is no unsafe fallback.
+Files are sniffed first, so a git-lfs pointer or an HTML page saved under a model name gets an error
+that says so instead of a parser's complaint.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from pathlib import Path
+
+import torch
+
+from latentforge.checkpoints.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    NotAWeightsFileError,
+    UnsafeCheckpointError,
+)
+
+StateDict = dict[str, torch.Tensor]
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors caps its JSON header at 100 MB
+
+
+def read_state_dict(path: str | Path) -> tuple[StateDict, dict[str, str]]:
+    """Return (tensors, metadata) from a weights file, checking it is what it claims to be."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointNotFoundError(path, "no such file" if not path.exists() else "not a file")
+    kind = sniff(path)
+    if kind == "safetensors":
+        return _read_safetensors(path)
+    return _read_torch(path), {}
+
+
+def sniff(path: Path) -> str:
+    """Tell `safetensors` from `torch` (zip or legacy pickle) by content, not by extension."""
+    with path.open("rb") as f:
+        head = f.read(64)
+    if not head:
+        raise CorruptCheckpointError(path, "the file is empty")
+    if head.startswith(b"version https://git-lfs"):
+        raise NotAWeightsFileError(path, "this is a git-lfs pointer, not the weights; run `git lfs pull`")
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"{")):
+        raise NotAWeightsFileError(
+            path, "this is a web page or text document, not model weights (did a download fail?)"
+        )
+    if head.startswith(b"PK\x03\x04") or head[:2] == b"\x80\x02":
+        return "torch"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    raise NotAWeightsFileError(path, "not a .safetensors or PyTorch checkpoint file")
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
+    """Read the data section once into one buffer; every tensor is a view of it (no second copy)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > min(_MAX_HEADER, size - 8):
+            message = f"safetensors header of {header_len} bytes in a {size}-byte file"
+            raise CorruptCheckpointError(path, message)
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorruptCheckpointError(path, f"unreadable safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise CorruptCheckpointError(path, "the safetensors header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        data_len = size - 8 - header_len
+        needed = max((_entry_end(path, k, v) for k, v in header.items()), default=0)
+        if needed > data_len:
+            raise CorruptCheckpointError(
+                path, f"truncated: the header describes {needed} bytes of data, the file has {data_len}"
+            )
+        buffer = bytearray(needed)
+        if f.readinto(buffer) != needed:
+            raise CorruptCheckpointError(path, "truncated while reading")
+    tensors = {}
+    for key, entry in header.items():
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        begin, end = entry["data_offsets"]
+        flat = (
+            torch.frombuffer(buffer, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin)
+            if end > begin
+            else torch.empty(0, dtype=dtype)
+        )
+        tensors[key] = flat.view(entry["shape"])
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _entry_end(path: Path, key: str, entry: object) -> int:
+    """Validate one header entry and return where its bytes end."""
+    try:
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]  # type: ignore[index]
+        begin, end = (int(o) for o in entry["data_offsets"])  # type: ignore[index]
+        numel = 1
+        for dim in entry["shape"]:  # type: ignore[index]
+            numel *= int(dim)
+    except (KeyError, TypeError, ValueError):
+        raise CorruptCheckpointError(path, f"malformed safetensors entry for {key!r}") from None
+    if begin < 0 or end - begin != numel * dtype.itemsize:
+        raise CorruptCheckpointError(path, f"tensor {key!r} has inconsistent offsets for its shape and dtype")
+    return end
+
+
+def _read_torch(path: Path) -> StateDict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            path,
+            "the pickle asks for more than tensors, so it was not loaded (it could run code). "
+            f"Convert it to .safetensors with a tool you trust. Detail: {str(e).splitlines()[0]}",
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CorruptCheckpointError(path, f"unreadable PyTorch checkpoint ({e})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CorruptCheckpointError(path, f"expected a dict of tensors, found {type(obj).__name__}")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CorruptCheckpointError(path, "the checkpoint holds no tensors")
+    return tensors
+
+
+def _is_zip(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == b"PK\x03\x04"
