@@ -1,0 +1,90 @@
+"""Classifier-free guidance as a denoiser wrapper (Ho & Salimans 2022), with CFG rescale (Lin et al. 2023).
+
+Notation: D_c = denoise(x, sigma, cond), D_u = denoise(x, sigma, uncond), w = guidance scale, phi = rescale.
+    D_cfg      = D_u + w (D_c - D_u)
+    rescaled   = D_cfg * std(D_c) / std(D_cfg)                  (Lin et al. 2023, Algorithm 2, eqs. 15-16)
+    result     = phi * rescaled + (1 - phi) * D_cfg
+Guidance on x0 equals guidance on eps (eps = (x - x0) / sigma is affine in x0 with weights summing to 1), as
+in A1111's CFGDenoiser. The rescale is computed on x0 here (std over each image); the paper computes it on
+the v prediction and diffusers' ``rescale_noise_cfg`` on the raw network output (eps or v), so phi > 0 gives
+close but not identical results to those.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["CFGDenoiser", "cfg_denoiser", "concat_cond"]
+
+Denoiser = Callable[[Tensor, Tensor, Any], Tensor]
+
+
+def _cat_pair(a: Tensor, b: Tensor, key: str) -> Tensor:
+    if b.shape[0] == 1 and a.shape[0] > 1:  # one negative prompt for the whole batch
+        b = b.expand(a.shape[0], *b.shape[1:])
+    if a.shape[1:] != b.shape[1:] or a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"cond and uncond {key} shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}; pad both prompts "
+            "to the same number of tokens and give uncond batch 1 or the cond batch size"
+        )
+    return torch.cat([a, b])
+
+
+def concat_cond(cond: Any, uncond: Any) -> Any:
+    """Stack cond then uncond along the batch: tensors, or dicts of tensors with the same keys, or None."""
+    if cond is None and uncond is None:
+        return None
+    if isinstance(cond, dict) and isinstance(uncond, dict):
+        if cond.keys() != uncond.keys():
+            raise ValueError(f"cond keys {sorted(cond)} differ from uncond keys {sorted(uncond)}")
+        return {k: _cat_pair(cond[k], uncond[k], repr(k)) for k in cond}
+    if isinstance(cond, Tensor) and isinstance(uncond, Tensor):
+        return _cat_pair(cond, uncond, "tensor")
+    raise TypeError(
+        f"cannot batch cond of type {type(cond).__name__} with uncond of type {type(uncond).__name__}"
+    )
+
+
+def _per_image(value: float | Tensor, like: Tensor) -> Tensor:
+    value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    return value.reshape(-1, *([1] * (like.ndim - 1))) if value.ndim else value
+
+
+class CFGDenoiser:
+    """``denoise(x, sigma, cond)`` with classifier-free guidance against a fixed ``uncond``.
+
+    ``scale`` and ``rescale`` are floats or per-image tensors ``[B]``. One forward pass of batch 2B runs
+    cond and uncond together; when every scale is 1 only the cond pass runs.
+    """
+
+    def __init__(self, denoise: Denoiser, uncond: Any, scale: float | Tensor, rescale: float | Tensor = 0.0):
+        for name, value in (("scale", scale), ("rescale", rescale)):
+            if not bool(torch.isfinite(torch.as_tensor(value, dtype=torch.float64)).all()):
+                raise ValueError(f"guidance {name} must be finite, got {value}")
+        self.denoise, self.uncond, self.scale, self.rescale = denoise, uncond, scale, rescale
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, cond: Any = None) -> Tensor:
+        scale = torch.as_tensor(self.scale, dtype=torch.float64)
+        if bool((scale == 1).all()):
+            return self.denoise(x, sigma, cond)
+        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
+        both = self.denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), concat_cond(cond, self.uncond))
+        d_cond, d_uncond = both[: x.shape[0]], both[x.shape[0] :]
+        d_cfg = d_uncond + _per_image(self.scale, x) * (d_cond - d_uncond)
+        if not isinstance(self.rescale, Tensor) and self.rescale == 0:
+            return d_cfg
+        dims = tuple(range(1, x.ndim))
+        rescaled = d_cfg * (d_cond.std(dim=dims, keepdim=True) / d_cfg.std(dim=dims, keepdim=True))
+        phi = _per_image(self.rescale, x)
+        return phi * rescaled + (1 - phi) * d_cfg
+
+
+def cfg_denoiser(
+    denoise: Denoiser, uncond: Any, scale: float | Tensor, rescale: float | Tensor = 0.0
+) -> CFGDenoiser:
+    """Wrap ``denoise`` with classifier-free guidance; see ``CFGDenoiser``."""
+    return CFGDenoiser(denoise, uncond, scale, rescale)
