@@ -12,7 +12,8 @@ from typing import Literal
 from latentforge.models.configs import TextEncoderConfig, UNetConfig, VAEConfig
 
 Prediction = Literal["epsilon", "v", "x0"]
-TextLayout = Literal["hf", "openclip"]  # cond_stage_model.transformer.* (SD1) / cond_stage_model.model.* (SD2)
+# How the checkpoint stores the text tower: cond_stage_model.transformer.* (SD1), .model.* (SD2).
+TextLayout = Literal["hf", "openclip"]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,197 @@
+"""Original single-file SD checkpoints: split into components, detect the family, load, save.
+
+Layout (CompVis/Stability `LatentDiffusion`): `model.diffusion_model.*` (U-Net), `first_stage_model.*`
+(VAE), `cond_stage_model.transformer.*` (SD1, transformers layout) or `cond_stage_model.model.*`
+(SD2, OpenCLIP layout). EMA weights (`model_ema.*`, dots removed from the names) and the diffusion
+buffers (`betas`, `alphas_cumprod`, ...) are ignored unless `use_ema=True`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from latentforge.checkpoints import keymap_text
+from latentforge.checkpoints.errors import KeyMismatchError, UnknownArchitectureError
+from latentforge.checkpoints.reading import StateDict
+from latentforge.models.configs import TextEncoderConfig, UNetConfig, VAEConfig, config_from_dict
+from latentforge.models.families import FAMILIES, ModelFamily
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIXES = {"hf": "cond_stage_model.transformer.", "openclip": "cond_stage_model.model."}
+EMA_PREFIX = "model_ema."
+
+# Training-time buffers of LatentDiffusion and keys older exporters left behind: never weights.
+IGNORED_KEYS = frozenset(
+    {
+        "betas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
+        "log_one_minus_alphas_cumprod",
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+        "posterior_variance",
+        "posterior_log_variance_clipped",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+        "lvlb_weights",
+        "logvar",
+        "cond_stage_model.transformer.text_model.embeddings.position_ids",
+        "cond_stage_model.transformer.embeddings.position_ids",
+    }
+)
+IGNORED_PREFIXES = ("first_stage_model.loss.",)
+
+METADATA_FAMILY = "latentforge.family"
+
+
+def split_components(state_dict: Mapping[str, torch.Tensor], *, use_ema: bool = False) -> dict[str, Any]:
+    """Split an original-layout state dict into {"unet", "vae", "text_encoder", "text_layout", "rest"}."""
+    parts: dict[str, Any] = {"unet": {}, "vae": {}, "text_encoder": {}, "text_layout": None, "rest": []}
+    for key, tensor in state_dict.items():
+        if key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES) or key.startswith(EMA_PREFIX):
+            continue
+        if key.startswith(UNET_PREFIX):
+            parts["unet"][key[len(UNET_PREFIX) :]] = tensor
+        elif key.startswith(VAE_PREFIX):
+            parts["vae"][key[len(VAE_PREFIX) :]] = tensor
+        elif key.startswith(TEXT_PREFIXES["hf"]):
+            name = key[len(TEXT_PREFIXES["hf"]) :]
+            # Exports made with transformers < 4.21 lack the `text_model.` level.
+            parts["text_encoder"][name if name.startswith("text_model.") else f"text_model.{name}"] = tensor
+            parts["text_layout"] = "hf"
+        elif key.startswith(TEXT_PREFIXES["openclip"]):
+            parts["text_encoder"][key[len(TEXT_PREFIXES["openclip"]) :]] = tensor
+            parts["text_layout"] = "openclip"
+        else:
+            parts["rest"].append(key)
+    if use_ema:
+        parts["unet"] = _ema_unet(state_dict, parts["unet"])
+    return parts
+
+
+def _ema_unet(state_dict: Mapping[str, torch.Tensor], unet: StateDict) -> StateDict:
+    """LDM stores EMA weights as `model_ema.diffusion_model<key without dots>`."""
+    ema_names = {EMA_PREFIX + ("diffusion_model." + key).replace(".", ""): key for key in unet}
+    found = {key: state_dict[name] for name, key in ema_names.items() if name in state_dict}
+    if len(found) != len(unet):
+        raise KeyError(f"use_ema: EMA weights exist for {len(found)} of {len(unet)} U-Net tensors")
+    return found
+
+
+def detect_family(parts: Mapping[str, Any], metadata: Mapping[str, str], path: str | Path) -> ModelFamily:
+    """Family from our own metadata if present, else from the U-Net's weight shapes and the text layout."""
+    if METADATA_FAMILY in metadata:
+        return family_from_json(metadata[METADATA_FAMILY])
+    unet = parts["unet"]
+    try:
+        found = {
+            "in_channels": unet["input_blocks.0.0.weight"].shape[1],
+            "model_channels": unet["input_blocks.0.0.weight"].shape[0],
+            "context_dim": unet["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],
+            "use_linear_proj": unet["input_blocks.1.1.proj_in.weight"].ndim == 2,
+        }
+    except KeyError as e:
+        components = [c for c in ("unet", "vae", "text_encoder") if parts[c]]
+        raise UnknownArchitectureError(
+            path,
+            f"not an SD 1.x/2.x checkpoint (no {e.args[0]!r} in the U-Net); "
+            f"components found: {components or 'none'}; other keys: {parts['rest'][:5]}",
+        ) from None
+    for family in FAMILIES.values():
+        if family.text_layout == parts["text_layout"] and all(
+            getattr(family.unet, k) == v for k, v in found.items()
+        ):
+            return family
+    raise UnknownArchitectureError(
+        path,
+        f"no model family matches U-Net {found} with text encoder layout {parts['text_layout']!r}; "
+        f"known families: {', '.join(FAMILIES)}",
+    )
+
+
+def family_to_json(family: ModelFamily) -> str:
+    return json.dumps(dataclasses.asdict(family), sort_keys=True)
+
+
+def family_from_json(text: str) -> ModelFamily:
+    """Rebuild a family saved by `family_to_json`; a table entry when it equals one."""
+    data = json.loads(text)
+    data["unet"] = config_from_dict(UNetConfig, data["unet"])
+    data["vae"] = config_from_dict(VAEConfig, data["vae"])
+    data["text_encoder"] = config_from_dict(TextEncoderConfig, data["text_encoder"])
+    family = ModelFamily(**data)
+    return FAMILIES.get(family.name) if FAMILIES.get(family.name) == family else family  # type: ignore[return-value]
+
+
+def load_into(
+    module: torch.nn.Module,
+    state_dict: StateDict,
+    *,
+    component: str,
+    family: str,
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Strictly load `state_dict` into a module built on `meta`, adopting (not copying) the tensors."""
+    expected = module.state_dict()
+    missing = expected.keys() - state_dict.keys()
+    unexpected = state_dict.keys() - expected.keys()
+    wrong_shape = [k for k in expected.keys() & state_dict.keys() if expected[k].shape != state_dict[k].shape]
+    if missing or unexpected or wrong_shape:
+        raise KeyMismatchError(path, component, family, missing, unexpected, wrong_shape)
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    module.load_state_dict(state_dict, strict=True, assign=True)
+    left_on_meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left_on_meta:
+        raise RuntimeError(f"{component}: tensors not in the state dict stayed on meta: {left_on_meta[:5]}")
+
+
+def text_encoder_to_ours(text_sd: StateDict, layout: str, config: TextEncoderConfig) -> StateDict:
+    return keymap_text.openclip_to_ours(text_sd, config) if layout == "openclip" else text_sd
+
+
+def to_single_file_state_dict(
+    unet: StateDict, vae: StateDict, text_encoder: StateDict, family: ModelFamily
+) -> StateDict:
+    """Our component state dicts -> the original single-file layout of the family."""
+    if family.text_layout == "openclip":
+        text_encoder = keymap_text.ours_to_openclip(text_encoder, family.text_encoder)
+    text_prefix = TEXT_PREFIXES[family.text_layout]
+    out: StateDict = {}
+    for prefix, sd in ((UNET_PREFIX, unet), (VAE_PREFIX, vae), (text_prefix, text_encoder)):
+        out.update({prefix + k: v for k, v in sd.items()})
+    return out
+
+
+def save_single_file(
+    path: str | Path,
+    unet: StateDict,
+    vae: StateDict,
+    text_encoder: StateDict,
+    family: ModelFamily,
+    *,
+    dtype: torch.dtype | None = None,
+    extra_metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write an original-layout `.safetensors` with the family in its metadata (atomic rename)."""
+    path = Path(path)
+    tensors = to_single_file_state_dict(unet, vae, text_encoder, family)
+    tensors = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in tensors.items()
+    }
+    metadata = {METADATA_FAMILY: family_to_json(family), **(extra_metadata or {})}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
