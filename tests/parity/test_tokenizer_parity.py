@@ -10,39 +10,26 @@ the original OpenAI algorithm in open_clip's `SimpleTokenizer` with the python H
 
 from __future__ import annotations
 
-import gzip
-import json
-from pathlib import Path
-
 import ftfy
 import open_clip
 import pytest
 import regex
 import torch
-from open_clip.tokenizer import SimpleTokenizer, bytes_to_unicode
+from open_clip.tokenizer import SimpleTokenizer
 from prompts_corpus import FAST_TOKENIZER_DIVERGENT, HTML, LONG, PROMPTS
 from transformers import CLIPTokenizer as HFCLIPTokenizer
 
 from latentforge.models.families import SD1_TEXT, SD2_TEXT
 from latentforge.models.tokenizer import CLIPTokenizer
+from references import HF_SPECIALS, write_hf_clip_vocab
 
-HF_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
 OPENCLIP_SPECIALS = ("<start_of_text>", "<end_of_text>")
 
 
 @pytest.fixture(scope="module")
 def hf_fast(tmp_path_factory: pytest.TempPathFactory) -> HFCLIPTokenizer:
     """transformers' CLIPTokenizer built from open_clip's BPE file, as vocab.json/merges.txt are derived."""
-    lines = gzip.decompress(Path(open_clip.tokenizer.default_bpe()).read_bytes()).decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    symbols = list(bytes_to_unicode().values())
-    tokens = (
-        symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges] + list(HF_SPECIALS)
-    )
-    folder = tmp_path_factory.mktemp("clip_vocab")
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return HFCLIPTokenizer.from_pretrained(str(folder))
+    return HFCLIPTokenizer.from_pretrained(str(write_hf_clip_vocab(tmp_path_factory.mktemp("clip_vocab"))))
 
 
 @pytest.fixture(scope="module")

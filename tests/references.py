@@ -1,0 +1,79 @@
+"""Builders shared by the parity tests: reference-library twins of our configs, and comparison helpers."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import torch
+
+from latentforge.models.configs import TextEncoderConfig, VAEConfig
+from latentforge.models.tokenizer import VOCAB_FILE
+
+HF_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
+
+
+def assert_close(ours: torch.Tensor, reference: torch.Tensor, tolerance: float = 1e-4) -> None:
+    """Max abs error at most `tolerance` times the reference's output scale."""
+    assert ours.shape == reference.shape, (ours.shape, reference.shape)
+    error = (ours.double() - reference.double()).abs().max().item()
+    scale = reference.double().abs().max().item()
+    assert error <= tolerance * scale, f"max abs error {error:.3g} vs output scale {scale:.3g}"
+
+
+def randomize_norms(model: torch.nn.Module) -> None:
+    """Norms start at (1, 0); random affine parameters make their weight mapping observable."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            torch.nn.init.normal_(module.weight, mean=1.0, std=0.2)
+            torch.nn.init.normal_(module.bias, std=0.2)
+
+
+def diffusers_vae_config(config: VAEConfig) -> dict:
+    assert config.embed_dim == config.z_channels, "diffusers ties embed_dim to latent_channels"
+    levels = len(config.ch_mult)
+    return {
+        "in_channels": config.in_channels,
+        "out_channels": config.out_channels,
+        "down_block_types": ("DownEncoderBlock2D",) * levels,
+        "up_block_types": ("UpDecoderBlock2D",) * levels,
+        "block_out_channels": tuple(config.ch * m for m in config.ch_mult),
+        "layers_per_block": config.num_res_blocks,
+        "latent_channels": config.z_channels,
+        "norm_num_groups": config.norm_groups,
+    }
+
+
+def transformers_text_config(config: TextEncoderConfig):  # -> transformers.CLIPTextConfig
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.width,
+        intermediate_size=config.mlp_width,
+        num_hidden_layers=config.layers,
+        num_attention_heads=config.heads,
+        max_position_embeddings=config.max_length,
+        hidden_act=config.activation,
+        projection_dim=config.projection_dim or config.width,
+    )
+
+
+def write_hf_clip_vocab(folder: Path) -> Path:
+    """transformers' vocab.json/merges.txt derived from our BPE file, as they were made from OpenAI's."""
+    from importlib.resources import files
+
+    from open_clip.tokenizer import bytes_to_unicode
+
+    data = files("latentforge").joinpath("assets", VOCAB_FILE).read_bytes()
+    lines = gzip.decompress(data).decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    symbols = list(bytes_to_unicode().values())
+    tokens = (
+        symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges] + list(HF_SPECIALS)
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return folder
