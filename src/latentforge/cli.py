@@ -46,6 +46,133 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, _, height = text.lower().partition("x")
+        return int(width), int(height or width)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 512x512, got {text!r}") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from latentforge.checkpoints.loading import default_model_path, load
+    from latentforge.pipelines.generate import iter_generate
+    from latentforge.pipelines.infotext import parse_infotext, read_infotext, save_png
+    from latentforge.pipelines.params import GenerationParams, ParameterError
+
+    values: dict = {}
+    if args.from_png:
+        text = read_infotext(args.from_png)
+        if text is None:
+            print(f"error: {args.from_png} has no generation parameters", file=sys.stderr)
+            return 2
+        values = params_from_infotext(*parse_infotext(text))
+    given = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative,
+        "steps": args.steps,
+        "sampler": args.sampler,
+        "schedule": args.schedule,
+        "cfg_scale": args.cfg,
+        "seed": args.seed,
+        "width": args.size[0] if args.size else None,
+        "height": args.size[1] if args.size else None,
+        "batch_size": args.batch_size,
+        "batch_count": args.batch_count,
+        "clip_skip": args.clip_skip,
+        "denoising_strength": args.strength,
+    }
+    values.update({k: v for k, v in given.items() if v is not None})
+    params = GenerationParams(**values)
+    model_path = args.model or default_model_path()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load(model_path, dtype=_torch_dtype(args.dtype), device=device, vae=args.vae)
+    init = None
+    if args.init_image:
+        from latentforge.data.images import load_image_rgb
+
+        init = [load_image_rgb(args.init_image)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    index = len(list(out.glob("*.png")))
+    written = 0
+    try:
+        for result in iter_generate(model, params, init_images=init):
+            path = out / f"{index + written:05d}-{result.seed}.png"
+            save_png(result.image, path, result.infotext)
+            written += 1
+            print(path)
+    except ParameterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; kept {written} finished image(s) in {out}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def params_from_infotext(prompt: str, negative: str, values: dict[str, str]) -> dict:
+    """GenerationParams fields from a parsed infotext (A1111's names)."""
+    names = {
+        "Steps": ("steps", int),
+        "Sampler": ("sampler", str),
+        "Schedule type": ("schedule", str),
+        "CFG scale": ("cfg_scale", float),
+        "Seed": ("seed", int),
+        "Clip skip": ("clip_skip", int),
+        "Denoising strength": ("denoising_strength", float),
+        "Variation seed": ("subseed", int),
+        "Variation seed strength": ("subseed_strength", float),
+        "CFG rescale": ("cfg_rescale", float),
+        "Eta": ("eta", float),
+    }
+    out: dict = {"prompt": prompt, "negative_prompt": negative}
+    for key, (field, kind) in names.items():
+        if key in values:
+            out[field] = kind(values[key])
+    if "Size" in values:
+        out["width"], out["height"] = _parse_size(values["Size"])
+    return out
+
+
+def cmd_png_info(args: argparse.Namespace) -> int:
+    from latentforge.pipelines.infotext import read_infotext
+
+    text = read_infotext(args.image)
+    if text is None:
+        print(f"{args.image}: no generation parameters", file=sys.stderr)
+        return 1
+    print(text)
+    return 0
+
+
+def cmd_samplers(args: argparse.Namespace) -> int:
+    from latentforge.sampling.registry import SAMPLERS
+
+    for name, spec in SAMPLERS.items():
+        print(f"{name:<14} (Automatic schedule: {spec.schedule})")
+    return 0
+
+
+def cmd_schedules(args: argparse.Namespace) -> int:
+    from latentforge.sampling.schedules import SCHEDULES
+
+    print("Automatic")
+    for name in SCHEDULES:
+        print(name)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from latentforge.training.loop import run_training
+
+    path = run_training(args.task, args.config, args.overrides)
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_data_emoji(args: argparse.Namespace) -> int:
     from latentforge.data.emoji import build_emoji_dataset
 
@@ -63,6 +190,34 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
+    p = add(
+        "generate", cmd_generate, "Generate images from a prompt (txt2img, or img2img with --init-image)."
+    )
+    p.add_argument("prompt", nargs="?", default=None)
+    p.add_argument("--model", help="checkpoint or diffusers folder (default: the embedded model)")
+    p.add_argument("--vae", help="standalone VAE to use instead of the model's")
+    p.add_argument("-n", "--negative", help="negative prompt")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--sampler", help="see `latentforge samplers`")
+    p.add_argument("--schedule", help="see `latentforge schedules`")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, help="-1 for random")
+    p.add_argument("--size", type=_parse_size, help="WIDTHxHEIGHT, multiples of 8")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-count", type=int)
+    p.add_argument("--clip-skip", type=int)
+    p.add_argument("--init-image", help="img2img: start from this image")
+    p.add_argument("--strength", type=float, help="img2img denoising strength in [0, 1]")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--device", help="cpu, cuda, mps (default: cuda when available)")
+    p.add_argument("--out", default="outputs", help="output folder")
+    p.add_argument("--from-png", help="take all parameters from an image's infotext (others override)")
+
+    p = add("png-info", cmd_png_info, "Print the generation parameters stored in an image.")
+    p.add_argument("image")
+    add("samplers", cmd_samplers, "List sampler names.")
+    add("schedules", cmd_schedules, "List schedule types.")
+
     p = add("info", cmd_info, "Show a checkpoint's family, hash and sizes.")
     p.add_argument("model", help="checkpoint file (.safetensors/.ckpt) or diffusers folder")
     p.add_argument("--prediction", choices=["epsilon", "v", "x0"])
@@ -74,8 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", help="standalone VAE to bake in")
     p.add_argument("--prediction", choices=["epsilon", "v", "x0"])
 
+    p = add("train", cmd_train, "Train a CLIP, VAE or U-Net from a run config (resumes automatically).")
+    p.add_argument("task", choices=["clip", "vae", "unet"])
+    p.add_argument("config", help="TOML run config")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-4 task_options.x=1")
+
     data = sub.add_parser("data", help="Build datasets.").add_subparsers(dest="dataset", required=True)
-    p = data.add_parser("emoji", help="Emoji dataset from the npm packages emoji-datasource-{google,twitter}.")
+    p = data.add_parser(
+        "emoji", help="Emoji dataset from the npm packages emoji-datasource-{google,twitter}."
+    )
     p.add_argument("out_dir")
     p.add_argument("--cache-dir", type=Path, default=None)
     p.set_defaults(handler=cmd_data_emoji)
@@ -85,10 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from latentforge.checkpoints.errors import CheckpointError
+    from latentforge.pipelines.params import ParameterError
 
     try:
         return args.handler(args)
-    except CheckpointError as e:
+    except (CheckpointError, ParameterError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,80 @@
+"""Prompts -> a guided denoiser: per-step text conditioning (prompt editing) plus classifier-free guidance."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from latentforge.model import StableDiffusion
+from latentforge.prompts.conditioning import conditioning_at_step, encode_prompts, scheduled_conditioning
+from latentforge.sampling.guidance import CFGDenoiser
+
+Denoiser = Callable[[torch.Tensor, Any, Any], torch.Tensor]
+
+
+def step_of(sigma: torch.Tensor | float, sigmas: torch.Tensor) -> int:
+    """The step a (possibly intermediate) sigma belongs to: i when sigmas[i] >= sigma > sigmas[i+1]."""
+    value = float(torch.as_tensor(sigma).reshape(-1)[0])
+    return int((sigmas[1:] >= value).sum())
+
+
+def pad_tokens(
+    a: torch.Tensor, b: torch.Tensor, empty_chunk: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give cond and uncond the same number of 77-token chunks by appending empty-prompt chunks (A1111)."""
+    chunk = empty_chunk.shape[1]
+
+    def extend(t: torch.Tensor, tokens: int) -> torch.Tensor:
+        extra = (tokens - t.shape[1]) // chunk
+        return torch.cat([t, empty_chunk.to(t).expand(t.shape[0], -1, -1).repeat(1, extra, 1)], dim=1)
+
+    tokens = max(a.shape[1], b.shape[1])
+    return extend(a, tokens), extend(b, tokens)
+
+
+class PromptConditioner:
+    """Encodes prompts once per distinct text and builds the guided denoiser a sampler runs."""
+
+    def __init__(self, model: StableDiffusion, clip_skip: int, steps: int) -> None:
+        self.model, self.clip_skip, self.steps = model, clip_skip, steps
+
+    @torch.inference_mode()
+    def _schedules(self, prompts: list[str]) -> list[list[tuple[int, torch.Tensor]]]:
+        m = self.model
+        return scheduled_conditioning(m.text_encoder, m.tokenizer, prompts, self.steps, self.clip_skip)
+
+    def denoiser(
+        self,
+        base: Denoiser,
+        prompts: list[str],
+        negative_prompts: list[str],
+        sigmas: torch.Tensor,
+        scale: float,
+        rescale: float = 0.0,
+        extra: Mapping[str, torch.Tensor] | None = None,
+    ) -> Denoiser:
+        """`denoise(x, sigma, cond)`: the prompts' conditioning at each step, CFG against the negatives.
+
+        `extra` holds conditioning shared by cond and uncond (e.g. the inpainting `concat` channels).
+        """
+        cond_schedules = self._schedules(prompts)
+        uncond_schedules = self._schedules(negative_prompts) if scale != 1 else None
+        with torch.inference_mode():
+            m = self.model
+            empty = encode_prompts(m.text_encoder, m.tokenizer, [""], clip_skip=self.clip_skip)
+        sigmas = sigmas.detach().float().cpu()
+        extra = dict(extra or {})
+
+        def guided(x: torch.Tensor, sigma: Any, cond: Any = None) -> torch.Tensor:
+            step = step_of(sigma, sigmas)
+            c = conditioning_at_step(cond_schedules, step)
+            if uncond_schedules is None:
+                return base(x, sigma, {"crossattn": c, **extra})
+            u = conditioning_at_step(uncond_schedules, step)
+            c, u = pad_tokens(c, u, empty)
+            cfg = CFGDenoiser(base, {"crossattn": u, **extra}, scale, rescale)
+            return cfg(x, sigma, {"crossattn": c, **extra})
+
+        return guided

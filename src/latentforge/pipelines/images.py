@@ -1,0 +1,51 @@
+"""Pixels <-> latents: PIL conversion, VAE encode/decode with the NaN guard."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from latentforge.model import StableDiffusion
+
+
+def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """RGB PIL images of one size -> [B, 3, H, W] float32 in [-1, 1]."""
+    arrays = [np.asarray(image.convert("RGB"), dtype=np.float32) for image in images]
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # [B, H, W, 3] -> [B, 3, H, W]
+    return pixels / 127.5 - 1.0
+
+
+def tensor_to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [-1, 1] -> RGB PIL images (rounded, as A1111 and diffusers do)."""
+    array = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in array]
+
+
+@torch.inference_mode()
+def encode_images(
+    model: StableDiffusion, pixels: torch.Tensor, *, noise: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Pixels in [-1, 1] -> scaled latents (posterior sample when `noise` is given, else its mean)."""
+    posterior = model.vae.encode(pixels.to(model.vae_device, model.vae_dtype))
+    latents = posterior.mode() if noise is None else posterior.sample(noise.to(posterior.mean))
+    return latents.float() * model.family.latent_scale
+
+
+@torch.inference_mode()
+def decode_latents(model: StableDiffusion, latents: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Scaled latents -> pixels in [-1, 1]; returns (pixels, retried_in_fp32).
+
+    Half-precision VAEs (notably SD's in fp16) overflow on some latents; the result is checked and
+    decoded again in float32 when it is not finite, as A1111's "NaN check" does.
+    """
+    z = latents / model.family.latent_scale
+    pixels = model.vae.decode(z.to(model.vae_device, model.vae_dtype)).float()
+    if torch.isfinite(pixels).all() or model.vae_dtype == torch.float32:
+        return pixels, False
+    dtype = model.vae_dtype
+    model.vae.float()  # in place: only the VAE's own weights are duplicated, for this call
+    try:
+        return model.vae.decode(z.to(model.vae_device, torch.float32)), True
+    finally:
+        model.vae.to(dtype)

@@ -1,0 +1,95 @@
+"""Generation parameters: one dataclass for the CLI, the Python API and the HTTP server.
+
+Field names follow A1111's API payload (`steps`, `cfg_scale`, `denoising_strength`, ...) so that
+a request from an A1111 client maps onto it with little translation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from latentforge.models.families import ModelFamily
+
+MAX_STEPS = 1000
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+
+class ParameterError(ValueError):
+    """A request that cannot be generated; raised before any work is done."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 20
+    sampler: str = "DPM++ 2M"
+    schedule: str = "Automatic"
+    cfg_scale: float = 7.0
+    cfg_rescale: float = 0.0
+    seed: int = -1  # -1: a random seed, reported in the result
+    subseed: int = -1
+    subseed_strength: float = 0.0  # A1111's variation seed
+    width: int = 0  # 0: the family's default size
+    height: int = 0
+    batch_size: int = 1
+    batch_count: int = 1
+    clip_skip: int = 0  # 0: the family's default (1 for SD 1.x, 2 for SD 2.x)
+    eta: float | None = None  # ancestral/SDE noise multiplier, sampler default when None
+    denoising_strength: float = 0.75  # img2img and the hires pass
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form infotext additions
+
+    def resolved(self, family: ModelFamily) -> GenerationParams:
+        """Defaults filled in from the family."""
+        return replace(
+            self,
+            width=self.width or family.default_size,
+            height=self.height or family.default_size,
+            clip_skip=self.clip_skip or family.default_clip_skip,
+        )
+
+    def validate(self, family: ModelFamily, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        """Raise ParameterError for anything that cannot be generated; names the valid range."""
+        from latentforge.sampling.registry import SAMPLERS, resolve_schedule
+
+        if self.sampler not in SAMPLERS:
+            raise ParameterError(f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}")
+        resolve_schedule(self.sampler, self.schedule)  # raises with the valid names
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise ParameterError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
+        if not math.isfinite(self.cfg_scale):
+            raise ParameterError(f"CFG scale must be a finite number, got {self.cfg_scale}")
+        if not 0.0 <= self.denoising_strength <= 1.0:
+            raise ParameterError(f"denoising strength must be in [0, 1], got {self.denoising_strength}")
+        if not 0.0 <= self.subseed_strength <= 1.0:
+            raise ParameterError(f"variation strength must be in [0, 1], got {self.subseed_strength}")
+        if self.batch_size < 1 or self.batch_count < 1:
+            raise ParameterError("batch size and batch count must be at least 1")
+        if self.clip_skip < 0 or self.clip_skip > family.text_encoder.layers:
+            raise ParameterError(f"clip skip must be between 1 and {family.text_encoder.layers}")
+        multiple = latent_multiple(family)
+        width, height = self.width or family.default_size, self.height or family.default_size
+        for name, value in (("width", width), ("height", height)):
+            if value <= 0 or value % multiple:
+                raise ParameterError(
+                    f"{name} {value} is not a positive multiple of {multiple} (the VAE's factor for this "
+                    f"model); nearest valid: {max(multiple, round(value / multiple) * multiple)}"
+                )
+        if width * height > max_pixels:
+            raise ParameterError(f"{width}x{height} exceeds the limit of {max_pixels} pixels")
+
+
+def latent_multiple(family: ModelFamily) -> int:
+    """Image sizes must be multiples of the VAE factor; the U-Net takes any latent size."""
+    return family.vae.downsampling_factor
+
+
+def params_from_dict(data: dict[str, Any]) -> GenerationParams:
+    """Build params from a mapping, rejecting unknown names with the list of known ones."""
+    known = {f.name for f in fields(GenerationParams)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ParameterError(f"unknown parameters {unknown}; known: {', '.join(sorted(known))}")
+    return GenerationParams(**data)
