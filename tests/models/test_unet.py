@@ -74,11 +74,12 @@ def test_meta_forward_infers_shapes():
     assert out.shape == (2, 4, 64, 96) and out.is_meta
 
 
-def test_size_must_divide():
-    model = UNetModel(CONFIG)
-    x, timesteps, context = _inputs(CONFIG, 8, 10)
-    with pytest.raises(ValueError, match="not a multiple of 4"):
-        model(x, timesteps, context)
+@pytest.mark.parametrize("size", [(8, 10), (9, 7), (5, 5)])
+def test_any_latent_size(size):
+    model = UNetModel(CONFIG).eval()
+    x, timesteps, context = _inputs(CONFIG, *size)
+    with torch.no_grad():
+        assert model(x, timesteps, context).shape == x.shape
 
 
 def test_deterministic_and_scalar_timestep():

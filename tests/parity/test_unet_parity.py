@@ -85,8 +85,10 @@ def _inputs(config: UNetConfig, height: int, width: int, batch: int = 2):
         (SD2_TINY, (12, 8)),
         (INPAINT_TINY, (8, 8)),
         (MID, (16, 24)),
+        (SD1_TINY, (9, 13)),  # odd sizes: the Upsample meets the skip's size (forward_upsample_size)
+        (MID, (13, 10)),
     ],
-    ids=["sd1-8x12", "sd1-16x36", "sd2-12x8", "inpaint-8x8", "mid-16x24"],
+    ids=["sd1-8x12", "sd1-16x36", "sd2-12x8", "inpaint-8x8", "mid-16x24", "sd1-9x13", "mid-13x10"],
 )
 def test_matches_diffusers(config, size):
     ours, reference = _pair(config)

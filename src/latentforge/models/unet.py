@@ -188,14 +188,16 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2, then a 3x3 conv."""
+    """Nearest-neighbour x2 (or to the size of the skip it meets, for odd sizes), then a 3x3 conv."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, size: torch.Size | None = None) -> torch.Tensor:
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class TimestepEmbedSequential(nn.ModuleList):
@@ -204,12 +206,20 @@ class TimestepEmbedSequential(nn.ModuleList):
     def __init__(self, *layers: nn.Module) -> None:
         super().__init__(layers)
 
-    def forward(self, x: torch.Tensor, emb_act: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        emb_act: torch.Tensor,
+        context: torch.Tensor,
+        upsample_size: torch.Size | None = None,
+    ) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb_act)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, upsample_size)
             else:
                 x = layer(x)
         return x
@@ -268,17 +278,17 @@ class UNetModel(nn.Module):
             nn.Conv2d(channels, config.out_channels, 3, padding=1),
         )
 
-    @property
-    def size_multiple(self) -> int:
-        """Latent height and width must be multiples of this (8 for SD's four levels)."""
-        return 2 ** (len(self.config.channel_mult) - 1)
-
     def _run(
-        self, block: nn.Module, h: torch.Tensor, emb_act: torch.Tensor, context: torch.Tensor
+        self,
+        block: nn.Module,
+        h: torch.Tensor,
+        emb_act: torch.Tensor,
+        context: torch.Tensor,
+        upsample_size: torch.Size | None = None,
     ) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, h, emb_act, context, use_reentrant=False)
-        return block(h, emb_act, context)
+            return checkpoint(block, h, emb_act, context, upsample_size, use_reentrant=False)
+        return block(h, emb_act, context, upsample_size)
 
     def forward(
         self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor
@@ -286,20 +296,14 @@ class UNetModel(nn.Module):
         """Predict the network target (eps for SD 1.x) for a noisy latent.
 
         Args:
-            x: latent [B, in_channels, H, W], H and W multiples of `size_multiple`.
+            x: latent [B, in_channels, H, W], any size: each Upsample matches the skip it meets
+                (diffusers' `forward_upsample_size`), so images need only be multiples of the VAE factor.
             timesteps: [B] or a scalar (broadcast), integer or continuous in [0, 1000).
             context: text tokens [B, T, context_dim].
         Returns:
             [B, out_channels, H, W] in the dtype of x.
         """
-        batch, _, height, width = x.shape
-        multiple = self.size_multiple
-        if height % multiple or width % multiple:
-            raise ValueError(
-                f"latent size {height}x{width} is not a multiple of {multiple} "
-                f"(the U-Net halves it {multiple.bit_length() - 1} times); with SD's VAE use image "
-                f"sizes that are multiples of {8 * multiple} px"
-            )
+        batch = x.shape[0]
         timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1)
         if timesteps.numel() not in (1, batch):
             raise ValueError(f"got {timesteps.numel()} timesteps for a batch of {batch}; pass 1 or {batch}")
@@ -315,5 +319,5 @@ class UNetModel(nn.Module):
         h = self._run(self.middle_block, h, emb_act, context)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # [B, C + C_skip, H, W]
-            h = self._run(block, h, emb_act, context)
+            h = self._run(block, h, emb_act, context, skips[-1].shape[-2:] if skips else None)
         return self.out[2](_norm_silu(self.out[0], h))
