@@ -10,12 +10,13 @@ import open_clip
 import pytest
 import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+from transformers import CLIPTextModelWithProjection
 
 from latentforge.checkpoints.keymap_text import openclip_to_ours, ours_to_openclip
 from latentforge.models.configs import TextEncoderConfig
 from latentforge.models.families import SD1_TEXT, SD2_TEXT
 from latentforge.models.text_encoder import EOS_TOKEN, CLIPTextModel
+from references import transformers_text_config
 
 SD1_TINY = TextEncoderConfig(max_length=16, width=32, layers=3, heads=4, mlp_width=64)
 SD2_TINY = replace(SD1_TINY, activation="gelu", mlp_width=128, projection_dim=24, pad_token=0)
@@ -44,23 +45,10 @@ def _ids(config: TextEncoderConfig) -> torch.Tensor:
     return ids
 
 
-def _transformers_config(config: TextEncoderConfig) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.width,
-        intermediate_size=config.mlp_width,
-        num_hidden_layers=config.layers,
-        num_attention_heads=config.heads,
-        max_position_embeddings=config.max_length,
-        hidden_act=config.activation,
-        projection_dim=config.projection_dim or config.width,
-    )
-
-
 def _transformers_keys(config: TextEncoderConfig) -> dict[str, torch.Size]:
     # CLIPTextModelWithProjection keeps the `text_model.` prefix in transformers 4.x and 5.x alike
     with torch.device("meta"):
-        reference = CLIPTextModelWithProjection(_transformers_config(config))
+        reference = CLIPTextModelWithProjection(transformers_text_config(config))
     shapes = {k: v.shape for k, v in reference.state_dict().items() if "position_ids" not in k}
     if config.projection_dim is None:
         del shapes["text_projection.weight"]
@@ -70,7 +58,7 @@ def _transformers_keys(config: TextEncoderConfig) -> dict[str, torch.Size]:
 @pytest.mark.parametrize("config", [SD1_TINY, SD2_TINY])
 def test_matches_transformers(config):
     ours = _model(config)
-    reference = CLIPTextModelWithProjection(_transformers_config(config)).eval()
+    reference = CLIPTextModelWithProjection(transformers_text_config(config)).eval()
     state = ours.state_dict()
     if config.projection_dim is None:  # keep the reference's own random projection; ours has none
         state = {**state, "text_projection.weight": reference.text_projection.weight}

@@ -13,46 +13,17 @@ from latentforge.checkpoints.keymap_vae import diffusers_to_ours, ours_to_diffus
 from latentforge.models.configs import VAEConfig
 from latentforge.models.families import SD_VAE
 from latentforge.models.vae import AutoencoderKL
+from references import assert_close, diffusers_vae_config, randomize_norms
 
 F4 = VAEConfig(ch=32, ch_mult=(1, 2, 2), norm_groups=16)
 F8 = VAEConfig(ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=2, norm_groups=8)
 
 
-def _assert_close(ours: torch.Tensor, reference: torch.Tensor) -> None:
-    assert ours.shape == reference.shape
-    error = (ours - reference).abs().max().item()
-    scale = reference.abs().max().item()
-    assert error <= 1e-4 * scale, f"max abs error {error:.3g} vs output scale {scale:.3g}"
-
-
-def _diffusers_config(config: VAEConfig) -> dict:
-    assert config.embed_dim == config.z_channels, "diffusers ties embed_dim to latent_channels"
-    levels = len(config.ch_mult)
-    return {
-        "in_channels": config.in_channels,
-        "out_channels": config.out_channels,
-        "down_block_types": ("DownEncoderBlock2D",) * levels,
-        "up_block_types": ("UpDecoderBlock2D",) * levels,
-        "block_out_channels": tuple(config.ch * m for m in config.ch_mult),
-        "layers_per_block": config.num_res_blocks,
-        "latent_channels": config.z_channels,
-        "norm_num_groups": config.norm_groups,
-    }
-
-
-def _randomize_norms(model: torch.nn.Module) -> None:
-    """GroupNorm starts at (1, 0); random affine parameters make the weight mapping observable."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.GroupNorm):
-            torch.nn.init.normal_(module.weight, mean=1.0, std=0.2)
-            torch.nn.init.normal_(module.bias, std=0.2)
-
-
 @pytest.mark.parametrize("config", [F4, F8], ids=["f4", "f8"])
 def test_matches_diffusers(config):
     ours = AutoencoderKL(config).eval()
-    _randomize_norms(ours)
-    reference = DiffusersAutoencoderKL(**_diffusers_config(config)).eval()
+    randomize_norms(ours)
+    reference = DiffusersAutoencoderKL(**diffusers_vae_config(config)).eval()
     reference.load_state_dict(ours_to_diffusers(ours.state_dict(), config), strict=True)
     f = config.downsampling_factor
     x = torch.rand(2, config.in_channels, 3 * f, 2 * f) * 2 - 1  # non-square, odd latent height
@@ -61,9 +32,9 @@ def test_matches_diffusers(config):
         reference_posterior = reference.encode(x).latent_dist
         z = torch.randn_like(posterior.mean)
         decoded, reference_decoded = ours.decode(z), reference.decode(z).sample
-    _assert_close(posterior.mean, reference_posterior.mean)
-    _assert_close(posterior.logvar, reference_posterior.logvar)
-    _assert_close(decoded, reference_decoded)
+    assert_close(posterior.mean, reference_posterior.mean)
+    assert_close(posterior.logvar, reference_posterior.logvar)
+    assert_close(decoded, reference_decoded)
 
 
 def _meta_state(config: VAEConfig) -> dict[str, torch.Tensor]:
@@ -73,7 +44,7 @@ def _meta_state(config: VAEConfig) -> dict[str, torch.Tensor]:
 
 def test_sd_vae_keys_map_one_to_one_onto_diffusers():
     with torch.device("meta"):
-        reference = DiffusersAutoencoderKL(**_diffusers_config(SD_VAE))
+        reference = DiffusersAutoencoderKL(**diffusers_vae_config(SD_VAE))
     expected = {k: v.shape for k, v in reference.state_dict().items()}
     ours = _meta_state(SD_VAE)
     converted = ours_to_diffusers(ours, SD_VAE)
@@ -86,6 +57,6 @@ def test_sd_vae_keys_map_one_to_one_onto_diffusers():
 def test_sd_vae_keys_agree_with_diffusers_single_file_converter():
     ours = _meta_state(SD_VAE)
     checkpoint = {f"first_stage_model.{k}": v for k, v in ours.items()}
-    converted = convert_ldm_vae_checkpoint(checkpoint, _diffusers_config(SD_VAE))
+    converted = convert_ldm_vae_checkpoint(checkpoint, diffusers_vae_config(SD_VAE))
     mine = ours_to_diffusers(ours, SD_VAE)
     assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in mine.items()}
