@@ -1,0 +1,34 @@
+"""`TASKS`: task name -> factory `(RunConfig) -> TrainingTask`, for `latentforge train TASK CONFIG`.
+
+Factories import their module on first call, so listing the tasks stays cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from latentforge.training.config import RunConfig
+    from latentforge.training.task import TrainingTask
+
+
+def _clip(config: RunConfig) -> TrainingTask:
+    from latentforge.training.tasks.clip import make_clip_task
+
+    return make_clip_task(config)
+
+
+def _vae(config: RunConfig) -> TrainingTask:
+    from latentforge.training.tasks.vae import make_vae_task
+
+    return make_vae_task(config)
+
+
+def _unet(config: RunConfig) -> TrainingTask:
+    from latentforge.training.tasks.unet import make_unet_task
+
+    return make_unet_task(config)
+
+
+TASKS: dict[str, Callable[[RunConfig], TrainingTask]] = {"clip": _clip, "vae": _vae, "unet": _unet}

@@ -1,0 +1,214 @@
+"""What the VAE and U-Net tasks share: option parsing, image datasets, a synthetic dataset, image grids."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from latentforge.data.image_folder import ImageFolderDataset
+from latentforge.data.images import image_to_tensor
+from latentforge.models.configs import TextEncoderConfig, UNetConfig, VAEConfig, config_from_dict
+
+OptionsT = TypeVar("OptionsT")
+_CONFIG_TYPES = (VAEConfig, UNetConfig, TextEncoderConfig)
+
+
+def parse_options(cls: type[OptionsT], options: Mapping[str, Any], what: str) -> OptionsT:
+    """Build an options dataclass from a TOML table; unknown keys are an error that lists the valid ones.
+
+    Fields typed as a model config (VAEConfig ...) take a table of that config's fields.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {what} task_options {unknown}; valid options: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for name, value in options.items():
+        config_cls = _config_type(hints[name])
+        if config_cls is not None and isinstance(value, Mapping):
+            value = config_from_dict(config_cls, dict(value))
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[name] = value
+    return cls(**values)
+
+
+def _config_type(hint: Any) -> type | None:
+    candidates = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return next((c for c in candidates if c in _CONFIG_TYPES), None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP (`.module`) or torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# --------------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """Where images come from: "synthetic", or a folder with `train/` and `holdout/` (the emoji layout)."""
+
+    data: str = "synthetic"
+    train_data: str | None = None  # explicit folders override `data`
+    holdout_data: str | None = None
+    resolution: int = 32
+    center_crop: bool = True
+    flip: bool = False
+    max_train_items: int | None = None  # first N items only (smoke runs)
+    max_holdout_items: int | None = 64
+    synthetic_items: int = 64  # train items of the synthetic set; holdout gets a quarter
+
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 70, 220),
+    "yellow": (240, 210, 40),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+
+
+class SyntheticShapes(Dataset):
+    """Coloured shapes on coloured backgrounds with captions ("a red circle on a blue background").
+
+    Item i is a pure function of (seed, i), so the set needs no files; for tests and smoke runs.
+    """
+
+    def __init__(self, items: int, resolution: int, seed: int = 0) -> None:
+        self.items, self.resolution, self.seed = items, resolution, seed
+
+    def __len__(self) -> int:
+        return self.items
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "type": "SyntheticShapes",
+            "items": self.items,
+            "resolution": self.resolution,
+            "seed": self.seed,
+        }
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rng = np.random.default_rng([self.seed, index])
+        names = list(COLOURS)
+        background, colour = rng.choice(len(names), size=2, replace=False)
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        size = self.resolution
+        image = Image.new("RGB", (size, size), COLOURS[names[background]])
+        draw = ImageDraw.Draw(image)
+        radius = size * float(rng.uniform(0.2, 0.35))
+        cx, cy = (size * float(rng.uniform(0.35, 0.65)) for _ in range(2))
+        fill = COLOURS[names[colour]]
+        if shape == "circle":
+            draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
+        elif shape == "square":
+            draw.rectangle((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
+        else:
+            points = [
+                (cx + radius * math.cos(a), cy + radius * math.sin(a)) for a in (-math.pi / 2, 0.52, 2.62)
+            ]
+            draw.polygon(points, fill=fill)
+        caption = f"a {names[colour]} {shape} on a {names[background]} background"
+        return {"pixels": image_to_tensor(image), "caption": caption}
+
+
+class PixelsAndCaption(Dataset):
+    """Keep only the collatable `pixels` and `caption` of another dataset's items."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def fingerprint(self) -> Any:
+        from latentforge.training.latent_cache import dataset_fingerprint
+
+        return dataset_fingerprint(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.dataset[index]
+        return {"pixels": item["pixels"], "caption": item["caption"]}
+
+
+def image_dataset(data: ImageData, split: str, seed: int = 0) -> Dataset:
+    """Items {"pixels" [3, H, W] in [-1, 1], "caption" str} for "train" or "holdout"."""
+    if split not in ("train", "holdout"):
+        raise ValueError(f"unknown split {split!r}; valid: 'train', 'holdout'")
+    limit = data.max_train_items if split == "train" else data.max_holdout_items
+    if data.data == "synthetic" and (data.train_data if split == "train" else data.holdout_data) is None:
+        items = data.synthetic_items if split == "train" else max(1, data.synthetic_items // 4)
+        dataset: Dataset = SyntheticShapes(
+            items, data.resolution, seed=seed if split == "train" else seed + 1
+        )
+    else:
+        explicit = data.train_data if split == "train" else data.holdout_data
+        root = Path(explicit) if explicit is not None else Path(data.data) / split
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"{split} images folder {root} not found; set `data` to a folder with train/ and holdout/ "
+                f'subfolders, or `{split}_data` to the folder itself, or data = "synthetic"'
+            )
+        dataset = PixelsAndCaption(
+            ImageFolderDataset(
+                root,
+                resolution=data.resolution,
+                center_crop=data.center_crop if split == "train" else True,
+                flip=data.flip if split == "train" else False,
+                seed=seed,
+            )
+        )
+    if limit is not None and limit < len(dataset):  # type: ignore[arg-type]
+        dataset = Subset(dataset, range(limit))
+    return dataset
+
+
+def first_items(dataset: Dataset, count: int) -> list[dict[str, Any]]:
+    return [dataset[i] for i in range(min(count, len(dataset)))]  # type: ignore[arg-type]
+
+
+def image_grid(rows: Sequence[torch.Tensor]) -> Image.Image:
+    """Rows of image batches [N, 3, H, W] in [-1, 1] -> one PIL grid, one batch per row."""
+    lines = [torch.cat(list(row.float().clamp(-1, 1)), dim=2) for row in rows]  # [3, H, N*W] each
+    width = max(line.shape[2] for line in lines)
+    lines = [torch.nn.functional.pad(line, (0, width - line.shape[2]), value=1.0) for line in lines]
+    grid = torch.cat(lines, dim=1)  # [3, rows*H, N*W]
+    array = ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def dtype_from_name(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    try:
+        return dtypes[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(dtypes)}") from None

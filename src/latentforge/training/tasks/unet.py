@@ -1,0 +1,498 @@
+"""`latentforge train unet CONFIG`: latent diffusion (Rombach et al. 2022) with a frozen VAE and text encoder.
+
+Per step (SPEC section 4; notation in `training/losses.py`):
+    z0   = latent_scale * z, z ~ q(z | image)       (or the posterior mode / a cached posterior)
+    c    = text_encoder(tokens(caption)), caption -> "" with probability `caption_dropout` (for CFG)
+    t    ~ U{0, ..., 999}, eps ~ N(0, I) (+ noise offset), z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
+    loss = w(t) * || unet(z_t, t, c) - target ||^2, target = eps or v, w = 1 or Min-SNR-gamma
+Only the U-Net trains. `latent_scale` is 1 / std of the VAE latents of the first `latent_scale_items`
+training images, measured once (SD measured 0.18215 the same way) unless given; the export stores it in
+the model family so `latentforge.load` and the pipelines use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from latentforge.checkpoints.reading import read_state_dict
+from latentforge.checkpoints.single_file import TEXT_PREFIXES, load_into, save_single_file
+from latentforge.models.configs import TextEncoderConfig, UNetConfig, VAEConfig, config_from_dict
+from latentforge.models.families import ModelFamily
+from latentforge.models.text_encoder import CLIPTextModel
+from latentforge.models.tokenizer import CLIPTokenizer
+from latentforge.models.unet import UNetModel
+from latentforge.models.vae import AutoencoderKL, DiagonalGaussian
+from latentforge.sampling import schedules
+from latentforge.sampling.denoisers import DiscreteDenoiser
+from latentforge.sampling.guidance import cfg_denoiser
+from latentforge.sampling.k_samplers import sample_euler
+from latentforge.sampling.noise import initial_noise
+from latentforge.training import losses
+from latentforge.training.config import RunConfig
+from latentforge.training.distributed import resolve_device
+from latentforge.training.latent_cache import (
+    LatentCache,
+    TensorRowsDataset,
+    cache_key,
+    cached_or_encode,
+    dataset_fingerprint,
+    weights_digest,
+)
+from latentforge.training.tasks.common import (
+    ImageData,
+    dtype_from_name,
+    first_items,
+    image_dataset,
+    image_grid,
+    model_device,
+    parse_options,
+    unwrap,
+)
+from latentforge.training.tasks.vae import load_vae
+
+NUM_TIMESTEPS = 1000  # what the pipelines and the family table assume
+# Metadata keys under which a text encoder file may carry its TextEncoderConfig (JSON).
+TEXT_CONFIG_KEYS = ("latentforge.text_encoder_config", "latentforge.text_config", "latentforge.config")
+METADATA_CLIP_CONFIG = "latentforge.clip_config"  # a whole CLIP export of `train clip`
+
+
+@dataclass(frozen=True)
+class UNetTaskOptions(ImageData):
+    """`task_options` of the U-Net task (all optional); the data fields come from `ImageData`."""
+
+    unet: UNetConfig | None = None  # table of UNetConfig fields; default: tiny, sized to the VAE and text
+    vae: str | None = None  # VAE file (from `train vae`); None: a random frozen VAE (tests, smoke runs)
+    vae_config: VAEConfig | None = None  # for a VAE file without our metadata, or the random VAE
+    text_encoder: str | None = None  # text encoder file (from `train clip`); None: random frozen one
+    text_encoder_config: TextEncoderConfig | None = None
+    clip_skip: int = 1
+    prediction: Literal["epsilon", "v"] = "epsilon"
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    caption_dropout: float = 0.1
+    min_snr_gamma: float | None = None  # Hang et al. 2023 use 5
+    noise_offset: float = 0.0  # 0.05-0.1 in practice
+    gradient_checkpointing: bool = False
+    latent_scale: float | None = None  # None: 1 / std of the training latents
+    latent_scale_items: int = 256
+    sample_posterior: bool = True  # z ~ q(z|x) each step (LDM); False: the posterior mode
+    cache: bool = False  # encode latents and captions once, reuse every epoch
+    cache_dir: str | None = None  # default: $XDG_CACHE_HOME/latentforge/latents
+    cache_text: Literal["ids", "hidden"] = (
+        "ids"  # token ids (small) or text-encoder states (no per-step CLIP)
+    )
+    encode_batch_size: int = 16
+    eval_timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)
+    eval_seed: int = 1234
+    eval_batch_size: int = 16
+    sample_prompts: tuple[str, ...] | None = None  # default: the first four holdout captions
+    sample_seeds: tuple[int, ...] = (0, 1)
+    sample_steps: int = 20
+    sample_cfg: float = 5.0
+    family_name: str = "custom"
+    export_dtype: str | None = None  # "float16" to halve the export; default: float32
+
+
+def load_text_encoder(path: str | Path, config: TextEncoderConfig | None = None) -> CLIPTextModel:
+    """A text encoder file in our CLIPTextModel keys (with or without `cond_stage_model.transformer.`)."""
+    state_dict, metadata = read_state_dict(path)
+    prefix = TEXT_PREFIXES["hf"]
+    state_dict = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+    state_dict = {k: v for k, v in state_dict.items() if not k.endswith("position_ids")}
+    if config is None:
+        key = next((k for k in TEXT_CONFIG_KEYS if k in metadata), None)
+        if key is None and METADATA_CLIP_CONFIG in metadata:  # a whole CLIP export: take its text tower
+            from latentforge.training.tasks.clip import load_text_encoder as load_clip_text
+
+            return load_clip_text(path)[0]
+        if key is None:
+            raise ValueError(
+                f"{path} has no TextEncoderConfig in its metadata (looked for {', '.join(TEXT_CONFIG_KEYS)}):"
+                " give it explicitly as task option `text_encoder_config`"
+            )
+        config = config_from_dict(TextEncoderConfig, json.loads(metadata[key]))
+    with torch.device("meta"):
+        model = CLIPTextModel(config)
+    load_into(model, state_dict, component="text encoder", family="custom", path=path)
+    return model
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    return module.eval().requires_grad_(False)
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "latentforge" / "latents"
+
+
+class UNetTask:
+    """Trains a UNetModel on VAE latents conditioned on frozen CLIP text states; see the module docstring."""
+
+    name = "unet"
+
+    def __init__(
+        self,
+        options: Mapping[str, Any] | UNetTaskOptions | None = None,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(options, UNetTaskOptions):
+            options = parse_options(UNetTaskOptions, options or {}, "unet")
+        self.options, self.seed, self.progress = options, seed, progress
+        self.device = torch.device(device)
+        torch.manual_seed(seed)
+        if options.vae is not None:
+            vae = load_vae(options.vae, options.vae_config)
+        else:
+            vae = AutoencoderKL(options.vae_config or VAEConfig())
+        if options.text_encoder is not None:
+            text_encoder = load_text_encoder(options.text_encoder, options.text_encoder_config)
+        else:
+            text_encoder = CLIPTextModel(options.text_encoder_config or TextEncoderConfig())
+        self.vae: AutoencoderKL = _freeze(vae).to(self.device)  # type: ignore[assignment]
+        self.text_encoder: CLIPTextModel = _freeze(text_encoder).to(self.device)  # type: ignore[assignment]
+        self.tokenizer = CLIPTokenizer.for_config(text_encoder.config)
+        self.unet_config = self._unet_config()
+        self.unet = UNetModel(self.unet_config)
+        self.unet.gradient_checkpointing = options.gradient_checkpointing
+        betas = schedules.betas(options.beta_schedule, NUM_TIMESTEPS, options.beta_start, options.beta_end)
+        self.alphas_cumprod = schedules.alphas_cumprod(betas)  # float64 [1000]
+        self._datasets: dict[str, Dataset] = {}
+        self._cache_hit: bool | None = None
+        self._latent_scale: float | None = options.latent_scale
+        self._holdout: dict[str, torch.Tensor] | None = None
+        self._empty: dict[str, torch.Tensor] = {}
+
+    def _unet_config(self) -> UNetConfig:
+        channels, width = self.vae.config.embed_dim, self.text_encoder.config.width
+        config = self.options.unet or UNetConfig(
+            in_channels=channels, out_channels=channels, context_dim=width
+        )
+        wrong = {
+            name: (got, want)
+            for name, got, want in (
+                ("in_channels", config.in_channels, channels),
+                ("out_channels", config.out_channels, channels),
+                ("context_dim", config.context_dim, width),
+            )
+            if got != want
+        }
+        if wrong:
+            detail = ", ".join(
+                f"{n} = {got} but the VAE/text encoder need {want}" for n, (got, want) in wrong.items()
+            )
+            raise ValueError(f"unet config does not fit the frozen encoders: {detail}")
+        multiple = self.vae.config.downsampling_factor * 2 ** (len(config.channel_mult) - 1)
+        if self.options.resolution % multiple:
+            raise ValueError(
+                f"resolution {self.options.resolution} must be a multiple of {multiple} (VAE f x U-Net)"
+            )
+        return config
+
+    # ---------------------------------------------------------------------------------------------- encoders
+
+    def trainable(self) -> nn.Module:
+        return self.unet
+
+    @torch.no_grad()
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, 77] -> frozen text-encoder states [B, 77, width] (with clip skip)."""
+        return self.text_encoder(input_ids.to(self.device), self.options.clip_skip)[0]
+
+    def _empty_prompt(self, name: str) -> torch.Tensor:
+        if not self._empty:
+            ids = self.tokenizer([""])
+            self._empty = {"input_ids": ids.cpu(), "hidden": self.encode_text(ids).float().cpu()}
+        return self._empty[name]
+
+    @torch.no_grad()
+    def _encode_batch(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Cache rows: posterior moments or mode, and caption ids or hidden states."""
+        posterior = self.vae.encode(batch["pixels"].to(self.device, next(self.vae.parameters()).dtype))
+        ids = self.tokenizer(list(batch["caption"]))
+        out: dict[str, torch.Tensor] = {}
+        if self.options.sample_posterior:
+            out.update(mean=posterior.mean.float(), logvar=posterior.logvar.float())
+        else:
+            out["latent"] = posterior.mode().float()
+        if self.options.cache_text == "hidden":
+            out["hidden"] = self.encode_text(ids).float()
+        else:
+            out["input_ids"] = ids
+        return out
+
+    def _build_cache(self, split: str, images: Dataset) -> Dataset:
+        if self.options.flip or not self.options.center_crop:
+            raise ValueError(
+                "cache = true needs center_crop = true and flip = false (a cache holds one view)"
+            )
+        key = cache_key(
+            vae=weights_digest(self.vae),
+            text_encoder=weights_digest(self.text_encoder),
+            data=dataset_fingerprint(images),
+            split=split,
+            sample_posterior=self.options.sample_posterior,
+            cache_text=self.options.cache_text,
+            clip_skip=self.options.clip_skip if self.options.cache_text == "hidden" else None,
+        )
+        cache = LatentCache(self.options.cache_dir or _default_cache_dir(), key)
+        # Every rank asks for "train" (rank 0 writes, the others then read); only rank 0 evaluates.
+        distributed = (
+            split == "train" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        )
+        if distributed and dist.get_rank() != 0:
+            dist.barrier()  # rank 0 writes the cache first
+        info = {"split": split, "vae": self.options.vae, "text_encoder": self.options.text_encoder}
+        tensors, hit = cached_or_encode(
+            cache,
+            images,
+            self._encode_batch,
+            info,
+            batch_size=self.options.encode_batch_size,
+            progress=self.progress,
+        )
+        if distributed and dist.get_rank() == 0:
+            dist.barrier()
+        if split == "train":
+            self._cache_hit = hit
+        return TensorRowsDataset(tensors)
+
+    def dataset(self, split: str) -> Dataset:
+        """Images and captions, or cache rows with `cache = true`; the first train call fixes latent_scale."""
+        if split not in self._datasets:
+            images = image_dataset(self.options, split, seed=self.seed)
+            self._datasets[split] = self._build_cache(split, images) if self.options.cache else images
+            if split == "train":
+                _ = self.latent_scale  # measured now, outside the loop's autocast
+        return self._datasets[split]
+
+    @property
+    def cache_hit(self) -> bool | None:
+        """Whether the training cache was found (True) or built (False); None before/without caching."""
+        return self._cache_hit
+
+    @torch.no_grad()
+    def latents_and_context(
+        self, batch: Mapping[str, Any], generator: torch.Generator | None, caption_dropout: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled latents [B, C, h, w] and text states [B, 77, width] for a raw or cached batch."""
+        if "pixels" in batch:
+            batch = self._encode_batch(batch)
+        if "latent" in batch:
+            z = batch["latent"].to(self.device)
+        else:
+            posterior = DiagonalGaussian(torch.cat([batch["mean"], batch["logvar"]], dim=1).to(self.device))
+            z = posterior.sample(generator=generator) if generator is not None else posterior.mode()
+        name = "hidden" if "hidden" in batch else "input_ids"
+        cond = batch[name].to(self.device)
+        if caption_dropout > 0:
+            device = generator.device if generator is not None else torch.device("cpu")
+            drop = torch.rand(len(cond), generator=generator, device=device).to(self.device) < caption_dropout
+            empty = self._empty_prompt(name).to(cond.device, cond.dtype)
+            cond = torch.where(drop.view(-1, *([1] * (cond.ndim - 1))), empty, cond)
+        context = cond.float() if name == "hidden" else self.encode_text(cond).float()
+        return z.float() * self.latent_scale, context
+
+    @property
+    def latent_scale(self) -> float:
+        """1 / std of the unscaled training latents (measured on first use unless given)."""
+        if self._latent_scale is None:
+            self._latent_scale = self.measure_latent_scale()
+        return self._latent_scale
+
+    @torch.no_grad()
+    def measure_latent_scale(self) -> float:
+        """1 / std of posterior samples of the first `latent_scale_items` train items (fixed seed, fp32)."""
+        dataset = self.dataset("train")
+        with torch.autocast(self.device.type, enabled=False):
+            return self._measure_latent_scale(dataset)
+
+    def _measure_latent_scale(self, dataset: Dataset) -> float:
+        count = min(self.options.latent_scale_items, len(dataset))  # type: ignore[arg-type]
+        generator = torch.Generator("cpu").manual_seed(self.seed)
+        loader = DataLoader(
+            torch.utils.data.Subset(dataset, range(count)), batch_size=self.options.encode_batch_size
+        )
+        total, total_sq, n = 0.0, 0.0, 0
+        for batch in loader:
+            raw = batch if "pixels" not in batch else self._encode_batch(batch)
+            if "latent" in raw:
+                z = raw["latent"].double()
+            else:
+                posterior = DiagonalGaussian(torch.cat([raw["mean"], raw["logvar"]], dim=1).cpu())
+                z = posterior.sample(generator=generator).double()
+            total, total_sq, n = total + float(z.sum()), total_sq + float(z.pow(2).sum()), n + z.numel()
+        variance = (total_sq - total**2 / n) / (n - 1)
+        if not variance > 0:
+            raise ValueError(
+                "the VAE latents of the training set have zero variance; cannot measure latent_scale"
+            )
+        return float(variance**-0.5)
+
+    # ---------------------------------------------------------------------------------------------- training
+
+    def _loss_terms(
+        self, model: nn.Module, z0: torch.Tensor, context: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample MSE [B] in the prediction space, and the Min-SNR weights [B] (ones without it)."""
+        abar = self.alphas_cumprod.to(z0.device)[t]  # [B] float64
+        z_t = losses.add_noise(z0, noise, abar)
+        pred = model(z_t, t, context)
+        target = losses.diffusion_target(self.options.prediction, z0, noise, abar)
+        mse = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+        if self.options.min_snr_gamma is None:
+            return mse, torch.ones_like(mse)
+        weights = losses.min_snr_weights(
+            losses.snr(abar), self.options.min_snr_gamma, self.options.prediction
+        )
+        return mse, weights.to(mse)
+
+    def loss(
+        self, model: nn.Module, batch: Mapping[str, Any], generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        z0, context = self.latents_and_context(batch, generator, self.options.caption_dropout)
+        t = losses.sample_timesteps(len(z0), NUM_TIMESTEPS, generator).to(self.device)
+        noise = losses.sample_noise(tuple(z0.shape), generator, self.options.noise_offset).to(self.device)
+        mse, weights = self._loss_terms(model, z0, context, t, noise)
+        loss = (mse * weights).mean()
+        return loss, {"loss": loss.item(), "mse": mse.mean().item()}
+
+    # --------------------------------------------------------------------------------------------- evaluation
+
+    def _holdout_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Holdout latents (posterior mode) and text states, encoded once (the encoders are frozen)."""
+        if self._holdout is None:
+            zs, contexts = [], []
+            for batch in DataLoader(self.dataset("holdout"), batch_size=self.options.eval_batch_size):
+                z, c = self.latents_and_context(batch, None)
+                zs.append(z.cpu())
+                contexts.append(c.cpu())
+            self._holdout = {"z": torch.cat(zs), "context": torch.cat(contexts)}
+        size = self.options.eval_batch_size
+        z, c = self._holdout["z"], self._holdout["context"]
+        return [(z[i : i + size], c[i : i + size]) for i in range(0, len(z), size)]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Unweighted holdout MSE (prediction space) at fixed timesteps and noise seeds, per t and overall."""
+        unet = unwrap(model)
+        was_training = unet.training
+        unet.eval()
+        device = model_device(unet)
+        metrics: dict[str, float] = {}
+        for t_value in self.options.eval_timesteps:
+            generator = torch.Generator("cpu").manual_seed(self.options.eval_seed + t_value)
+            errors = []
+            for z0, context in self._holdout_batches():
+                noise = torch.randn(z0.shape, generator=generator).to(device)
+                t = torch.full((len(z0),), t_value, device=device, dtype=torch.long)
+                mse, _ = self._loss_terms(unet, z0.to(device), context.to(device), t, noise)
+                errors.append(mse.cpu())
+            metrics[f"loss_t{t_value}"] = float(torch.cat(errors).mean())
+        metrics["loss"] = sum(metrics.values()) / len(metrics)
+        unet.train(was_training)
+        return metrics
+
+    def _prompts(self) -> list[str]:
+        if self.options.sample_prompts is not None:
+            return list(self.options.sample_prompts)
+        # The raw images even when cached: cache rows hold tokens, not caption text.
+        items = first_items(
+            image_dataset(replace(self.options, max_holdout_items=4), "holdout", self.seed), 4
+        )
+        return [item["caption"] for item in items]
+
+    @torch.no_grad()
+    def sample_latents(self, unet: nn.Module, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
+        """Euler sampling with CFG, one image per (prompt, seed); unscaled latents [P*S, C, h, w]."""
+        device = model_device(unet)
+        dtype = next(unet.parameters()).dtype
+
+        def network(x_in: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+            return unet(x_in.to(dtype), t.to(dtype), cond["crossattn"].to(dtype)).float()
+
+        denoiser = DiscreteDenoiser(network, self.alphas_cumprod, self.options.prediction)
+        guided = cfg_denoiser(
+            denoiser, {"crossattn": self._empty_prompt("hidden").to(device)}, self.options.sample_cfg
+        )
+        sigmas = schedules.uniform(self.options.sample_steps, denoiser.sigmas).float().to(device)
+        f = self.vae.config.downsampling_factor
+        shape = (self.vae.config.embed_dim, self.options.resolution // f, self.options.resolution // f)
+        out = []
+        for prompt in prompts:
+            context = self.encode_text(self.tokenizer([prompt] * len(seeds))).to(device)
+            x = initial_noise(list(seeds), shape, device=device) * sigmas[0]
+            out.append(sample_euler(guided, x, sigmas, cond={"crossattn": context}))
+        return torch.cat(out) / self.latent_scale
+
+    def samples(self, model: nn.Module) -> Image.Image | None:
+        """One row per prompt, one column per seed (Euler, `sample_steps` steps, CFG `sample_cfg`)."""
+        unet = unwrap(model)
+        prompts = self._prompts()
+        if not prompts:
+            return None
+        was_training = unet.training
+        unet.eval()
+        latents = self.sample_latents(unet, prompts, self.options.sample_seeds)
+        unet.train(was_training)
+        with torch.no_grad():
+            vae_dtype = next(self.vae.parameters()).dtype
+            pixels = self.vae.decode(latents.to(self.device, vae_dtype)).float().cpu()
+        seeds = len(self.options.sample_seeds)
+        return image_grid([pixels[i : i + seeds] for i in range(0, len(pixels), seeds)])
+
+    # ---------------------------------------------------------------------------------------------- export
+
+    def family(self) -> ModelFamily:
+        """The exported model's family: our three configs, prediction, betas and the measured latent scale."""
+        text_config = replace(
+            self.text_encoder.config, projection_dim=None
+        )  # the U-Net never reads the pooled output
+        return ModelFamily(
+            name=self.options.family_name,
+            unet=self.unet_config,
+            vae=self.vae.config,
+            text_encoder=text_config,
+            prediction=self.options.prediction,
+            latent_scale=self.latent_scale,
+            text_layout="hf",
+            default_size=self.options.resolution,
+            default_clip_skip=self.options.clip_skip,
+            beta_start=self.options.beta_start,
+            beta_end=self.options.beta_end,
+            beta_schedule=self.options.beta_schedule,
+        )
+
+    def export(self, model: nn.Module, path: Path) -> None:
+        """One original-layout single file (U-Net, VAE, text encoder) with the family in its metadata."""
+        text_sd = {
+            k: v for k, v in self.text_encoder.state_dict().items() if not k.startswith("text_projection.")
+        }
+        save_single_file(
+            path,
+            unwrap(model).state_dict(),
+            self.vae.state_dict(),
+            text_sd,
+            self.family(),
+            dtype=dtype_from_name(self.options.export_dtype),
+        )
+
+
+def make_unet_task(config: RunConfig) -> UNetTask:
+    """The `TASKS["unet"]` factory: reads `task_options`, `seed` and `device` (for the frozen encoders)."""
+    device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    return UNetTask(config.task_options, seed=config.seed, device=device)

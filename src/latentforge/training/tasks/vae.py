@@ -1,0 +1,260 @@
+"""`latentforge train vae CONFIG`: a KL autoencoder (LDM `first_stage_model`) from images.
+
+Loss per step (LDM autoencoder, Rombach et al. 2022, appendix G; `ldm/modules/losses/contperceptual.py`):
+    rec  = mean |x - D(z)| (or squared), z ~ q(z|x)
+    kl   = KL(q(z|x) || N(0, I)) summed over latent elements / pixel elements  (see losses.kl_loss)
+    loss = rec + kl_weight * kl [+ gan_factor * w * (-E[D_patch(D(z))]) + E[hinge(D_patch)]]
+The PatchGAN (`gan = true`, off by default) needs no second optimizer: the discriminator lives in the
+trainable module next to the VAE, its hinge loss sees detached reconstructions, and the generator term
+calls it through detached weights (`losses.frozen_call`), so one backward of the summed loss sends each
+term only to the weights it should train; the loop's one optimizer (and LR) steps both. Its factor is 0
+before `disc_start` optimizer steps, counted by a buffer of the trainable module (loss calls with gradients
+divided by `grad_accum`), so the count survives resume.
+LDM's LPIPS perceptual term is not included (it needs pretrained VGG weights).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from latentforge.checkpoints.loading import read_vae_state_dict
+from latentforge.checkpoints.reading import read_state_dict
+from latentforge.checkpoints.single_file import load_into
+from latentforge.models.configs import VAEConfig, config_from_dict, config_to_json
+from latentforge.models.families import TINY
+from latentforge.models.vae import AutoencoderKL
+from latentforge.training import losses
+from latentforge.training.config import RunConfig
+from latentforge.training.tasks.common import (
+    ImageData,
+    dtype_from_name,
+    first_items,
+    image_dataset,
+    image_grid,
+    model_device,
+    parse_options,
+    unwrap,
+)
+
+METADATA_VAE_CONFIG = "latentforge.vae_config"
+METADATA_COMPONENT = "latentforge.component"
+
+
+@dataclass(frozen=True)
+class VAETaskOptions(ImageData):
+    """`task_options` of the VAE task (all optional); the data fields come from `ImageData`."""
+
+    vae: VAEConfig | None = None  # a table of VAEConfig fields (f = 2**(len(ch_mult)-1)); default: tiny
+    init: str | None = None  # start from these VAE weights (our export, or original/diffusers with `vae`)
+    reconstruction: Literal["l1", "l2"] = "l1"
+    kl_weight: float = 1e-6  # LDM's meaning (SD's VAE: 1e-6)
+    sample_posterior: bool = True  # decode z ~ q(z|x) (LDM) rather than the mean
+    gan: bool = False
+    disc_start: int = 50001  # optimizer steps before the GAN terms switch on (SD's VAE: 50001)
+    disc_weight: float = 0.5
+    disc_layers: int = 3
+    disc_width: int = 64
+    adaptive_weight: bool = True  # LDM's gradient-norm balance of the generator term
+    eval_batch_size: int = 16
+    sample_images: int = 8
+    rfid_inception: str | None = None  # FID Inception weights file: adds rFID to evaluate()
+    export_dtype: str | None = None  # "float16"/"bfloat16" to shrink the export; default: as trained
+
+
+class AutoencoderTrainer(nn.Module):
+    """The trainable module: the VAE, an optional PatchGAN discriminator and the optimizer-step counter.
+
+    `forward` runs every network the loss needs, so DDP sees one forward through the wrapper.
+    """
+
+    def __init__(self, vae: AutoencoderKL, discriminator: nn.Module | None = None) -> None:
+        super().__init__()
+        self.vae = vae
+        self.discriminator = discriminator
+        self.micro_steps: torch.Tensor
+        self.register_buffer("micro_steps", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x: torch.Tensor, sample_posterior: bool, generator: torch.Generator) -> dict[str, Any]:
+        recon, posterior = self.vae(x, sample_posterior=sample_posterior, generator=generator)
+        out: dict[str, Any] = {"recon": recon, "kl": posterior.kl()}
+        if self.discriminator is not None:
+            out["logits_real"] = self.discriminator(x)
+            out["logits_fake_d"] = self.discriminator(recon.detach())  # trains D, not the VAE
+            out["logits_fake_g"] = losses.frozen_call(self.discriminator, recon)  # trains the VAE, not D
+        return out
+
+
+def load_vae(path: str | Path, config: VAEConfig | None = None) -> AutoencoderKL:
+    """A standalone VAE file (our export: config in metadata; else `config` is needed) as an AutoencoderKL."""
+    _, metadata = read_state_dict(path)
+    if config is None:
+        if METADATA_VAE_CONFIG not in metadata:
+            raise ValueError(
+                f"{path} has no {METADATA_VAE_CONFIG!r} metadata (not exported by `latentforge train vae`); "
+                "give its VAEConfig explicitly (task option `vae_config`)"
+            )
+        config = config_from_dict(VAEConfig, json.loads(metadata[METADATA_VAE_CONFIG]))
+    state_dict = read_vae_state_dict(path, replace(TINY, vae=config))
+    with torch.device("meta"):
+        vae = AutoencoderKL(config)
+    load_into(vae, state_dict, component="vae", family="custom", path=path)
+    return vae
+
+
+def save_vae(vae: AutoencoderKL, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Bare original-layout keys (`encoder.down.0...`, no `first_stage_model.`), the config in metadata."""
+    tensors = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in vae.state_dict().items()
+    }
+    metadata = {METADATA_VAE_CONFIG: config_to_json(vae.config), METADATA_COMPONENT: "vae"}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+class VAETask:
+    """Trains an AutoencoderKL; see the module docstring for the loss."""
+
+    name = "vae"
+
+    def __init__(
+        self, options: Mapping[str, Any] | VAETaskOptions | None = None, seed: int = 0, grad_accum: int = 1
+    ) -> None:
+        if not isinstance(options, VAETaskOptions):
+            options = parse_options(VAETaskOptions, options or {}, "vae")
+        self.options, self.seed, self.grad_accum = options, seed, grad_accum
+        torch.manual_seed(seed)
+        vae = (
+            load_vae(options.init, options.vae) if options.init else AutoencoderKL(options.vae or VAEConfig())
+        )
+        factor = vae.config.downsampling_factor
+        if options.resolution % factor:
+            raise ValueError(
+                f"resolution {options.resolution} is not a multiple of the VAE's factor f={factor}"
+            )
+        discriminator = None
+        if options.gan:
+            discriminator = losses.NLayerDiscriminator(
+                vae.config.out_channels, width=options.disc_width, n_layers=options.disc_layers
+            )
+        self.module = AutoencoderTrainer(vae, discriminator)
+        self._datasets: dict[str, Dataset] = {}
+
+    def trainable(self) -> nn.Module:
+        return self.module
+
+    def dataset(self, split: str) -> Dataset:
+        if split not in self._datasets:
+            self._datasets[split] = image_dataset(self.options, split, seed=self.seed)
+        return self._datasets[split]
+
+    def loss(
+        self, model: nn.Module, batch: Mapping[str, Any], generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        opts = self.options
+        inner: AutoencoderTrainer = unwrap(model)  # type: ignore[assignment]
+        x = batch["pixels"].to(model_device(inner))
+        out = model(x, opts.sample_posterior, generator)
+        rec = losses.reconstruction_loss(x, out["recon"], opts.reconstruction)
+        kl = losses.kl_loss(out["kl"], x[0].numel())
+        loss = rec + opts.kl_weight * kl
+        metrics = {"rec": rec.item(), "kl": kl.item()}
+        if inner.discriminator is not None:
+            step = int(inner.micro_steps) // self.grad_accum
+            factor = 1.0 if step >= opts.disc_start else 0.0
+            g_loss = losses.hinge_g_loss(out["logits_fake_g"])
+            d_loss = losses.hinge_d_loss(out["logits_real"], out["logits_fake_d"])
+            weight = torch.tensor(opts.disc_weight, device=x.device)
+            if opts.adaptive_weight and factor > 0 and torch.is_grad_enabled():
+                last = inner.vae.decoder.conv_out.weight
+                weight = weight * losses.adaptive_weight(rec, g_loss, last)
+            loss = loss + factor * weight * g_loss + factor * d_loss
+            metrics.update(g_loss=g_loss.item(), d_loss=d_loss.item(), disc_weight=weight.item())
+            if torch.is_grad_enabled():
+                inner.micro_steps.add_(1)
+        metrics["loss"] = loss.item()
+        return loss, metrics
+
+    @torch.no_grad()
+    def _reconstruct(self, vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
+        device = model_device(vae)
+        dtype = next(vae.parameters()).dtype
+        return vae.decode(vae.encode(pixels.to(device, dtype)).mode()).float().clamp(-1, 1).cpu()
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """PSNR (dB) and SSIM of mean reconstructions over the holdout images, L1, and rFID if configured."""
+        vae: AutoencoderKL = unwrap(model).vae  # type: ignore[assignment]
+        was_training = vae.training
+        vae.eval()
+        psnrs, ssims, l1s, originals, recons = [], [], [], [], []
+        loader = DataLoader(self.dataset("holdout"), batch_size=self.options.eval_batch_size)
+        for batch in loader:
+            x = batch["pixels"].float()
+            recon = self._reconstruct(vae, x)
+            psnrs.append(losses.psnr(recon, x))
+            ssims.append(losses.ssim(recon, x))
+            l1s.append((recon - x).abs().flatten(1).mean(1))
+            if self.options.rfid_inception:
+                originals.append(x)
+                recons.append(recon)
+        vae.train(was_training)
+        metrics = {
+            "psnr": losses.mean_finite(torch.cat(psnrs), cap=100.0),
+            "ssim": float(torch.cat(ssims).mean()),
+            "l1": float(torch.cat(l1s).mean()),
+        }
+        if self.options.rfid_inception:
+            metrics["rfid"] = reconstruction_fid(
+                torch.cat(originals), torch.cat(recons), self.options.rfid_inception
+            )
+        return metrics
+
+    def samples(self, model: nn.Module) -> Image.Image | None:
+        """Holdout originals (top row) over their reconstructions (bottom row)."""
+        vae: AutoencoderKL = unwrap(model).vae  # type: ignore[assignment]
+        items = first_items(self.dataset("holdout"), self.options.sample_images)
+        if not items:
+            return None
+        x = torch.stack([item["pixels"] for item in items]).float()
+        was_training = vae.training
+        vae.eval()
+        recon = self._reconstruct(vae, x)
+        vae.train(was_training)
+        return image_grid([x, recon])
+
+    def export(self, model: nn.Module, path: Path) -> None:
+        """The VAE alone: bare original-layout keys with its VAEConfig in the metadata."""
+        vae: AutoencoderKL = unwrap(model).vae  # type: ignore[assignment]
+        save_vae(vae, path, dtype_from_name(self.options.export_dtype))
+
+
+def reconstruction_fid(originals: torch.Tensor, recons: torch.Tensor, inception_path: str) -> float:
+    """FID between originals and reconstructions ([-1, 1] images) with the FID Inception-v3."""
+    from latentforge.evaluation.features import InceptionExtractor
+    from latentforge.evaluation.inception import load_fid_inception
+    from latentforge.evaluation.metrics import fid
+
+    extractor = InceptionExtractor(load_fid_inception(inception_path))
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        uint8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        return torch.cat([extractor(chunk) for chunk in uint8.split(32)])
+
+    return fid(features(originals).numpy(), features(recons).numpy())
+
+
+def make_vae_task(config: RunConfig) -> VAETask:
+    """The `TASKS["vae"]` factory: reads `config.task_options` and `config.seed`."""
+    return VAETask(config.task_options, seed=config.seed, grad_accum=config.grad_accum)

@@ -1,0 +1,247 @@
+"""The U-Net training task: learning, objectives, caption dropout, latent scale, cache, export and load."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from latentforge.models.configs import TextEncoderConfig, config_to_json
+from latentforge.models.text_encoder import CLIPTextModel
+from latentforge.training.latent_cache import LatentCache, cache_key, weights_digest
+from latentforge.training.tasks.unet import UNetTask, load_text_encoder
+from latentforge.training.tasks.vae import save_vae
+
+TINY = {
+    "resolution": 16,
+    "synthetic_items": 8,
+    "max_holdout_items": 4,
+    "vae_config": {"ch": 8, "ch_mult": [1, 2], "norm_groups": 4},
+    "text_encoder_config": {"width": 16, "layers": 1, "heads": 2, "mlp_width": 32},
+    "unet": {"model_channels": 16, "norm_groups": 8, "context_dim": 16, "attention_levels": [1]},
+    "eval_timesteps": [200, 600],
+    "sample_steps": 3,
+    "sample_seeds": [0],
+}
+
+
+def _task(seed: int = 0, **options) -> UNetTask:
+    return UNetTask({**TINY, **options}, seed=seed, progress=False)
+
+
+def _batch(task: UNetTask, n: int = 8) -> dict:
+    dataset = task.dataset("train")
+    items = [dataset[i] for i in range(n)]
+    return torch.utils.data.default_collate(items)
+
+
+def _train(task: UNetTask, steps: int, lr: float = 2e-3) -> None:
+    model = task.trainable()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    batch, generator = _batch(task), torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        loss, _ = task.loss(model, batch, generator)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_holdout_loss_decreases(prediction):
+    task = _task(prediction=prediction, min_snr_gamma=5.0, noise_offset=0.05)
+    before = task.evaluate(task.trainable())
+    _train(task, 30)
+    after = task.evaluate(task.trainable())
+    assert set(after) == {"loss_t200", "loss_t600", "loss"}
+    assert after["loss"] < 0.85 * before["loss"]
+    assert task.evaluate(task.trainable()) == after  # fixed timesteps and seeds
+
+
+def test_only_the_unet_trains():
+    task = _task()
+    loss, _ = task.loss(task.trainable(), _batch(task, 2), torch.Generator().manual_seed(0))
+    loss.backward()
+    assert all(p.grad is not None for p in task.trainable().parameters())
+    assert not any(p.requires_grad for p in [*task.vae.parameters(), *task.text_encoder.parameters()])
+
+
+def test_latent_scale_normalises_the_training_latents():
+    task = _task(synthetic_items=16)
+    scale = task.latent_scale
+    z, _ = task.latents_and_context(_batch(task, 16), torch.Generator().manual_seed(0))
+    assert float(z.std()) == pytest.approx(1.0, abs=0.1)
+    assert z.std() / scale == pytest.approx(float(z.std()) / scale)  # z already carries the scale
+    assert _task(synthetic_items=16, latent_scale=0.5).latent_scale == 0.5
+
+
+def test_caption_dropout_replaces_captions_by_the_empty_prompt():
+    task = _task()
+    batch = _batch(task, 4)
+    _, dropped = task.latents_and_context(batch, torch.Generator().manual_seed(0), caption_dropout=1.0)
+    empty = task.encode_text(task.tokenizer([""]))
+    torch.testing.assert_close(dropped, empty.expand(4, -1, -1))
+    _, kept = task.latents_and_context(batch, torch.Generator().manual_seed(0), caption_dropout=0.0)
+    torch.testing.assert_close(kept, task.encode_text(task.tokenizer(batch["caption"])))
+
+
+def test_gradient_checkpointing_flag_reaches_the_unet():
+    task = _task(gradient_checkpointing=True)
+    assert task.trainable().gradient_checkpointing
+    loss, _ = task.loss(task.trainable(), _batch(task, 2), torch.Generator().manual_seed(0))
+    loss.backward()
+
+
+def test_mismatched_unet_config_is_explained():
+    with pytest.raises(ValueError, match="context_dim = 32 but"):
+        _task(unet={"model_channels": 16, "norm_groups": 8, "context_dim": 32})
+
+
+@pytest.mark.parametrize("cache_text", ["ids", "hidden"])
+def test_cache_hit_miss_and_same_loss(tmp_path, cache_text):
+    options = {"cache": True, "cache_dir": str(tmp_path), "cache_text": cache_text, "caption_dropout": 0.5}
+    first = _task(**options)
+    first.dataset("train")
+    assert first.cache_hit is False
+    second = _task(**options)
+    second.dataset("train")
+    assert second.cache_hit is True
+    assert second.latent_scale == pytest.approx(first.latent_scale)
+    # A cached batch gives the loss an uncached batch gives, for the same generator.
+    uncached = _task(caption_dropout=0.5)
+    cached_loss, _ = second.loss(second.trainable(), _batch(second, 4), torch.Generator().manual_seed(3))
+    plain_loss, _ = uncached.loss(uncached.trainable(), _batch(uncached, 4), torch.Generator().manual_seed(3))
+    torch.testing.assert_close(cached_loss, plain_loss, rtol=1e-4, atol=1e-5)
+    # Other VAE weights (another seed), another dataset, or another latent mode: a new key, a miss.
+    for changed in (
+        _task(seed=1, **options),
+        _task(**options, synthetic_items=12),
+        _task(**options, sample_posterior=False),
+    ):
+        changed.dataset("train")
+        assert changed.cache_hit is False
+    assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 1 + 3  # the first, 3 more
+
+
+def test_cache_key_and_store(tmp_path):
+    module = torch.nn.Linear(2, 2)
+    digest = weights_digest(module)
+    assert digest == weights_digest(module.state_dict())
+    with torch.no_grad():
+        module.weight[0, 0] += 1
+    assert weights_digest(module) != digest
+    key = cache_key(vae=digest, data={"items": 3})
+    assert key != cache_key(vae=digest, data={"items": 4})
+    cache = LatentCache(tmp_path, key)
+    assert not cache.exists()
+    cache.write({"mean": torch.ones(3, 2)}, {"note": "x"})
+    assert cache.exists() and cache.info()["note"] == "x"
+    torch.testing.assert_close(cache.load()["mean"], torch.ones(3, 2))
+
+
+def test_cache_refuses_random_views(tmp_path):
+    with pytest.raises(ValueError, match="center_crop"):
+        _task(cache=True, cache_dir=str(tmp_path), flip=True).dataset("train")
+
+
+def test_samples_grid():
+    task = _task(sample_prompts=["a red circle", "a blue square"], sample_seeds=[0, 1])
+    image = task.samples(task.trainable())
+    assert image is not None and image.size == (2 * 16, 2 * 16)
+
+
+def test_frozen_encoders_load_from_files(tmp_path):
+    """A VAE exported by the VAE task and a text encoder in our key layout with its config in metadata."""
+    reference = _task()
+    vae_path, text_path = tmp_path / "vae.safetensors", tmp_path / "text.safetensors"
+    save_vae(reference.vae, vae_path)
+    text_config = TextEncoderConfig(**TINY["text_encoder_config"])
+    save_file(
+        {k: v.contiguous() for k, v in reference.text_encoder.state_dict().items()},
+        str(text_path),
+        metadata={"latentforge.text_encoder_config": config_to_json(text_config)},
+    )
+    options = {k: v for k, v in TINY.items() if k not in ("vae_config", "text_encoder_config")}
+    task = UNetTask({**options, "vae": str(vae_path), "text_encoder": str(text_path)}, progress=False)
+    assert weights_digest(task.vae) == weights_digest(reference.vae)
+    assert weights_digest(task.text_encoder) == weights_digest(reference.text_encoder)
+    assert task.latent_scale == pytest.approx(reference.latent_scale)
+    # Without the metadata the config must be given; the error says how.
+    save_file({k: v.contiguous() for k, v in CLIPTextModel(text_config).state_dict().items()}, str(text_path))
+    with pytest.raises(ValueError, match="text_encoder_config"):
+        load_text_encoder(text_path)
+    assert load_text_encoder(text_path, text_config).config == text_config
+
+
+def test_export_loads_and_generates(tmp_path):
+    import latentforge
+
+    task = _task(prediction="v", clip_skip=1)
+    _train(task, 2)
+    path = tmp_path / "model.safetensors"
+    task.export(task.trainable(), path)
+    model = latentforge.load(path)
+    assert model.family.name == "custom" and model.family.prediction == "v"
+    assert model.family.latent_scale == pytest.approx(task.latent_scale)
+    assert model.family.default_size == 16
+    for ours, loaded in (
+        (task.unet, model.unet),
+        (task.vae, model.vae),
+        (task.text_encoder, model.text_encoder),
+    ):
+        assert weights_digest(ours) == weights_digest(loaded)
+    from latentforge.pipelines.generate import generate
+    from latentforge.pipelines.params import GenerationParams
+
+    params = GenerationParams(prompt="a red circle", steps=3, sampler="Euler", seed=1, cfg_scale=3.0)
+    result = generate(model, params, progress=False)
+    pixels = torch.tensor(list(result[0].image.getdata()), dtype=torch.float32)
+    assert result[0].image.size == (16, 16) and torch.isfinite(result[0].latents).all()
+    assert pixels.std() > 0
+    assert json.loads(json.dumps(model.family.vae.ch_mult)) == [1, 2]
+
+
+def test_runs_through_the_training_loop(tmp_path):
+    from latentforge.training.config import RunConfig
+    from latentforge.training.loop import train
+    from latentforge.training.tasks.unet import make_unet_task
+
+    config = RunConfig(
+        run_dir=str(tmp_path / "run"),
+        task="unet",
+        max_steps=3,
+        batch_size=4,
+        lr=1e-3,
+        device="cpu",
+        checkpoint_every=0,
+        gradient_checkpointing=True,
+        task_options=TINY,
+    )
+    artefact = train(make_unet_task(config), config)
+    import latentforge
+
+    assert latentforge.load(artefact).family.name == "custom"
+    assert (tmp_path / "run").is_dir()
+
+
+def test_text_tower_of_a_clip_export(tmp_path):
+    """`train clip` exports (whole CLIP and its text tower, with projection) feed the U-Net task."""
+    clip_task = pytest.importorskip("latentforge.training.tasks.clip")
+    from latentforge.models.clip import CLIPConfig, CLIPModel
+
+    clip = CLIPModel(CLIPConfig())
+    whole, tower = tmp_path / "clip.safetensors", tmp_path / "clip.text_encoder.safetensors"
+    clip_task.save_clip(clip, whole)
+    clip_task.save_text_encoder(clip.text, tower)
+    options = {k: v for k, v in TINY.items() if k != "text_encoder_config"}
+    options["unet"] = {**TINY["unet"], "context_dim": clip.config.text.width}
+    for path in (whole, tower):
+        task = UNetTask({**options, "text_encoder": str(path)}, progress=False)
+        assert weights_digest(task.text_encoder) == weights_digest(clip.text)
+    export = tmp_path / "model.safetensors"
+    task.export(task.trainable(), export)  # the pooled projection is not part of an SD checkpoint
+    import latentforge
+
+    model = latentforge.load(export)
+    assert model.family.text_encoder.projection_dim is None
+    ids = model.tokenizer(["a red circle"])
+    torch.testing.assert_close(model.text_encoder(ids)[0], task.text_encoder(ids)[0])
