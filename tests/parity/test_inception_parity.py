@@ -1,7 +1,9 @@
 """Our FID Inception against pytorch-fid's and torch-fidelity's on the same random weights (no downloads)."""
 
 import pytest
+import pytorch_fid.inception as pytorch_fid_inception
 import torch
+import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 
 from latentforge.evaluation import inception
 from latentforge.evaluation.inception import (
@@ -10,9 +12,6 @@ from latentforge.evaluation.inception import (
     load_fid_inception,
     random_fid_inception,
 )
-
-pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
-tf_inception = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
 
 
 @pytest.fixture(scope="module")

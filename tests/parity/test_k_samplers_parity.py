@@ -5,20 +5,15 @@ sampler is a deterministic function of (sigma, sigma_next), so handing one insta
 both exactly the same noise whatever order they query it in.
 """
 
-import sys
-from pathlib import Path
-
+import k_diffusion as kd
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from analytic import AnalyticGaussian  # noqa: E402
-from latentforge.sampling import k_samplers as K  # noqa: E402
-from latentforge.sampling import schedules as S  # noqa: E402
-from latentforge.sampling.denoisers import DiscreteDenoiser  # noqa: E402
-from latentforge.sampling.noise import BrownianNoiseSampler  # noqa: E402
-
-kd = pytest.importorskip("k_diffusion")
+from analytic import AnalyticGaussian
+from latentforge.sampling import k_samplers as K
+from latentforge.sampling import schedules as S
+from latentforge.sampling.denoisers import DiscreteDenoiser
+from latentforge.sampling.noise import BrownianNoiseSampler
 
 G = AnalyticGaussian(mu=0.3, s=0.7)
 AC = S.alphas_cumprod(S.betas("scaled_linear"))

@@ -3,18 +3,17 @@
 import importlib
 from types import SimpleNamespace
 
+import cleanfid.fid as cleanfid_fid
 import numpy as np
 import pytest
+import pytorch_fid.fid_score as pytorch_fid_score
 import torch
+import torch_fidelity.metric_fid as tf_fid
+import torch_fidelity.metric_isc as tf_isc
+import torch_fidelity.metric_kid as tf_kid
+import torch_fidelity.metric_prc as tf_prc
 
 from latentforge.evaluation import metrics
-
-cleanfid_fid = pytest.importorskip("cleanfid.fid")
-pytorch_fid_score = pytest.importorskip("pytorch_fid.fid_score")
-tf_fid = pytest.importorskip("torch_fidelity.metric_fid")
-tf_kid = pytest.importorskip("torch_fidelity.metric_kid")
-tf_isc = pytest.importorskip("torch_fidelity.metric_isc")
-tf_prc = pytest.importorskip("torch_fidelity.metric_prc")
 
 
 def _feature_sets(n_a: int, n_b: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
