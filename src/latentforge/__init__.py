@@ -7,11 +7,21 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from latentforge.api import img2img, txt2img
     from latentforge.checkpoints.loading import load
     from latentforge.model import StableDiffusion
+    from latentforge.pipelines.generate import generate
+    from latentforge.pipelines.params import GenerationParams
 
-_LAZY = {"load": "latentforge.checkpoints.loading", "StableDiffusion": "latentforge.model"}
-__all__ = ["StableDiffusion", "load"]
+_LAZY = {
+    "load": "latentforge.checkpoints.loading",
+    "StableDiffusion": "latentforge.model",
+    "txt2img": "latentforge.api",
+    "img2img": "latentforge.api",
+    "generate": "latentforge.pipelines.generate",
+    "GenerationParams": "latentforge.pipelines.params",
+}
+__all__ = ["GenerationParams", "StableDiffusion", "generate", "img2img", "load", "txt2img"]
 
 
 def __getattr__(name: str) -> Any:

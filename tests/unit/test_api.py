@@ -1,0 +1,22 @@
+"""The top-level API: lazy exports, txt2img/img2img return images carrying their infotext."""
+
+import latentforge
+from latentforge.model import StableDiffusion
+from latentforge.models.families import TINY
+from latentforge.pipelines.infotext import PNG_KEY, parse_infotext
+
+
+def test_lazy_exports_resolve():
+    for name in latentforge.__all__:
+        assert getattr(latentforge, name) is not None
+
+
+def test_txt2img_and_img2img():
+    model = StableDiffusion.from_family(TINY).eval()
+    images = latentforge.txt2img(model, "a cat", steps=2, seed=5, width=32, height=32, batch_size=2)
+    assert [im.size for im in images] == [(32, 32), (32, 32)]
+    prompt, _, params = parse_infotext(images[1].info[PNG_KEY])
+    assert prompt == "a cat" and params["Seed"] == "6" and params["Steps"] == "2"
+    again = latentforge.img2img(model, images[0], "a dog", steps=4, seed=1, denoising_strength=0.5)
+    assert again[0].size == (64, 64)  # the family's default size
+    assert parse_infotext(again[0].info[PNG_KEY])[2]["Denoising strength"] == "0.5"
