@@ -1,0 +1,392 @@
+"""`latentforge train clip CONFIG`: CLIP's contrastive pre-training (Radford et al. 2021, figure 3).
+
+Per micro-batch of n (image, caption) pairs, with f_I, f_T the L2-normalised embeddings and
+s = exp(logit_scale) the learned inverse temperature (clipped at 100):
+    logits = s f_I f_T^T                                   [n, N]
+    loss   = (CE(logits, labels) + CE(logits_T, labels)) / 2   (symmetric InfoNCE)
+Under DDP with `gather = true` (default), each rank contrasts its n pairs against all N = n x world_size
+pairs of the current micro-step (open_clip's `local_loss` with `gather_with_grad`): the gather passes
+gradients back to every rank's shard, so DDP's gradient average is the gradient of the global loss.
+Contrast never spans gradient-accumulation micro-steps, so for CLIP "1 process x k accumulation steps"
+sees k smaller contrastive batches than "k processes": the loop's equivalence holds with `gather = false`.
+The export writes the whole CLIP and, next to it, the text tower alone for the U-Net task.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from latentforge.checkpoints.reading import read_state_dict
+from latentforge.checkpoints.single_file import load_into
+from latentforge.models.clip import (
+    CLIPConfig,
+    CLIPModel,
+    VisionConfig,
+    clip_config_from_dict,
+    clip_config_from_json,
+    clip_config_to_json,
+    openclip_to_ours,
+    preprocess_images,
+)
+from latentforge.models.configs import TextEncoderConfig, config_from_dict, config_to_json
+from latentforge.models.text_encoder import CLIPTextModel
+from latentforge.models.tokenizer import CLIPTokenizer
+from latentforge.training.config import RunConfig
+from latentforge.training.tasks.common import (
+    ImageData,
+    dtype_from_name,
+    image_dataset,
+    model_device,
+    parse_options,
+    unwrap,
+)
+
+METADATA_CLIP_CONFIG = "latentforge.clip_config"
+METADATA_TEXT_CONFIG = "latentforge.text_encoder_config"  # the first key the U-Net task looks for
+METADATA_COMPONENT = "latentforge.component"
+
+
+@dataclass(frozen=True)
+class CLIPTaskOptions(ImageData):
+    """`task_options` of the CLIP task (all optional); the data fields come from `ImageData`."""
+
+    clip: CLIPConfig | None = None  # tables [clip.text] and [clip.vision]; default: tiny, sized to resolution
+    init: str | None = None  # start from a CLIP file (our export, or open_clip layout with `clip` given)
+    gather: bool = True  # DDP: contrast against every rank's pairs (see the module docstring)
+    shuffle_tags: bool = False  # caption augmentation: shuffle comma-separated tags ...
+    keep_tags: int = 1  # ... after the first `keep_tags` (kohya's keep_tokens)
+    max_holdout_items: int | None = None  # retrieval is measured on the whole holdout split by default
+    eval_batch_size: int = 64
+    eval_train_items: int = 256  # also report retrieval and loss on this many training pairs (0 = off)
+    retrieval_k: tuple[int, ...] = (1, 5)
+    heatmap_items: int = 8
+    export_dtype: str | None = None  # "float16" halves the files; default: as trained
+
+
+class CLIPTrainer(nn.Module):
+    """The trainable module: `clip`, with a forward that returns what the contrastive loss needs."""
+
+    def __init__(self, clip: CLIPModel) -> None:
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(f_I [n, D], f_T [n, D]) L2-normalised, and s = exp(logit_scale) (clipped)."""
+        image = self.clip.encode_image(pixels, normalize=True)
+        text = self.clip.encode_text(input_ids, normalize=True)
+        return image, text, self.clip.temperature_scale()
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss and retrieval
+# --------------------------------------------------------------------------------------------------
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0; backward sums every rank's gradient and returns this rank's slice."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.world_size = dist.get_rank(), dist.get_world_size()
+        parts = [torch.empty_like(x) for _ in range(ctx.world_size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)  # [world_size * n, D]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # all_reduce, not reduce_scatter: gloo (CPU) has no reduce_scatter
+        return grad.chunk(ctx.world_size)[ctx.rank]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def contrastive_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor, gather: bool = False
+) -> torch.Tensor:
+    """Symmetric InfoNCE of matched rows of L2-normalised features [n, D], in float32.
+
+    With `gather` under torch.distributed, the negatives are every rank's rows (equal n on all ranks);
+    otherwise (and in a single process) only this batch's.
+    """
+    image, text, scale = image_features.float(), text_features.float(), scale.float()
+    all_image, all_text, offset = image, text, 0
+    if gather and _distributed():
+        all_image, all_text = _GatherWithGrad.apply(image), _GatherWithGrad.apply(text)
+        offset = dist.get_rank() * len(image)
+    labels = torch.arange(len(image), device=image.device) + offset
+    logits_per_image = scale * image @ all_text.T  # [n, N]
+    logits_per_text = scale * text @ all_image.T  # [n, N]
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def retrieval_accuracy(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    caption_of_image: torch.Tensor,
+    ks: Sequence[int] = (1, 5),
+) -> dict[str, float]:
+    """Top-k retrieval accuracy both ways over unique captions.
+
+    Args:
+        image_features: [N_img, D]; text_features: [N_txt, D], one row per unique caption (cosine similarity).
+        caption_of_image: [N_img] index of each image's caption row.
+        ks: the k of top-k (clipped to the number of candidates).
+
+    Returns:
+        {"i2t_top{k}": fraction of images whose caption is among their k most similar captions,
+         "t2i_top{k}": fraction of captions with one of their images among their k most similar images}.
+    """
+    similarity = F.normalize(image_features.float(), dim=-1) @ F.normalize(text_features.float(), dim=-1).T
+    caption_of_image = caption_of_image.to(similarity.device)
+    metrics = {}
+    for k in ks:
+        top_texts = similarity.topk(min(k, similarity.shape[1]), dim=1).indices  # [N_img, k]
+        metrics[f"i2t_top{k}"] = (top_texts == caption_of_image[:, None]).any(1).float().mean().item()
+        top_images = similarity.T.topk(min(k, similarity.shape[0]), dim=1).indices  # [N_txt, k]
+        captions = torch.arange(similarity.shape[1], device=similarity.device)
+        metrics[f"t2i_top{k}"] = (
+            (caption_of_image[top_images] == captions[:, None]).any(1).float().mean().item()
+        )
+    return metrics
+
+
+def shuffle_tags(caption: str, keep: int, generator: torch.Generator) -> str:
+    """Shuffle the comma-separated tags of a caption after the first `keep` (kohya's shuffle_caption)."""
+    tags = [t.strip() for t in caption.split(",")]
+    head, tail = tags[:keep], tags[keep:]
+    order = torch.randperm(len(tail), generator=generator).tolist()
+    return ", ".join(head + [tail[i] for i in order])
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------------
+
+
+def _to_save(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    return {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in state.items()
+    }
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def text_encoder_path(path: str | Path) -> Path:
+    """Where `export` puts the text tower: `final.safetensors` -> `final.text_encoder.safetensors`."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.text_encoder{path.suffix}")
+
+
+def save_clip(clip: CLIPModel, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """CLIPModel keys (`visual.*`, `text.*`, `logit_scale`) with the CLIPConfig in the metadata."""
+    metadata = {METADATA_CLIP_CONFIG: clip_config_to_json(clip.config), METADATA_COMPONENT: "clip"}
+    _save(_to_save(clip.state_dict(), dtype), Path(path), metadata)
+
+
+def save_text_encoder(text: CLIPTextModel, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """The text tower alone in CLIPTextModel keys (`text_model.*`, `text_projection.*`) plus its config."""
+    metadata = {METADATA_TEXT_CONFIG: config_to_json(text.config), METADATA_COMPONENT: "text_encoder"}
+    _save(_to_save(text.state_dict(), dtype), Path(path), metadata)
+
+
+def load_clip(path: str | Path, config: CLIPConfig | None = None) -> CLIPModel:
+    """A CLIP file: our export (config from its metadata), or an open_clip-layout file with `config` given."""
+    state_dict, metadata = read_state_dict(path)
+    if config is None:
+        if METADATA_CLIP_CONFIG not in metadata:
+            raise ValueError(
+                f"{path} has no {METADATA_CLIP_CONFIG!r} metadata (not a `latentforge train clip` export); "
+                "pass its CLIPConfig explicitly (task option `clip`)"
+            )
+        config = clip_config_from_json(metadata[METADATA_CLIP_CONFIG])
+    if "token_embedding.weight" in state_dict:  # open_clip / OpenAI layout
+        state_dict = openclip_to_ours(state_dict, config)
+    with torch.device("meta"):
+        clip = CLIPModel(config)
+    load_into(clip, state_dict, component="clip", family="custom", path=path)
+    return clip
+
+
+def load_text_encoder(path: str | Path) -> tuple[CLIPTextModel, TextEncoderConfig]:
+    """The text tower from a text-encoder export, or from a whole CLIP export (its `text.*` keys)."""
+    state_dict, metadata = read_state_dict(path)
+    if METADATA_TEXT_CONFIG in metadata:
+        config = config_from_dict(TextEncoderConfig, json.loads(metadata[METADATA_TEXT_CONFIG]))
+    elif METADATA_CLIP_CONFIG in metadata:
+        config = clip_config_from_json(metadata[METADATA_CLIP_CONFIG]).text
+        state_dict = {k.removeprefix("text."): v for k, v in state_dict.items() if k.startswith("text.")}
+    else:
+        raise ValueError(
+            f"{path} has neither {METADATA_TEXT_CONFIG!r} nor {METADATA_CLIP_CONFIG!r} metadata; it was not "
+            "exported by `latentforge train clip`"
+        )
+    with torch.device("meta"):
+        text = CLIPTextModel(config)
+    load_into(text, state_dict, component="text encoder", family="custom", path=path)
+    return text, config
+
+
+# --------------------------------------------------------------------------------------------------
+# The task
+# --------------------------------------------------------------------------------------------------
+
+
+class CLIPTask:
+    """Trains a CLIPModel contrastively on (image, caption) pairs; see the module docstring."""
+
+    name = "clip"
+
+    def __init__(self, options: Mapping[str, Any] | CLIPTaskOptions | None = None, seed: int = 0) -> None:
+        if not isinstance(options, CLIPTaskOptions):
+            options = dict(options or {})
+            if isinstance(options.get("clip"), Mapping):
+                options["clip"] = clip_config_from_dict(dict(options["clip"]))
+            options = parse_options(CLIPTaskOptions, options, "clip")
+        self.options = options
+        self.seed = seed
+        torch.manual_seed(seed)
+        config = options.clip or CLIPConfig(vision=VisionConfig(image_size=options.resolution))
+        self.module = CLIPTrainer(
+            load_clip(options.init, options.clip) if options.init else CLIPModel(config)
+        )
+        self.tokenizer = CLIPTokenizer.for_config(self.module.clip.config.text)
+        self._datasets: dict[str, Dataset] = {}
+
+    def trainable(self) -> nn.Module:
+        return self.module
+
+    def dataset(self, split: str) -> Dataset:
+        if split not in self._datasets:
+            self._datasets[split] = image_dataset(self.options, split, seed=self.seed)
+        return self._datasets[split]
+
+    def _inputs(
+        self, clip: CLIPModel, pixels: torch.Tensor, captions: Sequence[str]
+    ) -> tuple[torch.Tensor, ...]:
+        device = model_device(clip)
+        image_input = preprocess_images(pixels.to(device), clip.config.vision.image_size)
+        return image_input, self.tokenizer(list(captions)).to(device)
+
+    def loss(
+        self, model: nn.Module, batch: Mapping[str, Any], generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        captions = list(batch["caption"])
+        if self.options.shuffle_tags:
+            captions = [shuffle_tags(c, self.options.keep_tags, generator) for c in captions]
+        clip: CLIPModel = unwrap(model).clip  # type: ignore[assignment]
+        pixels, ids = self._inputs(clip, batch["pixels"], captions)
+        image, text, scale = model(pixels, ids)
+        loss = contrastive_loss(image, text, scale, gather=self.options.gather)
+        with torch.no_grad():
+            accuracy = (image.float() @ text.float().T).argmax(1) == torch.arange(
+                len(image), device=image.device
+            )
+        return loss, {
+            "loss": loss.item(),
+            "scale": scale.item(),
+            "batch_i2t_top1": accuracy.float().mean().item(),
+        }
+
+    @torch.no_grad()
+    def _encode(self, clip: CLIPModel, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Normalised image and caption features [N, D] of every item, and the captions."""
+        images, texts, captions = [], [], []
+        for batch in DataLoader(dataset, batch_size=self.options.eval_batch_size):
+            pixels, ids = self._inputs(clip, batch["pixels"], batch["caption"])
+            images.append(clip.encode_image(pixels, normalize=True).float())
+            texts.append(clip.encode_text(ids, normalize=True).float())
+            captions += list(batch["caption"])
+        return torch.cat(images), torch.cat(texts), captions
+
+    def _metrics(self, clip: CLIPModel, dataset: Dataset) -> dict[str, float]:
+        image, text, captions = self._encode(clip, dataset)
+        first_index: dict[str, int] = {}
+        for index, caption in enumerate(captions):
+            first_index.setdefault(caption, index)
+        unique = list(first_index)
+        row = {caption: i for i, caption in enumerate(unique)}
+        first = torch.tensor(list(first_index.values()))  # a text row per unique caption
+        caption_of_image = torch.tensor([row[c] for c in captions])
+        metrics = retrieval_accuracy(image, text[first], caption_of_image, self.options.retrieval_k)
+        metrics["loss"] = contrastive_loss(image, text, clip.temperature_scale()).item()  # all pairs at once
+        metrics["captions"] = float(len(unique))
+        return metrics
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Holdout retrieval top-k (both ways, over unique captions) and loss; the same on training items."""
+        clip: CLIPModel = unwrap(model).clip  # type: ignore[assignment]
+        was_training = clip.training
+        clip.eval()
+        metrics = self._metrics(clip, self.dataset("holdout"))
+        if self.options.eval_train_items:
+            train = self.dataset("train")
+            size = len(train)  # type: ignore[arg-type]
+            spread = torch.linspace(0, size - 1, min(self.options.eval_train_items, size)).long().tolist()
+            subset = torch.utils.data.Subset(train, spread)  # evenly over the (sorted) training set
+            metrics |= {f"train_{k}": v for k, v in self._metrics(clip, subset).items()}
+        clip.train(was_training)
+        metrics["scale"] = clip.logit_scale.exp().item()
+        return metrics
+
+    def samples(self, model: nn.Module) -> Image.Image | None:
+        """Images on top, captions' images down the left; cells: softmax over images per caption."""
+        clip: CLIPModel = unwrap(model).clip  # type: ignore[assignment]
+        dataset = self.dataset("holdout")
+        count = min(self.options.heatmap_items, len(dataset))  # type: ignore[arg-type]
+        if count == 0:
+            return None
+        items = [dataset[i] for i in range(count)]
+        pixels = torch.stack([item["pixels"] for item in items]).float()
+        was_training = clip.training
+        clip.eval()
+        with torch.no_grad():
+            logits_per_image, _ = clip(*self._inputs(clip, pixels, [item["caption"] for item in items]))
+        clip.train(was_training)
+        return similarity_heatmap(pixels, logits_per_image.T.float().softmax(dim=1).cpu())
+
+    def export(self, model: nn.Module, path: Path) -> None:
+        """The whole CLIP at `path` and its text tower at `text_encoder_path(path)` (for the U-Net task)."""
+        clip: CLIPModel = unwrap(model).clip  # type: ignore[assignment]
+        dtype = dtype_from_name(self.options.export_dtype)
+        save_clip(clip, path, dtype)
+        save_text_encoder(clip.text, text_encoder_path(path), dtype)
+
+
+def similarity_heatmap(pixels: torch.Tensor, probabilities: torch.Tensor) -> Image.Image:
+    """An (n+1)^2 grid: images [n, 3, H, W] in [-1, 1] along the top and the left, cells in grey levels."""
+    n, _, height, width = pixels.shape
+    images = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    canvas = np.full(((n + 1) * height, (n + 1) * width, 3), 255, dtype=np.uint8)
+    for i in range(n):
+        canvas[:height, (i + 1) * width : (i + 2) * width] = images[i]
+        canvas[(i + 1) * height : (i + 2) * height, :width] = images[i]
+        for j in range(n):  # row i: the caption of image i; column j: image j
+            level = 255 - int(round(255 * float(probabilities[i, j])))
+            canvas[(i + 1) * height : (i + 2) * height, (j + 1) * width : (j + 2) * width] = level
+    return Image.fromarray(canvas)
+
+
+def make_clip_task(config: RunConfig) -> CLIPTask:
+    """The `TASKS["clip"]` factory: reads `config.task_options` and `config.seed`."""
+    return CLIPTask(config.task_options, seed=config.seed)
