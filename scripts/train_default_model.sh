@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Reproduce the embedded default model from nothing: emoji data from npm, then CLIP, VAE and U-Net.
+# Every stage resumes from its last checkpoint when re-run, so run this again after an interruption.
+#   bash scripts/train_default_model.sh [DATA_DIR] [RUNS_DIR]
+# CLIP and VAE are independent and may run at the same time (one core each: OMP_NUM_THREADS=1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${1:-data/emoji}
+RUNS=${2:-runs/default}
+PY=${PYTHON:-python}
+[ -f "$DATA/dataset.json" ] || "$PY" -m latentforge data emoji "$DATA"
+"$PY" -m latentforge train clip configs/default/clip.toml task_options.data="$DATA" run_dir="$RUNS/clip"
+"$PY" -m latentforge train vae configs/default/vae.toml task_options.data="$DATA" run_dir="$RUNS/vae"
+"$PY" -m latentforge train unet configs/default/unet.toml task_options.data="$DATA" run_dir="$RUNS/unet" \
+  task_options.vae="$RUNS/vae/final.safetensors" \
+  task_options.text_encoder="$RUNS/clip/final.text_encoder.safetensors"
+cp "$RUNS/unet/final.safetensors" src/latentforge/assets/default-model.safetensors
+echo "default model: src/latentforge/assets/default-model.safetensors"
