@@ -54,21 +54,35 @@ def _parse_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"size must look like 512x512, got {text!r}") from None
 
 
+def _parse_margins(text: str) -> tuple[int, int, int, int]:
+    try:
+        left, right, top, bottom = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"outpaint margins must look like L,R,T,B, got {text!r}") from None
+    return left, right, top, bottom
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from latentforge.checkpoints.loading import default_model_path, load
+    from latentforge.data.images import ImageLoadError, load_image_rgb
     from latentforge.pipelines.generate import iter_generate
+    from latentforge.pipelines.hires import iter_hires
     from latentforge.pipelines.infotext import parse_infotext, read_infotext, save_png
+    from latentforge.pipelines.inpaint import iter_inpaint, iter_outpaint, load_mask
     from latentforge.pipelines.params import GenerationParams, ParameterError
 
     values: dict = {}
+    hires_values: dict = {}
     if args.from_png:
         text = read_infotext(args.from_png)
         if text is None:
             print(f"error: {args.from_png} has no generation parameters", file=sys.stderr)
             return 2
-        values = params_from_infotext(*parse_infotext(text))
+        parsed = parse_infotext(text)
+        values = params_from_infotext(*parsed)
+        hires_values = hires_from_infotext(parsed[2])
     given = {
         "prompt": args.prompt,
         "negative_prompt": args.negative,
@@ -83,23 +97,58 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "batch_count": args.batch_count,
         "clip_skip": args.clip_skip,
         "denoising_strength": args.strength,
+        "tiled_vae": args.tiled_vae,
     }
     values.update({k: v for k, v in given.items() if v is not None})
+    hires_given = {
+        "scale": args.hires_scale,
+        "hires_steps": args.hires_steps,
+        "denoising_strength": args.hires_strength,
+        "upscaler": args.hires_upscaler,
+        "hires_sampler": args.hires_sampler,
+    }
+    hires_values.update({k: v for k, v in hires_given.items() if v is not None})
     params = GenerationParams(**values)
+    editing = args.mask or args.outpaint
+    if editing and not args.init_image:
+        print("error: --mask and --outpaint need --init-image", file=sys.stderr)
+        return 2
+    if hires_values and args.init_image:
+        print("error: hires fix (--hires-*) is a txt2img option; drop --init-image", file=sys.stderr)
+        return 2
+    try:
+        init = load_image_rgb(args.init_image) if args.init_image else None
+        mask = load_mask(args.mask) if args.mask else None
+    except ImageLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     model_path = args.model or default_model_path()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load(model_path, dtype=_torch_dtype(args.dtype), device=device, vae=args.vae)
-    init = None
-    if args.init_image:
-        from latentforge.data.images import load_image_rgb
-
-        init = [load_image_rgb(args.init_image)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    callback = _preview_writer(model, out, args.preview_every) if args.preview_every else None
+    if args.outpaint:
+        left, right, top, bottom = args.outpaint
+        results = iter_outpaint(
+            model, params, init, left=left, right=right, top=top, bottom=bottom, mask_blur=args.mask_blur,
+            masked_content=args.masked_content, callback=callback,
+        )  # fmt: skip
+    elif mask is not None:
+        results = iter_inpaint(
+            model, params, init, mask, mask_blur=args.mask_blur, masked_content=args.masked_content,
+            only_masked=args.only_masked, only_masked_padding=args.only_masked_padding, callback=callback,
+        )  # fmt: skip
+    elif hires_values:
+        results = iter_hires(model, params, callback=callback, **hires_values)
+    else:
+        results = iter_generate(
+            model, params, init_images=None if init is None else [init], callback=callback
+        )
     index = len(list(out.glob("*.png")))
     written = 0
     try:
-        for result in iter_generate(model, params, init_images=init):
+        for result in results:
             path = out / f"{index + written:05d}-{result.seed}.png"
             save_png(result.image, path, result.infotext)
             written += 1
@@ -111,6 +160,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"interrupted; kept {written} finished image(s) in {out}", file=sys.stderr)
         return 130
     return 0
+
+
+def _preview_writer(model, out: Path, every: int):  # noqa: ANN202 (torch types imported lazily)
+    """A step callback that writes out/preview.png from the current x0 estimate every `every` steps."""
+    from latentforge.pipelines.preview import latent_preview, latent_rgb_projection
+
+    projection = latent_rgb_projection(model)
+
+    def write(info) -> None:  # noqa: ANN001
+        if (info.i + 1) % every == 0:
+            latent_preview(info.denoised, projection).save(out / "preview.png")
+
+    return write
 
 
 def params_from_infotext(prompt: str, negative: str, values: dict[str, str]) -> dict:
@@ -127,6 +189,7 @@ def params_from_infotext(prompt: str, negative: str, values: dict[str, str]) -> 
         "Variation seed strength": ("subseed_strength", float),
         "CFG rescale": ("cfg_rescale", float),
         "Eta": ("eta", float),
+        "Tiled VAE": ("tiled_vae", lambda v: v == "True"),
     }
     out: dict = {"prompt": prompt, "negative_prompt": negative}
     for key, (field, kind) in names.items():
@@ -134,6 +197,26 @@ def params_from_infotext(prompt: str, negative: str, values: dict[str, str]) -> 
             out[field] = kind(values[key])
     if "Size" in values:
         out["width"], out["height"] = _parse_size(values["Size"])
+    if "Hires upscaler" in values:  # the strength belongs to the hires pass, see hires_from_infotext
+        out.pop("denoising_strength", None)
+    return out
+
+
+def hires_from_infotext(values: dict[str, str]) -> dict:
+    """`hires` keyword arguments from a parsed infotext; empty when the image had no hires pass."""
+    if "Hires upscaler" not in values and "Hires upscale" not in values:
+        return {}
+    out: dict = {"upscaler": values.get("Hires upscaler", "Latent")}
+    if "Hires upscale" in values:
+        out["scale"] = float(values["Hires upscale"])
+    if "Hires resize" in values:
+        out["width"], out["height"] = _parse_size(values["Hires resize"])
+    if "Hires steps" in values:
+        out["hires_steps"] = int(values["Hires steps"])
+    if "Hires sampler" in values:
+        out["hires_sampler"] = values["Hires sampler"]
+    if "Denoising strength" in values:
+        out["denoising_strength"] = float(values["Denoising strength"])
     return out
 
 
@@ -191,7 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add(
-        "generate", cmd_generate, "Generate images from a prompt (txt2img, or img2img with --init-image)."
+        "generate",
+        cmd_generate,
+        "Generate images: txt2img, img2img (--init-image), inpainting (--mask), outpainting (--outpaint), "
+        "hires fix (--hires-scale).",
     )
     p.add_argument("prompt", nargs="?", default=None)
     p.add_argument("--model", help="checkpoint or diffusers folder (default: the embedded model)")
@@ -207,7 +293,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-count", type=int)
     p.add_argument("--clip-skip", type=int)
     p.add_argument("--init-image", help="img2img: start from this image")
-    p.add_argument("--strength", type=float, help="img2img denoising strength in [0, 1]")
+    p.add_argument("--strength", type=float, help="img2img/inpainting denoising strength in [0, 1]")
+    p.add_argument("--mask", help="inpaint: white = repaint (alpha is used when the mask has one)")
+    p.add_argument("--mask-blur", type=float, default=4, help="Gaussian mask blur in pixels (default 4)")
+    p.add_argument(
+        "--masked-content",
+        choices=["original", "fill", "latent noise", "latent nothing"],
+        default="original",
+        help="what the masked area starts from",
+    )
+    p.add_argument("--only-masked", action="store_true", help="inpaint the mask's box at full size")
+    p.add_argument("--only-masked-padding", type=int, default=32, help="padding around the box (pixels)")
+    p.add_argument("--outpaint", type=_parse_margins, metavar="L,R,T,B", help="extend the canvas (pixels)")
+    p.add_argument("--hires-scale", type=float, help="hires fix: upscale factor of the first pass")
+    p.add_argument("--hires-steps", type=int, help="hires fix: second-pass steps (0 = --steps)")
+    p.add_argument("--hires-strength", type=float, help="hires fix: second-pass denoising strength (0.7)")
+    p.add_argument("--hires-upscaler", help="hires fix: Latent (default), Lanczos, Latent (bicubic), ...")
+    p.add_argument("--hires-sampler", help="hires fix: second-pass sampler (default: --sampler)")
+    p.add_argument(
+        "--tiled-vae",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="VAE in tiles (default: only above 1536x1536 pixels)",
+    )
+    p.add_argument("--preview-every", type=int, help="write OUT/preview.png every N steps")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--device", help="cpu, cuda, mps (default: cuda when available)")
     p.add_argument("--out", default="outputs", help="output folder")

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from latentforge.model import StableDiffusion
+from latentforge.models.vae import DiagonalGaussian
 
 
 def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:
@@ -24,28 +25,44 @@ def tensor_to_pil(pixels: torch.Tensor) -> list[Image.Image]:
 
 @torch.inference_mode()
 def encode_images(
-    model: StableDiffusion, pixels: torch.Tensor, *, noise: torch.Tensor | None = None
+    model: StableDiffusion, pixels: torch.Tensor, *, noise: torch.Tensor | None = None, tiled: bool = False
 ) -> torch.Tensor:
-    """Pixels in [-1, 1] -> scaled latents (posterior sample when `noise` is given, else its mean)."""
-    posterior = model.vae.encode(pixels.to(model.vae_device, model.vae_dtype))
+    """Pixels in [-1, 1] -> scaled latents (posterior sample when `noise` is given, else its mean).
+
+    `tiled` encodes in overlapping tiles (`tiled_vae.encode_moments_tiled`), for images too large at once.
+    """
+    from latentforge.pipelines.tiled_vae import encode_moments_tiled
+
+    x = pixels.to(model.vae_device, model.vae_dtype)
+    posterior = DiagonalGaussian(encode_moments_tiled(model.vae, x)) if tiled else model.vae.encode(x)
     latents = posterior.mode() if noise is None else posterior.sample(noise.to(posterior.mean))
     return latents.float() * model.family.latent_scale
 
 
 @torch.inference_mode()
-def decode_latents(model: StableDiffusion, latents: torch.Tensor) -> tuple[torch.Tensor, bool]:
+def decode_latents(
+    model: StableDiffusion, latents: torch.Tensor, *, tiled: bool = False
+) -> tuple[torch.Tensor, bool]:
     """Scaled latents -> pixels in [-1, 1]; returns (pixels, retried_in_fp32).
 
     Half-precision VAEs (notably SD's in fp16) overflow on some latents; the result is checked and
-    decoded again in float32 when it is not finite, as A1111's "NaN check" does.
+    decoded again in float32 when it is not finite, as A1111's "NaN check" does. `tiled` decodes in
+    overlapping tiles (`tiled_vae.decode_tiled_unscaled`).
     """
+    from latentforge.pipelines.tiled_vae import decode_tiled_unscaled
+
     z = latents / model.family.latent_scale
-    pixels = model.vae.decode(z.to(model.vae_device, model.vae_dtype)).float()
+
+    def decode(dtype: torch.dtype) -> torch.Tensor:
+        z_in = z.to(model.vae_device, dtype)
+        return (decode_tiled_unscaled(model.vae, z_in) if tiled else model.vae.decode(z_in)).float()
+
+    pixels = decode(model.vae_dtype)
     if torch.isfinite(pixels).all() or model.vae_dtype == torch.float32:
         return pixels, False
     dtype = model.vae_dtype
     model.vae.float()  # in place: only the VAE's own weights are duplicated, for this call
     try:
-        return model.vae.decode(z.to(model.vae_device, torch.float32)), True
+        return decode(torch.float32), True
     finally:
         model.vae.to(dtype)

@@ -1,0 +1,58 @@
+"""Live previews: latents -> RGB by one linear map per pixel, with no VAE decode.
+
+A projection is a [C + 1, 3] matrix (the last row a bias) from scaled latents to pixels in [-1, 1].
+For the Stable Diffusion VAE we use the widely published factors (A1111's "Approx cheap",
+modules/sd_vae_approx.py `cheap_approximation`, from
+https://discuss.huggingface.co/t/decoding-latents-to-rgb-without-upscaling/23204/2). Any other VAE
+gets a least-squares fit of colours on its own latents, so the preview is a function of the VAE.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from latentforge.model import StableDiffusion
+from latentforge.models.configs import VAEConfig
+from latentforge.models.families import SD_VAE
+from latentforge.pipelines.images import encode_images
+
+_SD_CHEAP = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
+# Published latent -> RGB factors by VAE architecture (the fitted fallback covers everything else).
+PUBLISHED_PROJECTIONS: dict[tuple[VAEConfig, float], tuple[tuple[float, ...], ...]] = {
+    (SD_VAE, 0.18215): (*_SD_CHEAP, (0.0, 0.0, 0.0)),
+}
+
+
+@torch.inference_mode()
+def fit_latent_rgb(model: StableDiffusion, *, images: int = 8, size: int = 64, seed: int = 0) -> Tensor:
+    """Least-squares [C + 1, 3] projection: encode smooth random colour fields, regress pixels on latents."""
+    generator = torch.Generator().manual_seed(seed)
+    f = model.family.vae.downsampling_factor
+    size = max(size, 4 * f) // f * f
+    coarse = torch.rand(images, 3, 4, 4, generator=generator) * 2 - 1
+    pixels = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
+    latents = encode_images(model, pixels).cpu().double()  # [N, C, h, w]
+    target = F.avg_pool2d(pixels.double(), f)  # [N, 3, h, w]: the colour each latent pixel covers
+    x = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+    x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)  # bias column
+    y = target.permute(0, 2, 3, 1).reshape(-1, 3)
+    return torch.linalg.lstsq(x, y).solution.float()
+
+
+def latent_rgb_projection(model: StableDiffusion) -> Tensor:
+    """The model's latent -> RGB projection [C + 1, 3]: published factors for SD's VAE, else fitted."""
+    published = PUBLISHED_PROJECTIONS.get((model.family.vae, model.family.latent_scale))
+    return torch.tensor(published) if published is not None else fit_latent_rgb(model)
+
+
+def latent_preview(latents: Tensor, projection: Tensor) -> Image.Image:
+    """A cheap preview of latents [C, h, w] (or the first of [B, C, h, w]) at latent resolution."""
+    z = latents[0] if latents.ndim == 4 else latents
+    z = z.detach().float().cpu()
+    rgb = torch.einsum("chw,cr->rhw", z, projection[:-1].float()) + projection[-1].float()[:, None, None]
+    array = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(np.ascontiguousarray(array))
