@@ -264,6 +264,105 @@ def cmd_data_emoji(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from latentforge.evaluation.image_sets import EvalInputError
+
+    try:
+        return _eval(args)
+    except (EvalInputError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from latentforge.evaluation import runs
+    from latentforge.evaluation.evaluate import METRICS, MetricSettings
+    from latentforge.evaluation.extractors import load_extractor
+
+    if args.generated is None and args.prompts is None:
+        print("error: pass either --generated DIR or a generation spec (--prompts FILE ...)", file=sys.stderr)
+        return 2
+    if args.generated is not None and (args.model or args.sweep):
+        print("error: --model and --sweep generate; drop them to evaluate --generated", file=sys.stderr)
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else list(METRICS)
+    options = {
+        "metrics": metrics,
+        "cache_dir": None if args.no_cache else (args.cache_dir or _eval_cache_dir()),
+        "batch_size": args.extract_batch_size,
+        "clip": load_extractor(f"clip:{args.clip}", device) if args.clip else None,
+        "settings": MetricSettings(
+            kid_subset_size=args.kid_subset_size, pr_k=args.pr_k, is_splits=args.is_splits
+        ),
+    }
+    extractor = load_extractor(args.features, device)
+    out = Path(args.out)
+    if args.generated is not None:
+        captions = runs.read_prompts(args.prompts) if args.prompts else None
+        result = runs.evaluate_to_dir(
+            args.generated, args.reference, out, extractor=extractor, captions=captions, **options
+        )
+        _print_eval(result, out)
+        return 0
+
+    from latentforge.checkpoints.loading import default_model_path, load
+    from latentforge.pipelines.params import GenerationParams
+
+    given = {
+        "negative_prompt": args.negative,
+        "steps": args.steps,
+        "sampler": args.sampler,
+        "schedule": args.schedule,
+        "cfg_scale": args.cfg,
+        "width": args.size[0] if args.size else None,
+        "height": args.size[1] if args.size else None,
+        "batch_size": args.batch_size,
+    }
+    params = GenerationParams(**{k: v for k, v in given.items() if v is not None})
+    prompts, seeds = runs.read_prompts(args.prompts), runs.parse_seeds(args.seeds)
+    model = load(args.model or default_model_path(), dtype=_torch_dtype(args.dtype), device=device)
+    spec = (model, params)
+    if args.sweep:
+        key, values = runs.parse_sweep(args.sweep)
+        results = runs.sweep(
+            *spec, key, values, prompts, seeds, args.reference, out, extractor=extractor,
+            overwrite=args.overwrite, **options,
+        )  # fmt: skip
+        for value, result in zip(values, results, strict=True):
+            print(f"{key}={value}: " + _format_values(result))
+        print(f"wrote {out / 'report.md'}")
+        return 0
+    result = runs.generate_and_evaluate(
+        *spec, prompts, seeds, args.reference, out, extractor=extractor, overwrite=args.overwrite, **options
+    )
+    _print_eval(result, out)
+    return 0
+
+
+def _eval_cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "latentforge" / "eval-features"
+
+
+def _format_values(result: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in result["values"].items()) or "no metric computed"
+
+
+def _print_eval(result: dict, out: Path) -> None:
+    print(_format_values(result))
+    for name, entry in result["metrics"].items():
+        if entry["status"] != "ok":
+            print(f"{name} {entry['status']}: {entry['reason']}", file=sys.stderr)
+    for name, count in result["counts"].items():
+        if count["unreadable"]:
+            print(f"{name}: skipped {count['unreadable']} unreadable image(s)", file=sys.stderr)
+    print(f"wrote {out / 'report.md'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -342,6 +441,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task", choices=["clip", "vae", "unet"])
     p.add_argument("config", help="TOML run config")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-4 task_options.x=1")
+
+    p = add(
+        "eval",
+        cmd_eval,
+        "Evaluate generated images against reference images: FID, KID, precision/recall, IS, CLIP score. "
+        "Generates from a spec (--prompts, --seeds, ...) or evaluates a folder (--generated).",
+    )
+    p.add_argument("--reference", required=True, help="reference folder or dataset split (DATASET/holdout)")
+    p.add_argument(
+        "--features",
+        required=True,
+        help="feature network: clip:PATH (`latentforge train clip` export), inception:PATH (FID Inception "
+        "weights, pt_inception-2015-12-05-*.pth) or random (tests only)",
+    )
+    p.add_argument("--generated", help="evaluate this image folder instead of generating")
+    p.add_argument("--model", help="checkpoint to generate with (default: the embedded model)")
+    p.add_argument(
+        "--prompts",
+        help="prompts file (one per line) or a dataset folder whose captions to use; with --generated, "
+        "one caption per image in sorted file order, for CLIP score",
+    )
+    p.add_argument("--seeds", default="0", help="seeds for every prompt, e.g. 0-99 or 1,5,9-12 (default 0)")
+    p.add_argument("-n", "--negative", help="negative prompt")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--sampler", help="see `latentforge samplers`")
+    p.add_argument("--schedule", help="see `latentforge schedules`")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale")
+    p.add_argument("--size", type=_parse_size, help="WIDTHxHEIGHT, multiples of 8")
+    p.add_argument("--batch-size", type=int, default=4, help="images per generation batch (default 4)")
+    p.add_argument("--sweep", metavar="KEY=V1,V2", help="one run per value: steps=10,20,50, cfg=1,3,7.5")
+    p.add_argument("--clip", help="CLIP export for CLIP score when --features is not a CLIP")
+    p.add_argument("--metrics", help="comma-separated subset of fid,kid,precision_recall,is,clip_score")
+    p.add_argument("--out", default="eval", help="output folder: metrics.json, report.md (default eval)")
+    p.add_argument("--cache-dir", type=Path, help="reference feature cache (default in ~/.cache/latentforge)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write cached reference features")
+    p.add_argument("--extract-batch-size", type=int, default=50, help="images per feature-network call")
+    p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (capped at set sizes)")
+    p.add_argument("--pr-k", type=int, default=3, help="k of precision/recall's k-NN radii (default 3)")
+    p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (default 10)")
+    p.add_argument("--overwrite", action="store_true", help="replace images a previous run left in OUT")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--device", help="cpu, cuda, mps (default: cuda when available)")
 
     data = sub.add_parser("data", help="Build datasets.").add_subparsers(dest="dataset", required=True)
     p = data.add_parser(

@@ -1,0 +1,132 @@
+"""Evaluation networks selected by name: `clip:PATH`, `inception:PATH` or `random` (tests only).
+
+An `EvalExtractor` bundles what `evaluate` needs from one network: image features (and, for Inception,
+class logits for IS in the same forward pass), the input size of the resize rule, and for CLIP the text
+tower that CLIP score needs.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from latentforge.checkpoints.errors import CheckpointError
+from latentforge.evaluation.features import FeatureExtractor, RandomProjectionExtractor
+from latentforge.evaluation.image_sets import EvalInputError
+from latentforge.evaluation.inception import INPUT_SIZE, NUM_CLASSES, FIDInceptionV3
+
+SPEC_HELP = "clip:PATH (a `latentforge train clip` export), inception:PATH (FID Inception weights) or random"
+RANDOM_INPUT_SIZE = 32
+
+
+class ExtractorError(EvalInputError):
+    """A feature-extractor spec or weights file that cannot be used; the message says what to pass."""
+
+
+@dataclass
+class EvalExtractor:
+    """One evaluation network: uint8 [B, 3, S, S] -> [B, D + num_logits] (trailing columns: IS logits)."""
+
+    image: FeatureExtractor
+    input_size: int
+    num_logits: int = 0
+    encode_text: Callable[[Sequence[str]], np.ndarray] | None = None  # L2-normalised text embeddings
+    spec: str = ""
+
+    @property
+    def kind(self) -> str:
+        return self.spec.partition(":")[0] or self.image.name
+
+
+class InceptionPoolAndLogits:
+    """FID Inception pool3 features [B, 2048] and bias-free logits [B, 1008] from one forward pass."""
+
+    preprocess_id = "uint8/255-bilinear299-align_corners=False-2x-1"
+
+    def __init__(self, model: FIDInceptionV3, name: str, device: torch.device | str = "cpu") -> None:
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self.name = name
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.model(images.to(self.device))
+        return torch.cat([out.pool3, out.logits_unbiased], dim=1)  # [B, 2048 + 1008]
+
+
+def _short_digest(module: torch.nn.Module) -> str:
+    from latentforge.training.latent_cache import weights_digest
+
+    return weights_digest(module)[:12]
+
+
+def load_inception_extractor(path: str | os.PathLike, device: torch.device | str = "cpu") -> EvalExtractor:
+    """FID Inception from pytorch-fid's or torch-fidelity's weights file; others raise `ExtractorError`."""
+    from latentforge.checkpoints.reading import sniff
+    from latentforge.evaluation.inception import load_fid_inception
+
+    hint = "inception:PATH expects the FID Inception-v3 weights (pt_inception-2015-12-05-*.pth)"
+    try:
+        sniff(Path(_existing(path, "inception")))
+        model = load_fid_inception(path, device=device)
+    except (CheckpointError, ValueError, RuntimeError, KeyError, OSError, pickle.UnpicklingError) as error:
+        raise ExtractorError(f"{hint}; {path} cannot be used: {error}") from error
+    name = f"inception-v3-fid-{_short_digest(model)}/pool3+logits_unbiased"
+    return EvalExtractor(
+        InceptionPoolAndLogits(model, name, device), INPUT_SIZE, NUM_CLASSES, spec=f"inception:{path}"
+    )
+
+
+def load_clip_extractor(path: str | os.PathLike, device: torch.device | str = "cpu") -> EvalExtractor:
+    """Our CLIP: image embeddings as features, text tower for CLIP score; others raise `ExtractorError`."""
+    from latentforge.evaluation.clip_features import clip_image_extractor, encode_captions
+    from latentforge.training.tasks.clip import load_clip
+
+    hint = "clip:PATH expects a CLIP exported by `latentforge train clip`"
+    try:
+        model = load_clip(_existing(path, "clip")).to(device)
+    except (CheckpointError, ValueError, RuntimeError, KeyError, OSError) as error:
+        raise ExtractorError(f"{hint}; {path} cannot be used: {error}") from error
+    extractor = clip_image_extractor(model, name=f"latentforge-clip-{_short_digest(model)}")
+
+    def encode_text(captions: Sequence[str]) -> np.ndarray:
+        return encode_captions(model, captions)
+
+    return EvalExtractor(extractor, model.config.vision.image_size, 0, encode_text, spec=f"clip:{path}")
+
+
+def _existing(path: str | os.PathLike, kind: str) -> str:
+    if not os.path.isfile(path):
+        raise ExtractorError(f"{kind}:PATH: no such file {os.fspath(path)!r}")
+    return os.fspath(path)
+
+
+def load_extractor(spec: str | EvalExtractor, device: torch.device | str = "cpu") -> EvalExtractor:
+    """An `EvalExtractor` from a spec string (see `SPEC_HELP`); an `EvalExtractor` passes through."""
+    if isinstance(spec, EvalExtractor):
+        return spec
+    kind, sep, path = spec.partition(":")
+    if kind == "random" and not path:
+        return EvalExtractor(RandomProjectionExtractor(), RANDOM_INPUT_SIZE, spec="random")
+    if kind == "inception" and path:
+        return load_inception_extractor(path, device)
+    if kind == "clip" and path:
+        return load_clip_extractor(path, device)
+    raise ExtractorError(f"unknown feature extractor {spec!r}; use {SPEC_HELP}")
+
+
+def as_eval_extractor(
+    extractor: str | EvalExtractor | FeatureExtractor, input_size: int = 299
+) -> EvalExtractor:
+    """Accept a spec, an `EvalExtractor`, or any bare `FeatureExtractor` (features only, at `input_size`)."""
+    if isinstance(extractor, (str, EvalExtractor)):
+        return load_extractor(extractor)
+    if isinstance(extractor, FeatureExtractor):
+        return EvalExtractor(extractor, getattr(extractor, "input_size", input_size), spec=extractor.name)
+    raise TypeError(f"extractor must be a spec string ({SPEC_HELP}), an EvalExtractor or a FeatureExtractor")
