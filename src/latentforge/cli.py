@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -122,19 +123,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except ImageLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if (args.outpaint or mask is not None) and init is None:
+        print("error: --mask and --outpaint need --init-image", file=sys.stderr)
+        return 2
     model_path = args.model or default_model_path()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load(model_path, dtype=_torch_dtype(args.dtype), device=device, vae=args.vae)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     callback = _preview_writer(model, out, args.preview_every) if args.preview_every else None
-    if args.outpaint:
+    if args.outpaint and init is not None:
         left, right, top, bottom = args.outpaint
         results = iter_outpaint(
             model, params, init, left=left, right=right, top=top, bottom=bottom, mask_blur=args.mask_blur,
             masked_content=args.masked_content, callback=callback,
         )  # fmt: skip
-    elif mask is not None:
+    elif mask is not None and init is not None:
         results = iter_inpaint(
             model, params, init, mask, mask_blur=args.mask_blur, masked_content=args.masked_content,
             only_masked=args.only_masked, only_masked_padding=args.only_masked_padding, callback=callback,
@@ -177,7 +181,7 @@ def _preview_writer(model, out: Path, every: int):  # noqa: ANN202 (torch types 
 
 def params_from_infotext(prompt: str, negative: str, values: dict[str, str]) -> dict:
     """GenerationParams fields from a parsed infotext (A1111's names)."""
-    names = {
+    names: dict[str, tuple[str, Callable[[str], Any]]] = {
         "Steps": ("steps", int),
         "Sampler": ("sampler", str),
         "Schedule type": ("schedule", str),
