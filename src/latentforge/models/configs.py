@@ -90,7 +90,7 @@ def config_from_dict(cls: type[ConfigT], data: dict[str, Any]) -> ConfigT:
     unknown = set(data) - fields
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     return cls(**values)
 
 

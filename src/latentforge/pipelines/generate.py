@@ -183,13 +183,13 @@ def sample_latents(
         params.cfg_rescale,
         extra=None if concat is None else {"concat": concat},
     )
-    if keep is not None:
+    if init is not None and keep is not None:  # keep is only set together with init
         guided = blend_known(guided, init, keep)
     options: dict[str, Any] = {} if params.eta is None else {"eta": params.eta}
     with torch.inference_mode():
         noise_source = _noise_source(spec.noise, seeds, shape, sigmas, model)
         latents = spec.function(guided, x, sigmas, callback=callback, noise=noise_source, **options)
-    if keep is not None:
+    if init is not None and keep is not None:
         latents = latents * (1 - keep) + init * keep
     return latents
 
@@ -273,7 +273,7 @@ def iter_generate(
             count = len(init_images)
             raise ParameterError(f"give 1 or batch size ({params.batch_size}) init images, not {count}")
         size = (params.width, params.height)
-        resized = [im if im.size == size else im.resize(size, Image.LANCZOS) for im in init_images]
+        resized = [im if im.size == size else im.resize(size, Image.Resampling.LANCZOS) for im in init_images]
         pixels = pil_to_tensor(resized)
         latents = encode_images(model, pixels, tiled=params.use_tiled_vae(*size))
         source = LatentSource(latents)

@@ -189,14 +189,14 @@ class _Overlay:
         if self.region is not None:
             x1, y1, x2, y2 = self.region
             pasted = self.original.copy()
-            pasted.paste(generated.resize((x2 - x1, y2 - y1), Image.LANCZOS), (x1, y1))
+            pasted.paste(generated.resize((x2 - x1, y2 - y1), Image.Resampling.LANCZOS), (x1, y1))
             generated = pasted
         return Image.composite(generated, self.original, self.mask)
 
 
 def latent_mask(mask: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     """[1, 1, h, w] in {0, 1}: the blurred mask resized to the latent size (bicubic) and rounded, as A1111."""
-    small = np.asarray(mask.resize(size, Image.BICUBIC), dtype=np.float32) / 255
+    small = np.asarray(mask.resize(size, Image.Resampling.BICUBIC), dtype=np.float32) / 255
     return torch.from_numpy(small).round()[None, None]
 
 
@@ -230,7 +230,7 @@ def iter_inpaint(
     image, mask = to_rgb(image), mask_to_l(mask)
     if mask.size != image.size:
         warnings.warn(f"mask {mask.size} resized to the image size {image.size}", stacklevel=2)
-        mask = mask.resize(image.size, Image.LANCZOS)
+        mask = mask.resize(image.size, Image.Resampling.LANCZOS)
     params = replace(params, width=params.width or image.width, height=params.height or image.height)
     params = prepare_params(model, params)
     size = (params.width, params.height)
@@ -241,12 +241,12 @@ def iter_inpaint(
         if region is None:
             raise ParameterError("the mask is empty (all black): there is nothing to inpaint")
         region = expand_to_ratio(region, *size, *image.size)
-        work_image = image.crop(region).resize(size, Image.LANCZOS)
-        work_mask = blurred.crop(region).resize(size, Image.LANCZOS)
+        work_image = image.crop(region).resize(size, Image.Resampling.LANCZOS)
+        work_mask = blurred.crop(region).resize(size, Image.Resampling.LANCZOS)
         overlay = _Overlay(image, blurred, region)
     else:
-        work_image = image if image.size == size else image.resize(size, Image.LANCZOS)
-        work_mask = blurred if blurred.size == size else blurred.resize(size, Image.LANCZOS)
+        work_image = image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
+        work_mask = blurred if blurred.size == size else blurred.resize(size, Image.Resampling.LANCZOS)
         # A1111 doubles the blurred mask for the paste-back, so the repainted area is fully opaque.
         overlay = _Overlay(work_image, work_mask.point(lambda v: min(255, 2 * v)), None)
     if masked_content != "original":

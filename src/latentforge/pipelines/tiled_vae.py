@@ -61,12 +61,13 @@ def tiled_apply(
         raise ValueError(f"tile {tile} and overlap {overlap} must be multiples of {align}")
     margin = overlap // 4 if overlap >= 4 else 0
     ov, mg = round(overlap * scale), round(margin * scale)
-    out = weight = None
+    out: Tensor | None = None
+    weight: Tensor | None = None
     for y0 in tile_starts(height, tile, overlap):
         for x0 in tile_starts(width, tile, overlap):
             y1, x1 = min(y0 + tile, height), min(x0 + tile, width)
             piece = fn(x[:, :, y0:y1, x0:x1])
-            if out is None:  # [B, C', H * scale, W * scale]
+            if out is None or weight is None:  # first tile: [B, C', H * scale, W * scale]
                 size = (round(height * scale), round(width * scale))
                 out = piece.new_zeros(*piece.shape[:2], *size)
                 weight = torch.zeros(size, dtype=torch.float64)

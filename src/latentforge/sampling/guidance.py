@@ -70,7 +70,7 @@ class CFGDenoiser:
     def __call__(self, x: Tensor, sigma: Tensor | float, cond: Any = None) -> Tensor:
         scale = torch.as_tensor(self.scale, dtype=torch.float64)
         if bool((scale == 1).all()):
-            return self.denoise(x, sigma, cond)
+            return self.denoise(x, torch.as_tensor(sigma), cond)  # a no-op for tensor sigmas
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
         both = self.denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), concat_cond(cond, self.uncond))
         d_cond, d_uncond = both[: x.shape[0]], both[x.shape[0] :]

@@ -398,8 +398,9 @@ def sample_dpmpp_2m_sde(
     """
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
-    noise = _brownian_noise(x, sigmas, noise) if eta else noise
-    old_denoised, h_last = None, None
+    step_noise = _brownian_noise(x, sigmas, noise) if eta else None  # None: the ODE, no noise
+    old_denoised: Tensor | None = None
+    h_last: Tensor | None = None
     for i in range(len(sigmas) - 1):
         denoised = _den(denoise, x, sigmas[i], cond)
         if report(callback, i, sigmas[i], sigmas[i + 1], x, denoised):
@@ -411,16 +412,16 @@ def sample_dpmpp_2m_sde(
             eta_h = eta * h
             phi_1 = (-h - eta_h).expm1().neg()
             x = sigmas[i + 1] / sigmas[i] * (-eta_h).exp() * x + phi_1 * denoised
-            if old_denoised is not None:
+            if old_denoised is not None and h_last is not None:  # set together, except after the last step
                 r = h_last / h
                 if solver_type == "heun":
                     x = x + (phi_1 / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
                 else:
                     x = x + 0.5 * phi_1 * (1 / r) * (denoised - old_denoised)
-            if eta:
+            if step_noise is not None:
                 x = (
                     x
-                    + noise(sigmas[i], sigmas[i + 1])
+                    + step_noise(sigmas[i], sigmas[i + 1])
                     * sigmas[i + 1]
                     * (-2 * eta_h).expm1().neg().sqrt()
                     * s_noise
@@ -441,9 +442,11 @@ def sample_dpmpp_3m_sde(
     s_noise: float = 1.0,
 ) -> Tensor:
     """DPM-Solver++(3M) SDE: third-order multistep with phi_2, phi_3 corrections; eta = 0 is the ODE."""
-    noise = _brownian_noise(x, sigmas, noise) if eta else noise
-    denoised_1 = denoised_2 = None
-    h_1 = h_2 = None
+    step_noise = _brownian_noise(x, sigmas, noise) if eta else None  # None: the ODE, no noise
+    denoised_1: Tensor | None = None  # the previous denoised, then the one before
+    denoised_2: Tensor | None = None
+    h_1: Tensor | None = None
+    h_2: Tensor | None = None
     for i in range(len(sigmas) - 1):
         denoised = _den(denoise, x, sigmas[i], cond)
         if report(callback, i, sigmas[i], sigmas[i + 1], x, denoised):
@@ -455,19 +458,20 @@ def sample_dpmpp_3m_sde(
             h_eta = h * (eta + 1)
             x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
             phi_2 = (-h_eta).expm1() / h_eta + 1
-            if h_2 is not None:
+            # h_k and denoised_k are set together (h_k is None only after the final step to 0).
+            if h_2 is not None and h_1 is not None and denoised_1 is not None and denoised_2 is not None:
                 r0, r1 = h_1 / h, h_2 / h
                 d1_0 = (denoised - denoised_1) / r0
                 d1_1 = (denoised_1 - denoised_2) / r1
                 d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
                 d2 = (d1_0 - d1_1) / (r0 + r1)
                 x = x + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
-            elif h_1 is not None:
+            elif h_1 is not None and denoised_1 is not None:
                 x = x + phi_2 * (denoised - denoised_1) / (h_1 / h)
-            if eta:
+            if step_noise is not None:
                 x = (
                     x
-                    + noise(sigmas[i], sigmas[i + 1])
+                    + step_noise(sigmas[i], sigmas[i + 1])
                     * sigmas[i + 1]
                     * (-2 * h * eta).expm1().neg().sqrt()
                     * s_noise

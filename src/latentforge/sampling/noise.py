@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -29,6 +30,13 @@ _MASK64 = (1 << 64) - 1
 def generators(seeds: Sequence[int]) -> list[torch.Generator]:
     """One seeded CPU generator per image."""
     return [torch.Generator("cpu").manual_seed(int(seed) & _MASK64) for seed in seeds]
+
+
+def _given_generators(seeds: Sequence[int] | Sequence[torch.Generator]) -> list[torch.Generator] | None:
+    """``seeds`` as a list if it holds generators rather than integer seeds (the first element decides)."""
+    if seeds and isinstance(seeds[0], torch.Generator):
+        return list(cast("Sequence[torch.Generator]", seeds))
+    return None
 
 
 def _draw(gens: Sequence[torch.Generator], shape: tuple[int, ...], device, dtype) -> Tensor:
@@ -48,7 +56,9 @@ def initial_noise(
     Image i is ``torch.randn(shape, generator=Generator("cpu").manual_seed(seeds[i]))``. Passing generators
     instead of seeds draws from (and advances) them.
     """
-    gens = list(seeds) if seeds and isinstance(seeds[0], torch.Generator) else generators(seeds)  # type: ignore[arg-type]
+    gens = _given_generators(seeds)
+    if gens is None:
+        gens = generators(cast("Sequence[int]", seeds))
     return _draw(gens, tuple(shape), device, dtype)
 
 
@@ -69,10 +79,11 @@ class NoiseSampler:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.shape, self.device, self.dtype = tuple(shape), device, dtype
-        if seeds and isinstance(seeds[0], torch.Generator):
-            self.generators = list(seeds)
+        given = _given_generators(seeds)
+        if given is not None:
+            self.generators = given
         else:
-            self.generators = generators(seeds)  # type: ignore[arg-type]
+            self.generators = generators(cast("Sequence[int]", seeds))
             _draw(self.generators, self.shape, "cpu", torch.float32)  # the initial noise
 
     def __call__(self, sigma: Tensor | float, sigma_next: Tensor | float) -> Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from latentforge.sampling.common import Callback, Denoiser, NoiseFn, report
@@ -57,7 +58,8 @@ def sample_plms(
             eps_prime = (eps + eps_next) / 2
         else:
             weights = _ADAMS_BASHFORTH[len(eps_history)]
-            eps_prime = sum(w * e for w, e in zip(weights, [eps, *eps_history[::-1]], strict=True))
+            terms = (w * e for w, e in zip(weights, [eps, *eps_history[::-1]], strict=True))
+            eps_prime = sum(terms, torch.zeros_like(eps))  # the Tensor start keeps the type Tensor
         eps_history = [*eps_history[-2:], eps]
         x = x + step * eps_prime
     return x
