@@ -1,8 +1,9 @@
 """diffusers folder layouts (`unet/`, `vae/`, `text_encoder/` with `config.json`) -> our bundle.
 
 The component configs are translated once from diffusers' `config.json` files; the family is the
-table entry with exactly those configs, or a `custom` family when none matches (a tiny test model,
-or SD 2.x as diffusers ships it: a 23-layer text encoder that already is the penultimate layer).
+table entry with exactly those configs, that entry with a shortened text encoder for SD 2.x as
+diffusers ships it (23 layers, see `family_from_diffusers`), or a `custom` family (a tiny test model).
+Weights: `.safetensors` or `.bin`, diffusers' or transformers' file names, sharded or not, fp16 variants.
 """
 
 from __future__ import annotations
@@ -21,11 +22,18 @@ from latentforge.model import StableDiffusion
 from latentforge.models.configs import TextEncoderConfig, UNetConfig, VAEConfig
 from latentforge.models.families import FAMILIES, TINY, ModelFamily, Prediction
 
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin")
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")  # diffusers', then transformers' names
 PREDICTIONS: dict[str, Prediction] = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0"}
+# U-Net config values that mean an architecture we do not build (SDXL, LCM-distilled, class-conditioned).
+COMPONENTS = ("unet", "vae", "text_encoder")
+UNSUPPORTED_UNET = ("addition_embed_type", "class_embed_type", "num_class_embeds", "time_cond_proj_dim")
 
 
 def unet_config_from_diffusers(cfg: dict[str, Any]) -> UNetConfig:
+    """`UNet2DConditionModel` config.json -> our `UNetConfig` (ValueError for what we do not build)."""
+    unsupported = {k: cfg[k] for k in UNSUPPORTED_UNET if cfg.get(k) is not None}
+    if unsupported:
+        raise ValueError(f"unsupported U-Net options {unsupported} (SD 1.x/2.x U-Nets have none of these)")
     widths = list(cfg["block_out_channels"])
     levels = [i for i, kind in enumerate(cfg["down_block_types"]) if kind.startswith("CrossAttn")]
     # diffusers' `attention_head_dim` historically holds the head *count* (an int for SD 1.x,
@@ -91,37 +99,100 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _read_weights(folder: Path) -> StateDict:
-    for name in WEIGHT_FILES:
-        if (folder / name).is_file():
-            return read_state_dict(folder / name)[0]
-    raise CheckpointNotFoundError(folder, f"no weights file ({', '.join(WEIGHT_FILES)})")
+def _read_weights(folder: Path, dtype: torch.dtype) -> StateDict:
+    """The component's weights: `.safetensors` before `.bin`, the plain file before the fp16 variant."""
+    if not folder.is_dir():
+        raise CheckpointNotFoundError(folder, "missing from the diffusers folder")
+    for variant in ("", ".fp16"):
+        for ext in ("safetensors", "bin"):
+            for stem in WEIGHT_STEMS:
+                index = folder / f"{stem}{variant}.{ext}.index.json"
+                if index.is_file():  # sharded: {"weight_map": {key: shard file}}
+                    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                    state_dict: StateDict = {}
+                    for shard in shards:
+                        state_dict.update(read_state_dict(folder / shard, dtype=dtype)[0])
+                    return state_dict
+                if (folder / f"{stem}{variant}.{ext}").is_file():
+                    return read_state_dict(folder / f"{stem}{variant}.{ext}", dtype=dtype)[0]
+    names = [f"{stem}.{ext}" for ext in ("safetensors", "bin") for stem in WEIGHT_STEMS]
+    raise CheckpointNotFoundError(
+        folder, f"no weights file (looked for {', '.join(names)} and .fp16 variants)"
+    )
+
+
+def text_encoder_to_ours(state_dict: StateDict) -> StateDict:
+    """transformers' CLIP keys -> ours: transformers 5 saves `CLIPTextModel` without the `text_model.`
+    level (`CLIPTextModelWithProjection` and older versions keep it); `position_ids` is a buffer."""
+    out = {}
+    for key, tensor in state_dict.items():
+        if key.endswith("position_ids"):
+            continue
+        out[key if key.startswith(("text_model.", "text_projection.")) else f"text_model.{key}"] = tensor
+    return out
 
 
 def _pad_token(root: Path) -> int:
-    """OpenCLIP-style tokenizers (SD 2.x) pad with "!" (id 0), CLIP's with <|endoftext|>."""
-    special = root / "tokenizer" / "special_tokens_map.json"
-    if special.is_file():
-        pad = json.loads(special.read_text()).get("pad_token")
+    """OpenCLIP-style tokenizers (SD 2.x) pad with "!" (id 0), CLIP's with <|endoftext|>.
+
+    transformers < 5 writes the pad token to special_tokens_map.json, transformers 5 only to
+    tokenizer_config.json.
+    """
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        file = root / "tokenizer" / name
+        pad = json.loads(file.read_text()).get("pad_token") if file.is_file() else None
         pad = pad.get("content") if isinstance(pad, dict) else pad
-        if pad == "!":
-            return 0
+        if pad is not None:
+            return 0 if pad == "!" else 49407
     return 49407
 
 
+def _pick(families: list[ModelFamily], prediction: Prediction | None, size: int | None) -> ModelFamily:
+    """Among table entries with equal configs (sd2 / sd2-v) the one whose prediction and size fit best."""
+    best = max(families, key=lambda f: (f.prediction == prediction, f.default_size == size))
+    return best if prediction is None or best.prediction == prediction else best.with_prediction(prediction)
+
+
 def family_from_diffusers(root: Path, prediction: Prediction | None = None) -> ModelFamily:
-    unet = unet_config_from_diffusers(_read_json(root / "unet" / "config.json"))
+    """The family of a diffusers folder, from its config files alone.
+
+    A table entry when the configs equal one; for a text encoder cut short as diffusers ships SD 2.x
+    (23 of OpenCLIP's 24 layers, no projection: its last layer already is the penultimate one), that
+    entry with the shorter text encoder, named e.g. `sd2-v-text23`, and a default clip skip lowered
+    by the missing layers (1 instead of 2, the same hidden states); else a `custom` family.
+    """
+    unet_json = _read_json(root / "unet" / "config.json")
+    try:
+        unet = unet_config_from_diffusers(unet_json)
+    except (KeyError, ValueError) as e:
+        raise UnknownArchitectureError(root / "unet", f"not an SD 1.x/2.x U-Net config: {e}") from None
     vae_json = _read_json(root / "vae" / "config.json")
     vae = vae_config_from_diffusers(vae_json)
     text = text_config_from_diffusers(_read_json(root / "text_encoder" / "config.json"), _pad_token(root))
     scheduler = root / "scheduler" / "scheduler_config.json"
     if prediction is None and scheduler.is_file():
         prediction = PREDICTIONS.get(json.loads(scheduler.read_text()).get("prediction_type", "epsilon"))
-    for family in FAMILIES.values():
-        if (family.unet, family.vae, family.text_encoder) == (unet, vae, text):
-            return family if prediction is None else family.with_prediction(prediction)
-    f = 2 ** (len(vae.ch_mult) - 1)
-    size = _read_json(root / "unet" / "config.json").get("sample_size", TINY.default_size // f) * f
+    sample_size = unet_json.get("sample_size")  # latent size; None in configs that leave it out
+    size = sample_size * vae.downsampling_factor if isinstance(sample_size, int) else None
+    same_networks = [f for f in FAMILIES.values() if (f.unet, f.vae) == (unet, vae)]
+    exact = [f for f in same_networks if f.text_encoder == text]
+    if exact:
+        return _pick(exact, prediction, size)
+    truncated = [
+        f
+        for f in same_networks
+        if text.layers < f.text_encoder.layers
+        and replace(f.text_encoder, layers=text.layers, projection_dim=None) == text
+    ]
+    if truncated:
+        base = _pick(truncated, prediction, size)
+        skipped = base.text_encoder.layers - text.layers
+        return replace(
+            base,
+            name=f"{base.name}-text{text.layers}",
+            text_encoder=text,
+            default_clip_skip=max(1, base.default_clip_skip - skipped),
+        )
     return replace(
         TINY,
         name="custom",
@@ -131,22 +202,126 @@ def family_from_diffusers(root: Path, prediction: Prediction | None = None) -> M
         prediction=prediction or "epsilon",
         latent_scale=vae_json.get("scaling_factor", 0.18215),
         text_layout="openclip" if text.pad_token == 0 else "hf",
-        default_size=size,
+        default_size=size or TINY.default_size,
     )
 
 
 def load_diffusers_folder(
     root: Path, *, dtype: torch.dtype, prediction: Prediction | None = None
 ) -> StableDiffusion:
+    """Build the family from the configs, read each component's weights (cast while reading), assemble."""
     from latentforge.checkpoints.loading import assemble
 
-    if not (root / "unet").is_dir():
-        raise UnknownArchitectureError(root, "a folder, but not a diffusers model (no unet/ subfolder)")
+    missing = [f"{name}/" for name in COMPONENTS if not (root / name).is_dir()]
+    if len(missing) == len(COMPONENTS):
+        raise UnknownArchitectureError(
+            root, "a folder, but not a diffusers model (no unet/, vae/, text_encoder/)"
+        )
+    if missing:
+        raise CheckpointNotFoundError(
+            root, f"incomplete diffusers model: missing {', '.join(missing)} (needs {', '.join(COMPONENTS)})"
+        )
     family = family_from_diffusers(root, prediction)
-    unet = keymap_unet.diffusers_to_ours(_read_weights(root / "unet"), family.unet)
-    vae = keymap_vae.diffusers_to_ours(_read_weights(root / "vae"), family.vae)
-    text = _read_weights(root / "text_encoder")
-    text = {k: v for k, v in text.items() if not k.endswith("position_ids")}
+    unet = keymap_unet.diffusers_to_ours(_read_weights(root / "unet", dtype), family.unet)
+    vae = keymap_vae.diffusers_to_ours(_read_weights(root / "vae", dtype), family.vae)
+    text = text_encoder_to_ours(_read_weights(root / "text_encoder", dtype))
     bundle = assemble(family, unet, vae, text, dtype=dtype, path=root)
     bundle.name = root.name
     return bundle
+
+
+def diffusers_configs(family: ModelFamily) -> dict[str, dict[str, Any]]:
+    """The diffusers config files of a family ({"unet/config.json": {...}, ...}); no weights, no vocab.
+
+    The inverse of `family_from_diffusers` (for `from_single_file(config=...)` and exports). The
+    pipeline's text encoder is a plain `CLIPTextModel` even when the family has a projection.
+    """
+    f = family.vae.downsampling_factor
+    widths = [family.vae.ch * m for m in family.vae.ch_mult]
+    text = family.text_encoder
+    schedule = {
+        "beta_start": family.beta_start,
+        "beta_end": family.beta_end,
+        "beta_schedule": family.beta_schedule,
+    }
+    pad = "!" if text.pad_token == 0 else "<|endoftext|>"
+    unet_config = {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in keymap_unet.diffusers_config(family.unet).items()
+    }
+    return {
+        "model_index.json": {
+            "_class_name": "StableDiffusionPipeline",
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+            "scheduler": ["diffusers", "DDIMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        },
+        "unet/config.json": {
+            "_class_name": "UNet2DConditionModel",
+            **unet_config,
+            "sample_size": family.default_size // f,
+        },
+        "vae/config.json": {
+            "_class_name": "AutoencoderKL",
+            "in_channels": family.vae.in_channels,
+            "out_channels": family.vae.out_channels,
+            "down_block_types": ["DownEncoderBlock2D"] * len(widths),
+            "up_block_types": ["UpDecoderBlock2D"] * len(widths),
+            "block_out_channels": widths,
+            "layers_per_block": family.vae.num_res_blocks,
+            "latent_channels": family.vae.z_channels,
+            "norm_num_groups": family.vae.norm_groups,
+            "scaling_factor": family.latent_scale,
+            "sample_size": family.default_size,
+        },
+        "text_encoder/config.json": {
+            "architectures": ["CLIPTextModelWithProjection" if text.projection_dim else "CLIPTextModel"],
+            "model_type": "clip_text_model",
+            "vocab_size": text.vocab_size,
+            "max_position_embeddings": text.max_length,
+            "hidden_size": text.width,
+            "num_hidden_layers": text.layers,
+            "num_attention_heads": text.heads,
+            "intermediate_size": text.mlp_width,
+            "hidden_act": text.activation,
+            "projection_dim": text.projection_dim or text.width,
+            "layer_norm_eps": 1e-5,
+            "bos_token_id": 49406,
+            "eos_token_id": 49407,
+            "pad_token_id": text.pad_token,
+        },
+        "tokenizer/special_tokens_map.json": {
+            "bos_token": "<|startoftext|>",
+            "eos_token": "<|endoftext|>",
+            "unk_token": "<|endoftext|>",
+            "pad_token": pad,
+        },
+        "tokenizer/tokenizer_config.json": {
+            "model_max_length": text.max_length,
+            "do_lower_case": True,
+            "pad_token": pad,
+        },
+        "scheduler/scheduler_config.json": {
+            "_class_name": "DDIMScheduler",
+            **schedule,
+            "num_train_timesteps": 1000,
+            "prediction_type": {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample"}[family.prediction],
+            "clip_sample": False,
+            "set_alpha_to_one": False,
+            "steps_offset": 1,
+        },
+    }
+
+
+def write_diffusers_configs(family: ModelFamily, root: str | Path) -> Path:
+    """Write `diffusers_configs(family)` under `root` (the tokenizer's vocab files are not included)."""
+    root = Path(root)
+    for name, config in diffusers_configs(family).items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(json.dumps(config, indent=2) + "\n")
+    return root

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from latentforge.checkpoints import keymap_vae
 from latentforge.checkpoints.errors import CheckpointNotFoundError
@@ -15,6 +17,7 @@ from latentforge.checkpoints.single_file import (
     IGNORED_PREFIXES,
     VAE_PREFIX,
     detect_family,
+    is_weight_key,
     load_into,
     split_components,
     text_encoder_to_ours,
@@ -69,18 +72,36 @@ def load(
     elif not path.exists():
         raise CheckpointNotFoundError(path, "no such file or folder")
     else:
-        state_dict, metadata = read_state_dict(path)
+        # cast per tensor while reading and skip EMA/training keys: peak memory stays near the final size
+        state_dict, metadata = read_state_dict(
+            path, dtype=dtype, keep=functools.partial(is_weight_key, use_ema=use_ema)
+        )
         parts = split_components(state_dict, use_ema=use_ema)
         del state_dict
         family = detect_family(parts, metadata, path)
         if prediction is not None:
             family = family.with_prediction(prediction)
-        text_sd = text_encoder_to_ours(parts["text_encoder"], parts["text_layout"], family.text_encoder)
-        bundle = assemble(family, parts["unet"], parts["vae"], text_sd, dtype=dtype, path=path)
+        text_sd = text_encoder_to_ours(parts.pop("text_encoder"), parts["text_layout"], family.text_encoder)
+        bundle = assemble(family, parts.pop("unet"), parts.pop("vae"), text_sd, dtype=dtype, path=path)
         bundle.short_hash = a1111_short_hash(path) if compute_hash else None
     if vae is not None:
         swap_vae(bundle, vae)
     return bundle.to(device=device).eval()
+
+
+class SkipInitOnMeta(TorchFunctionMode):
+    """Skip random init of `meta` tensors: it computes nothing, yet `normal_` on `meta` (nn.Embedding's
+    init) makes torch import its Python meta kernels and sympy, ~150 MB of RSS for nothing."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        tensor = args[0] if args else (kwargs or {}).get("tensor")
+        is_init = getattr(func, "__module__", None) == "torch.nn.init" or func in _TENSOR_INIT_METHODS
+        if is_init and isinstance(tensor, torch.Tensor) and tensor.is_meta:
+            return tensor
+        return func(*args, **(kwargs or {}))
+
+
+_TENSOR_INIT_METHODS = frozenset({torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.erfinv_})
 
 
 def assemble(
@@ -93,7 +114,7 @@ def assemble(
     path: str | Path,
 ) -> StableDiffusion:
     """Build the three networks on `meta` and adopt the weights: no second copy is made."""
-    with torch.device("meta"):
+    with torch.device("meta"), SkipInitOnMeta():
         modules = {
             "unet": UNetModel(family.unet),
             "vae": AutoencoderKL(family.vae),

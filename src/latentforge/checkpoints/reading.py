@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import pickle
 import struct
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -25,15 +27,26 @@ StateDict = dict[str, torch.Tensor]
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors caps its JSON header at 100 MB
 
 
-def read_state_dict(path: str | Path) -> tuple[StateDict, dict[str, str]]:
-    """Return (tensors, metadata) from a weights file, checking it is what it claims to be."""
+def read_state_dict(
+    path: str | Path, *, dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None
+) -> tuple[StateDict, dict[str, str]]:
+    """Return (tensors, metadata) from a weights file, checking it is what it claims to be.
+
+    `keep(key)` False skips a tensor without reading it; floating tensors are cast to `dtype` one at a
+    time as they are read, so the file's copy and the cast copy never both exist in full.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointNotFoundError(path, "no such file" if not path.exists() else "not a file")
     kind = sniff(path)
     if kind == "safetensors":
-        return _read_safetensors(path)
-    return _read_torch(path), {}
+        return _read_safetensors(path, dtype, keep)
+    tensors = _read_torch(path)
+    return {k: _cast(v, dtype) for k, v in tensors.items() if keep is None or keep(k)}, {}
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 def sniff(path: Path) -> str:
@@ -72,10 +85,16 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
-    """Read the data section once into one buffer; every tensor is a view of it (no second copy)."""
+def _read_safetensors(
+    path: Path, dtype: torch.dtype | None, keep: Callable[[str], bool] | None
+) -> tuple[StateDict, dict[str, str]]:
+    """Read each kept tensor straight into its own storage (no whole-file buffer, no second copy).
+
+    One storage per tensor, unlike views of one big buffer, lets a cast free its source at once and
+    keeps skipped tensors (EMA, training buffers) and later-replaced ones (a swapped VAE) out of memory.
+    """
     size = path.stat().st_size
-    with path.open("rb") as f:
+    with path.open("rb", buffering=0) as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         if header_len > min(_MAX_HEADER, size - 8):
             message = f"safetensors header of {header_len} bytes in a {size}-byte file"
@@ -93,20 +112,36 @@ def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
             raise CorruptCheckpointError(
                 path, f"truncated: the header describes {needed} bytes of data, the file has {data_len}"
             )
-        buffer = bytearray(needed)
-        if f.readinto(buffer) != needed:
+        tensors = {}
+        largest = max((e["data_offsets"][1] - e["data_offsets"][0] for e in header.values()), default=0)
+        scratch = None  # one reusable buffer for the file's copy of cast tensors: no holes left in the heap
+        for key, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            if keep is not None and not keep(key):
+                continue
+            file_dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            begin, end = entry["data_offsets"]
+            cast = dtype is not None and dtype != file_dtype and file_dtype.is_floating_point
+            if cast:
+                scratch = torch.empty(largest, dtype=torch.uint8) if scratch is None else scratch
+                tensor = scratch[: end - begin].view(file_dtype).view(entry["shape"])
+            else:
+                tensor = torch.empty(entry["shape"], dtype=file_dtype)  # read straight into its final place
+            if end > begin:
+                f.seek(8 + header_len + begin)
+                _read_exactly(f, tensor, path)
+            tensors[key] = tensor.to(dtype) if cast else tensor
+    return {k: tensors[k] for k in header if k in tensors}, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _read_exactly(f: BinaryIO, tensor: torch.Tensor, path: Path) -> None:
+    """Fill a fresh contiguous tensor from the file (readinto may return short counts)."""
+    view = memoryview(tensor.view(-1).view(torch.uint8).numpy())  # the tensor's own bytes, writable
+    done = 0
+    while done < len(view):
+        count = f.readinto(view[done:])
+        if not count:
             raise CorruptCheckpointError(path, "truncated while reading")
-    tensors = {}
-    for key, entry in header.items():
-        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-        begin, end = entry["data_offsets"]
-        flat = (
-            torch.frombuffer(buffer, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin)
-            if end > begin
-            else torch.empty(0, dtype=dtype)
-        )
-        tensors[key] = flat.view(entry["shape"])
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+        done += count
 
 
 def _entry_end(path: Path, key: str, entry: object) -> int:

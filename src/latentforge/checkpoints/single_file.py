@@ -54,6 +54,13 @@ IGNORED_PREFIXES = ("first_stage_model.loss.",)
 METADATA_FAMILY = "latentforge.family"
 
 
+def is_weight_key(key: str, *, use_ema: bool = False) -> bool:
+    """False for training buffers and (unless `use_ema`) EMA copies: those need not even be read."""
+    if key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES):
+        return False
+    return use_ema or not key.startswith(EMA_PREFIX)
+
+
 def split_components(state_dict: Mapping[str, torch.Tensor], *, use_ema: bool = False) -> dict[str, Any]:
     """Split an original-layout state dict into {"unet", "vae", "text_encoder", "text_layout", "rest"}."""
     parts: dict[str, Any] = {"unet": {}, "vae": {}, "text_encoder": {}, "text_layout": None, "rest": []}
