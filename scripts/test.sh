@@ -14,4 +14,5 @@ esac
 .venv/bin/pip install -q -e ".[test]"
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/ruff format --check src tests benchmarks
+.venv/bin/mypy src/latentforge
 .venv/bin/python -m pytest -n 2 -q "$@"

@@ -24,6 +24,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     family = bundle.family
     print(f"model: {bundle.name}\nhash: {bundle.short_hash}\nfamily: {family.name}")
     print(f"prediction: {family.prediction}\nlatent scale: {family.latent_scale}")
+    text = family.text_encoder
+    print(f"text encoder: {text.layers} layers, default clip skip {family.default_clip_skip}")
+    if family.name.endswith(f"-text{text.layers}"):
+        print("  (diffusers' shortened SD 2.x text encoder: its last layer is the original's penultimate)")
     for name in ("text_encoder", "vae", "unet"):
         module = getattr(bundle, name)
         print(f"{name}: {sum(p.numel() for p in module.parameters()) / 1e6:.1f}M parameters")

@@ -11,8 +11,8 @@ import json
 import pickle
 import struct
 from collections.abc import Callable
+from io import RawIOBase
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
@@ -133,9 +133,9 @@ def _read_safetensors(
     return {k: tensors[k] for k in header if k in tensors}, {str(k): str(v) for k, v in metadata.items()}
 
 
-def _read_exactly(f: BinaryIO, tensor: torch.Tensor, path: Path) -> None:
+def _read_exactly(f: RawIOBase, tensor: torch.Tensor, path: Path) -> None:
     """Fill a fresh contiguous tensor from the file (readinto may return short counts)."""
-    view = memoryview(tensor.view(-1).view(torch.uint8).numpy())  # the tensor's own bytes, writable
+    view = memoryview(tensor.view(-1).view(torch.uint8).numpy().data)  # the tensor's own bytes, writable
     done = 0
     while done < len(view):
         count = f.readinto(view[done:])
