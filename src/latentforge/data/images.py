@@ -9,6 +9,8 @@ ICC profiles are not applied (as in A1111 and kohya's sd-scripts).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -50,20 +52,15 @@ def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int | None) -> 
         )
 
 
-def read_image_size(path: str | Path, *, max_pixels: int | None = None) -> tuple[int, int]:
-    """(width, height) as displayed (after EXIF rotation), reading only the header.
-
-    EXIF stored after a PNG's pixel data is not seen here (rare); `load_image_rgb` still applies it.
-    """
-    path = Path(path)
+@contextmanager
+def open_image(path: Path, *, failure: str = "corrupt or truncated") -> Iterator[Image.Image]:
+    """`Image.open` with every way it (or work on the image inside the block) can fail turned into an
+    `ImageLoadError` that names the file; `failure` words the generic decode error."""
     try:
         with Image.open(path) as image:
-            width, height = image.size
-            # EXIF from the header only: `getexif()` would decode a whole PNG to look past its pixels.
-            exif = Image.Exif()
-            if image.info.get("exif"):
-                exif.load(image.info["exif"])
-            orientation = exif.get(_EXIF_ORIENTATION, 1)
+            yield image
+    except ImageLoadError:
+        raise
     except FileNotFoundError as error:
         raise ImageLoadError(path, "file not found") from error
     except UnidentifiedImageError as error:
@@ -71,7 +68,22 @@ def read_image_size(path: str | Path, *, max_pixels: int | None = None) -> tuple
     except Image.DecompressionBombError as error:
         raise ImageLoadError(path, f"decompression-bomb guard: {error}") from error
     except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise ImageLoadError(path, f"unreadable header: {error}") from error
+        raise ImageLoadError(path, f"{failure}: {error}") from error
+
+
+def read_image_size(path: str | Path, *, max_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) as displayed (after EXIF rotation), reading only the header.
+
+    EXIF stored after a PNG's pixel data is not seen here (rare); `load_image_rgb` still applies it.
+    """
+    path = Path(path)
+    with open_image(path, failure="unreadable header") as image:
+        width, height = image.size
+        # EXIF from the header only: `getexif()` would decode a whole PNG to look past its pixels.
+        exif = Image.Exif()
+        if image.info.get("exif"):
+            exif.load(image.info["exif"])
+        orientation = exif.get(_EXIF_ORIENTATION, 1)
     _check_pixels(path, (width, height), max_pixels)
     return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
 
@@ -108,21 +120,10 @@ def load_image_rgb(path: str | Path, *, max_pixels: int | None = None) -> Image.
     larger than twice Pillow's own limit are still refused by Pillow.
     """
     path = Path(path)
-    try:
-        with Image.open(path) as image:
-            _check_pixels(path, image.size, max_pixels)
-            image.load()
-            return to_rgb(ImageOps.exif_transpose(image))
-    except ImageLoadError:
-        raise
-    except FileNotFoundError as error:
-        raise ImageLoadError(path, "file not found") from error
-    except UnidentifiedImageError as error:
-        raise ImageLoadError(path, "not a recognised image format (corrupt or not an image)") from error
-    except Image.DecompressionBombError as error:
-        raise ImageLoadError(path, f"decompression-bomb guard: {error}") from error
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise ImageLoadError(path, f"corrupt or truncated: {error}") from error
+    with open_image(path) as image:
+        _check_pixels(path, image.size, max_pixels)
+        image.load()
+        return to_rgb(ImageOps.exif_transpose(image))
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from latentforge.data.images import ImageLoadError, to_rgb
+from latentforge.data.images import open_image, to_rgb
 from latentforge.model import StableDiffusion
 from latentforge.pipelines.generate import (
     GeneratedImage,
@@ -52,18 +52,9 @@ def mask_to_l(mask: Image.Image) -> Image.Image:
 
 def load_mask(path: str | Path) -> Image.Image:
     """Read a mask file (same error rules as images: `ImageLoadError` naming the file and the reason)."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return mask_to_l(image)
-    except FileNotFoundError as error:
-        raise ImageLoadError(path, "file not found") from error
-    except UnidentifiedImageError as error:
-        raise ImageLoadError(path, "not a recognised image format (corrupt or not an image)") from error
-    except Image.DecompressionBombError as error:
-        raise ImageLoadError(path, f"decompression-bomb guard: {error}") from error
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise ImageLoadError(path, f"corrupt or truncated: {error}") from error
+    with open_image(Path(path)) as image:
+        image.load()
+        return mask_to_l(image)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
