@@ -77,3 +77,73 @@ def write_hf_clip_vocab(folder: Path) -> Path:
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     return folder
+
+
+SD15_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+
+def scheduler_cases() -> dict:
+    """Sampler name -> (diffusers scheduler class, options, whether its latents are variance-preserving).
+
+    set_alpha_to_one=True ends DDIM at sigma 0, which is what our DDIM schedule does.
+    """
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+    )
+
+    return {
+        "DDIM": (DDIMScheduler, {"set_alpha_to_one": True, "clip_sample": False}, True),
+        "Euler": (EulerDiscreteScheduler, {}, False),
+        "Euler a": (EulerAncestralDiscreteScheduler, {}, False),
+        "DPM++ 2M": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}, True),
+    }
+
+
+def scheduler_sigmas(name: str, scheduler) -> torch.Tensor:  # noqa: ANN001
+    """The full descending sigmas (trailing 0) a diffusers scheduler runs after `set_timesteps`."""
+    if name == "DDIM":  # sigmas of DDIM's timesteps, then its final step to alpha = 1
+        alphas = scheduler.alphas_cumprod.double()[scheduler.timesteps]
+        return torch.cat([((1 - alphas) / alphas).sqrt(), torch.zeros(1, dtype=torch.float64)])
+    return scheduler.sigmas.double()
+
+
+def build_pair(family, pipeline_cls: type, vocab: Path):  # noqa: ANN001, ANN201
+    """Our random model of `family` and a diffusers pipeline of `pipeline_cls` holding the same weights."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from latentforge.checkpoints import keymap_unet, keymap_vae
+    from latentforge.model import StableDiffusion
+
+    torch.manual_seed(0)
+    ours = StableDiffusion.from_family(family).eval()
+    unet = UNet2DConditionModel(**keymap_unet.diffusers_config(family.unet), sample_size=64)
+    unet.load_state_dict(keymap_unet.ours_to_diffusers(ours.unet.state_dict(), family.unet), strict=True)
+    vae = AutoencoderKL(**diffusers_vae_config(family.vae), scaling_factor=family.latent_scale)
+    vae.load_state_dict(keymap_vae.ours_to_diffusers(ours.vae.state_dict(), family.vae), strict=True)
+    text = CLIPTextModel(transformers_text_config(family.text_encoder))
+    text_sd = {k.removeprefix("text_model."): v for k, v in ours.text_encoder.state_dict().items()}
+    text.load_state_dict(text_sd, strict=False)  # transformers 5 keeps a position_ids buffer of its own
+    tokenizer = CLIPTokenizer.from_pretrained(str(vocab), model_max_length=77, pad_token="<|endoftext|>")
+    pipe = pipeline_cls(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return ours, pipe

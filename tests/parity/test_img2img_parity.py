@@ -11,79 +11,26 @@ sides run the same algorithm on the same inputs and diffusers' generators draw o
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    UNet2DConditionModel,
-)
 from PIL import Image
-from transformers import CLIPTextModel, CLIPTokenizer
 
-from latentforge.checkpoints import keymap_unet, keymap_vae
-from latentforge.model import StableDiffusion
-from latentforge.models.families import TINY, ModelFamily
+from latentforge.models.families import TINY
 from latentforge.pipelines.generate import generate
 from latentforge.pipelines.params import GenerationParams
-from references import assert_close, diffusers_vae_config, transformers_text_config, write_hf_clip_vocab
+from references import (
+    SD15_SCHEDULER,
+    assert_close,
+    build_pair,
+    scheduler_cases,
+    scheduler_sigmas,
+    write_hf_clip_vocab,
+)
 
-SD15_SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-}
-CASES = {
-    "DDIM": (DDIMScheduler, {"set_alpha_to_one": True, "clip_sample": False}),
-    "Euler": (EulerDiscreteScheduler, {}),
-    "Euler a": (EulerAncestralDiscreteScheduler, {}),
-    "DPM++ 2M": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-}
+CASES = scheduler_cases()
 PROMPT, NEGATIVE, SEED, STEPS, SIZE = "a red apple on a table", "blurry", 1234, 10, 32
 DIFFUSERS_STRENGTH, OUR_STRENGTH = 0.6, 0.5  # both run 6 of 10 steps
-
-
-def build_pair(family: ModelFamily, pipeline_cls: type, vocab: Path) -> tuple[StableDiffusion, object]:
-    """Our random model of `family` and a diffusers pipeline holding the same weights."""
-    torch.manual_seed(0)
-    ours = StableDiffusion.from_family(family).eval()
-    unet = UNet2DConditionModel(**keymap_unet.diffusers_config(family.unet), sample_size=64)
-    unet.load_state_dict(keymap_unet.ours_to_diffusers(ours.unet.state_dict(), family.unet), strict=True)
-    vae = AutoencoderKL(**diffusers_vae_config(family.vae), scaling_factor=family.latent_scale)
-    vae.load_state_dict(keymap_vae.ours_to_diffusers(ours.vae.state_dict(), family.vae), strict=True)
-    text = CLIPTextModel(transformers_text_config(family.text_encoder))
-    text_sd = {k.removeprefix("text_model."): v for k, v in ours.text_encoder.state_dict().items()}
-    text.load_state_dict(text_sd, strict=False)  # transformers 5 keeps a position_ids buffer of its own
-    tokenizer = CLIPTokenizer.from_pretrained(str(vocab), model_max_length=77, pad_token="<|endoftext|>")
-    pipe = pipeline_cls(
-        vae=vae,
-        text_encoder=text,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(**SD15_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return ours, pipe
-
-
-def scheduler_sigmas(name: str, scheduler) -> torch.Tensor:  # noqa: ANN001
-    """The full descending sigmas (trailing 0) a diffusers scheduler runs after `set_timesteps`."""
-    if name == "DDIM":  # sigmas of DDIM's timesteps, then its final step to alpha = 1
-        alphas = scheduler.alphas_cumprod.double()[scheduler.timesteps]
-        return torch.cat([((1 - alphas) / alphas).sqrt(), torch.zeros(1, dtype=torch.float64)])
-    return scheduler.sigmas.double()
 
 
 def make_image(seed: int = 0) -> Image.Image:
@@ -111,7 +58,7 @@ def test_strength_mapping_runs_the_same_steps():
 @pytest.mark.parametrize("sampler", list(CASES))
 def test_img2img_matches_diffusers(pair, sampler):
     ours, pipe = pair
-    scheduler_cls, options = CASES[sampler]
+    scheduler_cls, options, _ = CASES[sampler]
     pipe.scheduler = scheduler_cls(**SD15_SCHEDULER, **options)
     pipe.scheduler.set_timesteps(STEPS)
     sigmas = scheduler_sigmas(sampler, pipe.scheduler)

@@ -16,22 +16,17 @@ from dataclasses import replace
 
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from PIL import Image
-from test_img2img_parity import SD15_SCHEDULER, build_pair, make_image
+from test_img2img_parity import make_image
 
 from latentforge.models.families import TINY
 from latentforge.pipelines.inpaint import inpaint
 from latentforge.pipelines.params import GenerationParams
 from latentforge.sampling.noise import initial_noise
-from references import assert_close, write_hf_clip_vocab
+from references import SD15_SCHEDULER, assert_close, build_pair, scheduler_cases, write_hf_clip_vocab
 
 TINY_INPAINT = replace(TINY, name="tiny-inpaint", unet=replace(TINY.unet, in_channels=9))
-CASES = {  # scheduler, options, whether diffusers' latents are variance-preserving
-    "Euler": (EulerDiscreteScheduler, {}, False),
-    "Euler a": (EulerAncestralDiscreteScheduler, {}, False),
-    "DPM++ 2M": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}, True),
-}
+CASES = {k: v for k, v in scheduler_cases().items() if k != "DDIM"}
 PROMPT, NEGATIVE, SEED, STEPS, SIZE = "a red apple on a table", "blurry", 4321, 10, 32
 
 

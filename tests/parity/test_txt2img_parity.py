@@ -11,70 +11,30 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
     StableDiffusionPipeline,
-    UNet2DConditionModel,
 )
-from transformers import CLIPTextModel, CLIPTokenizer
 
-from latentforge.checkpoints import keymap_unet, keymap_vae
-from latentforge.model import StableDiffusion
 from latentforge.models.families import TINY
 from latentforge.pipelines.generate import generate
 from latentforge.pipelines.params import GenerationParams
 from latentforge.sampling.noise import initial_noise
 from latentforge.sampling.registry import get_sampler
-from references import assert_close, diffusers_vae_config, transformers_text_config, write_hf_clip_vocab
+from references import (
+    SD15_SCHEDULER,
+    assert_close,
+    build_pair,
+    scheduler_cases,
+    scheduler_sigmas,
+    write_hf_clip_vocab,
+)
 
-SD15_SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-}
-# (scheduler, options, whether its latents are variance-preserving: x_vp = x / sqrt(1 + sigma^2))
-CASES = {
-    # set_alpha_to_one=True ends DDIM at sigma 0, which is what our DDIM schedule does.
-    "DDIM": (DDIMScheduler, {"set_alpha_to_one": True, "clip_sample": False}, True),
-    "Euler": (EulerDiscreteScheduler, {}, False),
-    "Euler a": (EulerAncestralDiscreteScheduler, {}, False),
-    "DPM++ 2M": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}, True),
-}
+CASES = scheduler_cases()
 PROMPT, NEGATIVE, SEED, STEPS, SIZE = "a red apple on a table", "blurry", 1234, 6, 32
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    torch.manual_seed(0)
-    ours = StableDiffusion.from_family(TINY).eval()
-    f = TINY
-    unet = UNet2DConditionModel(**keymap_unet.diffusers_config(f.unet))
-    unet.load_state_dict(keymap_unet.ours_to_diffusers(ours.unet.state_dict(), f.unet), strict=True)
-    vae = AutoencoderKL(**diffusers_vae_config(f.vae), scaling_factor=f.latent_scale)
-    vae.load_state_dict(keymap_vae.ours_to_diffusers(ours.vae.state_dict(), f.vae), strict=True)
-    text = CLIPTextModel(transformers_text_config(f.text_encoder))
-    text_sd = {k.removeprefix("text_model."): v for k, v in ours.text_encoder.state_dict().items()}
-    text.load_state_dict(text_sd, strict=False)  # transformers 5 keeps a position_ids buffer of its own
-    folder = write_hf_clip_vocab(tmp_path_factory.mktemp("vocab"))
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder), model_max_length=77, pad_token="<|endoftext|>")
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(**SD15_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return ours, pipe
+    return build_pair(TINY, StableDiffusionPipeline, write_hf_clip_vocab(tmp_path_factory.mktemp("vocab")))
 
 
 @pytest.mark.parametrize("sampler", list(CASES))
@@ -84,12 +44,7 @@ def test_txt2img_matches_diffusers(pair, sampler):
     pipe.scheduler = scheduler_cls(**SD15_SCHEDULER, **options)
     scheduler = pipe.scheduler
     scheduler.set_timesteps(STEPS)
-    alphas = scheduler.alphas_cumprod.double()
-    if sampler == "DDIM":  # sigmas of DDIM's timesteps, then its final step to alpha = 1
-        sigmas = ((1 - alphas[scheduler.timesteps]) / alphas[scheduler.timesteps]).sqrt()
-        sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
-    else:
-        sigmas = scheduler.sigmas.double()
+    sigmas = scheduler_sigmas(sampler, scheduler)
     params = GenerationParams(
         prompt=PROMPT,
         negative_prompt=NEGATIVE,
