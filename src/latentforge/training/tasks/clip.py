@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from latentforge.checkpoints.reading import read_state_dict
-from latentforge.checkpoints.single_file import load_into
+from latentforge.checkpoints.single_file import TEXT_PREFIXES, load_into
 from latentforge.models.clip import (
     CLIPConfig,
     CLIPModel,
@@ -228,23 +228,27 @@ def load_clip(path: str | Path, config: CLIPConfig | None = None) -> CLIPModel:
     return clip
 
 
-def load_text_encoder(path: str | Path) -> tuple[CLIPTextModel, TextEncoderConfig]:
-    """The text tower from a text-encoder export, or from a whole CLIP export (its `text.*` keys)."""
+def load_text_encoder(path: str | Path, config: TextEncoderConfig | None = None) -> CLIPTextModel:
+    """A text tower: a text-encoder export (keys bare or under `cond_stage_model.transformer.`), or the
+    `text.*` part of a whole CLIP export; `config` is needed only when the file's metadata has none."""
     state_dict, metadata = read_state_dict(path)
-    if METADATA_TEXT_CONFIG in metadata:
-        config = config_from_dict(TextEncoderConfig, json.loads(metadata[METADATA_TEXT_CONFIG]))
-    elif METADATA_CLIP_CONFIG in metadata:
-        config = clip_config_from_json(metadata[METADATA_CLIP_CONFIG]).text
+    if METADATA_CLIP_CONFIG in metadata and METADATA_TEXT_CONFIG not in metadata:
+        config = config or clip_config_from_json(metadata[METADATA_CLIP_CONFIG]).text
         state_dict = {k.removeprefix("text."): v for k, v in state_dict.items() if k.startswith("text.")}
-    else:
+    elif config is None and METADATA_TEXT_CONFIG in metadata:
+        config = config_from_dict(TextEncoderConfig, json.loads(metadata[METADATA_TEXT_CONFIG]))
+    elif config is None:
         raise ValueError(
-            f"{path} has neither {METADATA_TEXT_CONFIG!r} nor {METADATA_CLIP_CONFIG!r} metadata; it was not "
-            "exported by `latentforge train clip`"
+            f"{path} has neither {METADATA_TEXT_CONFIG!r} nor {METADATA_CLIP_CONFIG!r} metadata (it was not "
+            "exported by `latentforge train clip`): give its TextEncoderConfig explicitly (the U-Net task "
+            "option `text_encoder_config`)"
         )
+    prefix = TEXT_PREFIXES["hf"]
+    state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items() if not k.endswith("position_ids")}
     with torch.device("meta"):
         text = CLIPTextModel(config)
     load_into(text, state_dict, component="text encoder", family="custom", path=path)
-    return text, config
+    return text
 
 
 # --------------------------------------------------------------------------------------------------

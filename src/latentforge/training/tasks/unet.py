@@ -12,7 +12,6 @@ the model family so `latentforge.load` and the pipelines use it.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -25,9 +24,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from latentforge.checkpoints.reading import read_state_dict
-from latentforge.checkpoints.single_file import TEXT_PREFIXES, load_into, save_single_file
-from latentforge.models.configs import TextEncoderConfig, UNetConfig, VAEConfig, config_from_dict
+from latentforge.checkpoints.single_file import save_single_file
+from latentforge.models.configs import TextEncoderConfig, UNetConfig, VAEConfig
 from latentforge.models.families import ModelFamily
 from latentforge.models.text_encoder import CLIPTextModel
 from latentforge.models.tokenizer import CLIPTokenizer
@@ -49,6 +47,7 @@ from latentforge.training.latent_cache import (
     dataset_fingerprint,
     weights_digest,
 )
+from latentforge.training.tasks.clip import load_text_encoder
 from latentforge.training.tasks.common import (
     ImageData,
     dtype_from_name,
@@ -63,7 +62,6 @@ from latentforge.training.tasks.vae import load_vae
 
 NUM_TIMESTEPS = 1000  # what the pipelines and the family table assume
 # Metadata keys under which a text encoder file may carry its TextEncoderConfig (JSON).
-TEXT_CONFIG_KEYS = ("latentforge.text_encoder_config", "latentforge.text_config", "latentforge.config")
 METADATA_CLIP_CONFIG = "latentforge.clip_config"  # a whole CLIP export of `train clip`
 
 
@@ -103,30 +101,6 @@ class UNetTaskOptions(ImageData):
     sample_cfg: float = 5.0
     family_name: str = "custom"
     export_dtype: str | None = None  # "float16" to halve the export; default: float32
-
-
-def load_text_encoder(path: str | Path, config: TextEncoderConfig | None = None) -> CLIPTextModel:
-    """A text encoder file in our CLIPTextModel keys (with or without `cond_stage_model.transformer.`)."""
-    state_dict, metadata = read_state_dict(path)
-    prefix = TEXT_PREFIXES["hf"]
-    state_dict = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
-    state_dict = {k: v for k, v in state_dict.items() if not k.endswith("position_ids")}
-    if config is None:
-        key = next((k for k in TEXT_CONFIG_KEYS if k in metadata), None)
-        if key is None and METADATA_CLIP_CONFIG in metadata:  # a whole CLIP export: take its text tower
-            from latentforge.training.tasks.clip import load_text_encoder as load_clip_text
-
-            return load_clip_text(path)[0]
-        if key is None:
-            raise ValueError(
-                f"{path} has no TextEncoderConfig in its metadata (looked for {', '.join(TEXT_CONFIG_KEYS)}):"
-                " give it explicitly as task option `text_encoder_config`"
-            )
-        config = config_from_dict(TextEncoderConfig, json.loads(metadata[key]))
-    with torch.device("meta"):
-        model = CLIPTextModel(config)
-    load_into(model, state_dict, component="text encoder", family="custom", path=path)
-    return model
 
 
 def _freeze(module: nn.Module) -> nn.Module:
