@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from PIL import Image
 
+from latentforge.data.images import image_to_tensor
 from latentforge.model import StableDiffusion
 from latentforge.models.vae import DiagonalGaussian
 
 
 def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:
-    """RGB PIL images of one size -> [B, 3, H, W] float32 in [-1, 1]."""
-    arrays = [np.asarray(image.convert("RGB"), dtype=np.float32) for image in images]
-    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # [B, H, W, 3] -> [B, 3, H, W]
-    return pixels / 127.5 - 1.0
+    """PIL images of one size -> [B, 3, H, W] float32 in [-1, 1] (data/images.py's colour rules)."""
+    return torch.stack([image_to_tensor(image) for image in images])
 
 
 def tensor_to_pil(pixels: torch.Tensor) -> list[Image.Image]:
