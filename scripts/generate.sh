@@ -4,7 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv-run/bin/python ] || "$PYTHON" -m venv .venv-run
-.venv-run/bin/pip install -q "torch==2.13.0" 2>/dev/null || .venv-run/bin/pip install -q "torch>=2.4"
-.venv-run/bin/pip install -q .
+pip_install() { .venv-run/bin/pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+pip_install "torch==2.13.0" 2>/dev/null || pip_install "torch>=2.4"
+pip_install .
 [ $# -gt 0 ] || set -- "red apple, google style"
 .venv-run/bin/latentforge generate "$@"

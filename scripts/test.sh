@@ -10,8 +10,10 @@ case "$(uname -m)" in
   aarch64) TORCH="torch==2.9.1 torchvision==0.24.1" ;;
   *) TORCH="torch==2.14.1 torchvision==0.29.1" ;;
 esac
-.venv/bin/pip install -q $TORCH
-.venv/bin/pip install -q -e ".[test]"
+# pip warns once per package about this machine's local index folders; those lines are noise.
+pip_install() { .venv/bin/pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+pip_install $TORCH
+pip_install -e ".[test]"
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/ruff format --check src tests benchmarks
 .venv/bin/mypy src/latentforge

@@ -1,0 +1,45 @@
+"""The README sample grid: fixed emoji prompts x fixed seeds -> one PNG, each row captioned.
+
+    python scripts/sample_grid.py [--model M] [--out docs/plots/default-model-grid.png] [--seeds 0,1,2,3]
+Default model: the embedded one (`checkpoints.loading.default_model_path()`); prompts: `GRID_PROMPTS`
+(the last two are held-out captions), or one per line from --prompts FILE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from latentforge.checkpoints.loading import default_model_path, load
+from latentforge.evaluation.model_card import GRID_PROMPTS, GRID_SEEDS, caption_grid, sample_rows
+from latentforge.evaluation.runs import parse_seeds, read_prompts
+from latentforge.pipelines.params import GenerationParams
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="checkpoint (default: the embedded default model)")
+    p.add_argument("--out", default="docs/plots/default-model-grid.png")
+    p.add_argument("--prompts", help="prompts file, one per line (default: the fixed emoji list)")
+    p.add_argument("--seeds", default=",".join(map(str, GRID_SEEDS)), help="e.g. 0-3 or 0,7,42")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", default="DPM++ 2M")
+    p.add_argument("--cfg", type=float, default=7.0)
+    p.add_argument("--size", type=int, default=0, help="image size (default: the model's)")
+    p.add_argument("--cell", type=int, default=96, help="grid cell size in pixels")
+    args = p.parse_args(argv)
+    model = load(args.model or default_model_path())
+    prompts = read_prompts(args.prompts) if args.prompts else list(GRID_PROMPTS)
+    params = GenerationParams(
+        steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg, width=args.size, height=args.size
+    )
+    grid = caption_grid(sample_rows(model, prompts, parse_seeds(args.seeds), params), prompts, args.cell)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    grid.save(args.out)
+    print(f"wrote {args.out} ({grid.width}x{grid.height}, {len(prompts)} prompts)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
