@@ -1,12 +1,13 @@
 """Feature-extraction throughput: our FID Inception vs torch-fidelity's, same random weights and images.
 
 Also times FID (ours vs pytorch-fid's scipy sqrtm) on 2048-d features. No downloads: weights are random.
-Usage: python benchmarks/eval.py --images 64 --size 256 --batch-size 16 [--threads 2] [--device cpu]
+Usage: python benchmarks/eval.py --images 64 --size 256 --batch-size 16 [--threads 2] [--repeats 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -18,14 +19,39 @@ import torch
 from latentforge.evaluation import metrics
 from latentforge.evaluation.inception import random_fid_inception
 
+Run = Callable[[torch.Tensor], object]
 
-def _throughput(run: Callable[[torch.Tensor], object], images: torch.Tensor, batch_size: int) -> float:
-    """Images per second over all batches, after one warm-up batch."""
-    run(images[:batch_size])
-    start = time.perf_counter()
+
+def _seconds(run: Run, images: torch.Tensor, batch_size: int) -> tuple[float, float]:
+    """(CPU, wall-clock) seconds for one pass over all batches."""
+    cpu, wall = time.process_time(), time.perf_counter()
     for i in range(0, len(images), batch_size):
         run(images[i : i + batch_size])
-    return len(images) / (time.perf_counter() - start)
+    return time.process_time() - cpu, time.perf_counter() - wall
+
+
+def _throughputs(
+    runs: dict[str, Run], images: torch.Tensor, batch_size: int, repeats: int
+) -> dict[str, tuple[float, float]]:
+    """Median (CPU, wall-clock) images per second of each run, after one warm-up batch each.
+
+    Repeats are interleaved and the order rotates, so that load from other processes and allocator or
+    cache state left by the previous run do not favour one side; CPU time is robust to a busy machine.
+    """
+    for run in runs.values():
+        run(images[:batch_size])
+    names = list(runs)
+    seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            seconds[name].append(_seconds(runs[name], images, batch_size))
+    return {
+        name: (
+            len(images) / statistics.median(cpu for cpu, _ in times),
+            len(images) / statistics.median(wall for _, wall in times),
+        )
+        for name, times in seconds.items()
+    }
 
 
 def main() -> None:
@@ -35,6 +61,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timed passes per extractor")
     parser.add_argument("--fid-samples", type=int, default=0, help="also time FID on N x 2048 features")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -49,19 +76,26 @@ def main() -> None:
         reference = FeatureExtractorInceptionV3(
             "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(weights)
         ).to(device)
-    images = torch.randint(0, 256, (args.images, 3, args.size, args.size), dtype=torch.uint8)
+    shape = (args.images, 3, args.size, args.size)
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     images = images.to(device)
 
     with torch.inference_mode():
-        ours_rate = _throughput(ours, images, args.batch_size)
-        reference_rate = _throughput(reference, images, args.batch_size)
+        rates = _throughputs(
+            {"latentforge": ours, "torch-fidelity": reference}, images, args.batch_size, args.repeats
+        )
         # Same network, different input pipelines (see inception.py): report how far the features differ.
         ours_features = ours(images[:2]).pool3
         reference_features = reference(images[:2])[0]
     relative = (ours_features - reference_features).abs().max() / reference_features.abs().max()
-    print(f"images {args.images} x {args.size}px, batch {args.batch_size}, threads {args.threads}, {device}")
-    print(f"latentforge    : {ours_rate:8.2f} images/s")
-    print(f"torch-fidelity : {reference_rate:8.2f} images/s  (ratio {ours_rate / reference_rate:.2f})")
+    print(
+        f"images {args.images} x {args.size}px, batch {args.batch_size}, threads {args.threads}, {device}, "
+        f"median of {args.repeats} interleaved passes"
+    )
+    (ours_cpu, ours_wall), (reference_cpu, reference_wall) = rates["latentforge"], rates["torch-fidelity"]
+    print(f"latentforge    : {ours_cpu:8.2f} images/CPU-s {ours_wall:8.2f} images/s")
+    print(f"torch-fidelity : {reference_cpu:8.2f} images/CPU-s {reference_wall:8.2f} images/s")
+    print(f"ratio          : {ours_cpu / reference_cpu:8.2f} (CPU) {ours_wall / reference_wall:14.2f} (wall)")
     print(f"pool3 max relative difference from the input pipelines: {relative.item():.2e}")
 
     if args.fid_samples:

@@ -40,7 +40,9 @@ class BasicConv2d(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn(self.conv(x)))
+        # In place on the fresh BN output, as torchvision/pytorch-fid and torch-fidelity: out of place, every
+        # layer allocates and page-faults in one more activation-sized buffer (~6% CPU time at batch 16).
+        return F.relu(self.bn(self.conv(x)), inplace=True)
 
 
 def _tf_avg_pool(x: torch.Tensor) -> torch.Tensor:

@@ -172,7 +172,12 @@ def compare(
         raise EvalInputError(f"the nearest-neighbour baseline needs a CLIP text tower; got {extractor.spec}")
     nearest = NearestCaptionBaseline(train, extractor.encode_text)
     untrained = untrained_like(model, settings.seed)
-    options = dict(extractor=extractor, metrics=CARD_METRICS, batch_size=50, progress=progress)
+    options: dict[str, Any] = {
+        "extractor": extractor,
+        "metrics": CARD_METRICS,
+        "batch_size": 50,
+        "progress": progress,
+    }
     results: dict[str, dict[str, dict[str, Any]]] = {"ours": {}, "untrained": {}, "nearest_neighbour": {}}
     for prompt_set, split in (("train_prompts", train), ("holdout_prompts", holdout)):
         prompts, seeds = choose_prompts(split.captions, settings.images, settings.seed)
@@ -208,7 +213,7 @@ def sweeps(
         read_split(data_dir, "holdout").captions, settings.sweep_images, settings.seed
     )
     reference = Path(data_dir) / "holdout"
-    options = dict(
+    options: dict[str, Any] = dict(
         extractor=extractor, metrics=CARD_METRICS, cache_dir=cache_dir, overwrite=True, progress=progress
     )
     out: dict[str, Any] = {}
@@ -241,11 +246,11 @@ def measure_speed(
     from latentforge.checkpoints.loading import load as load_checkpoint
     from latentforge.pipelines.generate import generate
 
-    load = load or load_checkpoint
+    load_model = load or (lambda path: load_checkpoint(Path(path)))
     load_times, model = [], None
     for _ in range(max(settings.load_repeats, 1)):
         start = time.perf_counter()
-        model = load(model_path)
+        model = load_model(model_path)
         load_times.append(time.perf_counter() - start)
     assert model is not None
     params = settings.params(prompt=prompt, batch_size=1, seed=settings.seed)
@@ -363,7 +368,7 @@ def write_card(card: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Pa
     paths = {"metrics": out / METRICS_FILE}
     paths["metrics"].write_text(json.dumps(card, indent=2, default=str) + "\n")
     sections = []
-    makers = {
+    makers: dict[str, tuple[str, Callable[[Any], list[str]]]] = {
         "comparison": ("Quality against baselines (held-out images as reference)", comparison_table),
         "steps": ("FID and CLIP score vs sampling steps", steps_table),
         "cfg": ("FID and CLIP score vs CFG scale", cfg_table),
@@ -423,7 +428,7 @@ def model_card(
         "settings": asdict(settings),
         **inputs.extra,
     }
-    model = (load or load_checkpoint)(inputs.model)
+    model = load(inputs.model) if load else load_checkpoint(Path(inputs.model))
     card["model_name"], card["model_hash"] = model.name, model.short_hash
     if "comparison" in inputs.parts:
         reference = compute_features(
