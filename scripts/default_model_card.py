@@ -1,4 +1,4 @@
-"""The default model's card numbers: `python scripts/default_model_card.py --model M --clip CLIP --data DATA
+"""The default model's card numbers: `python scripts/default_model_card.py [--model M --clip CLIP] --data DATA
 --out DIR [--images 1000] [--quick] [--parts comparison,steps,cfg,speed]`.
 
 Writes DIR/metrics.json, DIR/{comparison,steps,cfg,speed,tables}.md and DIR/{steps,cfg}.png (plus every
@@ -17,7 +17,7 @@ from latentforge.evaluation.model_card import PARTS, CardInputs, CardSettings, m
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="checkpoint (default: the embedded default model)")
-    p.add_argument("--clip", required=True, help="CLIP export of `latentforge train clip` (features, text)")
+    p.add_argument("--clip", help="CLIP export of `latentforge train clip` (default: the embedded model's)")
     p.add_argument("--data", required=True, help="emoji-layout dataset root with train/ and holdout/")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--images", type=int, help="generated images per (model, prompt set) (default 1000)")
@@ -42,10 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None
     }
     settings = CardSettings.quick(**overrides) if args.quick else CardSettings(**overrides)
-    if args.model is None:
-        from latentforge.checkpoints.loading import default_model_path
+    if args.model is None or args.clip is None:
+        from latentforge.checkpoints.loading import default_clip_path, default_model_path
 
-        args.model = default_model_path()
+        args.model = args.model or default_model_path()
+        args.clip = args.clip or default_clip_path()
     parts = tuple(part.strip() for part in args.parts.split(",") if part.strip())
     card = model_card(CardInputs(args.model, args.clip, args.data, parts), args.out, settings)
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'tables.md'}")

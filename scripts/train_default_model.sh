@@ -14,5 +14,4 @@ PY=${PYTHON:-python}
 "$PY" -m latentforge train unet configs/default/unet.toml task_options.data="$DATA" run_dir="$RUNS/unet" \
   task_options.vae="$RUNS/vae/final.safetensors" \
   task_options.text_encoder="$RUNS/clip/final.text_encoder.safetensors"
-cp "$RUNS/unet/final.safetensors" src/latentforge/assets/default-model.safetensors
-echo "default model: src/latentforge/assets/default-model.safetensors"
+"$PY" scripts/ship_default_model.py "$RUNS"  # into src/latentforge/assets/

@@ -285,6 +285,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
+    from latentforge.checkpoints.loading import default_clip_path
     from latentforge.evaluation import runs
     from latentforge.evaluation.evaluate import METRICS, MetricSettings
     from latentforge.evaluation.extractors import load_extractor
@@ -306,7 +307,7 @@ def _eval(args: argparse.Namespace) -> int:
             kid_subset_size=args.kid_subset_size, pr_k=args.pr_k, is_splits=args.is_splits
         ),
     }
-    extractor = load_extractor(args.features, device)
+    extractor = load_extractor(args.features or f"clip:{default_clip_path()}", device)
     out = Path(args.out)
     if args.generated is not None:
         captions = runs.read_prompts(args.prompts) if args.prompts else None
@@ -459,9 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", required=True, help="reference folder or dataset split (DATASET/holdout)")
     p.add_argument(
         "--features",
-        required=True,
-        help="feature network: clip:PATH (`latentforge train clip` export), inception:PATH (FID Inception "
-        "weights, pt_inception-2015-12-05-*.pth) or random (tests only)",
+        help="feature network: clip:PATH (`latentforge train clip` export; default: the CLIP trained with "
+        "the embedded model), inception:PATH (FID Inception weights, pt_inception-2015-12-05-*.pth) or "
+        "random (tests only)",
     )
     p.add_argument("--generated", help="evaluate this image folder instead of generating")
     p.add_argument("--model", help="checkpoint to generate with (default: the embedded model)")

@@ -253,3 +253,36 @@ def test_load_clip_reads_the_open_clip_layout(tmp_path):
         load_clip(path)
     loaded = load_clip(path, clip.config)
     assert all(torch.equal(v, clip.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_clip_sharing_its_text_tower_with_an_sd_checkpoint(tmp_path):
+    from dataclasses import replace
+
+    from latentforge.checkpoints.single_file import save_single_file
+    from latentforge.model import StableDiffusion
+    from latentforge.models.families import TINY
+    from latentforge.training.tasks.clip import save_clip_sharing_text
+
+    clip: CLIPModel = _task().trainable().clip
+    family = replace(TINY, text_encoder=replace(clip.config.text, projection_dim=None))
+    sd = StableDiffusion.from_family(TINY)
+    text = {k: v for k, v in clip.text.state_dict().items() if not k.startswith("text_projection.")}
+    checkpoint = tmp_path / "model.safetensors"
+    save_single_file(checkpoint, sd.unet.state_dict(), sd.vae.state_dict(), text, family, dtype=torch.float16)
+
+    path = tmp_path / "clip.safetensors"
+    save_clip_sharing_text(clip, path, checkpoint, torch.float16)
+    stored, metadata = read_state_dict(path)
+    assert metadata["latentforge.text_tower_from"] == "model.safetensors"
+    assert not any(k.startswith("text.text_model.") for k in stored)
+    assert "text.text_projection.weight" in stored
+    loaded = load_clip(path)
+    expected = {k: v.half() for k, v in clip.state_dict().items()}
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expected.items())
+
+    other = CLIPModel(clip.config)  # a different text tower cannot be stored against this checkpoint
+    with pytest.raises(ValueError, match="not this CLIP's text tower"):
+        save_clip_sharing_text(other, tmp_path / "other.safetensors", checkpoint, torch.float16)
+    checkpoint.unlink()
+    with pytest.raises(Exception, match="model.safetensors"):
+        load_clip(path)

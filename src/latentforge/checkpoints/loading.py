@@ -30,16 +30,25 @@ from latentforge.models.unet import UNetModel
 from latentforge.models.vae import AutoencoderKL
 
 DEFAULT_MODEL_FILE = "default-model.safetensors"
+DEFAULT_CLIP_FILE = "default-clip.safetensors"
+
+
+def _asset(name: str, what: str, instead: str) -> Path:
+    path = Path(__file__).resolve().parent.parent / "assets" / name
+    if not path.is_file():
+        raise CheckpointNotFoundError(path, f"{what} is not in this installation; {instead}")
+    return path
 
 
 def default_model_path() -> Path:
     """The embedded default model shipped in the package (trained here on the emoji dataset)."""
-    path = Path(__file__).resolve().parent.parent / "assets" / DEFAULT_MODEL_FILE
-    if not path.is_file():
-        raise CheckpointNotFoundError(
-            path, "the embedded default model is not in this installation yet; pass --model PATH"
-        )
-    return path
+    return _asset(DEFAULT_MODEL_FILE, "the embedded default model", "pass --model PATH")
+
+
+def default_clip_path() -> Path:
+    """The CLIP trained with the default model (its text tower is the model's text encoder): the default
+    feature network of `latentforge eval`."""
+    return _asset(DEFAULT_CLIP_FILE, "the default model's CLIP", "pass --features clip:PATH")
 
 
 def load(

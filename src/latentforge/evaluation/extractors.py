@@ -90,7 +90,7 @@ def load_clip_extractor(path: str | os.PathLike, device: torch.device | str = "c
 
     hint = "clip:PATH expects a CLIP exported by `latentforge train clip`"
     try:
-        model = load_clip(_existing(path, "clip")).to(device)
+        model = load_clip(_existing(path, "clip")).float().to(device)  # metrics in float32
     except (CheckpointError, ValueError, RuntimeError, KeyError, OSError) as error:
         raise ExtractorError(f"{hint}; {path} cannot be used: {error}") from error
     extractor = clip_image_extractor(model, name=f"latentforge-clip-{_short_digest(model)}")

@@ -57,6 +57,10 @@ from latentforge.training.tasks.common import (
 METADATA_CLIP_CONFIG = "latentforge.clip_config"
 METADATA_TEXT_CONFIG = "latentforge.text_encoder_config"  # the first key the U-Net task looks for
 METADATA_COMPONENT = "latentforge.component"
+# A CLIP file without its text transformer names the SD single file beside it that holds that transformer
+# (the embedded default model and its CLIP share one text tower; storing it once saves 32 MB).
+METADATA_TEXT_TOWER_FROM = "latentforge.text_tower_from"
+_TEXT_TOWER = "text.text_model."
 
 
 @dataclass(frozen=True)
@@ -210,9 +214,44 @@ def save_text_encoder(text: CLIPTextModel, path: str | Path, dtype: torch.dtype 
     _save(_to_save(text.state_dict(), dtype), Path(path), metadata)
 
 
+def save_clip_sharing_text(
+    clip: CLIPModel, path: str | Path, checkpoint: str | Path, dtype: torch.dtype
+) -> None:
+    """Save `clip` without its text transformer, which `load_clip` then reads from the SD single file
+    `checkpoint` (kept in the same folder); raises ValueError unless that file holds the same weights."""
+    path, checkpoint = Path(path), Path(checkpoint)
+    if path.resolve().parent != checkpoint.resolve().parent:
+        raise ValueError(f"{checkpoint} must sit in the same folder as {path}")
+    tensors = _to_save(clip.state_dict(), dtype)
+    shared = _text_tower_of(checkpoint)
+    ours = {k: v for k, v in tensors.items() if k.startswith(_TEXT_TOWER)}
+    differing = [k for k, v in ours.items() if k not in shared or not torch.equal(shared[k], v)]
+    if differing or len(shared) != len(ours):
+        raise ValueError(f"{checkpoint}'s text encoder is not this CLIP's text tower (e.g. {differing[:3]})")
+    metadata = {
+        METADATA_CLIP_CONFIG: clip_config_to_json(clip.config),
+        METADATA_COMPONENT: "clip",
+        METADATA_TEXT_TOWER_FROM: checkpoint.name,
+    }
+    _save({k: v for k, v in tensors.items() if k not in ours}, path, metadata)
+
+
+def _text_tower_of(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The text transformer of an SD single file in CLIPModel keys (`text.text_model.*`)."""
+    prefix = TEXT_PREFIXES["hf"] + "text_model."
+    state_dict, _ = read_state_dict(checkpoint)
+    return {
+        _TEXT_TOWER + k.removeprefix(prefix): v
+        for k, v in state_dict.items()
+        if k.startswith(prefix) and not k.endswith("position_ids")
+    }
+
+
 def load_clip(path: str | Path, config: CLIPConfig | None = None) -> CLIPModel:
     """A CLIP file: our export (config from its metadata), or an open_clip-layout file with `config` given."""
     state_dict, metadata = read_state_dict(path)
+    if METADATA_TEXT_TOWER_FROM in metadata:
+        state_dict.update(_text_tower_of(Path(path).with_name(metadata[METADATA_TEXT_TOWER_FROM])))
     if config is None:
         if METADATA_CLIP_CONFIG not in metadata:
             raise ValueError(

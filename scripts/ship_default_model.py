@@ -1,0 +1,45 @@
+"""Put a trained default model into the package: `python scripts/ship_default_model.py RUNS_DIR`.
+
+Copies RUNS_DIR/unet/final.safetensors (the SD single file the U-Net stage exports, fp16) to
+src/latentforge/assets/default-model.safetensors, and writes the CLIP of RUNS_DIR/clip/final.safetensors
+next to it in fp16 as default-clip.safetensors without its text transformer, which is the model's text
+encoder (checked weight by weight): `latentforge eval` uses it as its default feature network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from latentforge.checkpoints.loading import DEFAULT_CLIP_FILE, DEFAULT_MODEL_FILE, load
+from latentforge.training.tasks.clip import load_clip, save_clip_sharing_text
+
+ASSETS = Path(__file__).resolve().parent.parent / "src" / "latentforge" / "assets"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", type=Path, help="the recipe's run folder (holds clip/, vae/ and unet/)")
+    p.add_argument("--assets", type=Path, default=ASSETS, help="destination folder (default: the package's)")
+    args = p.parse_args(argv)
+    model_file, clip_file = args.assets / DEFAULT_MODEL_FILE, args.assets / DEFAULT_CLIP_FILE
+    shutil.copyfile(args.runs / "unet" / "final.safetensors", model_file)
+    save_clip_sharing_text(
+        load_clip(args.runs / "clip" / "final.safetensors"), clip_file, model_file, torch.float16
+    )
+    model = load(model_file)
+    parameters = sum(
+        p.numel() for part in (model.unet, model.vae, model.text_encoder) for p in part.parameters()
+    )
+    for path in (model_file, clip_file):
+        print(f"{path}: {path.stat().st_size / 2**20:.1f} MiB")
+    print(f"model {model.name} [{model.short_hash}]: {parameters / 1e6:.1f}M parameters")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
