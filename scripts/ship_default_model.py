@@ -1,9 +1,10 @@
 """Put a trained default model into the package: `python scripts/ship_default_model.py RUNS_DIR`.
 
 Copies RUNS_DIR/unet/final.safetensors (the SD single file the U-Net stage exports, fp16) to
-src/latentforge/assets/default-model.safetensors, and writes the CLIP of RUNS_DIR/clip/final.safetensors
-next to it in fp16 as default-clip.safetensors without its text transformer, which is the model's text
-encoder (checked weight by weight): `latentforge eval` uses it as its default feature network.
+src/latentforge/assets/latentforge-emoji.safetensors, and writes the CLIP of
+RUNS_DIR/clip/final.safetensors next to it in fp16 as latentforge-emoji-clip.safetensors without its text
+transformer, which is the model's text encoder (checked weight by weight): `latentforge eval` uses it as
+its default feature network.
 """
 
 from __future__ import annotations

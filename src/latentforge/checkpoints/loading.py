@@ -29,8 +29,8 @@ from latentforge.models.tokenizer import CLIPTokenizer
 from latentforge.models.unet import UNetModel
 from latentforge.models.vae import AutoencoderKL
 
-DEFAULT_MODEL_FILE = "default-model.safetensors"
-DEFAULT_CLIP_FILE = "default-clip.safetensors"
+DEFAULT_MODEL_FILE = "latentforge-emoji.safetensors"  # its stem names the model in infotexts
+DEFAULT_CLIP_FILE = "latentforge-emoji-clip.safetensors"
 
 
 def _asset(name: str, what: str, instead: str) -> Path:
