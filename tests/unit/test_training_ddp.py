@@ -56,7 +56,7 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path):
     train(make_toy_task(single), single)
     save_config(ddp_config(tmp_path / "ddp", grad_accum=1), tmp_path / "ddp.toml")
     result = torchrun(tmp_path / "ddp.toml")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-3000:]
 
     for name in ("final.safetensors", "checkpoints/step_16.pt"):  # the EMA export, the raw weights
         ours, theirs = (_weights(tmp_path / run / name) for run in ("ddp", "single"))

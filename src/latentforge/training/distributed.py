@@ -6,6 +6,7 @@ here is a no-op. Backend: nccl when the processes use CUDA, gloo on CPU.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,10 @@ def setup(device_preference: str = "auto") -> DistInfo:
 def teardown(info: DistInfo) -> None:
     """Destroy the process group if `setup` created it."""
     if info.owns_group and dist.is_initialized():
+        # DDP's reducer holds the group and sits in reference cycles: free it now, while the interpreter is
+        # whole. Left to interpreter shutdown, gloo's worker threads were once destroyed still joinable
+        # (std::terminate, SIGABRT on exit in CI).
+        gc.collect()
         dist.destroy_process_group()
 
 
