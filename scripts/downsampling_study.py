@@ -82,13 +82,18 @@ def measure_step_seconds(config_path: Path, overrides: Sequence[str], run_dir: P
     return (times[steps] - times[first]) / (steps - first)
 
 
-def plan_run(run_dir: Path, budget_seconds: float, step_seconds: float, evals: int) -> dict[str, Any]:
-    """max_steps and checkpoint_every for the budget; saved in run_dir/plan.json and reused on re-runs (a
-    resumed run must keep max_steps)."""
+def plan_run(
+    run_dir: Path, evals: int, budget_seconds: float | None, step_seconds: float | None, steps: int | None
+) -> dict[str, Any]:
+    """max_steps (given, or the wall-time budget over the measured step time) and checkpoint_every; saved
+    in run_dir/plan.json and reused on re-runs (a resumed run must keep max_steps)."""
     path = run_dir / "plan.json"
     if path.is_file():
         return json.loads(path.read_text())
-    max_steps = max(1, int(budget_seconds / step_seconds))
+    if steps is None:
+        assert budget_seconds is not None and step_seconds is not None, "plan_run needs steps or a budget"
+        steps = int(budget_seconds / step_seconds)
+    max_steps = max(1, steps)
     plan = {
         "budget_seconds": budget_seconds,
         "step_seconds": step_seconds,
@@ -157,9 +162,10 @@ def evaluate_checkpoints(
 def run_study(
     configs: dict[int, Path],
     out: str | os.PathLike,
-    budget_seconds: float,
+    budget_seconds: float | None,
     features: str,
     *,
+    steps: int | None = None,
     overrides: Sequence[str] = (),
     evals: int = 6,
     images: int = 290,
@@ -169,11 +175,15 @@ def run_study(
     cfg_scale: float = 5.0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train and evaluate every factor of `configs` ({f: study config}); writes study.json, study.md and
+    """Train and evaluate every factor of `configs` ({f: study config}) for the same wall time
+    (`budget_seconds`) or, given `steps`, the same number of steps (equal compute, since the configs cost
+    the same FLOPs per image; robust to other load on the machine); writes study.json, study.md and
     study.png into `out` and returns the study."""
     out = Path(out)
     extractor = load_extractor(features)
-    study: dict[str, Any] = {"budget_seconds": budget_seconds, "features": extractor.spec, "factors": {}}
+    study: dict[str, Any] = {
+        "budget_seconds": budget_seconds, "steps": steps, "features": extractor.spec, "factors": {}
+    }  # fmt: skip
     reference_dir = out / "reference"
     captions = write_reference(next(iter(configs.values())), overrides, reference_dir)
     reference = compute_features(reference_dir, extractor, label="reference", progress=progress)
@@ -181,8 +191,13 @@ def run_study(
     for factor, config_path in configs.items():
         ensure_vae(config_path, overrides, vae_steps)
         run_dir = out / f"f{factor}"
-        step_seconds = measure_step_seconds(config_path, overrides, out / f"probe_f{factor}", probe_steps)
-        plan = plan_run(run_dir, budget_seconds, step_seconds, evals)
+        step_seconds = (
+            None
+            if steps
+            else measure_step_seconds(config_path, overrides, out / f"probe_f{factor}", probe_steps)
+        )
+        plan = plan_run(run_dir, evals, budget_seconds, step_seconds, steps)
+        plan["batch_size"] = load_config(config_path, list(overrides)).batch_size
         run_overrides = [*overrides, f"run_dir={run_dir}", f"max_steps={plan['max_steps']}"]
         run_overrides += [f"checkpoint_every={plan['checkpoint_every']}", "keep_checkpoints=0"]
         if not (run_dir / "final.safetensors").is_file():
@@ -210,8 +225,12 @@ def _write(study: dict[str, Any], out: Path) -> None:
             cells = [f"{p.get(k, math.nan):.4g}" for k in ("fid", "clip_score", "precision", "recall")]
             lines.append(f"| {factor} | {p['step']} | {p['seconds']:.0f} | " + " | ".join(cells) + " |")
     plans = [
-        f"- f = {f}: {e['plan']['step_seconds']:.3f} s/step measured, {e['plan']['max_steps']} steps in "
-        f"{e['plan']['budget_seconds']:.0f} s"
+        f"- f = {f}: {e['plan']['max_steps']} steps of {e['plan']['batch_size']} images"
+        + (
+            f" ({e['plan']['step_seconds']:.3f} s/step measured, budget {e['plan']['budget_seconds']:.0f} s)"
+            if e["plan"].get("step_seconds")
+            else ""
+        )
         for f, e in study["factors"].items()
     ]
     (out / "study.md").write_text(
@@ -221,7 +240,8 @@ def _write(study: dict[str, Any], out: Path) -> None:
 
 
 def plot_study(study: dict[str, Any], path: Path) -> Path:
-    """FID-CLIP against training wall time, one line per downsampling factor (LDM figure 6)."""
+    """FID-CLIP against training wall time, or against training images seen in a fixed-steps study, one
+    line per downsampling factor (LDM figure 6)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -230,9 +250,16 @@ def plot_study(study: dict[str, Any], path: Path) -> Path:
     ax = figure.subplots()
     for factor, entry in study["factors"].items():
         points = entry["points"]
-        minutes = [p["seconds"] / 60 for p in points]
-        ax.plot(minutes, [p.get("fid", math.nan) for p in points], "o-", label=f"f = {factor}")
-    ax.set_xlabel("training time (CPU wall-clock minutes)")
+        if study.get("steps"):
+            x = [p["step"] * entry["plan"]["batch_size"] / 1000 for p in points]
+        else:
+            x = [p["seconds"] / 60 for p in points]
+        ax.plot(x, [p.get("fid", math.nan) for p in points], "o-", label=f"f = {factor}")
+    ax.set_xlabel(
+        "training images seen (thousands; equal FLOPs per image)"
+        if study.get("steps")
+        else "training time (CPU wall-clock minutes)"
+    )
     ax.set_ylabel("FID-CLIP (lower is better)")
     ax.set_title("Downsampling factor: FID vs training time at equal compute")
     ax.legend()
@@ -242,7 +269,9 @@ def plot_study(study: dict[str, Any], path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--budget-minutes", type=float, required=True, help="training wall time per factor")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget-minutes", type=float, help="training wall time per factor")
+    budget.add_argument("--steps", type=int, help="training steps per factor (equal compute, any load)")
     p.add_argument("--features", required=True, help="clip:PATH (our CLIP export) for FID-CLIP")
     p.add_argument("--out", default="runs/study")
     p.add_argument(
@@ -257,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     configs = {int(f): study_config(int(f)) for f in args.factors.split(",")}
     run_study(
-        configs, args.out, args.budget_minutes * 60, args.features, overrides=args.set, evals=args.evals,
+        configs, args.out, args.budget_minutes and args.budget_minutes * 60, args.features, steps=args.steps,
+        overrides=args.set, evals=args.evals,
         images=args.images, probe_steps=args.probe_steps, vae_steps=args.vae_steps,
     )  # fmt: skip
     print(f"wrote {Path(args.out) / 'study.md'} and study.png")

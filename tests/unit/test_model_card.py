@@ -195,13 +195,13 @@ def test_downsampling_study_smoke_run(tmp_path: Path) -> None:
         configs[factor] = tmp_path / f"study_f{factor}.toml"
         configs[factor].write_text(STUDY_CONFIG.format(ch_mult=ch_mult, channels=channels))
     result = study.run_study(
-        configs, tmp_path / "out", budget_seconds=0.5, features="random", evals=2, images=4, probe_steps=4,
+        configs, tmp_path / "out", budget_seconds=1.5, features="random", evals=2, images=4, probe_steps=4,
         sample_steps=2, progress=False,
     )  # fmt: skip
     assert set(result["factors"]) == {"1", "2"}
     for entry in result["factors"].values():
         plan, points = entry["plan"], entry["points"]
-        assert plan["max_steps"] == max(1, int(0.5 / plan["step_seconds"]))
+        assert plan["max_steps"] == max(1, int(1.5 / plan["step_seconds"]))
         assert [p["step"] for p in points][-1] == plan["max_steps"] and len(points) >= 2
         assert all(np.isfinite(p["fid"]) for p in points)
         assert points[0]["seconds"] <= points[-1]["seconds"]
@@ -213,6 +213,16 @@ def test_downsampling_study_smoke_run(tmp_path: Path) -> None:
         sample_steps=2, progress=False,
     )  # fmt: skip
     assert again["factors"] == result["factors"]
+
+    fixed = study.run_study(  # equal steps instead of equal wall time: no probe run, x-axis in images
+        configs, tmp_path / "fixed", budget_seconds=None, steps=3, features="random", evals=2, images=4,
+        sample_steps=2, progress=False,
+    )  # fmt: skip
+    for entry in fixed["factors"].values():
+        assert entry["plan"]["max_steps"] == 3 and entry["plan"]["step_seconds"] is None
+        assert [p["step"] for p in entry["points"]][-1] == 3
+    assert not list((tmp_path / "fixed").glob("probe_*"))
+    assert "3 steps of" in (tmp_path / "fixed" / "study.md").read_text()
 
 
 def test_scripts_run_from_the_command_line(files: dict[str, Path], tmp_path: Path) -> None:
