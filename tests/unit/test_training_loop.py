@@ -8,7 +8,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from latentforge.training import checkpointing
-from latentforge.training.config import RunConfig, config_hash, dumps_toml, load_config, save_config
+from latentforge.training.config import (
+    RunConfig,
+    config_hash,
+    dumps_toml,
+    load_config,
+    resolve_mixed_precision,
+    save_config,
+)
 from latentforge.training.ema import EMA
 from latentforge.training.logging import image_grid, read_log
 from latentforge.training.loop import TrainingDiverged, lr_at, micro_batches, run_training, train
@@ -232,6 +239,23 @@ def test_bf16_autocast_trains(tmp_path):
     train(make_toy_task(config), config)
     losses = [float(row["loss"]) for row in read_log(tmp_path / "run" / "log.csv")]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+
+
+def test_auto_precision_follows_the_cpu_and_then_the_checkpoint(tmp_path, monkeypatch):
+    # Fresh run: "auto" becomes bf16 only where the CPU multiplies bf16 natively.
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert resolve_mixed_precision("auto", torch.device("cpu")) == ("bf16" if native else "no")
+    assert resolve_mixed_precision("bf16", torch.device("cpu")) == "bf16"
+    for flag, expected in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda flag=flag: flag)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert resolve_mixed_precision("auto", torch.device("cpu")) == expected
+    # A run started in bf16 resumes in bf16 under "auto", even on a CPU that would now choose fp32.
+    config = toy_config(tmp_path, max_steps=4, mixed_precision="bf16")
+    train(make_toy_task(config), config)
+    longer = toy_config(tmp_path, max_steps=4, mixed_precision="auto")
+    train(make_toy_task(longer), longer)  # max_steps reached: resumes, checks exactness, writes config
+    assert load_config(tmp_path / "run" / "config.toml").mixed_precision == "bf16"
 
 
 def test_gradient_checkpointing_flag_is_set_or_warned(tmp_path):

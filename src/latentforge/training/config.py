@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
+import torch
 
 LR_SCHEDULES = ("cosine", "constant")
-MIXED_PRECISION = ("no", "bf16")
+MIXED_PRECISION = ("no", "bf16", "auto")
 
 
 @dataclass
@@ -41,7 +42,7 @@ class RunConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     ema_decay: float = 0.0  # 0 = off
     ema_start: int = 0  # EMA copies the weights until this step, then averages
-    mixed_precision: str = "no"
+    mixed_precision: str = "no"  # "auto": bf16 where the device multiplies bf16 natively, else fp32
     gradient_checkpointing: bool = False
     checkpoint_every: int = 500  # 0 = only at the end
     keep_checkpoints: int = 3  # 0 = keep all
@@ -227,3 +228,18 @@ def dumps_toml(table: dict[str, Any]) -> str:
 def save_config(config: RunConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as TOML (loadable again with `load_config`)."""
     Path(path).write_text(dumps_toml(config.to_dict()), encoding="utf-8")
+
+
+def resolve_mixed_precision(setting: str, device: torch.device) -> str:
+    """ "auto" -> "bf16" on devices with native bf16 matmuls (CUDA with bf16, CPUs with AVX512-BF16 or AMX),
+    else "no": on CPUs without them bf16 autocast is emulated and runs ~3x slower than fp32 (measured,
+    docs/training.md). "no" and "bf16" pass through."""
+    if setting != "auto":
+        return setting
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up softly
+        native = [getattr(torch.cpu, name, lambda: False)() for name in probes]
+        return "bf16" if any(native) else "no"
+    return "no"

@@ -11,6 +11,7 @@ optimizer, the EMA and the step, and 1 process x 2 accumulation steps computes w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import os
@@ -28,7 +29,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from latentforge.training import checkpointing, distributed
-from latentforge.training.config import RunConfig, config_hash, exactness_dict, load_config, save_config
+from latentforge.training.config import (
+    RunConfig,
+    config_hash,
+    exactness_dict,
+    load_config,
+    resolve_mixed_precision,
+    save_config,
+)
 from latentforge.training.ema import EMA
 from latentforge.training.logging import CSVLog, progress_bar, save_samples
 from latentforge.training.task import TrainingTask
@@ -189,6 +197,8 @@ def _train(task: TrainingTask, config: RunConfig, info: distributed.DistInfo) ->
     resume_path = distributed.broadcast_object(str(latest[0]) if latest else None)
     if resume_path is not None:
         state = latest[1] if latest else checkpointing.load_checkpoint(resume_path)
+        if config.mixed_precision == "auto":  # continue with the precision the run started with
+            config = dataclasses.replace(config, mixed_precision=state["exactness"]["mixed_precision"])
         checkpointing.check_resumable(state, config, world_size, dataset_size, Path(resume_path))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -199,6 +209,8 @@ def _train(task: TrainingTask, config: RunConfig, info: distributed.DistInfo) ->
         del state, latest
         if main:
             print(f"resuming from {resume_path} at step {step}")
+    precision = resolve_mixed_precision(config.mixed_precision, device)
+    config = dataclasses.replace(config, mixed_precision=precision)
     if main:
         save_config(config, run_dir / "config.toml")  # after the resume check, which may refuse it
 
