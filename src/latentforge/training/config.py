@@ -12,12 +12,17 @@ import hashlib
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
 import torch
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser as the tomli package
+    import tomli as tomllib
 
 LR_SCHEDULES = ("cosine", "constant")
 MIXED_PRECISION = ("no", "bf16", "auto")
