@@ -4,7 +4,8 @@ Copies RUNS_DIR/unet/final.safetensors (the SD single file the U-Net stage expor
 src/latentforge/assets/latentforge-emoji.safetensors, and writes the CLIP of
 RUNS_DIR/clip/final.safetensors next to it in fp16 as latentforge-emoji-clip.safetensors without its text
 transformer, which is the model's text encoder (checked weight by weight): `latentforge eval` uses it as
-its default feature network.
+its default feature network. `--vae FILE` swaps in a decoder fine-tuned afterwards (configs/default/
+vae_decoder.toml: encoder frozen, so the U-Net's latent space is unchanged; checked key by key).
 """
 
 from __future__ import annotations
@@ -16,19 +17,40 @@ from pathlib import Path
 
 import torch
 
-from latentforge.checkpoints.loading import DEFAULT_CLIP_FILE, DEFAULT_MODEL_FILE, load
+from latentforge.checkpoints.loading import DEFAULT_CLIP_FILE, DEFAULT_MODEL_FILE, load, swap_vae
+from latentforge.checkpoints.single_file import save_single_file
 from latentforge.training.tasks.clip import load_clip, save_clip_sharing_text
 
 ASSETS = Path(__file__).resolve().parent.parent / "src" / "latentforge" / "assets"
 
 
+def swap_fine_tuned_vae(model_file: Path, vae_file: Path) -> None:
+    """Rewrite `model_file` with the VAE of `vae_file`, whose encoder must equal the model's (fp16)."""
+    model = load(model_file, compute_hash=False)
+    old_encoder = {
+        k: v for k, v in model.vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))
+    }
+    swap_vae(model, vae_file)
+    new = model.vae.state_dict()
+    changed = [k for k, v in old_encoder.items() if not torch.equal(v, new[k].to(v.dtype))]
+    if changed:
+        raise SystemExit(
+            f"{vae_file}: its encoder differs from the model's ({changed[:3]}...): not a decoder fine-tune"
+        )
+    text = {k: v for k, v in model.text_encoder.state_dict().items() if not k.startswith("text_projection.")}
+    save_single_file(model_file, model.unet.state_dict(), new, text, model.family, dtype=torch.float16)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", type=Path, help="the recipe's run folder (holds clip/, vae/ and unet/)")
+    p.add_argument("--vae", type=Path, help="a decoder fine-tune of the recipe's VAE to ship instead")
     p.add_argument("--assets", type=Path, default=ASSETS, help="destination folder (default: the package's)")
     args = p.parse_args(argv)
     model_file, clip_file = args.assets / DEFAULT_MODEL_FILE, args.assets / DEFAULT_CLIP_FILE
     shutil.copyfile(args.runs / "unet" / "final.safetensors", model_file)
+    if args.vae:
+        swap_fine_tuned_vae(model_file, args.vae)
     save_clip_sharing_text(
         load_clip(args.runs / "clip" / "final.safetensors"), clip_file, model_file, torch.float16
     )

@@ -13,5 +13,5 @@ PY=${PYTHON:-python}
 "$PY" -m latentforge train vae configs/default/vae.toml task_options.data="$DATA" run_dir="$RUNS/vae"
 "$PY" -m latentforge train unet configs/default/unet.toml task_options.data="$DATA" run_dir="$RUNS/unet" \
   task_options.vae="$RUNS/vae/final.safetensors" \
-  task_options.text_encoder="$RUNS/clip/final.text_encoder.safetensors"
+  task_options.text_encoder="$RUNS/clip/final.text_encoder.safetensors" task_options.cache_dir="$RUNS/cache"
 "$PY" scripts/ship_default_model.py "$RUNS"  # into src/latentforge/assets/

@@ -56,6 +56,9 @@ class VAETaskOptions(ImageData):
 
     vae: VAEConfig | None = None  # a table of VAEConfig fields (f = 2**(len(ch_mult)-1)); default: tiny
     init: str | None = None  # start from these VAE weights (our export, or original/diffusers with `vae`)
+    # decoder fine-tuning (as SD's ft-EMA/ft-MSE VAEs): encoder and quant_conv frozen, so the latent space an
+    # already-trained U-Net uses stays exactly the same; needs `init`
+    frozen_encoder: bool = False
     reconstruction: Literal["l1", "l2"] = "l1"
     kl_weight: float = 1e-6  # LDM's meaning (SD's VAE: 1e-6)
     sample_posterior: bool = True  # decode z ~ q(z|x) (LDM) rather than the mean
@@ -77,15 +80,27 @@ class AutoencoderTrainer(nn.Module):
     `forward` runs every network the loss needs, so DDP sees one forward through the wrapper.
     """
 
-    def __init__(self, vae: AutoencoderKL, discriminator: nn.Module | None = None) -> None:
+    def __init__(
+        self, vae: AutoencoderKL, discriminator: nn.Module | None = None, frozen_encoder: bool = False
+    ) -> None:
         super().__init__()
         self.vae = vae
         self.discriminator = discriminator
+        self.frozen_encoder = frozen_encoder
+        if frozen_encoder:
+            vae.encoder.requires_grad_(False)
+            vae.quant_conv.requires_grad_(False)
         self.micro_steps: torch.Tensor
         self.register_buffer("micro_steps", torch.zeros((), dtype=torch.int64))
 
     def forward(self, x: torch.Tensor, sample_posterior: bool, generator: torch.Generator) -> dict[str, Any]:
-        recon, posterior = self.vae(x, sample_posterior=sample_posterior, generator=generator)
+        if self.frozen_encoder:
+            with torch.no_grad():
+                posterior = self.vae.encode(x)
+            z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
+            recon = self.vae.decode(z)
+        else:
+            recon, posterior = self.vae(x, sample_posterior=sample_posterior, generator=generator)
         out: dict[str, Any] = {"recon": recon, "kl": posterior.kl()}
         if self.discriminator is not None:
             out["logits_real"] = self.discriminator(x)
@@ -136,6 +151,10 @@ class VAETask:
             options = parse_options(VAETaskOptions, options or {}, "vae")
         self.options, self.seed, self.grad_accum = options, seed, grad_accum
         torch.manual_seed(seed)
+        if options.frozen_encoder and not options.init:
+            raise ValueError(
+                "frozen_encoder = true fine-tunes a trained decoder: give its VAE as task option init"
+            )
         vae = (
             load_vae(options.init, options.vae) if options.init else AutoencoderKL(options.vae or VAEConfig())
         )
@@ -149,7 +168,7 @@ class VAETask:
             discriminator = losses.NLayerDiscriminator(
                 vae.config.out_channels, width=options.disc_width, n_layers=options.disc_layers
             )
-        self.module = AutoencoderTrainer(vae, discriminator)
+        self.module = AutoencoderTrainer(vae, discriminator, options.frozen_encoder)
         self._datasets: dict[str, Dataset] = {}
 
     def trainable(self) -> nn.Module:
