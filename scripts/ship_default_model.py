@@ -32,7 +32,7 @@ def swap_fine_tuned_vae(model_file: Path, vae_file: Path) -> None:
     }
     swap_vae(model, vae_file)
     new = model.vae.state_dict()
-    changed = [k for k, v in old_encoder.items() if not torch.equal(v, new[k].to(v.dtype))]
+    changed = [k for k, v in old_encoder.items() if not torch.equal(v.half(), new[k].half())]  # file is fp16
     if changed:
         raise SystemExit(
             f"{vae_file}: its encoder differs from the model's ({changed[:3]}...): not a decoder fine-tune"
