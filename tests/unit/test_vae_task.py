@@ -140,54 +140,42 @@ def test_export_is_a_standalone_vae(tmp_path):
         torch.testing.assert_close(value, expected[key])
 
 
-def test_runs_through_the_training_loop(tmp_path):
+def _train_in_loop(tmp_path, task_options: dict, **config) -> str:
+    """A short `latentforge train vae` run on synthetic data; returns the exported VAE file."""
     from latentforge.training.config import RunConfig
     from latentforge.training.loop import train
     from latentforge.training.tasks.vae import make_vae_task
 
-    config = RunConfig(
-        run_dir=str(tmp_path / "run"),
-        task="vae",
-        max_steps=3,
-        batch_size=4,
-        lr=1e-3,
-        device="cpu",
-        checkpoint_every=0,
-        task_options={"resolution": 16, "synthetic_items": 8, "max_holdout_items": 4, "vae": TINY_VAE},
-    )
-    artefact = train(make_vae_task(config), config)
+    base = {"resolution": 16, "synthetic_items": 8, "max_holdout_items": 4}
+    run = RunConfig(
+        **{"run_dir": str(tmp_path / "run"), "task": "vae", "max_steps": 3, "batch_size": 4, "lr": 1e-3,
+           "device": "cpu", "checkpoint_every": 0, **config},
+        task_options={**base, **task_options},
+    )  # fmt: skip
+    return train(make_vae_task(run), run)
+
+
+def test_runs_through_the_training_loop(tmp_path):
+    artefact = _train_in_loop(tmp_path, {"vae": TINY_VAE})
     assert load_vae(artefact).config.ch == 8
 
 
 def test_decoder_fine_tuning_keeps_the_latent_space(tmp_path):
     """frozen_encoder: the loop trains decoder weights only; encoder and quant_conv stay bit-identical."""
-    from latentforge.training.config import RunConfig
-    from latentforge.training.loop import train
-    from latentforge.training.tasks.vae import make_vae_task
-
     start = _task()
     _train(start, 3)
     init = tmp_path / "vae.safetensors"
     start.export(start.trainable(), init)
-    options = {"resolution": 16, "synthetic_items": 8, "max_holdout_items": 4, "init": str(init)}
-    config = RunConfig(
-        run_dir=str(tmp_path / "run"),
-        task="vae",
-        max_steps=4,
-        batch_size=4,
-        lr=1e-3,
-        weight_decay=0.1,
-        device="cpu",
-        checkpoint_every=0,
-        task_options={**options, "frozen_encoder": True},
+    artefact = _train_in_loop(
+        tmp_path, {"init": str(init), "frozen_encoder": True}, max_steps=4, weight_decay=0.1
     )
-    before, after = load_vae(init).state_dict(), load_vae(train(make_vae_task(config), config)).state_dict()
+    before, after = load_vae(init).state_dict(), load_vae(artefact).state_dict()
     frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
     assert not torch.equal(before["decoder.conv_out.weight"], after["decoder.conv_out.weight"])
     assert not torch.equal(before["post_quant_conv.weight"], after["post_quant_conv.weight"])
     with pytest.raises(ValueError, match="init"):
-        VAETask({**options, "init": None, "frozen_encoder": True})
+        _task(frozen_encoder=True)
 
 
 def test_rfid_with_an_inception_file(tmp_path, monkeypatch):

@@ -80,27 +80,15 @@ class AutoencoderTrainer(nn.Module):
     `forward` runs every network the loss needs, so DDP sees one forward through the wrapper.
     """
 
-    def __init__(
-        self, vae: AutoencoderKL, discriminator: nn.Module | None = None, frozen_encoder: bool = False
-    ) -> None:
+    def __init__(self, vae: AutoencoderKL, discriminator: nn.Module | None = None) -> None:
         super().__init__()
         self.vae = vae
         self.discriminator = discriminator
-        self.frozen_encoder = frozen_encoder
-        if frozen_encoder:
-            vae.encoder.requires_grad_(False)
-            vae.quant_conv.requires_grad_(False)
         self.micro_steps: torch.Tensor
         self.register_buffer("micro_steps", torch.zeros((), dtype=torch.int64))
 
     def forward(self, x: torch.Tensor, sample_posterior: bool, generator: torch.Generator) -> dict[str, Any]:
-        if self.frozen_encoder:
-            with torch.no_grad():
-                posterior = self.vae.encode(x)
-            z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
-            recon = self.vae.decode(z)
-        else:
-            recon, posterior = self.vae(x, sample_posterior=sample_posterior, generator=generator)
+        recon, posterior = self.vae(x, sample_posterior=sample_posterior, generator=generator)
         out: dict[str, Any] = {"recon": recon, "kl": posterior.kl()}
         if self.discriminator is not None:
             out["logits_real"] = self.discriminator(x)
@@ -168,7 +156,10 @@ class VAETask:
             discriminator = losses.NLayerDiscriminator(
                 vae.config.out_channels, width=options.disc_width, n_layers=options.disc_layers
             )
-        self.module = AutoencoderTrainer(vae, discriminator, options.frozen_encoder)
+        if options.frozen_encoder:  # no parameter of the encoder path needs grad: autograd records none of it
+            vae.encoder.requires_grad_(False)
+            vae.quant_conv.requires_grad_(False)
+        self.module = AutoencoderTrainer(vae, discriminator)
         self._datasets: dict[str, Dataset] = {}
 
     def trainable(self) -> nn.Module:
