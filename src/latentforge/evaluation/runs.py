@@ -1,7 +1,7 @@
 """Evaluation runs: generate from a spec (prompts x seeds), evaluate against a reference, write the report.
 
-Every prompt is generated with every seed; image i of a prompt's seed run gets seed `seeds[i]` (one
-`torch.Generator` per image, so batching does not change images). Each image is saved as a PNG with its
+Every prompt is generated with every seed, batches mixing prompts (one `torch.Generator` per image, so
+batching does not change images). Each image is saved as a PNG with its
 infotext and a same-stem `.txt` holding its prompt, which CLIP score reads back.
 """
 
@@ -76,17 +76,6 @@ def read_prompts(source: str | os.PathLike) -> list[str]:
     return prompts
 
 
-def _seed_runs(seeds: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Consecutive seeds grouped into batches of at most `batch_size` (generate uses seed + i)."""
-    runs: list[list[int]] = []
-    for seed in seeds:
-        if runs and seed == runs[-1][-1] + 1 and len(runs[-1]) < batch_size:
-            runs[-1].append(seed)
-        else:
-            runs.append([seed])
-    return runs
-
-
 def generate_images(
     model: StableDiffusion,
     params: GenerationParams,
@@ -101,7 +90,7 @@ def generate_images(
 
     A folder that already holds images is refused unless `overwrite`, which deletes its PNGs and captions.
     """
-    from latentforge.pipelines.generate import iter_generate
+    from latentforge.pipelines.generate import iter_generate_each
     from latentforge.pipelines.infotext import save_png
 
     out = Path(out_dir)
@@ -116,16 +105,15 @@ def generate_images(
         path.with_suffix(".txt").unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    with tqdm(total=len(prompts) * len(seeds), desc="generating", unit="img", disable=not progress) as bar:
-        for prompt in prompts:
-            for run in _seed_runs(seeds, max(params.batch_size, 1)):
-                request = replace(params, prompt=prompt, seed=run[0], batch_size=len(run), batch_count=1)
-                for result in iter_generate(model, request, progress=False):
-                    path = out / f"{len(written):05d}-{result.seed}.png"
-                    save_png(result.image, path, result.infotext)
-                    path.with_suffix(".txt").write_text(prompt + "\n", encoding="utf-8")
-                    written.append(path)
-                    bar.update(1)
+    pairs = [(prompt, seed) for prompt in prompts for seed in seeds]
+    with tqdm(total=len(pairs), desc="generating", unit="img", disable=not progress) as bar:
+        results = iter_generate_each(model, pairs, params, progress=False)
+        for (prompt, _), result in zip(pairs, results, strict=True):
+            path = out / f"{len(written):05d}-{result.seed}.png"
+            save_png(result.image, path, result.infotext)
+            path.with_suffix(".txt").write_text(prompt + "\n", encoding="utf-8")
+            written.append(path)
+            bar.update(1)
     return written
 
 

@@ -132,11 +132,13 @@ def sample_latents(
     sigmas: Tensor | None = None,
     callback: StepCallback | None = None,
     exact_steps: bool = False,
+    prompts: Sequence[str] | None = None,
 ) -> Tensor:
     """One batch: seeded noise -> (noised init) -> guided, blended denoiser -> sampler -> [B, C, h, w].
 
     `params` must be prepared (`prepare_params`). `sigmas` overrides the full schedule (descending,
-    trailing 0; A1111's sampler_noise_scheduler_override); img2img cuts its tail from it.
+    trailing 0; A1111's sampler_noise_scheduler_override); img2img cuts its tail from it. `prompts`
+    gives each image its own prompt (default: `params.prompt` for all).
     """
     family = model.family
     spec = get_sampler(params.sampler)
@@ -152,6 +154,9 @@ def sample_latents(
     f = family.vae.downsampling_factor
     shape = (family.vae.embed_dim, params.height // f, params.width // f)
     batch, device = len(seeds), model.device
+    prompts = [params.prompt] * batch if prompts is None else list(prompts)
+    if len(prompts) != batch:
+        raise ParameterError(f"{len(prompts)} prompts for a batch of {batch} seeds")
     variation = subseeds if params.subseed_strength else None
     noise = request_noise(seeds, shape, subseeds=variation, subseed_strength=params.subseed_strength)
     noise = noise.to(device)
@@ -176,7 +181,7 @@ def sample_latents(
     conditioner = PromptConditioner(model, params.clip_skip, params.steps)
     guided = conditioner.denoiser(
         denoiser,
-        [params.prompt] * batch,
+        prompts,
         [params.negative_prompt] * batch,
         sigmas,
         params.cfg_scale,
@@ -223,14 +228,18 @@ def decode_results(
     subseeds: Sequence[int],
     *,
     img2img: bool,
+    prompts: Sequence[str] | None = None,
 ) -> list[GeneratedImage]:
-    """Decode a batch and attach each image's infotext (its own seed; the size written is `params`')."""
+    """Decode a batch and attach each image's infotext (its own seed and, given `prompts`, its own prompt;
+    the size written is `params`')."""
     f = model.family.vae.downsampling_factor
     tiled = params.use_tiled_vae(latents.shape[-1] * f, latents.shape[-2] * f)
     pixels, retried = decode_latents(model, latents, tiled=tiled)
     results = []
     for i, image in enumerate(tensor_to_pil(pixels)):
         image_params = replace(params, seed=seeds[i], subseed=subseeds[i])
+        if prompts is not None:
+            image_params = replace(image_params, prompt=prompts[i])
         info = infotext(model, image_params, vae_retry=retried, img2img=img2img, tiled_vae=tiled)
         results.append(GeneratedImage(image, seeds[i], info, latents[i].cpu()))
     return results
@@ -287,6 +296,33 @@ def iter_generate(
             yield from decode_results(model, params, latents, seeds, subseeds, img2img=source is not None)
             if bar.stopped:
                 break
+    finally:
+        bar.close()
+
+
+def iter_generate_each(
+    model: StableDiffusion,
+    pairs: Sequence[tuple[str, int]],
+    params: GenerationParams,
+    *,
+    progress: bool = True,
+) -> Iterator[GeneratedImage]:
+    """txt2img of each (prompt, seed) pair, `params.batch_size` pairs per batch whatever their prompts.
+
+    Every image is the one `generate` makes of its prompt and seed alone (batch size 1, `params.subseed`):
+    noise comes from each image's own seed. Mixing prompts of different 75-token chunk counts in one batch
+    pads the shorter conditioning as A1111 does, which changes those images slightly.
+    """
+    params = prepare_params(model, params)
+    size = max(params.batch_size, 1)
+    batches = [pairs[i : i + size] for i in range(0, len(pairs), size)]
+    bar = Progress(len(batches) * params.steps, None, progress)
+    try:
+        for batch in batches:
+            prompts, seeds = [p for p, _ in batch], [s for _, s in batch]
+            subseeds = [params.subseed] * len(batch)
+            latents = sample_latents(model, params, seeds, subseeds, callback=bar, prompts=prompts)
+            yield from decode_results(model, params, latents, seeds, subseeds, img2img=False, prompts=prompts)
     finally:
         bar.close()
 
