@@ -6,12 +6,13 @@ or `latentforge.pipelines.infotext.save_png` keeps it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from PIL import Image
 
 from latentforge.model import StableDiffusion
-from latentforge.pipelines.generate import generate
+from latentforge.pipelines.generate import generate, iter_generate_each, prepare_params
 from latentforge.pipelines.infotext import PNG_KEY
 from latentforge.pipelines.params import params_from_dict
 
@@ -22,9 +23,16 @@ def _images(results: list[Any]) -> list[Image.Image]:
     return [result.image for result in results]
 
 
-def txt2img(model: StableDiffusion, prompt: str, **options: Any) -> list[Image.Image]:
-    """Images for a prompt; options are `GenerationParams` fields (steps, sampler, cfg_scale, seed ...)."""
-    return _images(generate(model, params_from_dict({"prompt": prompt, **options})))
+def txt2img(model: StableDiffusion, prompt: str | Sequence[str], **options: Any) -> list[Image.Image]:
+    """Images for a prompt; options are `GenerationParams` fields (steps, sampler, cfg_scale, seed ...).
+
+    A list of prompts gives one image per prompt, image i with seed + i, `batch_size` images per batch.
+    """
+    if isinstance(prompt, str):
+        return _images(generate(model, params_from_dict({"prompt": prompt, **options})))
+    params = prepare_params(model, params_from_dict(options))
+    pairs = [(text, params.seed + i) for i, text in enumerate(prompt)]
+    return _images(list(iter_generate_each(model, pairs, params)))
 
 
 def img2img(model: StableDiffusion, image: Image.Image, prompt: str, **options: Any) -> list[Image.Image]:
