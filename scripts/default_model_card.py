@@ -1,5 +1,5 @@
 """The default model's card numbers: `python scripts/default_model_card.py [--model M --clip CLIP] --data DATA
---out DIR [--images 1000] [--quick] [--parts comparison,steps,cfg,speed]`.
+--out DIR [--images 1000] [--quick] [--parts comparison,steps,cfg,speed] [--samplers A,B]`.
 
 Writes DIR/metrics.json, DIR/{comparison,steps,cfg,speed,tables}.md and DIR/{steps,cfg}.png (plus every
 run's own report under DIR/comparison, DIR/steps and DIR/cfg); docs/default-model.md includes the tables.
@@ -26,6 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--size", type=int, help="image size (default 64)")
     p.add_argument("--speed-repeats", type=int, help="timed txt2img runs (default 10)")
+    p.add_argument("--samplers", help="steps-sweep samplers, comma-separated (default DDIM,Euler,DPM++ 2M)")
     return p.parse_args(argv)
 
 
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if value is not None
     }
+    if args.samplers:
+        overrides["samplers"] = tuple(name.strip() for name in args.samplers.split(",") if name.strip())
     settings = CardSettings.quick(**overrides) if args.quick else CardSettings(**overrides)
     if args.model is None or args.clip is None:
         from latentforge.checkpoints.loading import default_clip_path, default_model_path
