@@ -209,9 +209,51 @@ def run_study(
         points = evaluate_checkpoints(
             config_path, run_overrides, run_dir, reference, prompts, extractor, params, progress
         )
-        study["factors"][str(factor)] = {"config": str(config_path), "plan": plan, "points": points}
+        floor = first_stage_floor(
+            config_path, overrides, reference_dir, reference, extractor, out / f"first_stage_f{factor}"
+        )
+        study["factors"][str(factor)] = {
+            "config": str(config_path), "plan": plan, "points": points, "first_stage": floor
+        }  # fmt: skip
         _write(study, out)
     return study
+
+
+@torch.inference_mode()
+def first_stage_floor(
+    config_path: Path,
+    overrides: Sequence[str],
+    reference_dir: Path,
+    reference: Any,
+    extractor: Any,
+    out: Path,
+) -> dict[str, Any]:
+    """The first stage's own limit: FID-CLIP (and precision/recall) of its reconstructions (posterior mean,
+    decoded) of the reference images against those images, and their PSNR. A U-Net on its latents cannot
+    do much better, so it separates what the autoencoder costs from what the U-Net learned."""
+    from PIL import Image
+
+    from latentforge.evaluation.evaluate import evaluate_sets
+    from latentforge.pipelines.images import pil_to_tensor
+    from latentforge.training.tasks.vae import load_vae
+
+    if (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text())
+    vae = load_vae(load_config(config_path, list(overrides)).task_options["vae"]).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    squared_errors = []
+    for path in sorted(reference_dir.glob("*.png")):
+        with Image.open(path) as image:
+            pixels = pil_to_tensor([image.convert("RGB")])
+        recon = vae.decode(vae.encode(pixels).mode()).clamp(-1, 1)
+        squared_errors.append(float(((recon - pixels) / 2).square().mean()))
+        tensor_to_pil(recon)[0].save(out / path.name)
+        (out / path.name).with_suffix(".txt").write_text(path.with_suffix(".txt").read_text())
+    results, _, _ = evaluate_sets(out, reference, extractor=extractor, metrics=CARD_METRICS, progress=False)
+    mse = sum(squared_errors) / len(squared_errors)
+    floor = {**results["values"], "psnr": 10 * math.log10(1 / mse), "images": len(squared_errors)}
+    (out / "metrics.json").write_text(json.dumps(floor, indent=2) + "\n")
+    return floor
 
 
 def _write(study: dict[str, Any], out: Path) -> None:
@@ -233,8 +275,31 @@ def _write(study: dict[str, Any], out: Path) -> None:
         )
         for f, e in study["factors"].items()
     ]
+    floors = [
+        "| f | PSNR (dB) | FID-CLIP | Precision | Recall |",
+        "|" + " --- |" * 5,
+        *(
+            f"| {f} | {e['first_stage']['psnr']:.2f} | "
+            + " | ".join(f"{e['first_stage'].get(k, math.nan):.4g}" for k in ("fid", "precision", "recall"))
+            + " |"
+            for f, e in study["factors"].items()
+        ),
+    ]
     (out / "study.md").write_text(
-        "\n".join([*lines, "", *plans, "", "![FID vs training time](study.png)", ""])
+        "\n".join(
+            [
+                *lines,
+                "",
+                *plans,
+                "",
+                "First stage alone (its reconstructions of the reference images):",
+                "",
+                *floors,
+                "",
+                "![FID vs training time](study.png)",
+                "",
+            ]
+        )  # fmt: skip
     )
     plot_study(study, out / "study.png")
 
@@ -254,7 +319,9 @@ def plot_study(study: dict[str, Any], path: Path) -> Path:
             x = [p["step"] * entry["plan"]["batch_size"] / 1000 for p in points]
         else:
             x = [p["seconds"] / 60 for p in points]
-        ax.plot(x, [p.get("fid", math.nan) for p in points], "o-", label=f"f = {factor}")
+        (line,) = ax.plot(x, [p.get("fid", math.nan) for p in points], "o-", label=f"f = {factor}")
+        if "first_stage" in entry:  # the autoencoder's own FID: the floor of this factor's curve
+            ax.axhline(entry["first_stage"]["fid"], color=line.get_color(), linestyle=":", linewidth=1)
     ax.set_xlabel(
         "training images seen (thousands; equal FLOPs per image)"
         if study.get("steps")
@@ -262,6 +329,7 @@ def plot_study(study: dict[str, Any], path: Path) -> Path:
     )
     ax.set_ylabel("FID-CLIP (lower is better)")
     ax.set_title("Downsampling factor: FID vs training time at equal compute")
+    ax.plot([], [], color="grey", linestyle=":", label="first stage alone")
     ax.legend()
     figure.savefig(path, dpi=100)
     return path
