@@ -10,7 +10,8 @@ config's `task_options.vae` file is missing (not counted in the budget, as LDM's
 pretrained); measure the U-Net step time in a short probe run; train with max_steps = budget / step time
 and checkpoint_every = max_steps / evals (`latentforge train unet`; the loop has no time-based stop); then
 export every checkpoint's EMA weights as a model and evaluate it with `latentforge eval`'s machinery against
-the holdout images at the training resolution. The plan is saved, so a re-run resumes instead of re-planning.
+the holdout images at the training resolution, beside the first stage's own floor (its reconstructions of
+the same images). The plan is saved, so a re-run resumes instead of re-planning.
 """
 
 from __future__ import annotations
@@ -210,7 +211,7 @@ def run_study(
             config_path, run_overrides, run_dir, reference, prompts, extractor, params, progress
         )
         floor = first_stage_floor(
-            config_path, overrides, reference_dir, reference, extractor, out / f"first_stage_f{factor}"
+            config_path, run_overrides, reference_dir, reference, extractor, out / f"first_stage_f{factor}"
         )
         study["factors"][str(factor)] = {
             "config": str(config_path), "plan": plan, "points": points, "first_stage": floor
@@ -235,11 +236,10 @@ def first_stage_floor(
 
     from latentforge.evaluation.evaluate import evaluate_sets
     from latentforge.pipelines.images import pil_to_tensor
-    from latentforge.training.tasks.vae import load_vae
 
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
-    vae = load_vae(load_config(config_path, list(overrides)).task_options["vae"]).eval()
+    vae = make_unet_task(load_config(config_path, list(overrides))).vae.eval()  # as the U-Net saw it
     out.mkdir(parents=True, exist_ok=True)
     squared_errors = []
     for path in sorted(reference_dir.glob("*.png")):

@@ -205,9 +205,11 @@ def test_downsampling_study_smoke_run(tmp_path: Path) -> None:
         assert [p["step"] for p in points][-1] == plan["max_steps"] and len(points) >= 2
         assert all(np.isfinite(p["fid"]) for p in points)
         assert points[0]["seconds"] <= points[-1]["seconds"]
-    assert (tmp_path / "out" / "study.png").is_file() and "| 2 |" in (
-        tmp_path / "out" / "study.md"
-    ).read_text()
+        floor = entry["first_stage"]  # the autoencoder's reconstructions of every reference image
+        reference = sorted((tmp_path / "out" / "reference").glob("*.png"))
+        assert floor["images"] == len(reference) and np.isfinite(floor["fid"]) and 0 < floor["psnr"] < 100
+    report = (tmp_path / "out" / "study.md").read_text()
+    assert (tmp_path / "out" / "study.png").is_file() and "| 2 |" in report and "First stage alone" in report
     again = study.run_study(  # a re-run reuses the plan, the training and the evaluations
         configs, tmp_path / "out", budget_seconds=99.0, features="random", evals=2, images=4, probe_steps=4,
         sample_steps=2, progress=False,
