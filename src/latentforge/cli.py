@@ -505,12 +505,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from latentforge.checkpoints.errors import CheckpointError
-    from latentforge.pipelines.params import ParameterError
+    from latentforge.errors import LatentforgeError
 
     try:
         return args.handler(args)
-    except (CheckpointError, ParameterError) as e:
+    except LatentforgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

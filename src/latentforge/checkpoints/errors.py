@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from latentforge.errors import LatentforgeError
 
-class CheckpointError(Exception):
+
+class CheckpointError(LatentforgeError):
     """Base class of every error raised while reading or matching a checkpoint."""
 
     def __init__(self, path: str | Path, message: str) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from latentforge.data.images import load_image_rgb
+from latentforge.errors import LatentforgeError
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ _ARTWORK_LICENSES = {
 }
 
 
-class EmojiDatasetError(Exception):
+class EmojiDatasetError(LatentforgeError):
     """The emoji packages could not be fetched, verified or read."""
 
 

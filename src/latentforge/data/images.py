@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from latentforge.errors import LatentforgeError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # EXIF orientations 5-8 are transposes: the stored width and height swap on display.
@@ -24,7 +26,7 @@ _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 _EXIF_ORIENTATION = 0x0112
 
 
-class ImageLoadError(Exception):
+class ImageLoadError(LatentforgeError):
     """An image that cannot be read: missing, corrupt, truncated, too large or of an unknown format."""
 
     def __init__(self, path: str | Path, reason: str) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from latentforge.errors import LatentforgeError
 from latentforge.evaluation import metrics as m
 from latentforge.evaluation.extractors import EvalExtractor, as_eval_extractor, load_extractor
 from latentforge.evaluation.features import FeatureExtractor, extract_features
@@ -39,7 +40,7 @@ CACHE_VERSION = 1
 NUM_SAMPLES = 8  # images per set kept for the report's sample grid
 
 
-class MetricError(ValueError):
+class MetricError(LatentforgeError, ValueError):
     """A metric that cannot be computed on these inputs; the message says what it needs."""
 
 

@@ -22,12 +22,13 @@ from PIL import Image
 
 from latentforge.data.images import ImageLoadError, is_image_file, load_image_rgb, to_rgb
 from latentforge.data.preflight import read_caption
+from latentforge.errors import LatentforgeError
 from latentforge.pipelines.infotext import parse_infotext, read_infotext
 
 ImageSource = str | os.PathLike | Sequence[Image.Image]
 
 
-class EvalInputError(ValueError):
+class EvalInputError(LatentforgeError, ValueError):
     """An unusable evaluation input (folder, prompts, seeds, sweep, extractor); says what to pass."""
 
 

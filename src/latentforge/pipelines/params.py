@@ -10,15 +10,12 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from latentforge.errors import ParameterError
 from latentforge.models.families import ModelFamily
 
 MAX_STEPS = 1000
 DEFAULT_MAX_PIXELS = 4096 * 4096
 DEFAULT_TILED_VAE_PIXELS = 1536 * 1536
-
-
-class ParameterError(ValueError):
-    """A request that cannot be generated; raised before any work is done."""
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from latentforge.errors import LatentforgeError
 from latentforge.training import checkpointing, distributed
 from latentforge.training.config import (
     RunConfig,
@@ -44,7 +45,7 @@ from latentforge.training.task import TrainingTask
 TaskFactory = Callable[[RunConfig], TrainingTask]
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(LatentforgeError, RuntimeError):
     """Raised after `max_nan_steps` consecutive steps with a non-finite loss or gradient norm."""
 
 
