@@ -19,7 +19,8 @@ from latentforge.errors import ParameterError
 from latentforge.model import StableDiffusion
 from latentforge.pipelines.generate import GeneratedImage
 from latentforge.pipelines.infotext import PNG_KEY, read_infotext
-from latentforge.pipelines.request import GenerationRequest, Hires, InitImage, Inpaint, from_infotext
+from latentforge.pipelines.request import GenerationRequest, Hires, InitImage, Inpaint
+from latentforge.pipelines.request_infotext import from_infotext
 from latentforge.pipelines.runner import iter_images
 
 _FIELDS = {f.name for f in fields(GenerationRequest)}

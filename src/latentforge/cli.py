@@ -151,7 +151,7 @@ def build_request(args: argparse.Namespace, base: Any = None) -> Any:
 def _request_base(args: argparse.Namespace) -> Any:
     """The request stored in --from-png's image, with notes on what will differ printed to stderr."""
     from latentforge.pipelines.infotext import read_infotext
-    from latentforge.pipelines.request import from_infotext
+    from latentforge.pipelines.request_infotext import from_infotext
 
     text = read_infotext(args.from_png)
     if not text or not text.strip():

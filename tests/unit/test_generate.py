@@ -19,7 +19,8 @@ from latentforge.model import StableDiffusion
 from latentforge.models.families import SD1, TINY
 from latentforge.pipelines.infotext import parse_infotext, read_infotext
 from latentforge.pipelines.preview import latent_preview, latent_rgb_projection
-from latentforge.pipelines.request import GenerationRequest, InitImage, from_infotext, resolve
+from latentforge.pipelines.request import GenerationRequest, InitImage, resolve
+from latentforge.pipelines.request_infotext import from_infotext
 from latentforge.pipelines.runner import iter_images, run
 from latentforge.pipelines.seeds import request_noise
 

@@ -18,11 +18,11 @@ from latentforge.pipelines.request import (
     UPSCALERS,
     GenerationRequest,
     Hires,
-    from_infotext,
     hires_size,
     resolve,
     upscaler_name,
 )
+from latentforge.pipelines.request_infotext import from_infotext
 from latentforge.pipelines.runner import run
 
 PARAMS = GenerationRequest(

@@ -16,11 +16,12 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from latentforge.errors import ParameterError
+from latentforge.errors import NonFiniteError, ParameterError
 from latentforge.model import StableDiffusion
 from latentforge.pipelines.images import decode_latents, encode_images, tensor_to_pil
 from latentforge.pipelines.prompt_guidance import PromptConditioner
-from latentforge.pipelines.request import Batch, GenerationRequest, Pass, ResolvedRequest, to_infotext
+from latentforge.pipelines.request import Batch, GenerationRequest, Pass, ResolvedRequest
+from latentforge.pipelines.request_infotext import to_infotext
 from latentforge.pipelines.seeds import request_noise
 from latentforge.sampling import schedules
 from latentforge.sampling.common import Denoiser
@@ -221,8 +222,12 @@ def decode_results(
     base = request or resolved.request
     f = model.family.vae.downsampling_factor
     width, height = latents.shape[-1] * f, latents.shape[-2] * f
+    if not torch.isfinite(latents).all():
+        raise NonFiniteError(f"sampling gave NaN/Inf latents (seeds {list(batch.seeds)}): {_cause(model)}")
     tiled = base.tiled_vae if base.tiled_vae is not None else width * height > base.tiled_vae_pixels
     pixels, retried = decode_latents(model, latents, tiled=tiled)
+    if not torch.isfinite(pixels).all():
+        raise NonFiniteError(f"the VAE decoded NaN/Inf pixels (seeds {list(batch.seeds)}): {_cause(model)}")
     results = []
     for i, image in enumerate(tensor_to_pil(pixels)):
         one = replace(resolved.image_request(batch, i), hires=base.hires)
@@ -231,6 +236,18 @@ def decode_results(
         info = to_infotext(one, {"VAE decoded in fp32": True if retried else None})
         results.append(GeneratedImage(image, batch.seeds[i], info, latents[i].cpu(), one))
     return results
+
+
+def _cause(model: StableDiffusion) -> str:
+    """Why a result is not finite, for the error: broken weights, else the numbers of the request."""
+    for name in ("unet", "text_encoder", "vae"):
+        module = getattr(model, name)
+        if any(not torch.isfinite(p).all() for p in module.parameters()):
+            return f"the model's {name} weights hold NaN/Inf (a damaged or badly merged file); nothing saved"
+    return (
+        "the weights are finite, so the request overflowed: check prompt weights such as (word:1e30), the "
+        f"CFG scale and sampler options; in {model.dtype} try --dtype fp32. Nothing was saved"
+    )
 
 
 def _noise_source(

@@ -54,6 +54,8 @@ def _source(model: StableDiffusion, resolved: ResolvedRequest) -> tuple[LatentSo
     if r.inpaint is not None:
         if count != 1:
             raise ParameterError(f"inpainting takes one init image, not {count}")
+        if r.inpaint.mask is None and r.inpaint.outpaint is None:
+            raise ParameterError("this is an inpaint request: give the mask (white = repaint)")
         return inpaint_source(model, r)
     if count not in (1, r.batch_size):
         raise ParameterError(f"give 1 or batch size ({r.batch_size}) init images, not {count}")
