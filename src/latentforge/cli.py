@@ -84,12 +84,20 @@ def _parse_option(text: str) -> tuple[str, float | int | bool | str]:
     return key, value
 
 
+class _Flags(argparse.Namespace):
+    """A command's flags, None for those it lacks (`eval` takes a subset of `generate`'s)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return None
+
+
 def build_request(args: argparse.Namespace, base: Any = None) -> Any:
     """The command line's generation request: `base` (e.g. from --from-png) with the given flags over it."""
     from dataclasses import replace
 
     from latentforge.pipelines.request import GenerationRequest, Hires, InitImage, Inpaint
 
+    args = _Flags(**vars(args))
     request = base or GenerationRequest()
     given = {
         "prompt": args.prompt,
@@ -128,7 +136,7 @@ def build_request(args: argparse.Namespace, base: Any = None) -> Any:
     hires_given = {k: v for k, v in hires_given.items() if v is not None}
     if hires_given:
         request = replace(request, hires=replace(request.hires or Hires(), **hires_given))
-    init_images = tuple(args.init_images)
+    init_images = tuple(args.init_images or ())
     if init_images or request.init is not None:
         init = request.init or InitImage()
         strength = args.strength if args.strength is not None else init.denoising_strength
@@ -189,6 +197,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from latentforge.pipelines.inpaint import load_mask
     from latentforge.pipelines.outputs import prepare_folder
     from latentforge.pipelines.runner import iter_images
+    from latentforge.pipelines.xyz import parse_axis
 
     if (args.mask or args.outpaint) and not args.init_image:
         raise ParameterError("--mask and --outpaint need --init-image")
@@ -197,6 +206,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ):
         raise ParameterError("hires fix (--hires-*) is a txt2img option; drop --init-image")
     base = _request_base(args) if args.from_png else None
+    axes = [parse_axis(text) for text in (args.x, args.y, args.z) if text]
     args.init_images = [load_image_rgb(path) for path in args.init_image or []]
     args.mask_image = load_mask(args.mask) if args.mask else None
     request = build_request(args, base)
@@ -209,6 +219,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         use_ema=args.use_ema,
     )  # fmt: skip
     callback = _preview_writer(model, out, args.preview_every) if args.preview_every else None
+    if axes:
+        return _xyz(model, request, axes, out, args.format)
     written: list[Any] = []
     try:
         for result in iter_images(model, request, callback=callback):
@@ -218,6 +230,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"interrupted; kept {len(written)} finished image(s) in {out}", file=sys.stderr)
         return 130
+    return 0
+
+
+def _xyz(model: Any, request: Any, axes: list[Any], out: Path, format: str) -> int:
+    """Every cell's image, then one labelled grid per Z value (with the first cell's infotext)."""
+    from latentforge.pipelines.infotext import save_image
+    from latentforge.pipelines.outputs import write_new
+    from latentforge.pipelines.xyz import xyz_plot
+
+    grids, results = xyz_plot(model, request, axes)
+    for result in results:
+        _save(out, result, format)
+    info = results[0].infotext
+    for grid in grids:
+        path = write_new(out, lambda n: f"xyz-{n:05d}.{format}", lambda p, g=grid: save_image(g, p, info))
+        print(path)
     return 0
 
 
@@ -350,19 +378,8 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
 
     from latentforge.checkpoints.loading import default_model_path, load
-    from latentforge.pipelines.request import GenerationRequest
 
-    given = {
-        "negative_prompt": args.negative,
-        "steps": args.steps,
-        "sampler": args.sampler,
-        "schedule": args.schedule,
-        "cfg_scale": args.cfg,
-        "width": args.size[0] if args.size else None,
-        "height": args.size[1] if args.size else None,
-        "batch_size": args.batch_size,
-    }
-    request = GenerationRequest(**{k: v for k, v in given.items() if v is not None})
+    request = build_request(args)  # the generation flags `eval` shares with `generate`
     prompts, seeds = runs.read_prompts(args.prompts), runs.parse_seeds(args.seeds)
     model = load(args.model or default_model_path(), dtype=_torch_dtype(args.dtype), device=device)
     spec = (model, request)
@@ -498,6 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a grid image when a run makes several",
     )
     p.add_argument("--from-png", help="take all parameters from an image's infotext (others override)")
+    for axis in ("x", "y", "z"):
+        p.add_argument(
+            f"--{axis}",
+            metavar="FIELD=V1,V2",
+            help=f"X/Y/Z plot: vary a request field along {axis.upper()} (steps=10,20 sampler='Euler a,LMS' "
+            "hires.scale=1.5,2 sampler_options.s_noise=1,1.003); writes each cell and a labelled grid",
+        )
 
     p = add("png-info", cmd_png_info, "Print the generation parameters stored in an image.")
     p.add_argument("image")

@@ -21,6 +21,7 @@ from PIL import Image
 
 from latentforge.errors import ParameterError
 from latentforge.pipelines.seeds import resolve_seed
+from latentforge.prompts.parser import parse_attention
 from latentforge.sampling.registry import (
     OptionValue,
     Sampler,
@@ -233,6 +234,8 @@ def resolve(
         raise ParameterError(f"a request makes at most {MAX_IMAGES} images")
     for key in ("seed", "subseed"):
         _whole(key, getattr(r, key), -1, 2**63 - 1)
+    for text in {r.prompt, r.negative_prompt, *(p for p, _ in r.prompt_seeds)}:
+        parse_attention(text)  # bracket depth and weights checked before any work
     width, height = r.width, r.height
     if r.init is not None:
         _finite("denoising strength", r.init.denoising_strength, 0, 1)
