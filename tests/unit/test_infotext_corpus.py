@@ -61,7 +61,7 @@ def _text(path: Path) -> str:
 
 
 def _written(key: str, value: str, text: str) -> bool:
-    """The pair appears in the text as A1111 writes it: plain, or JSON-quoted (with or without \\u escapes)."""
+    """The pair appears in the text as written: plain, or JSON-quoted (with or without \\u escapes)."""
     forms = (value, json.dumps(value, ensure_ascii=False), json.dumps(value))
     return any(f"{key}: {form}" in text or f"{key}:{form}" in text for form in forms)
 
