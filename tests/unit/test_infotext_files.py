@@ -116,6 +116,21 @@ def test_exif_comment_in_png_and_precedence(tmp_path):
     assert read_infotext(tmp_path / "both.png") == "from exif"
 
 
+def test_png_chunks_after_the_pixels(tmp_path):
+    """Chunks placed after IDAT (allowed by the PNG spec) are found too."""
+    import io
+    import zlib
+
+    buffer = io.BytesIO()
+    _image().save(buffer, format="PNG")
+    data = buffer.getvalue()
+    body = b"parameters\0" + b"late chunk, Steps: 1"
+    chunk = struct.pack(">I", len(body)) + b"tEXt" + body + struct.pack(">I", zlib.crc32(b"tEXt" + body))
+    end = data.rindex(b"IEND") - 4
+    (tmp_path / "late.png").write_bytes(data[:end] + chunk + data[end:])
+    assert read_infotext(tmp_path / "late.png") == "late chunk, Steps: 1"
+
+
 def _tiff(comment: bytes, type_: int = 7, little: bool = False) -> bytes:
     """An EXIF block holding one UserComment, built from TIFF 6.0 by hand (independent of our writer)."""
     e = "<" if little else ">"

@@ -210,11 +210,10 @@ def _exif_comment(exif_bytes: bytes) -> str | None:
 
 
 def _infotext_of(image: Image.Image) -> str | None:
+    if image.format == "PNG" and PNG_KEY not in image.info and "exif" not in image.info:
+        image.load()  # text or eXIf chunks after the pixel data are only seen once the pixels are read
     text = image.info.get(PNG_KEY)
     exif = image.info.get("exif")
-    if exif is None and image.format == "PNG" and not text:
-        image.load()  # an eXIf chunk after the pixel data is only seen once they are read
-        exif = image.info.get("exif")
     comment = _exif_comment(exif) if isinstance(exif, bytes) else None
     if comment:  # A1111's read_info_from_image: a non-empty EXIF comment wins over the text chunk
         return comment
