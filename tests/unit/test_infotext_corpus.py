@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from latentforge.errors import ParameterError
 from latentforge.pipelines.infotext import (
     dropped_text,
     format_infotext,
@@ -19,7 +20,7 @@ from latentforge.pipelines.infotext import (
     read_infotext,
     save_image,
 )
-from latentforge.sampling.registry import SAMPLERS
+from latentforge.sampling.registry import SAMPLERS, split_sampler_name
 from latentforge.sampling.schedules import SCHEDULES
 
 CORPUS = Path(__file__).parents[1] / "data" / "a1111_infotexts"
@@ -117,6 +118,25 @@ def test_sampler_and_schedule_a1111_would_use(path):
             params.get("Hires schedule type", params.get("Schedule type")),
         )
         assert hires == (expected["hires_sampler"], expected["hires_schedule"])
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_our_split_runs_what_a1111_runs(path):
+    """`split_sampler_name` on each file's Sampler and Schedule type gives A1111's pair, and refuses a
+    sampler A1111 does not know (where A1111 silently uses its default)."""
+    expected = EXPECTED[path.name]
+    params = parse_infotext(_text(path))[2]
+    schedule = params.get("Schedule type", "Automatic")
+    pairs = [(params["Sampler"], schedule, expected["sampler"], expected["schedule"])]
+    if "hires_sampler" in expected:
+        hires = (params.get("Hires sampler", params["Sampler"]), params.get("Hires schedule type", schedule))
+        pairs.append((*hires, expected["hires_sampler"], expected["hires_schedule"]))
+    for name, schedule, sampler, expected_schedule in pairs:
+        if sampler is None:
+            with pytest.raises(ParameterError, match="unknown sampler"):
+                split_sampler_name(name, schedule)
+        else:
+            assert split_sampler_name(name, schedule) == (sampler, expected_schedule)
 
 
 def test_rule_splits_legacy_names():
