@@ -34,7 +34,7 @@ from latentforge.evaluation.extractors import load_extractor
 from latentforge.evaluation.model_card import CARD_METRICS, choose_prompts
 from latentforge.evaluation.runs import generate_and_evaluate
 from latentforge.pipelines.images import tensor_to_pil
-from latentforge.pipelines.params import GenerationParams
+from latentforge.pipelines.request import GenerationRequest
 from latentforge.training.checkpointing import list_checkpoints, load_checkpoint
 from latentforge.training.config import load_config
 from latentforge.training.loop import run_training
@@ -131,7 +131,7 @@ def evaluate_checkpoints(
     reference: Any,
     prompts: tuple[list[str], list[int]],
     extractor: Any,
-    params: GenerationParams,
+    params: GenerationRequest,
     progress: bool,
 ) -> list[dict[str, Any]]:
     """FID-CLIP (and CLIP score, precision/recall) of each checkpoint's EMA weights, with its loop time."""
@@ -204,7 +204,7 @@ def run_study(
         if not (run_dir / "final.safetensors").is_file():
             run_training("unet", config_path, run_overrides)
         resolution = load_config(config_path, list(overrides)).task_options.get("resolution", 32)
-        params = GenerationParams(
+        params = GenerationRequest(
             steps=sample_steps, cfg_scale=cfg_scale, width=resolution, height=resolution, batch_size=16
         )
         points = evaluate_checkpoints(

@@ -143,9 +143,7 @@ def test_lcm_is_identity_at_the_boundary_and_scales_the_consistency_estimate() -
     assert torch.allclose(out, x / math.sqrt(1 + float(MODEL_SIGMAS[0]) ** 2), rtol=0, atol=1e-15)
     # A consistency-style denoiser (always the same x0 = 2) at t = 19: f = c_out * 2 + c_skip * z.
     sigma = float(MODEL_SIGMAS[19])
-    out = sample_lcm(
-        lambda x, s: torch.full_like(x, 2.0), x, torch.tensor([sigma, 0.0], dtype=torch.float64)
-    )
+    out = sample_lcm(lambda x, s: torch.full_like(x, 2.0), x, torch.tensor([sigma, 0.0], dtype=torch.float64))
     c_skip, c_out = boundary_scalings(19.0)
     assert torch.allclose(out, c_out * 2.0 + c_skip * x / math.sqrt(1 + sigma**2), rtol=0, atol=1e-12)
 

@@ -189,11 +189,11 @@ def test_export_loads_and_generates(tmp_path):
         (task.text_encoder, model.text_encoder),
     ):
         assert weights_digest(ours) == weights_digest(loaded)
-    from latentforge.pipelines.generate import generate
-    from latentforge.pipelines.params import GenerationParams
+    from latentforge.pipelines.request import GenerationRequest
+    from latentforge.pipelines.runner import run
 
-    params = GenerationParams(prompt="a red circle", steps=3, sampler="Euler", seed=1, cfg_scale=3.0)
-    result = generate(model, params, progress=False)
+    request = GenerationRequest(prompt="a red circle", steps=3, sampler="Euler", seed=1, cfg_scale=3.0)
+    result = run(model, request, progress=False)
     pixels = torch.tensor(list(result[0].image.getdata()), dtype=torch.float32)
     assert result[0].image.size == (16, 16) and torch.isfinite(result[0].latents).all()
     assert pixels.std() > 0

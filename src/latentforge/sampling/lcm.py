@@ -69,9 +69,7 @@ def sample_lcm(
         c_skip, c_out = boundary_scalings(
             float(schedules.sigma_to_t(sigma, model_sigmas)), sigma_data, timestep_scaling
         )
-        denoised = (
-            c_out * denoise(x, sigmas[i].expand(x.shape[0])) + c_skip / math.sqrt(1 + sigma**2) * x
-        )
+        denoised = c_out * denoise(x, sigmas[i].expand(x.shape[0])) + c_skip / math.sqrt(1 + sigma**2) * x
         if report(callback, i, sigmas[i], sigmas[i + 1], x, denoised):
             return denoised
         x = denoised + sigma_next * noise(sigmas[i], sigmas[i + 1]) if sigma_next > 0 else denoised

@@ -80,10 +80,10 @@ SAMPLERS: dict[str, Sampler] = {
     "DPM++ 2S a": Sampler(k_samplers.sample_dpmpp_2s_ancestral, "Karras", "gaussian"),
     "DPM++ 3M SDE": Sampler(k_samplers.sample_dpmpp_3m_sde, "Exponential", "brownian", True),
     "Euler a": Sampler(k_samplers.sample_euler_ancestral, noise="gaussian"),
-    "Euler": Sampler(k_samplers.sample_euler),
+    "Euler": Sampler(k_samplers.sample_euler, noise="gaussian"),  # noise only with s_churn > 0
     "LMS": Sampler(k_samplers.sample_lms),
-    "Heun": Sampler(k_samplers.sample_heun),
-    "DPM2": Sampler(k_samplers.sample_dpm_2, "Karras", discard_penultimate_sigma=True),
+    "Heun": Sampler(k_samplers.sample_heun, noise="gaussian"),
+    "DPM2": Sampler(k_samplers.sample_dpm_2, "Karras", "gaussian", discard_penultimate_sigma=True),
     "DPM2 a": Sampler(k_samplers.sample_dpm_2_ancestral, "Karras", "gaussian", True),
     "Restart": Sampler(k_samplers.sample_restart, "Karras", "gaussian"),
     "DDIM": Sampler(ddim.sample_ddim, "DDIM", "gaussian", vp_start=True),

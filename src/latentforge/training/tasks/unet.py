@@ -13,8 +13,9 @@ the model family so `latentforge.load` and the pipelines use it.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -410,7 +411,7 @@ class UNetTask:
         for prompt in prompts:
             context = self.encode_text(self.tokenizer([prompt] * len(seeds))).to(device)
             x = initial_noise(list(seeds), shape, device=device) * sigmas[0]
-            out.append(sample_euler(guided, x, sigmas, cond={"crossattn": context}))
+            out.append(sample_euler(partial(_bind, guided, {"crossattn": context}), x, sigmas))
         return torch.cat(out) / self.latent_scale
 
     def samples(self, model: nn.Module) -> Image.Image | None:
@@ -470,3 +471,9 @@ def make_unet_task(config: RunConfig) -> UNetTask:
     """The `TASKS["unet"]` factory: reads `task_options`, `seed` and `device` (for the frozen encoders)."""
     device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
     return UNetTask(config.task_options, seed=config.seed, device=device)
+
+
+def _bind(
+    denoise: Callable[..., torch.Tensor], cond: dict, x: torch.Tensor, sigma: torch.Tensor
+) -> torch.Tensor:
+    return denoise(x, sigma, cond)
