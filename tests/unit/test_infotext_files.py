@@ -3,6 +3,7 @@
 piexif is the library A1111 writes and reads EXIF with (modules/images.py), so it serves as the oracle.
 """
 
+import json
 import struct
 
 import numpy as np
@@ -116,6 +117,21 @@ def test_exif_comment_in_png_and_precedence(tmp_path):
     assert read_infotext(tmp_path / "both.png") == "from exif"
 
 
+def test_png_chunks_after_the_pixels(tmp_path):
+    """Chunks placed after IDAT (allowed by the PNG spec) are found too."""
+    import io
+    import zlib
+
+    buffer = io.BytesIO()
+    _image().save(buffer, format="PNG")
+    data = buffer.getvalue()
+    body = b"parameters\0" + b"late chunk, Steps: 1"
+    chunk = struct.pack(">I", len(body)) + b"tEXt" + body + struct.pack(">I", zlib.crc32(b"tEXt" + body))
+    end = data.rindex(b"IEND") - 4
+    (tmp_path / "late.png").write_bytes(data[:end] + chunk + data[end:])
+    assert read_infotext(tmp_path / "late.png") == "late chunk, Steps: 1"
+
+
 def _tiff(comment: bytes, type_: int = 7, little: bool = False) -> bytes:
     """An EXIF block holding one UserComment, built from TIFF 6.0 by hand (independent of our writer)."""
     e = "<" if little else ">"
@@ -216,3 +232,34 @@ def test_modes_and_jpeg_limit(tmp_path):
 def test_no_infotext(tmp_path):
     for suffix in ("png", "jpg", "webp"):
         assert read_infotext(save_image(_image(), tmp_path / f"n.{suffix}", None)) is None
+
+
+def test_novelai_png_as_a1111_converts_it(tmp_path):
+    """NovelAI keeps its parameters as Description + Comment JSON; A1111 turns them into an infotext."""
+    from PIL import PngImagePlugin
+
+    comment = {"steps": 28, "sampler": "k_euler_ancestral", "seed": 2463381925, "strength": 0.7, "noise": 0.2,
+               "scale": 11.0, "uc": "lowres, bad anatomy", "width": 64, "height": 48}  # fmt: skip
+    info = PngImagePlugin.PngInfo()
+    for key, value in {"Title": "AI generated image", "Description": "1girl, fox ears, autumn leaves",
+                       "Software": "NovelAI", "Source": "Stable Diffusion 1D44365E",
+                       "Comment": json.dumps(comment)}.items():  # fmt: skip
+        info.add_text(key, value)
+    _image().save(tmp_path / "nai.png", pnginfo=info)
+    assert read_infotext(tmp_path / "nai.png") == (
+        "1girl, fox ears, autumn leaves\nNegative prompt: lowres, bad anatomy\n"
+        "Steps: 28, Sampler: Euler a, CFG scale: 11.0, Seed: 2463381925, Size: 64x48, Clip skip: 2, "
+        "ENSD: 31337"
+    )
+    newer = comment | {"sampler": "k_dpmpp_2s_ancestral", "noise_schedule": "karras"}
+    info = PngImagePlugin.PngInfo()
+    for key, value in {"Software": "NovelAI", "Description": "x", "Comment": json.dumps(newer)}.items():
+        info.add_text(key, value)
+    _image().save(tmp_path / "nai2.png", pnginfo=info)
+    params = parse_infotext(read_infotext(tmp_path / "nai2.png"))[2]
+    assert (params["Sampler"], params["Schedule type"]) == ("DPM++ 2S a", "Karras")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", "NovelAI")
+    info.add_text("Comment", "not json")
+    _image().save(tmp_path / "nai3.png", pnginfo=info)
+    assert read_infotext(tmp_path / "nai3.png") is None

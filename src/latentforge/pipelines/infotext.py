@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import struct
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -196,9 +197,11 @@ def decode_user_comment(raw: bytes, big_endian: bool = True) -> str:
 def _exif_comment(exif_bytes: bytes) -> str | None:
     exif = Image.Exif()
     try:
-        exif.load(exif_bytes)
-        raw = exif.get_ifd(_EXIF_IFD).get(_USER_COMMENT)
-    except (OSError, SyntaxError, ValueError, KeyError, struct.error):  # malformed EXIF: as if absent
+        with warnings.catch_warnings():  # Pillow warns "Corrupt EXIF data"; malformed EXIF counts as absent
+            warnings.simplefilter("ignore", UserWarning)
+            exif.load(exif_bytes)
+            raw = exif.get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    except (OSError, SyntaxError, ValueError, KeyError, struct.error):
         return None
     if isinstance(raw, tuple):  # written with type BYTE
         raw = bytes(raw)
@@ -210,15 +213,48 @@ def _exif_comment(exif_bytes: bytes) -> str | None:
 
 
 def _infotext_of(image: Image.Image) -> str | None:
+    if image.format == "PNG" and PNG_KEY not in image.info and "exif" not in image.info:
+        image.load()  # text or eXIf chunks after the pixel data are only seen once the pixels are read
     text = image.info.get(PNG_KEY)
     exif = image.info.get("exif")
-    if exif is None and image.format == "PNG" and not text:
-        image.load()  # an eXIf chunk after the pixel data is only seen once they are read
-        exif = image.info.get("exif")
     comment = _exif_comment(exif) if isinstance(exif, bytes) else None
     if comment:  # A1111's read_info_from_image: a non-empty EXIF comment wins over the text chunk
         return comment
-    return text if isinstance(text, str) and text else None
+    if isinstance(text, str) and text:
+        return text
+    return _novelai_infotext(image) if image.info.get("Software") == "NovelAI" else None
+
+
+# NovelAI's sampler names -> A1111's (A1111 maps only its own aliases and turns the rest into "Euler a";
+# the rest are passed through here, so an unknown one is reported rather than replaced).
+_NOVELAI_SAMPLERS = {
+    "k_euler_ancestral": "Euler a", "k_euler": "Euler", "k_lms": "LMS", "k_heun": "Heun", "k_dpm_2": "DPM2",
+    "k_dpm_2_ancestral": "DPM2 a", "k_dpmpp_2s_ancestral": "DPM++ 2S a", "k_dpmpp_2m": "DPM++ 2M",
+    "k_dpmpp_sde": "DPM++ SDE", "k_dpm_fast": "DPM fast", "k_dpm_adaptive": "DPM adaptive", "ddim": "DDIM",
+    "plms": "PLMS",
+}  # fmt: skip
+_NOVELAI_SCHEDULES = {"karras": "Karras", "exponential": "Exponential", "polyexponential": "Polyexponential"}
+
+
+def _novelai_infotext(image: Image.Image) -> str | None:
+    """A NovelAI PNG's Description + Comment JSON as an infotext, the way A1111's read_info_from_image
+    converts it (its fixed Clip skip 2 and ENSD 31337 included); None when the JSON is not NovelAI's."""
+    try:
+        info = json.loads(str(image.info.get("Comment", "")))
+        sampler = str(info["sampler"])
+        params = {
+            "Steps": info["steps"],
+            "Sampler": _NOVELAI_SAMPLERS.get(sampler, sampler),
+            "Schedule type": _NOVELAI_SCHEDULES.get(str(info.get("noise_schedule"))),
+            "CFG scale": info["scale"],
+            "Seed": info["seed"],
+            "Size": f"{image.width}x{image.height}",
+            "Clip skip": 2,
+            "ENSD": 31337,
+        }
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return format_infotext(str(image.info.get("Description", "")), str(info.get("uc", "")), params)
 
 
 def read_infotext(source: str | Path | Image.Image) -> str | None:
