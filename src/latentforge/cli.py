@@ -235,6 +235,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _xyz(model: Any, request: Any, axes: list[Any], out: Path, format: str) -> int:
     """Every cell's image, then one labelled grid per Z value (with the first cell's infotext)."""
+    from functools import partial
+
     from latentforge.pipelines.infotext import save_image
     from latentforge.pipelines.outputs import write_new
     from latentforge.pipelines.xyz import xyz_plot
@@ -244,7 +246,7 @@ def _xyz(model: Any, request: Any, axes: list[Any], out: Path, format: str) -> i
         _save(out, result, format)
     info = results[0].infotext
     for grid in grids:
-        path = write_new(out, lambda n: f"xyz-{n:05d}.{format}", lambda p, g=grid: save_image(g, p, info))
+        path = write_new(out, lambda n: f"xyz-{n:05d}.{format}", partial(save_image, grid, infotext=info))
         print(path)
     return 0
 

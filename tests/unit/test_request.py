@@ -175,7 +175,7 @@ def test_ensd_changes_only_the_step_noise(model):
 
 
 def test_model_hash_mismatch_warns_and_gpu_noise_is_noted(model):
-    text = "x\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 32x32, Model hash: ffffffffff, Version: v1.6.0"
+    text = "x\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 1, Model hash: ffffffffff, Version: v1.6.0"
     parsed = from_infotext(text)
     assert parsed.notes and "GPU noise" in parsed.notes[0]
     with pytest.warns(UserWarning, match="model hash ffffffffff .* has 0123456789"):

@@ -17,8 +17,6 @@ from pathlib import Path
 
 from latentforge.errors import OutputError
 
-_NUMBERED = re.compile(r"^(\d{5,})-")
-
 
 def prepare_folder(folder: str | Path) -> Path:
     """Create the output folder and prove it writable before any model work; OutputError otherwise."""
@@ -34,9 +32,11 @@ def prepare_folder(folder: str | Path) -> Path:
     return folder
 
 
-def next_number(folder: Path) -> int:
-    """One past the highest number any file in the folder starts with (not the count of files)."""
-    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := _NUMBERED.match(p.name))]
+def next_number(folder: Path, prefix: str = "") -> int:
+    """One past the highest number after `prefix` that a file name in the folder starts with (images:
+    "00012-seed.png", grids: "grid-00003.png"); not the count of files."""
+    numbered = re.compile(re.escape(prefix) + r"(\d{5,})")
+    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := numbered.match(p.name))]
     return max(numbers, default=-1) + 1
 
 
@@ -48,7 +48,7 @@ def write_new(folder: Path, name: Callable[[int], str], write: Callable[[Path], 
             write(tmp)
         except OSError as e:
             raise OutputError(f"{folder}: writing failed ({e.strerror or e}); nothing was kept") from None
-        number = next_number(folder)
+        number = next_number(folder, re.split(r"\d", name(0), maxsplit=1)[0])
         for _ in range(10_000):
             target = folder / name(number)
             try:
