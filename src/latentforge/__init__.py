@@ -8,13 +8,12 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from latentforge.api import img2img, txt2img
-    from latentforge.checkpoints.loading import load
-    from latentforge.model import StableDiffusion
+    from latentforge.model import StableDiffusion, load
     from latentforge.pipelines.generate import generate
     from latentforge.pipelines.params import GenerationParams
 
 _LAZY = {
-    "load": "latentforge.checkpoints.loading",
+    "load": "latentforge.model",
     "StableDiffusion": "latentforge.model",
     "txt2img": "latentforge.api",
     "img2img": "latentforge.api",

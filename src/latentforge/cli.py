@@ -18,7 +18,7 @@ def _torch_dtype(name: str):  # noqa: ANN202 (torch imported lazily)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from latentforge.checkpoints.loading import load
+    from latentforge.model import load
 
     bundle = load(args.model, prediction=args.prediction, compute_hash=True)
     family = bundle.family
@@ -35,8 +35,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from latentforge.checkpoints.loading import load
     from latentforge.checkpoints.single_file import save_single_file
+    from latentforge.model import load
 
     bundle = load(args.model, prediction=args.prediction, vae=args.vae, compute_hash=False)
     save_single_file(
@@ -70,8 +70,9 @@ def _parse_margins(text: str) -> tuple[int, int, int, int]:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from latentforge.checkpoints.loading import default_model_path, load
+    from latentforge.checkpoints.loading import default_model_path
     from latentforge.data.images import ImageLoadError, load_image_rgb
+    from latentforge.model import load
     from latentforge.pipelines.generate import iter_generate
     from latentforge.pipelines.hires import iter_hires
     from latentforge.pipelines.infotext import parse_infotext, read_infotext, save_png
@@ -317,7 +318,8 @@ def _eval(args: argparse.Namespace) -> int:
         _print_eval(result, out)
         return 0
 
-    from latentforge.checkpoints.loading import default_model_path, load
+    from latentforge.checkpoints.loading import default_model_path
+    from latentforge.model import load
     from latentforge.pipelines.params import GenerationParams
 
     given = {

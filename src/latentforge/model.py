@@ -1,12 +1,14 @@
-"""`StableDiffusion`: the loaded model bundle every pipeline takes."""
+"""`StableDiffusion`: the loaded model bundle every pipeline takes, and `load(path)` that makes one."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from latentforge.models.families import ModelFamily
+from latentforge.checkpoints.loading import read_components, read_vae
+from latentforge.models.families import ModelFamily, Prediction
 from latentforge.models.text_encoder import CLIPTextModel
 from latentforge.models.tokenizer import CLIPTokenizer
 from latentforge.models.unet import UNetModel
@@ -68,3 +70,46 @@ class StableDiffusion:
         for module in (self.text_encoder, self.vae, self.unet):
             module.eval().requires_grad_(False)
         return self
+
+
+def load(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    prediction: Prediction | None = None,
+    vae: str | Path | None = None,
+    use_ema: bool = False,
+    compute_hash: bool = True,
+) -> StableDiffusion:
+    """Load an original single-file checkpoint (`.safetensors`/`.ckpt`) or a diffusers folder.
+
+    Args:
+        path: the checkpoint file or diffusers folder.
+        dtype: weights dtype (default: float32).
+        device: where the weights go.
+        prediction: "epsilon", "v" or "x0" when the family default is wrong (v-models of SD 2.x).
+        vae: a standalone VAE file to use instead of the checkpoint's own.
+        use_ema: take the U-Net's EMA weights of a full training checkpoint.
+        compute_hash: compute A1111's model hash (reads the whole file once more).
+    """
+    parts = read_components(
+        path, dtype=dtype or torch.float32, prediction=prediction, use_ema=use_ema, compute_hash=compute_hash
+    )
+    bundle = StableDiffusion(
+        family=parts.family,
+        tokenizer=CLIPTokenizer.for_config(parts.family.text_encoder),
+        text_encoder=parts.text_encoder,
+        vae=parts.vae,
+        unet=parts.unet,
+        name=parts.name,
+        short_hash=parts.short_hash,
+    )
+    if vae is not None:
+        swap_vae(bundle, vae)
+    return bundle.to(device=device).eval()
+
+
+def swap_vae(bundle: StableDiffusion, path: str | Path) -> None:
+    """Replace the bundle's VAE by the one in `path` (same architecture, other weights)."""
+    bundle.vae = read_vae(path, bundle.family, bundle.dtype).to(bundle.device)

@@ -7,9 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from latentforge.checkpoints.errors import KeyMismatchError, UnknownArchitectureError
-from latentforge.checkpoints.loading import load
 from latentforge.checkpoints.single_file import save_single_file, to_single_file_state_dict
-from latentforge.model import StableDiffusion
+from latentforge.model import StableDiffusion, load
 from latentforge.models.configs import TextEncoderConfig, UNetConfig
 from latentforge.models.families import TINY
 

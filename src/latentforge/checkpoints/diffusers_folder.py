@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from latentforge.checkpoints import keymap_unet, keymap_vae
+from latentforge.checkpoints.assembly import Components, assemble
 from latentforge.checkpoints.errors import CheckpointNotFoundError, UnknownArchitectureError
 from latentforge.checkpoints.reading import StateDict, read_state_dict
-from latentforge.model import StableDiffusion
 from latentforge.models.configs import TextEncoderConfig, UNetConfig, VAEConfig
 from latentforge.models.families import FAMILIES, TINY, ModelFamily, Prediction
 
@@ -208,10 +208,8 @@ def family_from_diffusers(root: Path, prediction: Prediction | None = None) -> M
 
 def load_diffusers_folder(
     root: Path, *, dtype: torch.dtype, prediction: Prediction | None = None
-) -> StableDiffusion:
+) -> Components:
     """Build the family from the configs, read each component's weights (cast while reading), assemble."""
-    from latentforge.checkpoints.loading import assemble
-
     missing = [f"{name}/" for name in COMPONENTS if not (root / name).is_dir()]
     if len(missing) == len(COMPONENTS):
         raise UnknownArchitectureError(
@@ -225,9 +223,9 @@ def load_diffusers_folder(
     unet = keymap_unet.diffusers_to_ours(_read_weights(root / "unet", dtype), family.unet)
     vae = keymap_vae.diffusers_to_ours(_read_weights(root / "vae", dtype), family.vae)
     text = text_encoder_to_ours(_read_weights(root / "text_encoder", dtype))
-    bundle = assemble(family, unet, vae, text, dtype=dtype, path=root)
-    bundle.name = root.name
-    return bundle
+    components = assemble(family, unet, vae, text, dtype=dtype, path=root)
+    components.name = root.name
+    return components
 
 
 def diffusers_configs(family: ModelFamily) -> dict[str, dict[str, Any]]:
