@@ -1,6 +1,8 @@
 """Read tensors from `.safetensors` and `.ckpt` files without ever running pickle code.
 
-`.ckpt`/`.pt`/`.pth` go through `torch.load(weights_only=True)` only; there is no unsafe fallback.
+`.ckpt`/`.pt`/`.pth` go through `torch.load(weights_only=True)` only, with an explicit allow-list of
+the few harmless globals Lightning checkpoints contain (mapped to inert stand-ins); there is no unsafe
+fallback.
 Files are sniffed first, so a git-lfs pointer or an HTML page saved under a model name gets an error
 that says so instead of a parser's complaint.
 """
@@ -42,11 +44,14 @@ def read_state_dict(
     if kind == "safetensors":
         return _read_safetensors(path, dtype, keep)
     tensors = _read_torch(path)
-    return {k: _cast(v, dtype) for k, v in tensors.items() if keep is None or keep(k)}, {}
+    return {k: _private_copy(v, dtype) for k, v in tensors.items() if keep is None or keep(k)}, {}
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+def _private_copy(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A copy in fresh memory (cast to `dtype` when floating): never a view of the file's mapping."""
+    if dtype is not None and tensor.is_floating_point():
+        return tensor.to(dtype, copy=True)
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 def sniff(path: Path) -> str:
@@ -159,22 +164,56 @@ def _entry_end(path: Path, key: str, entry: object) -> int:
     return end
 
 
+class InertObject:
+    """Stand-in for a harmless class a Lightning checkpoint pickles beside its tensors: it keeps the
+    arguments and state it is given and runs nothing (the real class is never imported)."""
+
+    def __init__(self, *args: object) -> None:
+        self.args = args
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+
+def _inert_scalar(dtype: object, data: object = None) -> InertObject:
+    return InertObject(dtype, data)
+
+
+# The globals of the original CompVis/Stability `.ckpt` (e.g. sd-v1-4.ckpt) beyond tensors: Lightning's
+# `callbacks` entry keyed by the ModelCheckpoint class, and numpy scalars (`numpy.core.multiarray.scalar`
+# built from a `numpy.dtype`). Each name maps to an inert stand-in; anything else is still refused by
+# torch's weights-only unpickler. A1111 (`modules/safe.py`) and ComfyUI allow the same names.
+LIGHTNING_SAFE_GLOBALS: list[Callable[..., object] | tuple[Callable[..., object], str]] = [
+    (InertObject, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+    (_inert_scalar, "numpy.core.multiarray.scalar"),
+    (_inert_scalar, "numpy._core.multiarray.scalar"),  # the same written by numpy >= 2
+    (InertObject, "numpy.dtype"),
+]
+
+
 def _read_torch(path: Path) -> StateDict:
+    """The tensors of a PyTorch pickle, copied out of the file's memory map.
+
+    The zip format is mapped (`mmap=True`) so that tensors we skip are never read; every tensor we
+    return is then copied into memory of its own, so a later change to the file on disk cannot
+    crash the process with SIGBUS (issue 19) through a page still backed by the file.
+    """
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+        with torch.serialization.safe_globals(LIGHTNING_SAFE_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
             path,
             "the pickle asks for more than tensors, so it was not loaded (it could run code). "
             f"Convert it to .safetensors with a tool you trust. Detail: {str(e).splitlines()[0]}",
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError) as e:
         raise CorruptCheckpointError(path, f"unreadable PyTorch checkpoint ({e})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise CorruptCheckpointError(path, f"expected a dict of tensors, found {type(obj).__name__}")
-    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         raise CorruptCheckpointError(path, "the checkpoint holds no tensors")
     return tensors
