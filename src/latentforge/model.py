@@ -88,7 +88,8 @@ def load(
         path: the checkpoint file or diffusers folder.
         dtype: weights dtype (default: float32).
         device: where the weights go.
-        prediction: "epsilon", "v" or "x0" when the family default is wrong (v-models of SD 2.x).
+        prediction: "epsilon", "v" or "x0"; default: the family's, and for SD 2.x single files (512 eps
+            or 768-v) one U-Net forward tells (1.5 s on a CPU core, see `checkpoints.prediction_probe`).
         vae: a standalone VAE file to use instead of the checkpoint's own.
         use_ema: take the U-Net's EMA weights of a full training checkpoint.
         compute_hash: compute A1111's model hash (reads the whole file once more).

@@ -12,9 +12,10 @@ from latentforge.checkpoints.diffusers_folder import load_diffusers_folder
 from latentforge.checkpoints.errors import CheckpointNotFoundError
 from latentforge.checkpoints.exports import read_vae_state_dict
 from latentforge.checkpoints.hashing import a1111_short_hash
+from latentforge.checkpoints.prediction_probe import probe_prediction
 from latentforge.checkpoints.reading import read_state_dict
 from latentforge.checkpoints.single_file import (
-    detect_family,
+    detect_families,
     is_weight_key,
     split_components,
     text_encoder_to_ours,
@@ -54,7 +55,9 @@ def read_components(
 ) -> Components:
     """The family and networks of an original single file (`.safetensors`/`.ckpt`) or a diffusers folder.
 
-    See `latentforge.model.load` for the arguments.
+    See `latentforge.model.load` for the arguments. Without `prediction`, a single file whose shapes fit
+    both an epsilon and a v family (SD 2.x 512 / 768-v) is probed: one U-Net forward on an 8x8 latent
+    (`prediction_probe`; full-size SD 2.x in fp32 on one CPU thread: 1.5 s); `prediction` given: no probe.
     """
     path = Path(path)
     if path.is_dir():
@@ -67,13 +70,22 @@ def read_components(
     )
     parts = split_components(state_dict, use_ema=use_ema)
     del state_dict
-    family = detect_family(parts, metadata, path)
-    if prediction is not None:
-        family = family.with_prediction(prediction)
+    candidates = detect_families(parts, metadata, path)
+    family = _with_prediction(candidates, prediction) if prediction is not None else candidates[0]
     text_sd = text_encoder_to_ours(parts.pop("text_encoder"), parts["text_layout"], family.text_encoder)
     components = assemble(family, parts.pop("unet"), parts.pop("vae"), text_sd, dtype=dtype, path=path)
+    if prediction is None and len({c.prediction for c in candidates}) > 1:
+        # same shapes, different targets (sd2 / sd2-v): run the U-Net once to tell (see prediction_probe)
+        components.family = _with_prediction(candidates, probe_prediction(components.unet, family))
     components.short_hash = a1111_short_hash(path) if compute_hash else None
     return components
+
+
+def _with_prediction(candidates: list[ModelFamily], prediction: Prediction) -> ModelFamily:
+    """The table entry with this prediction (so sd2-v brings its 768 px default), else the first one
+    with the prediction replaced (e.g. an x0 model, which the table has no entry for)."""
+    exact = [c for c in candidates if c.prediction == prediction]
+    return exact[0] if exact else candidates[0].with_prediction(prediction)
 
 
 def read_vae(path: str | Path, family: ModelFamily, dtype: torch.dtype) -> AutoencoderKL:

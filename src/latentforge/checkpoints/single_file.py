@@ -94,10 +94,14 @@ def _ema_unet(state_dict: Mapping[str, torch.Tensor], unet: StateDict) -> StateD
     return found
 
 
-def detect_family(parts: Mapping[str, Any], metadata: Mapping[str, str], path: str | Path) -> ModelFamily:
-    """Family from our own metadata if present, else from the U-Net's weight shapes and the text layout."""
+def detect_families(
+    parts: Mapping[str, Any], metadata: Mapping[str, str], path: str | Path
+) -> list[ModelFamily]:
+    """The table entries the weights fit: our own metadata's family if present, else every family whose
+    U-Net shapes and text layout match (several only when they differ in what shapes cannot show, the
+    prediction type: sd2 / sd2-v; `loading` probes the U-Net to choose)."""
     if METADATA_FAMILY in metadata:
-        return family_from_json(metadata[METADATA_FAMILY])
+        return [family_from_json(metadata[METADATA_FAMILY])]
     unet = parts["unet"]
     try:
         found = {
@@ -113,16 +117,19 @@ def detect_family(parts: Mapping[str, Any], metadata: Mapping[str, str], path: s
             f"not an SD 1.x/2.x checkpoint (no {e.args[0]!r} in the U-Net); "
             f"components found: {components or 'none'}; other keys: {parts['rest'][:5]}",
         ) from None
-    for family in FAMILIES.values():
-        if family.text_layout == parts["text_layout"] and all(
-            getattr(family.unet, k) == v for k, v in found.items()
-        ):
-            return family
-    raise UnknownArchitectureError(
-        path,
-        f"no model family matches U-Net {found} with text encoder layout {parts['text_layout']!r}; "
-        f"known families: {', '.join(FAMILIES)}",
-    )
+    matches = [
+        family
+        for family in FAMILIES.values()
+        if family.text_layout == parts["text_layout"]
+        and all(getattr(family.unet, k) == v for k, v in found.items())
+    ]
+    if not matches:
+        raise UnknownArchitectureError(
+            path,
+            f"no model family matches U-Net {found} with text encoder layout {parts['text_layout']!r}; "
+            f"known families: {', '.join(FAMILIES)}",
+        )
+    return matches
 
 
 def family_to_json(family: ModelFamily) -> str:
