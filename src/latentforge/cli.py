@@ -35,19 +35,29 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from latentforge.checkpoints.diffusers_folder import save_diffusers_folder
     from latentforge.checkpoints.single_file import save_single_file
+    from latentforge.errors import OutputError
     from latentforge.model import load
 
+    out = Path(args.output)
+    if args.to == "diffusers" and (out.is_file() or (out.is_dir() and any(out.iterdir()))):
+        raise OutputError(
+            f"{out}: exists and is not an empty folder; choose a new folder for the diffusers model"
+        )
+    if args.to == "single-file" and out.is_dir():
+        raise OutputError(f"{out}: is a folder; give a file name (or --to diffusers to write a folder)")
     bundle = load(args.model, prediction=args.prediction, vae=args.vae, compute_hash=False)
-    save_single_file(
-        args.output,
+    save = save_diffusers_folder if args.to == "diffusers" else save_single_file
+    save(
+        out,
         bundle.unet.state_dict(),
         bundle.vae.state_dict(),
         bundle.text_encoder.state_dict(),
         bundle.family,
         dtype=_torch_dtype(args.dtype),
     )
-    print(f"wrote {args.output}")
+    print(f"wrote {out} ({args.to}, family {bundle.family.name}, prediction {bundle.family.prediction})")
     return 0
 
 
@@ -441,9 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="checkpoint file (.safetensors/.ckpt) or diffusers folder")
     p.add_argument("--prediction", choices=["epsilon", "v", "x0"])
 
-    p = add("convert", cmd_convert, "Convert any checkpoint to an original-layout .safetensors.")
-    p.add_argument("model")
-    p.add_argument("output")
+    p = add(
+        "convert",
+        cmd_convert,
+        "Convert any checkpoint to an original-layout .safetensors or a diffusers folder.",
+    )
+    p.add_argument("model", help="checkpoint file (.safetensors/.ckpt) or diffusers folder")
+    p.add_argument("output", help="the .safetensors file, or with --to diffusers a new folder")
+    p.add_argument("--to", choices=["single-file", "diffusers"], default="single-file")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp16")
     p.add_argument("--vae", help="standalone VAE to bake in")
     p.add_argument("--prediction", choices=["epsilon", "v", "x0"])
