@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from latentforge.checkpoints.hashing import a1111_short_hash
 from latentforge.checkpoints.loading import read_components, read_vae
 from latentforge.models.families import ModelFamily, Prediction
 from latentforge.models.text_encoder import CLIPTextModel
@@ -26,6 +27,10 @@ class StableDiffusion:
     unet: UNetModel
     name: str = "model"
     short_hash: str | None = None  # A1111's "Model hash": first 10 hex digits of the file's SHA-256
+    # A swapped-in VAE as A1111's infotext names it (`modules/sd_vae.py`): "VAE" is the file's base name,
+    # "VAE hash" the first 10 hex digits of its SHA-256; None while the checkpoint's own VAE is in use.
+    vae_name: str | None = None
+    vae_hash: str | None = None
 
     @classmethod
     def from_family(
@@ -92,7 +97,7 @@ def load(
             or 768-v) one U-Net forward tells (1.5 s on a CPU core, see `checkpoints.prediction_probe`).
         vae: a standalone VAE file to use instead of the checkpoint's own.
         use_ema: take the U-Net's EMA weights of a full training checkpoint.
-        compute_hash: compute A1111's model hash (reads the whole file once more).
+        compute_hash: compute A1111's model (and VAE) hash (reads the whole file once more).
     """
     parts = read_components(
         path, dtype=dtype or torch.float32, prediction=prediction, use_ema=use_ema, compute_hash=compute_hash
@@ -107,10 +112,13 @@ def load(
         short_hash=parts.short_hash,
     )
     if vae is not None:
-        swap_vae(bundle, vae)
+        swap_vae(bundle, vae, compute_hash=compute_hash)
     return bundle.to(device=device).eval()
 
 
-def swap_vae(bundle: StableDiffusion, path: str | Path) -> None:
-    """Replace the bundle's VAE by the one in `path` (same architecture, other weights)."""
+def swap_vae(bundle: StableDiffusion, path: str | Path, *, compute_hash: bool = True) -> None:
+    """Replace the bundle's VAE by the one in `path` (same architecture, other weights); records its
+    file name and A1111 hash for the infotext."""
     bundle.vae = read_vae(path, bundle.family, bundle.dtype).to(bundle.device)
+    bundle.vae_name = Path(path).name
+    bundle.vae_hash = a1111_short_hash(path) if compute_hash else None
