@@ -24,6 +24,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     family = bundle.family
     print(f"model: {bundle.name}\nhash: {bundle.short_hash}\nfamily: {family.name}")
     print(f"prediction: {family.prediction}\nlatent scale: {family.latent_scale}")
+    print(f"default size: {family.default_size}")
     text = family.text_encoder
     print(f"text encoder: {text.layers} layers, default clip skip {family.default_clip_skip}")
     if family.name.endswith(f"-text{text.layers}"):

@@ -73,3 +73,11 @@ def test_full_size_sd2_shapes_fit_sd2_and_sd2_v_whose_default_size_is_768():
     assert [f.name for f in candidates] == ["sd2", "sd2-v"]
     assert loading._with_prediction(candidates, "v").default_size == 768
     assert loading._with_prediction(candidates, "epsilon").default_size == 512
+
+
+def test_info_shows_the_detected_prediction_and_size(capsys):
+    from latentforge import cli
+
+    assert cli.main(["info", str(V_FILE)]) == 0
+    out = capsys.readouterr().out
+    assert "family: tiny-sd2-v" in out and "prediction: v" in out and "default size: 96" in out

@@ -29,7 +29,6 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # temperature 0.07 (CLIP paper, section 2.5)
 LOGIT_SCALE_MAX = math.log(100.0)  # s is clipped at 100 "to prevent training instability"
-StateDict = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
