@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from latentforge.checkpoints.loading import load
 from latentforge.evaluation.evaluate import compute_features
 from latentforge.evaluation.extractors import load_extractor
 from latentforge.evaluation.model_card import CARD_METRICS, choose_prompts
 from latentforge.evaluation.runs import generate_and_evaluate
+from latentforge.model import load
 from latentforge.pipelines.images import tensor_to_pil
 from latentforge.pipelines.request import GenerationRequest
 from latentforge.training.checkpointing import list_checkpoints, load_checkpoint

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from latentforge.checkpoints.loading import DEFAULT_CLIP_FILE, DEFAULT_MODEL_FILE, load, swap_vae
+from latentforge.checkpoints.exports import load_clip, save_clip_sharing_text
+from latentforge.checkpoints.loading import DEFAULT_CLIP_FILE, DEFAULT_MODEL_FILE
 from latentforge.checkpoints.single_file import save_single_file
-from latentforge.training.tasks.clip import load_clip, save_clip_sharing_text
+from latentforge.model import load, swap_vae
 
 ASSETS = Path(__file__).resolve().parent.parent / "src" / "latentforge" / "assets"
 

@@ -8,12 +8,11 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from latentforge.api import from_png, img2img, inpaint, run, txt2img
-    from latentforge.checkpoints.loading import load
-    from latentforge.model import StableDiffusion
+    from latentforge.model import StableDiffusion, load
     from latentforge.pipelines.request import GenerationRequest, Hires, InitImage, Inpaint
 
 _LAZY = {
-    "load": "latentforge.checkpoints.loading",
+    "load": "latentforge.model",
     "StableDiffusion": "latentforge.model",
     "txt2img": "latentforge.api",
     "img2img": "latentforge.api",

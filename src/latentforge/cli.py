@@ -20,12 +20,13 @@ def _torch_dtype(name: str):  # noqa: ANN202 (torch imported lazily)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from latentforge.checkpoints.loading import load
+    from latentforge.model import load
 
     bundle = load(args.model, prediction=args.prediction, compute_hash=True)
     family = bundle.family
     print(f"model: {bundle.name}\nhash: {bundle.short_hash}\nfamily: {family.name}")
     print(f"prediction: {family.prediction}\nlatent scale: {family.latent_scale}")
+    print(f"default size: {family.default_size}")
     text = family.text_encoder
     print(f"text encoder: {text.layers} layers, default clip skip {family.default_clip_skip}")
     if family.name.endswith(f"-text{text.layers}"):
@@ -37,19 +38,29 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from latentforge.checkpoints.loading import load
+    from latentforge.checkpoints.diffusers_folder import save_diffusers_folder
     from latentforge.checkpoints.single_file import save_single_file
+    from latentforge.errors import OutputError
+    from latentforge.model import load
 
+    out = Path(args.output)
+    if args.to == "diffusers" and (out.is_file() or (out.is_dir() and any(out.iterdir()))):
+        raise OutputError(
+            f"{out}: exists and is not an empty folder; choose a new folder for the diffusers model"
+        )
+    if args.to == "single-file" and out.is_dir():
+        raise OutputError(f"{out}: is a folder; give a file name (or --to diffusers to write a folder)")
     bundle = load(args.model, prediction=args.prediction, vae=args.vae, compute_hash=False)
-    save_single_file(
-        args.output,
+    save = save_diffusers_folder if args.to == "diffusers" else save_single_file
+    save(
+        out,
         bundle.unet.state_dict(),
         bundle.vae.state_dict(),
         bundle.text_encoder.state_dict(),
         bundle.family,
         dtype=_torch_dtype(args.dtype),
     )
-    print(f"wrote {args.output}")
+    print(f"wrote {out} ({args.to}, family {bundle.family.name}, prediction {bundle.family.prediction})")
     return 0
 
 
@@ -192,8 +203,9 @@ def _vae_for(request: Any, args: argparse.Namespace, model_path: Path) -> str | 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from latentforge.checkpoints.loading import default_model_path, load
+    from latentforge.checkpoints.loading import default_model_path
     from latentforge.data.images import load_image_rgb
+    from latentforge.model import load
     from latentforge.pipelines.inpaint import load_mask
     from latentforge.pipelines.outputs import prepare_folder
     from latentforge.pipelines.runner import iter_images
@@ -379,7 +391,8 @@ def _eval(args: argparse.Namespace) -> int:
         _print_eval(result, out)
         return 0
 
-    from latentforge.checkpoints.loading import default_model_path, load
+    from latentforge.checkpoints.loading import default_model_path
+    from latentforge.model import load
 
     request = build_request(args)  # the generation flags `eval` shares with `generate`
     prompts, seeds = runs.read_prompts(args.prompts), runs.parse_seeds(args.seeds)
@@ -534,9 +547,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="checkpoint file (.safetensors/.ckpt) or diffusers folder")
     p.add_argument("--prediction", choices=["epsilon", "v", "x0"])
 
-    p = add("convert", cmd_convert, "Convert any checkpoint to an original-layout .safetensors.")
-    p.add_argument("model")
-    p.add_argument("output")
+    p = add(
+        "convert",
+        cmd_convert,
+        "Convert any checkpoint to an original-layout .safetensors or a diffusers folder.",
+    )
+    p.add_argument("model", help="checkpoint file (.safetensors/.ckpt) or diffusers folder")
+    p.add_argument("output", help="the .safetensors file, or with --to diffusers a new folder")
+    p.add_argument("--to", choices=["single-file", "diffusers"], default="single-file")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp16")
     p.add_argument("--vae", help="standalone VAE to bake in")
     p.add_argument("--prediction", choices=["epsilon", "v", "x0"])

@@ -7,9 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from latentforge.checkpoints.errors import KeyMismatchError, UnknownArchitectureError
-from latentforge.checkpoints.loading import load
 from latentforge.checkpoints.single_file import save_single_file, to_single_file_state_dict
-from latentforge.model import StableDiffusion
+from latentforge.model import StableDiffusion, load
 from latentforge.models.configs import TextEncoderConfig, UNetConfig
 from latentforge.models.families import TINY
 
@@ -133,6 +132,22 @@ def test_standalone_vae_swap(tmp_path):
         loaded = load(tmp_path / "m.safetensors", vae=tmp_path / vae_file, compute_hash=False)
         for key, value in other.vae.state_dict().items():
             assert torch.equal(loaded.vae.state_dict()[key], value)
+        assert loaded.vae_name == vae_file and loaded.vae_hash is None  # no hash asked for
+
+
+def test_swapped_vae_name_and_a1111_hash(tmp_path):
+    """A1111 (`modules/sd_vae.py`): "VAE" is the file's base name, "VAE hash" sha256(file)[:10]."""
+    import hashlib
+
+    bundle = StableDiffusion.from_family(TINY)
+    _save(bundle, tmp_path / "m.safetensors")
+    save_file(StableDiffusion.from_family(TINY).vae.state_dict(), tmp_path / "ft-mse.vae.safetensors")
+    own = load(tmp_path / "m.safetensors")
+    assert (own.vae_name, own.vae_hash) == (None, None)
+    vae_file = tmp_path / "ft-mse.vae.safetensors"
+    loaded = load(tmp_path / "m.safetensors", vae=vae_file)
+    assert loaded.vae_name == "ft-mse.vae.safetensors"
+    assert loaded.vae_hash == hashlib.sha256(vae_file.read_bytes()).hexdigest()[:10]
 
 
 def test_wrong_vae_is_a_clear_error(tmp_path):

@@ -18,13 +18,12 @@ from open_clip.transformer import QuickGELU
 from open_clip.transformer import VisionTransformer as OpenClipVisionTransformer
 from PIL import Image
 
+from latentforge.checkpoints.keymap_clip import openclip_to_ours, ours_to_openclip
 from latentforge.models.clip import (
     CLIPConfig,
     CLIPModel,
     VisionConfig,
     VisionTransformer,
-    openclip_to_ours,
-    ours_to_openclip,
     preprocess_images,
 )
 from latentforge.models.configs import TextEncoderConfig

@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from latentforge.checkpoints.exports import load_clip, load_text_encoder, text_encoder_path
 from latentforge.checkpoints.reading import read_state_dict
 from latentforge.models.clip import CLIPModel
 from latentforge.models.configs import TextEncoderConfig
@@ -17,12 +18,9 @@ from latentforge.models.text_encoder import CLIPTextModel
 from latentforge.training.tasks.clip import (
     CLIPTask,
     contrastive_loss,
-    load_clip,
-    load_text_encoder,
     make_clip_task,
     retrieval_accuracy,
     shuffle_tags,
-    text_encoder_path,
 )
 
 TINY_CLIP = {
@@ -243,7 +241,7 @@ def test_gather_gives_the_global_batch_gradient():
 def test_load_clip_reads_the_open_clip_layout(tmp_path):
     from safetensors.torch import save_file
 
-    from latentforge.models.clip import ours_to_openclip
+    from latentforge.checkpoints.keymap_clip import ours_to_openclip
 
     clip: CLIPModel = _task().trainable().clip
     path = tmp_path / "open_clip.safetensors"
@@ -258,10 +256,10 @@ def test_load_clip_reads_the_open_clip_layout(tmp_path):
 def test_clip_sharing_its_text_tower_with_an_sd_checkpoint(tmp_path):
     from dataclasses import replace
 
+    from latentforge.checkpoints.exports import save_clip_sharing_text
     from latentforge.checkpoints.single_file import save_single_file
     from latentforge.model import StableDiffusion
     from latentforge.models.families import TINY
-    from latentforge.training.tasks.clip import save_clip_sharing_text
 
     clip: CLIPModel = _task().trainable().clip
     family = replace(TINY, text_encoder=replace(clip.config.text, projection_dim=None))

@@ -7,9 +7,10 @@ import torch
 from PIL import Image
 
 from latentforge.api import txt2img
-from latentforge.checkpoints.loading import default_clip_path, default_model_path, load
+from latentforge.checkpoints.loading import default_clip_path, default_model_path
 from latentforge.cli import main
 from latentforge.evaluation.extractors import load_extractor
+from latentforge.model import load
 from latentforge.pipelines.infotext import parse_infotext, read_infotext
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from latentforge.checkpoints.exports import save_clip
 from latentforge.checkpoints.single_file import save_single_file
 from latentforge.cli import main
 from latentforge.evaluation import metrics as m
@@ -23,7 +24,6 @@ from latentforge.model import StableDiffusion
 from latentforge.models.clip import CLIPConfig, CLIPModel
 from latentforge.models.families import TINY
 from latentforge.pipelines.infotext import parse_infotext, read_infotext
-from latentforge.training.tasks.clip import save_clip
 
 
 def _write_images(

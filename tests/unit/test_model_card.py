@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from latentforge.checkpoints.loading import load
+from latentforge.checkpoints.exports import save_clip
 from latentforge.checkpoints.single_file import save_single_file
 from latentforge.evaluation.extractors import load_extractor
 from latentforge.evaluation.model_card import (
@@ -26,11 +26,10 @@ from latentforge.evaluation.model_card import (
     sample_rows,
     untrained_like,
 )
-from latentforge.model import StableDiffusion
+from latentforge.model import StableDiffusion, load
 from latentforge.models.clip import CLIPConfig, CLIPModel
 from latentforge.models.families import TINY
 from latentforge.pipelines.request import GenerationRequest
-from latentforge.training.tasks.clip import save_clip
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = [

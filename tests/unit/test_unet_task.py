@@ -6,11 +6,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from latentforge.checkpoints.exports import load_text_encoder, save_vae
+from latentforge.checkpoints.hashing import weights_digest
 from latentforge.models.configs import TextEncoderConfig, config_to_json
 from latentforge.models.text_encoder import CLIPTextModel
-from latentforge.training.latent_cache import LatentCache, cache_key, weights_digest
-from latentforge.training.tasks.unet import UNetTask, load_text_encoder
-from latentforge.training.tasks.vae import save_vae
+from latentforge.training.latent_cache import LatentCache, cache_key
+from latentforge.training.tasks.unet import UNetTask
 
 TINY = {
     "resolution": 16,

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from latentforge.checkpoints.loading import read_vae_state_dict
+from latentforge.checkpoints.exports import load_vae, read_vae_state_dict
 from latentforge.models.families import TINY
 from latentforge.training import losses
-from latentforge.training.tasks.vae import VAETask, load_vae
+from latentforge.training.tasks.vae import VAETask
 
 TINY_VAE = {"ch": 8, "ch_mult": [1, 2], "norm_groups": 4}
 

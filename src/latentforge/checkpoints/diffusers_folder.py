@@ -9,6 +9,8 @@ Weights: `.safetensors` or `.bin`, diffusers' or transformers' file names, shard
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,11 +18,13 @@ from typing import Any
 import torch
 
 from latentforge.checkpoints import keymap_unet, keymap_vae
+from latentforge.checkpoints.assembly import Components, assemble
 from latentforge.checkpoints.errors import CheckpointNotFoundError, UnknownArchitectureError
 from latentforge.checkpoints.reading import StateDict, read_state_dict
-from latentforge.model import StableDiffusion
+from latentforge.checkpoints.writing import save_safetensors
 from latentforge.models.configs import TextEncoderConfig, UNetConfig, VAEConfig
 from latentforge.models.families import FAMILIES, TINY, ModelFamily, Prediction
+from latentforge.models.tokenizer import Vocabulary
 
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")  # diffusers', then transformers' names
 PREDICTIONS: dict[str, Prediction] = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0"}
@@ -159,7 +163,8 @@ def family_from_diffusers(root: Path, prediction: Prediction | None = None) -> M
     A table entry when the configs equal one; for a text encoder cut short as diffusers ships SD 2.x
     (23 of OpenCLIP's 24 layers, no projection: its last layer already is the penultimate one), that
     entry with the shorter text encoder, named e.g. `sd2-v-text23`, and a default clip skip lowered
-    by the missing layers (1 instead of 2, the same hidden states); else a `custom` family.
+    by the missing layers (1 instead of 2, the same hidden states); all layers but no projection (our
+    `convert --to diffusers` of SD 2.x) gives e.g. `sd2-noproj`; else a `custom` family.
     """
     unet_json = _read_json(root / "unet" / "config.json")
     try:
@@ -181,7 +186,7 @@ def family_from_diffusers(root: Path, prediction: Prediction | None = None) -> M
     truncated = [
         f
         for f in same_networks
-        if text.layers < f.text_encoder.layers
+        if text.layers <= f.text_encoder.layers
         and replace(f.text_encoder, layers=text.layers, projection_dim=None) == text
     ]
     if truncated:
@@ -189,13 +194,17 @@ def family_from_diffusers(root: Path, prediction: Prediction | None = None) -> M
         skipped = base.text_encoder.layers - text.layers
         return replace(
             base,
-            name=f"{base.name}-text{text.layers}",
+            name=f"{base.name}-text{text.layers}" if skipped else f"{base.name}-noproj",
             text_encoder=text,
             default_clip_skip=max(1, base.default_clip_skip - skipped),
         )
+    schedule = json.loads(scheduler.read_text()) if scheduler.is_file() else {}
     return replace(
         TINY,
         name="custom",
+        beta_start=schedule.get("beta_start", TINY.beta_start),
+        beta_end=schedule.get("beta_end", TINY.beta_end),
+        beta_schedule=schedule.get("beta_schedule", TINY.beta_schedule),
         unet=unet,
         vae=vae,
         text_encoder=text,
@@ -208,10 +217,8 @@ def family_from_diffusers(root: Path, prediction: Prediction | None = None) -> M
 
 def load_diffusers_folder(
     root: Path, *, dtype: torch.dtype, prediction: Prediction | None = None
-) -> StableDiffusion:
+) -> Components:
     """Build the family from the configs, read each component's weights (cast while reading), assemble."""
-    from latentforge.checkpoints.loading import assemble
-
     missing = [f"{name}/" for name in COMPONENTS if not (root / name).is_dir()]
     if len(missing) == len(COMPONENTS):
         raise UnknownArchitectureError(
@@ -225,9 +232,9 @@ def load_diffusers_folder(
     unet = keymap_unet.diffusers_to_ours(_read_weights(root / "unet", dtype), family.unet)
     vae = keymap_vae.diffusers_to_ours(_read_weights(root / "vae", dtype), family.vae)
     text = text_encoder_to_ours(_read_weights(root / "text_encoder", dtype))
-    bundle = assemble(family, unet, vae, text, dtype=dtype, path=root)
-    bundle.name = root.name
-    return bundle
+    components = assemble(family, unet, vae, text, dtype=dtype, path=root)
+    components.name = root.name
+    return components
 
 
 def diffusers_configs(family: ModelFamily) -> dict[str, dict[str, Any]]:
@@ -324,4 +331,60 @@ def write_diffusers_configs(family: ModelFamily, root: str | Path) -> Path:
     for name, config in diffusers_configs(family).items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(json.dumps(config, indent=2) + "\n")
+    return root
+
+
+def write_tokenizer_files(folder: str | Path) -> Path:
+    """transformers' `vocab.json` and `merges.txt` from our packaged BPE file (OpenAI CLIP's tables)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = Vocabulary.load()
+    merges = sorted(vocab.merge_rank, key=vocab.merge_rank.__getitem__)
+    tokens = {token: i for i, token in enumerate(vocab.id_to_token)}
+    (folder / "vocab.json").write_text(json.dumps(tokens, ensure_ascii=False), encoding="utf-8")
+    merges_text = "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"
+    (folder / "merges.txt").write_text(merges_text, encoding="utf-8")
+    return folder
+
+
+def save_diffusers_folder(
+    root: str | Path,
+    unet: StateDict,
+    vae: StateDict,
+    text_encoder: StateDict,
+    family: ModelFamily,
+    *,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write a `StableDiffusionPipeline` folder: configs, tokenizer and weights in diffusers' names.
+
+    The text encoder is a plain `CLIPTextModel`, as diffusers ships SD 2.x: a text projection (unused
+    by SD 1.x/2.x generation) is left out, so the pipeline loads with no unexpected keys.
+    """
+    root = Path(root)
+    # written beside the target and renamed into place: a crash leaves no half model under `root`
+    staging = root.with_name(f".{root.name}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        write_diffusers_configs(family, staging)
+        text_config = staging / "text_encoder" / "config.json"
+        config = json.loads(text_config.read_text())
+        text_config.write_text(json.dumps({**config, "architectures": ["CLIPTextModel"]}, indent=2) + "\n")
+        write_tokenizer_files(staging / "tokenizer")
+        text = {
+            k.removeprefix("text_model."): v  # transformers 5 saves CLIPTextModel without `text_model.`
+            for k, v in text_encoder.items()
+            if not k.startswith("text_projection.")
+        }
+        weights = {
+            "unet/diffusion_pytorch_model.safetensors": keymap_unet.ours_to_diffusers(unet, family.unet),
+            "vae/diffusion_pytorch_model.safetensors": keymap_vae.ours_to_diffusers(vae, family.vae),
+            "text_encoder/model.safetensors": text,
+        }
+        for name, tensors in weights.items():
+            # transformers and diffusers refuse safetensors files without the "format" metadata key
+            save_safetensors(staging / name, tensors, {"format": "pt"}, dtype=dtype)
+        os.replace(staging, root)  # onto a missing or empty folder
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return root

@@ -61,3 +61,8 @@ class KeyMismatchError(CheckpointError):
                 more = f" (+{len(keys) - show} more)" if len(keys) > show else ""
                 parts.append(f"{len(keys)} {label}: {', '.join(keys[:show])}{more}")
         super().__init__(path, "; ".join(parts))
+
+
+class ExportError(CheckpointError, ValueError):
+    """One of our own component exports (VAE, CLIP, text encoder) that cannot be read or written as asked:
+    its config metadata is missing (pass the config) or a shared text tower does not match."""

@@ -1,6 +1,8 @@
 """Read tensors from `.safetensors` and `.ckpt` files without ever running pickle code.
 
-`.ckpt`/`.pt`/`.pth` go through `torch.load(weights_only=True)` only; there is no unsafe fallback.
+`.ckpt`/`.pt`/`.pth` go through `torch.load(weights_only=True)` only, with an explicit allow-list of
+the few harmless globals Lightning checkpoints contain (mapped to inert stand-ins); there is no unsafe
+fallback.
 Files are sniffed first, so a git-lfs pointer or an HTML page saved under a model name gets an error
 that says so instead of a parser's complaint.
 """
@@ -11,6 +13,7 @@ import json
 import pickle
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from io import RawIOBase
 from pathlib import Path
 
@@ -42,11 +45,14 @@ def read_state_dict(
     if kind == "safetensors":
         return _read_safetensors(path, dtype, keep)
     tensors = _read_torch(path)
-    return {k: _cast(v, dtype) for k, v in tensors.items() if keep is None or keep(k)}, {}
+    return {k: _private_copy(v, dtype) for k, v in tensors.items() if keep is None or keep(k)}, {}
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+def _private_copy(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A copy in fresh memory (cast to `dtype` when floating): never a view of the file's mapping."""
+    if dtype is not None and tensor.is_floating_point():
+        return tensor.to(dtype, copy=True)
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 def sniff(path: Path) -> str:
@@ -78,11 +84,118 @@ _SAFETENSORS_DTYPES = {
     "I32": torch.int32,
     "I16": torch.int16,
     "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "C64": torch.complex64,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
+_MAX_RANK = 64  # more dimensions than any tensor has (and torch's own limit)
+_ENTRY_FIELDS = {"dtype", "shape", "data_offsets"}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One validated tensor of a safetensors header: bytes [begin, end) of the data section."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def parse_safetensors_header(
+    path: str | Path, header: bytes, data_len: int
+) -> tuple[list[TensorEntry], dict[str, str]]:
+    """Validate a safetensors JSON header completely before any tensor is read or allocated.
+
+    Each entry needs a known dtype, a shape of non-negative ints and offsets with
+    dtype size x numel == end - begin; sorted by offset, the entries must tile the data section
+    exactly: the first starts at 0, each starts where the previous ends (no gap, no overlap), the
+    last ends at `data_len` (nothing missing, nothing after). Returns (entries in file order, metadata).
+    """
+    try:
+        parsed = json.loads(header, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKeyError as e:
+        raise CorruptCheckpointError(path, f"safetensors header names {e.args[0]!r} twice") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
+        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CorruptCheckpointError(path, f"unreadable safetensors header ({detail})") from None
+    if not isinstance(parsed, dict):
+        raise CorruptCheckpointError(
+            path, f"the safetensors header is a JSON {type(parsed).__name__}, not an object"
+        )
+    metadata = parsed.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CorruptCheckpointError(path, "safetensors __metadata__ must map names to strings")
+    entries = [_entry(path, name, value, data_len) for name, value in parsed.items()]
+    position = 0
+    for entry in sorted(entries, key=lambda e: (e.begin, e.end)):
+        if entry.begin != position:
+            what = "overlaps the tensor before it" if entry.begin < position else "leaves a gap before it"
+            where = f"starts at data byte {entry.begin}, the previous tensor ends at {position}"
+            raise CorruptCheckpointError(path, f"tensor {entry.name[:200]!r} {what} ({where})")
+        position = entry.end
+    if position != data_len:
+        if position > data_len:
+            message = f"truncated: the header describes {position} bytes of data, the file has {data_len}"
+        else:
+            message = f"{data_len - position} bytes after the last tensor's data (the file was appended to)"
+        raise CorruptCheckpointError(path, message)
+    return entries, dict(metadata)
+
+
+class _DuplicateKeyError(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKeyError(key)
+        out[key] = value
+    return out
+
+
+def _entry(path: str | Path, name: str, value: object, data_len: int) -> TensorEntry:
+    """One header entry, checked field by field; the error names the tensor and the field."""
+
+    def fail(what: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(path, f"tensor {name[:200]!r}: {what}")
+
+    if not isinstance(value, dict) or set(value) != _ENTRY_FIELDS:
+        raise fail(f"entry must be an object with exactly {sorted(_ENTRY_FIELDS)}")
+    dtype_name, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
+    if not isinstance(dtype_name, str) or dtype_name not in _SAFETENSORS_DTYPES:
+        raise fail(f"unknown dtype {str(dtype_name)[:40]!r} (known: {', '.join(_SAFETENSORS_DTYPES)})")
+    if not isinstance(shape, list) or len(shape) > _MAX_RANK:
+        raise fail(f"shape must be a list of at most {_MAX_RANK} sizes")
+    if not all(type(d) is int and d >= 0 for d in shape):
+        raise fail(f"shape {str(shape)[:80]} has a size that is not a non-negative integer")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
+        raise fail("data_offsets must be two integers [begin, end]")
+    begin, end = offsets
+    if begin < 0 or end < begin:
+        raise fail(f"data_offsets [{begin}, {end}] are negative or reversed")
+    if end > data_len:
+        raise fail(f"data_offsets [{begin}, {end}] reach past the {data_len} bytes of data (truncated file?)")
+    dtype = _SAFETENSORS_DTYPES[dtype_name]
+    numel = 0 if 0 in shape else 1
+    for size in shape if numel else ():
+        numel *= size
+        if numel * dtype.itemsize > data_len:  # stop early: a hostile shape may multiply to 10**1000
+            raise fail(f"shape {str(shape)[:80]} of {dtype_name} is larger than the whole file")
+    if numel * dtype.itemsize != end - begin:
+        raise fail(
+            f"shape {shape} of {dtype_name} needs {numel * dtype.itemsize} bytes, "
+            f"data_offsets [{begin}, {end}] hold {end - begin}"
+        )
+    return TensorEntry(name, dtype, tuple(shape), begin, end)
 
 
 def _read_safetensors(
@@ -90,47 +203,37 @@ def _read_safetensors(
 ) -> tuple[StateDict, dict[str, str]]:
     """Read each kept tensor straight into its own storage (no whole-file buffer, no second copy).
 
-    One storage per tensor, unlike views of one big buffer, lets a cast free its source at once and
-    keeps skipped tensors (EMA, training buffers) and later-replaced ones (a swapped VAE) out of memory.
+    The header is validated completely first (`parse_safetensors_header`), so no allocation exceeds
+    what the file holds. One storage per tensor, unlike views of one big buffer, lets a cast free its
+    source at once and keeps skipped tensors (EMA, training buffers) out of memory.
     """
     size = path.stat().st_size
     with path.open("rb", buffering=0) as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CorruptCheckpointError(path, f"a {size}-byte file is too short for a safetensors header")
+        (header_len,) = struct.unpack("<Q", prefix)
         if header_len > min(_MAX_HEADER, size - 8):
             message = f"safetensors header of {header_len} bytes in a {size}-byte file"
             raise CorruptCheckpointError(path, message)
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CorruptCheckpointError(path, f"unreadable safetensors header ({e})") from None
-        if not isinstance(header, dict):
-            raise CorruptCheckpointError(path, "the safetensors header is not a JSON object")
-        metadata = header.pop("__metadata__", None) or {}
-        data_len = size - 8 - header_len
-        needed = max((_entry_end(path, k, v) for k, v in header.items()), default=0)
-        if needed > data_len:
-            raise CorruptCheckpointError(
-                path, f"truncated: the header describes {needed} bytes of data, the file has {data_len}"
-            )
+        entries, metadata = parse_safetensors_header(path, f.read(header_len), size - 8 - header_len)
         tensors = {}
-        largest = max((e["data_offsets"][1] - e["data_offsets"][0] for e in header.values()), default=0)
+        largest = max((e.end - e.begin for e in entries), default=0)
         scratch = None  # one reusable buffer for the file's copy of cast tensors: no holes left in the heap
-        for key, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-            if keep is not None and not keep(key):
+        for entry in sorted(entries, key=lambda e: e.begin):
+            if keep is not None and not keep(entry.name):
                 continue
-            file_dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-            begin, end = entry["data_offsets"]
-            cast = dtype is not None and dtype != file_dtype and file_dtype.is_floating_point
+            cast = dtype is not None and dtype != entry.dtype and entry.dtype.is_floating_point
             if cast:
                 scratch = torch.empty(largest, dtype=torch.uint8) if scratch is None else scratch
-                tensor = scratch[: end - begin].view(file_dtype).view(entry["shape"])
+                tensor = scratch[: entry.end - entry.begin].view(entry.dtype).view(entry.shape)
             else:
-                tensor = torch.empty(entry["shape"], dtype=file_dtype)  # read straight into its final place
-            if end > begin:
-                f.seek(8 + header_len + begin)
+                tensor = torch.empty(entry.shape, dtype=entry.dtype)  # read straight into its final place
+            if entry.end > entry.begin:
+                f.seek(8 + header_len + entry.begin)
                 _read_exactly(f, tensor, path)
-            tensors[key] = tensor.to(dtype) if cast else tensor
-    return {k: tensors[k] for k in header if k in tensors}, {str(k): str(v) for k, v in metadata.items()}
+            tensors[entry.name] = tensor.to(dtype) if cast else tensor
+    return {e.name: tensors[e.name] for e in entries if e.name in tensors}, metadata
 
 
 def _read_exactly(f: RawIOBase, tensor: torch.Tensor, path: Path) -> None:
@@ -144,37 +247,56 @@ def _read_exactly(f: RawIOBase, tensor: torch.Tensor, path: Path) -> None:
         done += count
 
 
-def _entry_end(path: Path, key: str, entry: object) -> int:
-    """Validate one header entry and return where its bytes end."""
-    try:
-        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]  # type: ignore[index]
-        begin, end = (int(o) for o in entry["data_offsets"])  # type: ignore[index]
-        numel = 1
-        for dim in entry["shape"]:  # type: ignore[index]
-            numel *= int(dim)
-    except (KeyError, TypeError, ValueError):
-        raise CorruptCheckpointError(path, f"malformed safetensors entry for {key!r}") from None
-    if begin < 0 or end - begin != numel * dtype.itemsize:
-        raise CorruptCheckpointError(path, f"tensor {key!r} has inconsistent offsets for its shape and dtype")
-    return end
+class InertObject:
+    """Stand-in for a harmless class a Lightning checkpoint pickles beside its tensors: it keeps the
+    arguments and state it is given and runs nothing (the real class is never imported)."""
+
+    def __init__(self, *args: object) -> None:
+        self.args = args
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+
+def _inert_scalar(dtype: object, data: object = None) -> InertObject:
+    return InertObject(dtype, data)
+
+
+# The globals of the original CompVis/Stability `.ckpt` (e.g. sd-v1-4.ckpt) beyond tensors: Lightning's
+# `callbacks` entry keyed by the ModelCheckpoint class, and numpy scalars (`numpy.core.multiarray.scalar`
+# built from a `numpy.dtype`). Each name maps to an inert stand-in; anything else is still refused by
+# torch's weights-only unpickler. A1111 (`modules/safe.py`) and ComfyUI allow the same names.
+LIGHTNING_SAFE_GLOBALS: list[Callable[..., object] | tuple[Callable[..., object], str]] = [
+    (InertObject, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+    (_inert_scalar, "numpy.core.multiarray.scalar"),
+    (_inert_scalar, "numpy._core.multiarray.scalar"),  # the same written by numpy >= 2
+    (InertObject, "numpy.dtype"),
+]
 
 
 def _read_torch(path: Path) -> StateDict:
+    """The tensors of a PyTorch pickle, copied out of the file's memory map.
+
+    The zip format is mapped (`mmap=True`) so that tensors we skip are never read; every tensor we
+    return is then copied into memory of its own, so a later change to the file on disk cannot
+    crash the process with SIGBUS (issue 19) through a page still backed by the file.
+    """
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+        with torch.serialization.safe_globals(LIGHTNING_SAFE_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
             path,
             "the pickle asks for more than tensors, so it was not loaded (it could run code). "
             f"Convert it to .safetensors with a tool you trust. Detail: {str(e).splitlines()[0]}",
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError) as e:
         raise CorruptCheckpointError(path, f"unreadable PyTorch checkpoint ({e})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise CorruptCheckpointError(path, f"expected a dict of tensors, found {type(obj).__name__}")
-    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         raise CorruptCheckpointError(path, "the checkpoint holds no tensors")
     return tensors

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from latentforge.checkpoints import keymap_text
-from latentforge.checkpoints.errors import KeyMismatchError, UnknownArchitectureError
+from latentforge.checkpoints.errors import UnknownArchitectureError
+from latentforge.checkpoints.metadata import METADATA_FAMILY
 from latentforge.checkpoints.reading import StateDict
+from latentforge.checkpoints.writing import save_safetensors
 from latentforge.models.configs import TextEncoderConfig, UNetConfig, VAEConfig, config_from_dict
 from latentforge.models.families import FAMILIES, ModelFamily
 
@@ -50,8 +51,6 @@ IGNORED_KEYS = frozenset(
     }
 )
 IGNORED_PREFIXES = ("first_stage_model.loss.",)
-
-METADATA_FAMILY = "latentforge.family"
 
 
 def is_weight_key(key: str, *, use_ema: bool = False) -> bool:
@@ -95,10 +94,14 @@ def _ema_unet(state_dict: Mapping[str, torch.Tensor], unet: StateDict) -> StateD
     return found
 
 
-def detect_family(parts: Mapping[str, Any], metadata: Mapping[str, str], path: str | Path) -> ModelFamily:
-    """Family from our own metadata if present, else from the U-Net's weight shapes and the text layout."""
+def detect_families(
+    parts: Mapping[str, Any], metadata: Mapping[str, str], path: str | Path
+) -> list[ModelFamily]:
+    """The table entries the weights fit: our own metadata's family if present, else every family whose
+    U-Net shapes and text layout match (several only when they differ in what shapes cannot show, the
+    prediction type: sd2 / sd2-v; `loading` probes the U-Net to choose)."""
     if METADATA_FAMILY in metadata:
-        return family_from_json(metadata[METADATA_FAMILY])
+        return [family_from_json(metadata[METADATA_FAMILY])]
     unet = parts["unet"]
     try:
         found = {
@@ -114,16 +117,19 @@ def detect_family(parts: Mapping[str, Any], metadata: Mapping[str, str], path: s
             f"not an SD 1.x/2.x checkpoint (no {e.args[0]!r} in the U-Net); "
             f"components found: {components or 'none'}; other keys: {parts['rest'][:5]}",
         ) from None
-    for family in FAMILIES.values():
-        if family.text_layout == parts["text_layout"] and all(
-            getattr(family.unet, k) == v for k, v in found.items()
-        ):
-            return family
-    raise UnknownArchitectureError(
-        path,
-        f"no model family matches U-Net {found} with text encoder layout {parts['text_layout']!r}; "
-        f"known families: {', '.join(FAMILIES)}",
-    )
+    matches = [
+        family
+        for family in FAMILIES.values()
+        if family.text_layout == parts["text_layout"]
+        and all(getattr(family.unet, k) == v for k, v in found.items())
+    ]
+    if not matches:
+        raise UnknownArchitectureError(
+            path,
+            f"no model family matches U-Net {found} with text encoder layout {parts['text_layout']!r}; "
+            f"known families: {', '.join(FAMILIES)}",
+        )
+    return matches
 
 
 def family_to_json(family: ModelFamily) -> str:
@@ -138,30 +144,6 @@ def family_from_json(text: str) -> ModelFamily:
     data["text_encoder"] = config_from_dict(TextEncoderConfig, data["text_encoder"])
     family = ModelFamily(**data)
     return FAMILIES.get(family.name) if FAMILIES.get(family.name) == family else family  # type: ignore[return-value]
-
-
-def load_into(
-    module: torch.nn.Module,
-    state_dict: StateDict,
-    *,
-    component: str,
-    family: str,
-    path: str | Path,
-    dtype: torch.dtype | None = None,
-) -> None:
-    """Strictly load `state_dict` into a module built on `meta`, adopting (not copying) the tensors."""
-    expected = module.state_dict()
-    missing = expected.keys() - state_dict.keys()
-    unexpected = state_dict.keys() - expected.keys()
-    wrong_shape = [k for k in expected.keys() & state_dict.keys() if expected[k].shape != state_dict[k].shape]
-    if missing or unexpected or wrong_shape:
-        raise KeyMismatchError(path, component, family, missing, unexpected, wrong_shape)
-    if dtype is not None:
-        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-    module.load_state_dict(state_dict, strict=True, assign=True)
-    left_on_meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
-    if left_on_meta:
-        raise RuntimeError(f"{component}: tensors not in the state dict stayed on meta: {left_on_meta[:5]}")
 
 
 def text_encoder_to_ours(text_sd: StateDict, layout: str, config: TextEncoderConfig) -> StateDict:
@@ -192,13 +174,6 @@ def save_single_file(
     extra_metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Write an original-layout `.safetensors` with the family in its metadata (atomic rename)."""
-    path = Path(path)
     tensors = to_single_file_state_dict(unet, vae, text_encoder, family)
-    tensors = {
-        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-        for k, v in tensors.items()
-    }
     metadata = {METADATA_FAMILY: family_to_json(family), **(extra_metadata or {})}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    save_safetensors(path, tensors, metadata, dtype=dtype)

@@ -61,7 +61,7 @@ class InceptionPoolAndLogits:
 
 
 def _short_digest(module: torch.nn.Module) -> str:
-    from latentforge.training.latent_cache import weights_digest
+    from latentforge.checkpoints.hashing import weights_digest
 
     return weights_digest(module)[:12]
 
@@ -85,8 +85,8 @@ def load_inception_extractor(path: str | os.PathLike, device: torch.device | str
 
 def load_clip_extractor(path: str | os.PathLike, device: torch.device | str = "cpu") -> EvalExtractor:
     """Our CLIP: image embeddings as features, text tower for CLIP score; others raise `ExtractorError`."""
+    from latentforge.checkpoints.exports import load_clip
     from latentforge.evaluation.clip_features import clip_image_extractor, encode_captions
-    from latentforge.training.tasks.clip import load_clip
 
     hint = "clip:PATH expects a CLIP exported by `latentforge train clip`"
     try:

@@ -243,7 +243,7 @@ def measure_speed(
 ) -> dict[str, Any]:
     """Median seconds of model loading and of one end-to-end txt2img (prompt -> PIL image; batch 1), timed
     separately; generation is warmed up once first. `load` defaults to `latentforge.load`."""
-    from latentforge.checkpoints.loading import load as load_checkpoint
+    from latentforge.model import load as load_checkpoint
     from latentforge.pipelines.runner import run
 
     load_model = load or (lambda path: load_checkpoint(Path(path)))
@@ -412,7 +412,7 @@ def model_card(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the chosen parts of the card (see `PARTS`) and write them with `write_card`; returns the card."""
-    from latentforge.checkpoints.loading import load as load_checkpoint
+    from latentforge.model import load as load_checkpoint
 
     settings = settings or CardSettings()
     unknown = sorted(set(inputs.parts) - set(PARTS))

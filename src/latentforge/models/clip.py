@@ -3,7 +3,7 @@
 The image tower keeps OpenAI's / open_clip's attribute names (`conv1`, `class_embedding`, `ln_pre`,
 `transformer.resblocks.N.attn.in_proj_weight`, `ln_post`, `proj`), so an OpenAI or open_clip `visual.*`
 state dict loads unchanged. The text tower is our `CLIPTextModel` (SD 1.x / transformers layout, under
-`text.`); `openclip_to_ours` converts a whole open_clip CLIP. Notation: f_I, f_T are the L2-normalised
+`text.`); `checkpoints.keymap_clip` converts a whole open_clip CLIP. Notation: f_I, f_T are the L2-normalised
 image and text embeddings, s = exp(logit_scale) the inverse temperature, logits = s f_I f_T^T.
 """
 
@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentforge.checkpoints import keymap_text
 from latentforge.models.attention import multi_head_attention
 from latentforge.models.configs import Activation, TextEncoderConfig, config_from_dict
 from latentforge.models.text_encoder import LAYER_NORM_EPS, CLIPTextModel, eos_positions, quick_gelu
@@ -30,7 +29,6 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # temperature 0.07 (CLIP paper, section 2.5)
 LOGIT_SCALE_MAX = math.log(100.0)  # s is clipped at 100 "to prevent training instability"
-StateDict = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -272,32 +270,3 @@ def preprocess_images(images: torch.Tensor, image_size: int) -> torch.Tensor:
 
 
 PREPROCESS_ID = "[-1,1]-centre-square-bicubic-antialias-{size}-openai-mean-std"
-
-
-# --------------------------------------------------------------------------------------------------
-# open_clip layout
-# --------------------------------------------------------------------------------------------------
-
-
-def openclip_to_ours(state_dict: StateDict, config: CLIPConfig) -> StateDict:
-    """A whole open_clip / OpenAI CLIP state dict (`visual.*`, text keys, `logit_scale`) -> CLIPModel keys.
-
-    `visual.*` keys are shared; the text tower goes through `keymap_text.openclip_to_ours`.
-    """
-    visual = {k: v for k, v in state_dict.items() if k.startswith("visual.")}
-    text = {k: v for k, v in state_dict.items() if not k.startswith("visual.") and k != "logit_scale"}
-    if "logit_scale" not in state_dict:
-        raise KeyError("openclip_to_ours: missing key 'logit_scale'")
-    out = dict(visual)
-    out.update({f"text.{k}": v for k, v in keymap_text.openclip_to_ours(text, config.text).items()})
-    out["logit_scale"] = state_dict["logit_scale"].reshape(())
-    return out
-
-
-def ours_to_openclip(state_dict: StateDict, config: CLIPConfig) -> StateDict:
-    """CLIPModel keys -> open_clip's `CLIP` layout (the inverse of `openclip_to_ours`)."""
-    text = {k.removeprefix("text."): v for k, v in state_dict.items() if k.startswith("text.")}
-    out = {k: v for k, v in state_dict.items() if k.startswith("visual.")}
-    out.update(keymap_text.ours_to_openclip(text, config.text, logit_scale=None))
-    out["logit_scale"] = state_dict["logit_scale"]
-    return out

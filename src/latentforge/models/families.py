@@ -32,7 +32,7 @@ class ModelFamily:
     beta_schedule: str = "scaled_linear"
 
     def with_prediction(self, prediction: Prediction) -> ModelFamily:
-        """The v-prediction twin of a family cannot be told from weight shapes: the user says it."""
+        """This family with another prediction type (for one the table has no entry for)."""
         return replace(self, prediction=prediction)
 
 
@@ -66,6 +66,22 @@ TINY = ModelFamily(
     default_size=64,
 )
 
+# The SD 2.x layout at test size (OpenCLIP text layout, linear projections, heads given by width, a
+# penultimate-layer text encoder): small enough that a trained eps/v pair ships as test fixtures.
+TINY_SD2 = ModelFamily(
+    "tiny-sd2",
+    unet=UNetConfig(
+        model_channels=8, num_heads=None, head_dim=8, context_dim=8, use_linear_proj=True, norm_groups=4
+    ),
+    vae=VAEConfig(ch=4, norm_groups=4),
+    text_encoder=TextEncoderConfig(
+        width=8, layers=2, heads=2, mlp_width=16, activation="gelu", projection_dim=8, pad_token=0
+    ),
+    text_layout="openclip",
+    default_size=64,
+    default_clip_skip=2,
+)
+
 FAMILIES: dict[str, ModelFamily] = {
     f.name: f
     for f in (
@@ -75,6 +91,9 @@ FAMILIES: dict[str, ModelFamily] = {
         replace(SD2, name="sd2-v", prediction="v", default_size=768),
         replace(SD2, name="sd2-inpaint", unet=replace(SD2_UNET, in_channels=9)),
         TINY,
+        TINY_SD2,
+        # its v twin, 1.5x the size as sd2-v (768) is to sd2 (512)
+        replace(TINY_SD2, name="tiny-sd2-v", prediction="v", default_size=96),
     )
 }
 

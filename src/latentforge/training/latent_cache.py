@@ -18,24 +18,12 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 FORMAT_VERSION = 1
 CACHE_FILE = "cache.safetensors"
 INFO_FILE = "cache.json"
-
-
-def weights_digest(module: nn.Module | Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 of a module's state dict: names, dtypes, shapes and bytes, in sorted name order."""
-    state = module.state_dict() if isinstance(module, nn.Module) else module
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def dataset_fingerprint(dataset: Dataset) -> Any:

@@ -14,7 +14,6 @@ The export writes the whole CLIP and, next to it, the text tower alone for the U
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,24 +24,22 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from latentforge.checkpoints.reading import read_state_dict
-from latentforge.checkpoints.single_file import TEXT_PREFIXES, load_into
+from latentforge.checkpoints.exports import (
+    load_clip,
+    save_clip,
+    save_text_encoder,
+    text_encoder_path,
+)
 from latentforge.models.clip import (
     CLIPConfig,
     CLIPModel,
     VisionConfig,
     clip_config_from_dict,
-    clip_config_from_json,
-    clip_config_to_json,
-    openclip_to_ours,
     preprocess_images,
 )
-from latentforge.models.configs import TextEncoderConfig, config_from_dict, config_to_json
-from latentforge.models.text_encoder import CLIPTextModel
 from latentforge.models.tokenizer import CLIPTokenizer
 from latentforge.training.config import RunConfig
 from latentforge.training.tasks.common import (
@@ -53,14 +50,6 @@ from latentforge.training.tasks.common import (
     parse_options,
     unwrap,
 )
-
-METADATA_CLIP_CONFIG = "latentforge.clip_config"
-METADATA_TEXT_CONFIG = "latentforge.text_encoder_config"  # the first key the U-Net task looks for
-METADATA_COMPONENT = "latentforge.component"
-# A CLIP file without its text transformer names the SD single file beside it that holds that transformer
-# (the embedded default model and its CLIP share one text tower; storing it once saves 32 MB).
-METADATA_TEXT_TOWER_FROM = "latentforge.text_tower_from"
-_TEXT_TOWER = "text.text_model."
 
 
 @dataclass(frozen=True)
@@ -176,118 +165,6 @@ def shuffle_tags(caption: str, keep: int, generator: torch.Generator) -> str:
     head, tail = tags[:keep], tags[keep:]
     order = torch.randperm(len(tail), generator=generator).tolist()
     return ", ".join(head + [tail[i] for i in order])
-
-
-# --------------------------------------------------------------------------------------------------
-# Files
-# --------------------------------------------------------------------------------------------------
-
-
-def _to_save(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    return {
-        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-        for k, v in state.items()
-    }
-
-
-def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
-
-
-def text_encoder_path(path: str | Path) -> Path:
-    """Where `export` puts the text tower: `final.safetensors` -> `final.text_encoder.safetensors`."""
-    path = Path(path)
-    return path.with_name(f"{path.stem}.text_encoder{path.suffix}")
-
-
-def save_clip(clip: CLIPModel, path: str | Path, dtype: torch.dtype | None = None) -> None:
-    """CLIPModel keys (`visual.*`, `text.*`, `logit_scale`) with the CLIPConfig in the metadata."""
-    metadata = {METADATA_CLIP_CONFIG: clip_config_to_json(clip.config), METADATA_COMPONENT: "clip"}
-    _save(_to_save(clip.state_dict(), dtype), Path(path), metadata)
-
-
-def save_text_encoder(text: CLIPTextModel, path: str | Path, dtype: torch.dtype | None = None) -> None:
-    """The text tower alone in CLIPTextModel keys (`text_model.*`, `text_projection.*`) plus its config."""
-    metadata = {METADATA_TEXT_CONFIG: config_to_json(text.config), METADATA_COMPONENT: "text_encoder"}
-    _save(_to_save(text.state_dict(), dtype), Path(path), metadata)
-
-
-def save_clip_sharing_text(
-    clip: CLIPModel, path: str | Path, checkpoint: str | Path, dtype: torch.dtype
-) -> None:
-    """Save `clip` without its text transformer, which `load_clip` then reads from the SD single file
-    `checkpoint` (kept in the same folder); raises ValueError unless that file holds the same weights."""
-    path, checkpoint = Path(path), Path(checkpoint)
-    if path.resolve().parent != checkpoint.resolve().parent:
-        raise ValueError(f"{checkpoint} must sit in the same folder as {path}")
-    tensors = _to_save(clip.state_dict(), dtype)
-    shared = _text_tower_of(checkpoint)
-    ours = {k: v for k, v in tensors.items() if k.startswith(_TEXT_TOWER)}
-    differing = [k for k, v in ours.items() if k not in shared or not torch.equal(shared[k], v)]
-    if differing or len(shared) != len(ours):
-        raise ValueError(f"{checkpoint}'s text encoder is not this CLIP's text tower (e.g. {differing[:3]})")
-    metadata = {
-        METADATA_CLIP_CONFIG: clip_config_to_json(clip.config),
-        METADATA_COMPONENT: "clip",
-        METADATA_TEXT_TOWER_FROM: checkpoint.name,
-    }
-    _save({k: v for k, v in tensors.items() if k not in ours}, path, metadata)
-
-
-def _text_tower_of(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The text transformer of an SD single file in CLIPModel keys (`text.text_model.*`)."""
-    prefix = TEXT_PREFIXES["hf"] + "text_model."
-    state_dict, _ = read_state_dict(checkpoint)
-    return {
-        _TEXT_TOWER + k.removeprefix(prefix): v
-        for k, v in state_dict.items()
-        if k.startswith(prefix) and not k.endswith("position_ids")
-    }
-
-
-def load_clip(path: str | Path, config: CLIPConfig | None = None) -> CLIPModel:
-    """A CLIP file: our export (config from its metadata), or an open_clip-layout file with `config` given."""
-    state_dict, metadata = read_state_dict(path)
-    if METADATA_TEXT_TOWER_FROM in metadata:
-        state_dict.update(_text_tower_of(Path(path).with_name(metadata[METADATA_TEXT_TOWER_FROM])))
-    if config is None:
-        if METADATA_CLIP_CONFIG not in metadata:
-            raise ValueError(
-                f"{path} has no {METADATA_CLIP_CONFIG!r} metadata (not a `latentforge train clip` export); "
-                "pass its CLIPConfig explicitly (task option `clip`)"
-            )
-        config = clip_config_from_json(metadata[METADATA_CLIP_CONFIG])
-    if "token_embedding.weight" in state_dict:  # open_clip / OpenAI layout
-        state_dict = openclip_to_ours(state_dict, config)
-    with torch.device("meta"):
-        clip = CLIPModel(config)
-    load_into(clip, state_dict, component="clip", family="custom", path=path)
-    return clip
-
-
-def load_text_encoder(path: str | Path, config: TextEncoderConfig | None = None) -> CLIPTextModel:
-    """A text tower: a text-encoder export (keys bare or under `cond_stage_model.transformer.`), or the
-    `text.*` part of a whole CLIP export; `config` is needed only when the file's metadata has none."""
-    state_dict, metadata = read_state_dict(path)
-    if METADATA_CLIP_CONFIG in metadata and METADATA_TEXT_CONFIG not in metadata:
-        config = config or clip_config_from_json(metadata[METADATA_CLIP_CONFIG]).text
-        state_dict = {k.removeprefix("text."): v for k, v in state_dict.items() if k.startswith("text.")}
-    elif config is None and METADATA_TEXT_CONFIG in metadata:
-        config = config_from_dict(TextEncoderConfig, json.loads(metadata[METADATA_TEXT_CONFIG]))
-    elif config is None:
-        raise ValueError(
-            f"{path} has neither {METADATA_TEXT_CONFIG!r} nor {METADATA_CLIP_CONFIG!r} metadata (it was not "
-            "exported by `latentforge train clip`): give its TextEncoderConfig explicitly (the U-Net task "
-            "option `text_encoder_config`)"
-        )
-    prefix = TEXT_PREFIXES["hf"]
-    state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items() if not k.endswith("position_ids")}
-    with torch.device("meta"):
-        text = CLIPTextModel(config)
-    load_into(text, state_dict, component="text encoder", family="custom", path=path)
-    return text
 
 
 # --------------------------------------------------------------------------------------------------

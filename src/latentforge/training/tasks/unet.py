@@ -25,6 +25,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from latentforge.checkpoints.exports import load_text_encoder, load_vae
+from latentforge.checkpoints.hashing import weights_digest
 from latentforge.checkpoints.single_file import save_single_file
 from latentforge.models.configs import TextEncoderConfig, UNetConfig, VAEConfig
 from latentforge.models.families import ModelFamily
@@ -46,9 +48,7 @@ from latentforge.training.latent_cache import (
     cache_key,
     cached_or_encode,
     dataset_fingerprint,
-    weights_digest,
 )
-from latentforge.training.tasks.clip import load_text_encoder
 from latentforge.training.tasks.common import (
     ImageData,
     dtype_from_name,
@@ -59,11 +59,8 @@ from latentforge.training.tasks.common import (
     parse_options,
     unwrap,
 )
-from latentforge.training.tasks.vae import load_vae
 
 NUM_TIMESTEPS = 1000  # what the pipelines and the family table assume
-# Metadata keys under which a text encoder file may carry its TextEncoderConfig (JSON).
-METADATA_CLIP_CONFIG = "latentforge.clip_config"  # a whole CLIP export of `train clip`
 
 
 @dataclass(frozen=True)

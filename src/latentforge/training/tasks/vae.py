@@ -15,23 +15,18 @@ LDM's LPIPS perceptual term is not included (it needs pretrained VGG weights).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from latentforge.checkpoints.loading import read_vae_state_dict
-from latentforge.checkpoints.reading import read_state_dict
-from latentforge.checkpoints.single_file import load_into
-from latentforge.models.configs import VAEConfig, config_from_dict, config_to_json
-from latentforge.models.families import TINY
+from latentforge.checkpoints.exports import load_vae, save_vae
+from latentforge.models.configs import VAEConfig
 from latentforge.models.vae import AutoencoderKL
 from latentforge.training import losses
 from latentforge.training.config import RunConfig
@@ -45,9 +40,6 @@ from latentforge.training.tasks.common import (
     parse_options,
     unwrap,
 )
-
-METADATA_VAE_CONFIG = "latentforge.vae_config"
-METADATA_COMPONENT = "latentforge.component"
 
 
 @dataclass(frozen=True)
@@ -95,36 +87,6 @@ class AutoencoderTrainer(nn.Module):
             out["logits_fake_d"] = self.discriminator(recon.detach())  # trains D, not the VAE
             out["logits_fake_g"] = losses.frozen_call(self.discriminator, recon)  # trains the VAE, not D
         return out
-
-
-def load_vae(path: str | Path, config: VAEConfig | None = None) -> AutoencoderKL:
-    """A standalone VAE file (our export: config in metadata; else `config` is needed) as an AutoencoderKL."""
-    _, metadata = read_state_dict(path)
-    if config is None:
-        if METADATA_VAE_CONFIG not in metadata:
-            raise ValueError(
-                f"{path} has no {METADATA_VAE_CONFIG!r} metadata (not exported by `latentforge train vae`); "
-                "give its VAEConfig explicitly (task option `vae_config`)"
-            )
-        config = config_from_dict(VAEConfig, json.loads(metadata[METADATA_VAE_CONFIG]))
-    state_dict = read_vae_state_dict(path, replace(TINY, vae=config))
-    with torch.device("meta"):
-        vae = AutoencoderKL(config)
-    load_into(vae, state_dict, component="vae", family="custom", path=path)
-    return vae
-
-
-def save_vae(vae: AutoencoderKL, path: str | Path, dtype: torch.dtype | None = None) -> None:
-    """Bare original-layout keys (`encoder.down.0...`, no `first_stage_model.`), the config in metadata."""
-    tensors = {
-        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-        for k, v in vae.state_dict().items()
-    }
-    metadata = {METADATA_VAE_CONFIG: config_to_json(vae.config), METADATA_COMPONENT: "vae"}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
 
 
 class VAETask:
