@@ -28,11 +28,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from latentforge.errors import LatentforgeError
+from latentforge.errors import ConfigError, NonFiniteError
 from latentforge.training import checkpointing, distributed
 from latentforge.training.config import (
     RunConfig,
     config_hash,
+    config_source,
     exactness_dict,
     load_config,
     resolve_mixed_precision,
@@ -45,7 +46,7 @@ from latentforge.training.task import TrainingTask
 TaskFactory = Callable[[RunConfig], TrainingTask]
 
 
-class TrainingDiverged(LatentforgeError, RuntimeError):
+class TrainingDiverged(NonFiniteError, RuntimeError):
     """Raised after `max_nan_steps` consecutive steps with a non-finite loss or gradient norm."""
 
 
@@ -87,7 +88,9 @@ def micro_batches(
     size, batch = len(dataset), config.batch_size  # type: ignore[arg-type]
     steps_per_epoch = size // batch
     if steps_per_epoch == 0:
-        raise ValueError(f"the train dataset has {size} items, fewer than one batch (batch_size = {batch})")
+        raise ConfigError(
+            f"batch_size = {batch} is more than the train dataset's {size} items: lower it or add data"
+        )
     share, micro = batch // world_size, batch // (world_size * config.grad_accum)
     epoch, first = divmod(start_step, steps_per_epoch)
     while True:
@@ -179,7 +182,7 @@ class _StepResult:
 def _train(task: TrainingTask, config: RunConfig, info: distributed.DistInfo) -> Path:
     run_dir, device, main = Path(config.run_dir), info.device, info.is_main
     _check_batch_layout(config, info.world_size)
-    _prepare_run_dir(run_dir, main)
+    _prepare_run_dir(run_dir, main, config.restart)
     _seed_everything(config)
 
     # Model, optimizer, EMA (kept on rank 0 only: after each step the weights agree on every rank).
@@ -195,8 +198,8 @@ def _train(task: TrainingTask, config: RunConfig, info: distributed.DistInfo) ->
     config = dataclasses.replace(
         config, mixed_precision=resolve_mixed_precision(config.mixed_precision, device)
     )
-    if main:
-        save_config(config, run_dir / "config.toml")  # after the resume check, which may refuse it
+    if main:  # after the resume check, which may refuse it; a restart is done once, so not written
+        save_config(dataclasses.replace(config, restart=False), run_dir / "config.toml")
 
     ddp_model = model
     if info.world_size > 1:
@@ -226,16 +229,10 @@ def _train(task: TrainingTask, config: RunConfig, info: distributed.DistInfo) ->
         row = log.step_row(step, result, progress.elapsed)
         if progress.nan_streak >= config.max_nan_steps:
             log.diverged(step, row, progress.elapsed)
-            raise TrainingDiverged(
-                f"{progress.nan_streak} consecutive steps with a non-finite loss or gradient (step {step}); "
-                f"stopping. The checkpoints in {checkpointing.checkpoint_dir(run_dir)} hold the last good "
-                "weights: lower lr, raise warmup_steps or check the data, then resume or restart."
-            )
+            raise TrainingDiverged(_divergence_message(progress, result, config))
 
-        # Checkpoint (rank 0), then evaluate and draw samples from the weights that will be exported.
-        if main and _due(step, config.checkpoint_every, done):
-            state = _checkpoint_state(model, optimizer, ema, progress, config, info, dataset_size)
-            checkpointing.save_checkpoint(run_dir, step, state, config.keep_checkpoints)
+        # Evaluate, draw samples and log (rank 0), then checkpoint: what a checkpoint's step produced is
+        # on disk before the checkpoint, so a run killed at any point resumes without a gap in log.csv.
         eval_model = ema.module if ema is not None else model
         if main and _due(step, config.eval_every, done):
             metrics = _without_grad(eval_model, autocast, task.evaluate)
@@ -245,6 +242,9 @@ def _train(task: TrainingTask, config: RunConfig, info: distributed.DistInfo) ->
             if image is not None:
                 save_samples(image, run_dir, step)
         log.write(step, row, progress.elapsed)
+        if main and _due(step, config.checkpoint_every, done):
+            state = _checkpoint_state(model, optimizer, ema, progress, config, info, dataset_size)
+            checkpointing.save_checkpoint(run_dir, step, state, config.keep_checkpoints)
 
     # Export the EMA weights if there are any, else the trained weights.
     log.close()
@@ -260,17 +260,21 @@ def _train(task: TrainingTask, config: RunConfig, info: distributed.DistInfo) ->
 
 def _check_batch_layout(config: RunConfig, world_size: int) -> None:
     if config.batch_size % (world_size * config.grad_accum):
-        raise ValueError(
+        raise ConfigError(
             f"batch_size = {config.batch_size} must be divisible by processes x grad_accum "
             f"= {world_size} x {config.grad_accum}"
         )
 
 
-def _prepare_run_dir(run_dir: Path, main: bool) -> None:
-    """Create the run directory, without any half-written checkpoint of a killed process."""
+def _prepare_run_dir(run_dir: Path, main: bool, restart: bool) -> None:
+    """Create the run directory, without any half-written checkpoint of a killed process; for an explicit
+    restart, move the previous run's files aside (nothing is deleted)."""
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpointing.remove_temp_files(run_dir)
+        archive = checkpointing.archive_run(run_dir) if restart else None
+        if archive is not None:
+            print(f"restart: the previous run's checkpoints and log are now in {archive}")
     distributed.barrier()
 
 
@@ -294,12 +298,19 @@ def _resume(
     ema: EMA | None,
     dataset_size: int,
 ) -> tuple[_Progress, RunConfig]:
-    """Load the newest checkpoint that loads into model, optimizer, EMA and RNGs; rank 0 picks it."""
+    """Load the newest checkpoint that loads into model, optimizer, EMA and RNGs; rank 0 picks it.
+
+    Newer checkpoints that do not load are renamed `*.unloadable` (kept, but out of resume and pruning);
+    when checkpoints exist and none loads, CheckpointsUnloadable stops the run before it starts over.
+    """
     latest = checkpointing.find_latest(run_dir) if info.is_main else None
-    resume_path = distributed.broadcast_object(str(latest[0]) if latest else None)
+    if latest is not None:
+        for path, problem in latest.unloadable:
+            print(f"not resuming from {path} ({problem}): renamed to {checkpointing.set_aside(path).name}")
+    resume_path = distributed.broadcast_object(str(latest.path) if latest else None)
     if resume_path is None:
         return _Progress(), config
-    state = latest[1] if latest else checkpointing.load_checkpoint(resume_path)
+    state = latest.state if latest else checkpointing.load_checkpoint(resume_path)
     if config.mixed_precision == "auto":  # continue with the precision the run started with
         config = dataclasses.replace(config, mixed_precision=state["exactness"]["mixed_precision"])
     checkpointing.check_resumable(state, config, info.world_size, dataset_size, Path(resume_path))
@@ -309,6 +320,7 @@ def _resume(
         ema.load_state_dict(state["ema"])
     checkpointing.set_rng_state(state["rng"])
     progress = _Progress(state["step"], state["nan_streak"], state["elapsed"])
+    del state, latest
     if info.is_main:
         print(f"resuming from {resume_path} at step {progress.step}")
     return progress, config
@@ -408,6 +420,31 @@ class _RunLog:
         self.csv.close()
 
 
+def _divergence_message(progress: _Progress, result: _StepResult, config: RunConfig) -> str:
+    """One line: where the run diverged, the likely cause, and where the last good weights are."""
+    first = progress.step - progress.nan_streak + 1
+    loss_finite = math.isfinite(result.stats["loss"])
+    if progress.step == progress.nan_streak:
+        cause = (
+            "the loss was never finite, so the data (NaN/Inf pixels or latents), the initial weights or the "
+            "loss itself, not the learning rate"
+        )
+    elif loss_finite:
+        cause = "exploding gradients: set grad_clip (e.g. 1.0) and lower lr"
+    else:
+        cause = f"a learning rate too high for this model: lower lr (now {config.lr:g}) or raise warmup_steps"
+        if config.mixed_precision == "bf16":
+            cause += ', or train with mixed_precision = "no"'
+    what = "gradient norm" if loss_finite else "loss"
+    return (
+        f"training diverged: the {what} was not finite at steps {first}-{progress.step} "
+        f"({progress.nan_streak} in a row, max_nan_steps = {config.max_nan_steps}); likely cause: {cause}. "
+        f"The checkpoints in {checkpointing.checkpoint_dir(config.run_dir)} stay intact; an exact resume "
+        "would diverge again, so change the config and start over with --restart (restart=true) or a new "
+        "run_dir"
+    )
+
+
 # ---------------------------------------------------------------------------- checkpoints
 
 
@@ -471,13 +508,20 @@ def run_training(
     `tasks` defaults to `latentforge.training.tasks.TASKS` (task name -> factory taking the RunConfig).
     """
     config = load_config(config_path, list(overrides))
+    overridden = {o.partition("=")[0].strip() for o in overrides}
     if config.task and config.task != task_name:
-        raise ValueError(f"the config is for task {config.task!r} but {task_name!r} was asked for")
+        source = config_source(config_path, overridden, "task")
+        raise ConfigError(f"task = {config.task!r}, but {task_name!r} was asked for", source)
     config.task = task_name
     if tasks is None:
         from latentforge.training.tasks import TASKS  # lazy: the tasks import the big models
 
         tasks = TASKS
     if task_name not in tasks:
-        raise ValueError(f"unknown task {task_name!r}; known tasks: {', '.join(sorted(tasks))}")
-    return train(tasks[task_name](config), config)
+        raise ConfigError(f"unknown task {task_name!r}; known tasks: {', '.join(sorted(tasks))}")
+    try:
+        return train(tasks[task_name](config), config)
+    except ConfigError as error:  # task_options problems: name the file or the override they came from
+        if error.path is not None:
+            raise
+        raise ConfigError(str(error), config_source(config_path, overridden, str(error))) from None

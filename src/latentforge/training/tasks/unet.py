@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from latentforge.checkpoints.single_file import save_single_file
+from latentforge.errors import ConfigError
 from latentforge.models.configs import TextEncoderConfig, UNetConfig, VAEConfig
 from latentforge.models.families import ModelFamily
 from latentforge.models.text_encoder import CLIPTextModel
@@ -37,7 +38,7 @@ from latentforge.sampling.guidance import cfg_denoiser
 from latentforge.sampling.k_samplers import sample_euler
 from latentforge.sampling.noise import initial_noise
 from latentforge.training import losses
-from latentforge.training.config import RunConfig
+from latentforge.training.config import AT_LEAST_ONE, FRACTION, POSITIVE, Range, RunConfig
 from latentforge.training.distributed import resolve_device
 from latentforge.training.latent_cache import (
     LatentCache,
@@ -49,6 +50,7 @@ from latentforge.training.latent_cache import (
 )
 from latentforge.training.tasks.clip import load_text_encoder
 from latentforge.training.tasks.common import (
+    ExportDtype,
     ImageData,
     dtype_from_name,
     first_items,
@@ -100,7 +102,21 @@ class UNetTaskOptions(ImageData):
     sample_steps: int = 20
     sample_cfg: float = 5.0
     family_name: str = "custom"
-    export_dtype: str | None = None  # "float16" to halve the export; default: float32
+    export_dtype: ExportDtype | None = None  # "float16" to halve the export; default: float32
+
+    RANGES: ClassVar[dict[str, Range]] = ImageData.RANGES | {
+        "clip_skip": AT_LEAST_ONE,
+        "beta_start": Range(0.0, 1.0, low_open=True, high_open=True),
+        "beta_end": Range(0.0, 1.0, low_open=True, high_open=True),
+        "caption_dropout": FRACTION,
+        "min_snr_gamma": POSITIVE,
+        "latent_scale": POSITIVE,
+        "latent_scale_items": Range(2),  # a variance needs two values
+        "encode_batch_size": AT_LEAST_ONE,
+        "eval_timesteps": Range(0, NUM_TIMESTEPS - 1),
+        "eval_batch_size": AT_LEAST_ONE,
+        "sample_steps": AT_LEAST_ONE,
+    }
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -169,11 +185,12 @@ class UNetTask:
             detail = ", ".join(
                 f"{n} = {got} but the VAE/text encoder need {want}" for n, (got, want) in wrong.items()
             )
-            raise ValueError(f"unet config does not fit the frozen encoders: {detail}")
+            raise ConfigError(f"task_options.unet does not fit the frozen encoders: {detail}")
         multiple = self.vae.config.downsampling_factor * 2 ** (len(config.channel_mult) - 1)
         if self.options.resolution % multiple:
-            raise ValueError(
-                f"resolution {self.options.resolution} must be a multiple of {multiple} (VAE f x U-Net)"
+            raise ConfigError(
+                f"task_options.resolution = {self.options.resolution} is not a multiple of {multiple} "
+                "(the VAE's factor x the U-Net's downsampling)"
             )
         return config
 
@@ -211,8 +228,8 @@ class UNetTask:
 
     def _build_cache(self, split: str, images: Dataset) -> Dataset:
         if self.options.flip or not self.options.center_crop:
-            raise ValueError(
-                "cache = true needs center_crop = true and flip = false (a cache holds one view)"
+            raise ConfigError(
+                "task_options.cache = true needs center_crop = true and flip = false (a cache holds one view)"
             )
         key = cache_key(
             vae=weights_digest(self.vae),
@@ -312,8 +329,9 @@ class UNetTask:
             total, total_sq, n = total + float(z.sum()), total_sq + float(z.pow(2).sum()), n + z.numel()
         variance = (total_sq - total**2 / n) / (n - 1)
         if not variance > 0:
-            raise ValueError(
-                "the VAE latents of the training set have zero variance; cannot measure latent_scale"
+            raise ConfigError(
+                "task_options.latent_scale cannot be measured: the VAE latents of the training set have "
+                f"variance {variance} (a constant dataset or a broken VAE); check them or set latent_scale"
             )
         return float(variance**-0.5)
 
