@@ -165,13 +165,14 @@ def test_dataset_errors_name_the_files(capsys, tmp_path):
     assert "empty/train: no usable images" in one_error_line(capsys, ["train", "vae", str(config)])
 
 
-def test_image_that_breaks_during_training_is_named(capsys, tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_image_that_breaks_during_training_is_named(capsys, tmp_path, workers):
     data = image_folder(tmp_path / "data")
     Image.new("RGB", (64, 64), (1, 2, 3)).save(data / "train" / "cut.png")
     (data / "train" / "cut.txt").write_text("cut")
     whole = (data / "train" / "cut.png").read_bytes()
     (data / "train" / "cut.png").write_bytes(whole[: len(whole) // 2])  # the header still reads
-    config = write_config(tmp_path, "vae", "batch_size = 5", f'data = "{data}"\n')
+    config = write_config(tmp_path, "vae", f"batch_size = 5\nnum_workers = {workers}", f'data = "{data}"\n')
     line = one_error_line(capsys, ["train", "vae", str(config)])
     assert "cut.png: corrupt or truncated" in line and "skip_unreadable" in line
 

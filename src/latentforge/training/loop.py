@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
-from latentforge.errors import ConfigError, NonFiniteError
+from latentforge.errors import ConfigError, LatentforgeError, NonFiniteError
 from latentforge.training import checkpointing, distributed
 from latentforge.training.config import (
     RunConfig,
@@ -100,17 +100,55 @@ def micro_batches(
         starts = [s * batch + rank * share for s in range(first, steps_per_epoch)]
         indices = torch.cat([order[i : i + share] for i in starts]).tolist()
         loader = DataLoader(
-            dataset,
+            _CarryErrors(dataset) if config.num_workers else dataset,
             batch_size=micro,
             sampler=indices,
             num_workers=config.num_workers,
-            collate_fn=collate_fn,
+            collate_fn=_collate_carrying(collate_fn) if config.num_workers else collate_fn,
             pin_memory=pin_memory,
         )
         items = iter(loader)
         for _ in starts:
-            yield [next(items) for _ in range(config.grad_accum)]
+            step_batches = [next(items) for _ in range(config.grad_accum)]
+            for item in step_batches:
+                if isinstance(item, _ItemError):
+                    raise DataLoadError(item.message)
+            yield step_batches
         epoch, first = epoch + 1, 0
+
+
+class DataLoadError(LatentforgeError):
+    """A user-caused error (an unreadable dataset file ...) raised inside a DataLoader worker."""
+
+
+@dataclasses.dataclass
+class _ItemError:
+    message: str
+
+
+class _CarryErrors(Dataset):
+    """Return a worker's LatentforgeError as an item, so the main process raises it as one line: torch
+    re-raises worker exceptions as a RuntimeError that quotes the worker's whole traceback."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except LatentforgeError as error:
+            return _ItemError(str(error))
+
+
+def _collate_carrying(collate_fn: Callable[[list[Any]], Any] | None) -> Callable[[list[Any]], Any]:
+    def collate(items: list[Any]) -> Any:
+        errors = [item for item in items if isinstance(item, _ItemError)]
+        return errors[0] if errors else (collate_fn or default_collate)(items)
+
+    return collate
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
