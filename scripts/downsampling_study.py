@@ -17,7 +17,6 @@ the same images). The plan is saved, so a re-run resumes instead of re-planning.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -37,6 +36,7 @@ from latentforge.pipelines.images import tensor_to_pil
 from latentforge.pipelines.request import GenerationRequest
 from latentforge.training.checkpointing import list_checkpoints, load_checkpoint
 from latentforge.training.config import load_config
+from latentforge.training.logging import read_log
 from latentforge.training.loop import run_training
 from latentforge.training.tasks.common import image_dataset
 from latentforge.training.tasks.unet import make_unet_task
@@ -75,8 +75,7 @@ def measure_step_seconds(config_path: Path, overrides: Sequence[str], run_dir: P
     probe += ["checkpoint_every=0", "eval_every=0", "sample_every=0", "keep_checkpoints=1"]
     if not (run_dir / "final.safetensors").is_file():
         run_training("unet", config_path, probe)
-    with open(run_dir / "log.csv", newline="") as f:
-        times = {int(row["step"]): float(row["time"]) for row in csv.DictReader(f) if row.get("time")}
+    times = {int(row["step"]): float(row["time"]) for row in read_log(run_dir / "log.csv") if row.get("time")}
     first = max(1, steps // 4)
     if first not in times or steps not in times or steps <= first:
         raise RuntimeError(f"probe log {run_dir / 'log.csv'} lacks steps {first} and {steps}; use more steps")

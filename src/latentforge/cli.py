@@ -333,7 +333,8 @@ def cmd_schedules(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from latentforge.training.loop import run_training
 
-    path = run_training(args.task, args.config, args.overrides)
+    overrides = [*args.overrides, "restart=true"] if args.restart else args.overrides
+    path = run_training(args.task, args.config, overrides)
     print(f"wrote {path}")
     return 0
 
@@ -563,6 +564,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task", choices=["clip", "vae", "unet"])
     p.add_argument("config", help="TOML run config")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-4 task_options.x=1")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="start over from step 0 although run_dir has checkpoints (they and the log are moved to "
+        "run_dir/before-restart-N/, nothing is deleted)",
+    )
 
     p = add(
         "eval",
