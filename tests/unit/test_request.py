@@ -4,6 +4,7 @@ A1111's combined sampler names, and regeneration from PNG/JPEG/WebP metadata bit
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -105,12 +106,15 @@ def test_combined_a1111_sampler_names_split_into_sampler_and_schedule(model):
     ]:
         resolved = resolve(replace(BASE, sampler=legacy), model).request
         assert (resolved.sampler, resolved.schedule) == (sampler, schedule)
-        text = "x\nSteps: 20, Sampler: " + legacy + ", CFG scale: 7, Seed: 1, Size: 512x512"
+        text = "x\nSteps: 20, Sampler: " + legacy + ", Schedule type: Automatic, CFG scale: 7, Seed: 1"
         parsed = from_infotext(text).request
         assert (parsed.sampler, resolve(parsed, model).request.schedule) == (sampler, schedule)
-    # an explicit schedule wins over the combined name's (A1111 1.9's rule)
-    explicit = resolve(replace(BASE, sampler="DPM++ 2M Karras", schedule="Exponential"), model).request
-    assert explicit.schedule == "Exponential"
+    # the combined name's schedule wins over the schedule field (A1111's get_sampler_and_scheduler)
+    combined = resolve(replace(BASE, sampler="DPM++ 2M Karras", schedule="Exponential"), model).request
+    assert combined.schedule == "Karras"
+    for alias in ("DPM++ 2M sgm_uniform", "DPM++ 2M SGMUniform"):
+        assert resolve(replace(BASE, sampler=alias), model).request.schedule == "SGM Uniform"
+    assert resolve(replace(BASE, schedule="karras"), model).request.schedule == "Karras"
     with pytest.raises(ParameterError, match="unknown sampler 'DPM fast'; valid names: DPM\\+\\+ 2M"):
         resolve(replace(BASE, sampler="DPM fast"), model)
 
@@ -244,3 +248,18 @@ def test_a1111_corpus_parses_into_requests_keeping_every_unknown_key():
         # written back, every unknown key is still there with its value
         again = parse_infotext(to_infotext(parsed.request))[2]
         assert all(again[key] == values[key] for key in parsed.unused), path.name
+
+
+@pytest.mark.skipif(not CORPUS.is_dir(), reason="corpus not present")
+def test_a1111_images_regenerate_with_the_schedule_they_were_made_with(model):
+    """Before 1.9 a name without a schedule suffix ran the model's own sigmas; A1111 1.9+ pastes such an
+    infotext as "Automatic" (Karras for DPM++ 2M ...), we keep what made the image (corpus expectations)."""
+    expected = json.loads((CORPUS / "expected.json").read_text(encoding="utf-8"))
+    checked = 0
+    for name, entry in expected.items():
+        if not isinstance(entry, dict) or entry.get("schedule_at_writing") is None:
+            continue
+        parsed = from_infotext((CORPUS / name).read_text(encoding="utf-8")).request
+        assert resolve(parsed, model).request.schedule == entry["schedule_at_writing"], name
+        checked += 1
+    assert checked >= 30

@@ -200,16 +200,34 @@ def from_infotext(text: str) -> ParsedInfotext:
             parts["hires"]["denoising_strength"] = strength
     elif "inpaint" in parts or strength is not None:
         parts["init"] = {} if strength is None else {"denoising_strength": strength}
-    if "sampler" in top and top["sampler"] not in SAMPLERS:  # pre-1.9 names carry the schedule
-        top["sampler"], top["schedule"] = split_sampler_name(top["sampler"], top.get("schedule", "Automatic"))
+    if "sampler" in top:
+        top["sampler"], top["schedule"] = _sampler_and_schedule(top["sampler"], values)
     built = {name: _PARTS[name](**values) for name, values in parts.items()}
     request = GenerationRequest(**top, **built, sampler_options=options, extra=extra)
     return ParsedInfotext(request, tuple(extra), tuple(_notes(values)))
 
 
+# Before A1111 1.9 a sampler name without a schedule suffix ran the model's own sigmas ("Uniform"),
+# except Restart (Karras) and the timestep samplers (their own spacing, our "Automatic").
+_BEFORE_SCHEDULE_TYPE = {"Restart": "Karras", "DDIM": "Automatic", "PLMS": "Automatic", "UniPC": "Automatic"}
+
+
+def _sampler_and_schedule(name: str, values: Mapping[str, str]) -> tuple[str, str]:
+    """The sampler and the schedule the image was made with (A1111's combined names split off)."""
+    schedule = values.get("Schedule type", "Automatic")
+    sampler, schedule = split_sampler_name(name, schedule)
+    if "Schedule type" not in values and name in SAMPLERS and not _ours(values):
+        schedule = _BEFORE_SCHEDULE_TYPE.get(sampler, "Uniform")
+    return sampler, schedule
+
+
+def _ours(values: Mapping[str, str]) -> bool:
+    return values.get("Version", "").startswith(VERSION)
+
+
 def _notes(values: Mapping[str, str]) -> list[str]:
     notes = []
-    rng = values.get("RNG", "GPU" if not values.get("Version", "").startswith(VERSION) else "CPU")
+    rng = values.get("RNG", "CPU" if _ours(values) else "GPU")
     if rng != "CPU":
         notes.append(
             f"the image was made with {rng} noise (A1111's default); latentforge draws noise with the CPU "

@@ -104,17 +104,30 @@ def get_sampler(name: str) -> Sampler:
 def split_sampler_name(name: str, schedule: str = "Automatic") -> tuple[str, str]:
     """(sampler, schedule) of a name, also A1111's combined names before 1.9: "DPM++ 2M Karras".
 
-    A combined name sets the schedule only where the request left it "Automatic" (A1111 1.9's rule).
-    Errors list the valid sampler names.
+    As A1111's get_sampler_and_scheduler, a schedule named at the end of the sampler name wins over
+    `schedule`; labels match case-insensitively and A1111's internal names work too ("karras",
+    "sgm_uniform", "SGMUniform"). Errors list the valid sampler names.
     """
     if name in SAMPLERS:
         return name, schedule
-    for known in schedules.SCHEDULES:
-        base = name.removesuffix(f" {known}")
-        if base != name and base in SAMPLERS:
-            return base, known if schedule == "Automatic" else schedule
+
+    words = name.split(" ")
+    for i in range(1, len(words)):
+        base, label = " ".join(words[:i]), schedule_label(" ".join(words[i:]))
+        if base in SAMPLERS and label is not None:
+            return base, label
     get_sampler(name)  # raises with the valid names
     raise AssertionError  # unreachable
+
+
+def schedule_label(name: str) -> str | None:
+    """A schedule's A1111 label from the label or an internal name, any case ("sgm_uniform",
+    "SGMUniform" -> "SGM Uniform"); None when it names none."""
+
+    def key(text: str) -> str:
+        return text.lower().replace("_", "").replace(" ", "")
+
+    return next((label for label in schedules.SCHEDULES if key(label) == key(name)), None)
 
 
 def check_options(sampler: str, options: Mapping[str, OptionValue]) -> None:
@@ -142,8 +155,8 @@ def check_options(sampler: str, options: Mapping[str, OptionValue]) -> None:
 
 def resolve_schedule(sampler: str, schedule: str = "Automatic") -> str:
     """The schedule name to use; "Automatic" becomes the sampler's default. Errors list valid names."""
-    name = get_sampler(sampler).schedule if schedule == "Automatic" else schedule
-    if name not in schedules.SCHEDULES:
+    name = get_sampler(sampler).schedule if schedule == "Automatic" else schedule_label(schedule)
+    if name is None:
         valid = ", ".join(["Automatic", *schedules.SCHEDULES])
         raise ParameterError(f"unknown schedule {schedule!r}; valid names: {valid}")
     return name
