@@ -427,6 +427,12 @@ def _format_values(result: dict) -> str:
 
 
 def _print_eval(result: dict, out: Path) -> None:
+    """The values, what failed and why; an error (exit 2) when no metric could be computed at all."""
+    from latentforge.evaluation.evaluate import MetricError
+
+    if not result["values"]:
+        reasons = "; ".join(f"{name}: {entry['reason']}" for name, entry in result["metrics"].items())
+        raise MetricError(f"no metric could be computed ({reasons}); see {out / 'report.md'}")
     print(_format_values(result))
     for name, entry in result["metrics"].items():
         if entry["status"] != "ok":
