@@ -125,7 +125,7 @@ def _read_weights(folder: Path, dtype: torch.dtype) -> StateDict:
     )
 
 
-def text_encoder_to_ours(state_dict: StateDict) -> StateDict:
+def text_encoder_from_diffusers(state_dict: StateDict) -> StateDict:
     """transformers' CLIP keys -> ours: transformers 5 saves `CLIPTextModel` without the `text_model.`
     level (`CLIPTextModelWithProjection` and older versions keep it); `position_ids` is a buffer."""
     out = {}
@@ -231,7 +231,7 @@ def load_diffusers_folder(
     family = family_from_diffusers(root, prediction)
     unet = keymap_unet.diffusers_to_ours(_read_weights(root / "unet", dtype), family.unet)
     vae = keymap_vae.diffusers_to_ours(_read_weights(root / "vae", dtype), family.vae)
-    text = text_encoder_to_ours(_read_weights(root / "text_encoder", dtype))
+    text = text_encoder_from_diffusers(_read_weights(root / "text_encoder", dtype))
     components = assemble(family, unet, vae, text, dtype=dtype, path=root)
     components.name = root.name
     return components

@@ -17,9 +17,8 @@ import math
 
 import torch
 
+from latentforge.checkpoints.reading import StateDict
 from latentforge.models.configs import TextEncoderConfig
-
-StateDict = dict[str, torch.Tensor]
 
 OPENCLIP_LOGIT_SCALE = math.log(100.0)
 OPENCLIP_IGNORED = ("logit_scale", "attn_mask")

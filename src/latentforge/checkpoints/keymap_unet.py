@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from latentforge.checkpoints.reading import StateDict
 from latentforge.models.configs import UNetConfig
-
-StateDict = dict[str, torch.Tensor]
 
 # (ours, diffusers) leaf modules of a ResBlock; the shortcut exists only when the width changes.
 _RESBLOCK_LEAVES = (

@@ -8,11 +8,8 @@ uses Linear layers ([C, C]). Both directions are exact inverses. diffusers assum
 
 from __future__ import annotations
 
-import torch
-
+from latentforge.checkpoints.reading import StateDict
 from latentforge.models.configs import VAEConfig
-
-StateDict = dict[str, torch.Tensor]
 
 _RESNET_LEAVES = (("norm1", "norm1"), ("conv1", "conv1"), ("norm2", "norm2"), ("conv2", "conv2"))
 _SHORTCUT = ("nin_shortcut", "conv_shortcut")

@@ -18,7 +18,7 @@ from latentforge.checkpoints.single_file import (
     detect_families,
     is_weight_key,
     split_components,
-    text_encoder_to_ours,
+    text_encoder_from_single_file,
 )
 from latentforge.models.families import ModelFamily, Prediction
 from latentforge.models.vae import AutoencoderKL
@@ -72,7 +72,9 @@ def read_components(
     del state_dict
     candidates = detect_families(parts, metadata, path)
     family = _with_prediction(candidates, prediction) if prediction is not None else candidates[0]
-    text_sd = text_encoder_to_ours(parts.pop("text_encoder"), parts["text_layout"], family.text_encoder)
+    text_sd = text_encoder_from_single_file(
+        parts.pop("text_encoder"), parts["text_layout"], family.text_encoder
+    )
     components = assemble(family, parts.pop("unet"), parts.pop("vae"), text_sd, dtype=dtype, path=path)
     if prediction is None and len({c.prediction for c in candidates}) > 1:
         # same shapes, different targets (sd2 / sd2-v): run the U-Net once to tell (see prediction_probe)

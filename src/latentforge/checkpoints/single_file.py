@@ -146,7 +146,7 @@ def family_from_json(text: str) -> ModelFamily:
     return FAMILIES.get(family.name) if FAMILIES.get(family.name) == family else family  # type: ignore[return-value]
 
 
-def text_encoder_to_ours(text_sd: StateDict, layout: str, config: TextEncoderConfig) -> StateDict:
+def text_encoder_from_single_file(text_sd: StateDict, layout: str, config: TextEncoderConfig) -> StateDict:
     return keymap_text.openclip_to_ours(text_sd, config) if layout == "openclip" else text_sd
 
 
