@@ -307,7 +307,7 @@ def _eval(args: argparse.Namespace) -> int:
             kid_subset_size=args.kid_subset_size, pr_k=args.pr_k, is_splits=args.is_splits
         ),
     }
-    extractor = load_extractor(args.features or f"clip:{default_clip_path()}", device)
+    extractor = load_extractor(args.features or f"clip:{default_clip_path()}", device, args.resize_mode)
     out = Path(args.out)
     if args.generated is not None:
         captions = runs.read_prompts(args.prompts) if args.prompts else None
@@ -463,6 +463,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="feature network: clip:PATH (`latentforge train clip` export; default: the CLIP trained with "
         "the embedded model), inception:PATH (FID Inception weights, pt_inception-2015-12-05-*.pth) or "
         "random (tests only)",
+    )
+    p.add_argument(
+        "--resize-mode",
+        choices=["clean", "legacy-pytorch", "legacy-tensorflow"],
+        help="how images reach 299 x 299 for inception/random features (clean-fid's names): clean = "
+        "clean-fid, legacy-pytorch = pytorch-fid, legacy-tensorflow = torch-fidelity / TF FID (default); "
+        "not for clip: features (CLIP's preprocessing is fixed)",
     )
     p.add_argument("--generated", help="evaluate this image folder instead of generating")
     p.add_argument("--model", help="checkpoint to generate with (default: the embedded model)")
