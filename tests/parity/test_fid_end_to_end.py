@@ -141,40 +141,48 @@ def test_folder_statistics_match_reference(
         assert np.abs(our_statistics[other][0] - mu_ref).max() > 10 * 1e-4 * np.abs(mu_ref).max(), other
 
 
-def _ours(mode: str, generated: Path, reference: Path, weights: Path, out: Path) -> float:
+def _ours(mode: str, generated: Path, reference: Path, weights: Path, out: Path) -> dict[str, float]:
     argv = ["eval", "--generated", generated, "--reference", reference, "--features", f"inception:{weights}"]
-    argv += ["--metrics", "fid", "--resize-mode", mode, "--no-cache", "--out", out]
+    argv += ["--metrics", "fid,kid,is", "--resize-mode", mode, "--no-cache", "--out", out]
     assert main([str(a) for a in argv]) == 0
     result = json.loads((out / "metrics.json").read_text())
     assert result["extractor"]["resize_mode"] == mode
-    return result["values"]["fid"]
+    return result["values"]
 
 
-def _reference_fid(mode: str, generated: Path, reference: Path, weights: Path, batch: int) -> float:
+def _reference_metrics(mode: str, generated: Path, reference: Path, weights: Path, batch: int) -> dict:
     if mode == "legacy-pytorch":
-        return pytorch_fid_score.calculate_fid_given_paths(
-            [str(generated), str(reference)], batch, "cpu", 2048, 0
-        )
-    if mode == "legacy-tensorflow":
+        paths = [str(generated), str(reference)]
+        return {"fid": pytorch_fid_score.calculate_fid_given_paths(paths, batch, "cpu", 2048, 0)}
+    if mode == "legacy-tensorflow":  # KID over subsets of all 20 images: the same for any subset sampling
         metrics = torch_fidelity.calculate_metrics(
-            input1=str(generated), input2=str(reference), fid=True, batch_size=batch, cuda=False,
-            feature_extractor_weights_path=str(weights), cache=False, verbose=False,
+            input1=str(generated), input2=str(reference), fid=True, kid=True, isc=True, kid_subset_size=20,
+            batch_size=batch, cuda=False, feature_extractor_weights_path=str(weights), cache=False,
+            verbose=False,
         )  # fmt: skip
-        return metrics["frechet_inception_distance"]
+        return {
+            "fid": metrics["frechet_inception_distance"],
+            "kid": metrics["kernel_inception_distance_mean"],
+            "is": metrics["inception_score_mean"],
+        }
     features = _clean_fid_features(_clean_fid_network())
-    return cleanfid_fid.compute_fid(
+    fid = cleanfid_fid.compute_fid(
         str(generated), str(reference), mode="clean", custom_feat_extractor=features, num_workers=0,
         batch_size=batch, device=torch.device("cpu"), verbose=False, use_dataparallel=False,
     )  # fmt: skip
+    return {"fid": fid}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", list(SIZES))
 @pytest.mark.parametrize("mode", RESIZE_MODES)
 def test_fid_matches_reference_end_to_end(mode: str, kind: str, weights: Path, tmp_path: Path) -> None:
+    """`latentforge eval` = the reference's own call: FID for every mode, KID and IS for torch-fidelity."""
     generated = _folder(tmp_path / "generated", kind, 20, seed=1)
     reference = _folder(tmp_path / "reference", kind, 20, seed=2)
     batch = 1 if kind == "mixed" else 10  # pytorch-fid and torch-fidelity stack whole images per batch
     ours = _ours(mode, generated, reference, weights, tmp_path / "out")
-    expected = _reference_fid(mode, generated, reference, weights, batch)
-    assert ours == pytest.approx(expected, rel=1e-4), (ours, expected)
+    expected = _reference_metrics(mode, generated, reference, weights, batch)
+    print(f"{mode} {kind}: ours {ours} reference {expected}")  # shown with -s
+    for name, value in expected.items():
+        assert ours[name] == pytest.approx(value, rel=1e-4), (name, ours[name], value)

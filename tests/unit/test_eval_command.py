@@ -521,3 +521,11 @@ def test_spec_parsers(tmp_path: Path) -> None:
         parse_sweep("eta=0,1")
     split = _write_images(tmp_path / "holdout", 4, seed=0, caption="emoji")
     assert read_prompts(split) == ["emoji 0", "emoji 1", "emoji 2", "emoji 0"]
+
+
+def test_batches_of_whole_images_stay_within_a_pixel_budget() -> None:
+    from latentforge.evaluation.features import _batches
+
+    small = [torch.zeros(3, 64, 64, dtype=torch.uint8)] * 5
+    large = [torch.zeros(3, 1024, 1024, dtype=torch.uint8)] * 3  # each over 2 x 512 x 512 pixels
+    assert [len(b) for b in _batches(small + large + small, batch_size=2)] == [2, 2, 1, 1, 1, 1, 2, 2, 1]

@@ -115,15 +115,20 @@ class RandomProjectionExtractor:
 
 
 def _batches(images: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
-    """Regroup single images [3, H, W] and/or batches [B, 3, H, W] into batches of `batch_size`."""
+    """Regroup single images [3, H, W] and/or batches [B, 3, H, W] into batches of `batch_size`.
+
+    Whole photos go to resizing extractors at their own size: a batch also ends at `batch_size` images of
+    512 x 512 worth of pixels, so that 50 camera images do not make a multi-gigabyte float batch.
+    """
     pending: list[torch.Tensor] = []
+    pixel_budget = batch_size * 512 * 512
     for item in images:
         for image in item if item.ndim == 4 else item[None]:
             if pending and image.shape != pending[0].shape:  # sizes differ: flush, cannot stack
                 yield torch.stack(pending)
                 pending = []
             pending.append(image)
-            if len(pending) == batch_size:
+            if len(pending) == batch_size or len(pending) * image[0].numel() >= pixel_budget:
                 yield torch.stack(pending)
                 pending = []
     if pending:
