@@ -184,5 +184,9 @@ def test_fid_matches_reference_end_to_end(mode: str, kind: str, weights: Path, t
     ours = _ours(mode, generated, reference, weights, tmp_path / "out")
     expected = _reference_metrics(mode, generated, reference, weights, batch)
     print(f"{mode} {kind}: ours {ours} reference {expected}")  # shown with -s
+    # torch-fidelity sums KID's kernel in float32 and KID is a small difference of large sums (kernel mean
+    # ~2700 vs KID ~3 at 256 px): its own rounding is 1.6e-4 relative there (float64 features through its
+    # kid_features_to_metric give ours to 1e-13), hence 1e-3 for KID.
     for name, value in expected.items():
-        assert ours[name] == pytest.approx(value, rel=1e-4), (name, ours[name], value)
+        rel = 1e-3 if name == "kid" else 1e-4
+        assert ours[name] == pytest.approx(value, rel=rel), (name, ours[name], value)
