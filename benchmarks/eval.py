@@ -1,7 +1,9 @@
-"""Feature-extraction throughput: our FID Inception vs torch-fidelity's, same random weights and images.
+"""Feature-extraction throughput per resize mode: our FID Inception (clean, legacy-pytorch,
+legacy-tensorflow) vs torch-fidelity's (its pipeline is legacy-tensorflow), same random weights and images;
+then `latentforge eval`'s whole feature path (PNG folder -> read -> resize -> network) per mode.
 
 Also times FID (ours vs pytorch-fid's scipy sqrtm) on 2048-d features. No downloads: weights are random.
-Usage: python benchmarks/eval.py --images 64 --size 256 --batch-size 16 [--threads 2] [--repeats 5]
+Usage: python benchmarks/eval.py --images 32 --size 256 --batch-size 16 [--threads 2] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import numpy as np
 import torch
 
 from latentforge.evaluation import metrics
+from latentforge.evaluation.evaluate import compute_features
+from latentforge.evaluation.extractors import load_extractor
 from latentforge.evaluation.inception import random_fid_inception
+from latentforge.evaluation.resize import RESIZE_MODES, network_input
 
 Run = Callable[[torch.Tensor], object]
 
@@ -67,36 +72,66 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
+    from PIL import Image
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     ours = random_fid_inception(seed=0).to(device)
+    shape = (args.images, 3, args.size, args.size)
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(tmp) / "weights.pth"
+        weights = Path(tmp) / "pt_inception-2015-12-05-random.pth"
         torch.save(ours.state_dict(), weights)
         reference = FeatureExtractorInceptionV3(
             "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(weights)
         ).to(device)
-    shape = (args.images, 3, args.size, args.size)
-    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    images = images.to(device)
+        folder = Path(tmp) / "images"
+        folder.mkdir()
+        for i, image in enumerate(images.permute(0, 2, 3, 1).numpy()):
+            Image.fromarray(image).save(folder / f"{i:05d}.png")
+        images = images.to(device)
 
-    with torch.inference_mode():
-        rates = _throughputs(
-            {"latentforge": ours, "torch-fidelity": reference}, images, args.batch_size, args.repeats
-        )
-        # Same network, different input pipelines (see inception.py): report how far the features differ.
-        ours_features = ours(images[:2]).pool3
-        reference_features = reference(images[:2])[0]
-    relative = (ours_features - reference_features).abs().max() / reference_features.abs().max()
+        def mode_run(mode: str) -> Run:
+            return lambda batch: ours(batch, mode)
+
+        def resize_run(mode: str) -> Run:
+            return lambda batch: network_input(batch, 299, mode)
+
+        runs: dict[str, Run] = {f"latentforge {mode}": mode_run(mode) for mode in RESIZE_MODES}
+        runs["torch-fidelity"] = reference
+        with torch.inference_mode():
+            rates = _throughputs(runs, images, args.batch_size, args.repeats)
+            resize_runs = {f"resize only {mode}": resize_run(mode) for mode in RESIZE_MODES}
+            resize_rates = _throughputs(resize_runs, images, args.batch_size, args.repeats)
+            # Same network and input pipeline (legacy-tensorflow): how far the features differ.
+            ours_features = ours(images[:2], "legacy-tensorflow").pool3
+            reference_features = reference(images[:2])[0]
+        relative = (ours_features - reference_features).abs().max() / reference_features.abs().max()
+        folder_rates = {}
+        for mode in RESIZE_MODES:  # the eval command's path from files, one untimed warm-up batch first
+            extractor = load_extractor(f"inception:{weights}", device, mode)
+            compute_features(folder, extractor, batch_size=args.batch_size, progress=False)
+            cpu, wall = time.process_time(), time.perf_counter()
+            compute_features(folder, extractor, batch_size=args.batch_size, progress=False)
+            folder_rates[mode] = (
+                args.images / (time.process_time() - cpu),
+                args.images / (time.perf_counter() - wall),
+            )
+
     print(
         f"images {args.images} x {args.size}px, batch {args.batch_size}, threads {args.threads}, {device}, "
-        f"median of {args.repeats} interleaved passes"
+        f"median of {args.repeats} interleaved passes (tensors) / one pass (folder)"
     )
-    (ours_cpu, ours_wall), (reference_cpu, reference_wall) = rates["latentforge"], rates["torch-fidelity"]
-    print(f"latentforge    : {ours_cpu:8.2f} images/CPU-s {ours_wall:8.2f} images/s")
-    print(f"torch-fidelity : {reference_cpu:8.2f} images/CPU-s {reference_wall:8.2f} images/s")
-    print(f"ratio          : {ours_cpu / reference_cpu:8.2f} (CPU) {ours_wall / reference_wall:14.2f} (wall)")
-    print(f"pool3 max relative difference from the input pipelines: {relative.item():.2e}")
+    reference_cpu = rates["torch-fidelity"][0]
+    for name, (cpu, wall) in rates.items():
+        print(
+            f"{name:30s}: {cpu:8.2f} images/CPU-s {wall:8.2f} images/s"
+            f"   (CPU ratio to torch-fidelity {cpu / reference_cpu:.2f})"
+        )
+    for name, (cpu, wall) in resize_rates.items():
+        print(f"{name:30s}: {cpu:8.2f} images/CPU-s {wall:8.2f} images/s")
+    for mode, (cpu, wall) in folder_rates.items():
+        print(f"{'folder ' + mode:30s}: {cpu:8.2f} images/CPU-s {wall:8.2f} images/s")
+    print(f"pool3 max relative difference, legacy-tensorflow vs torch-fidelity: {relative.item():.2e}")
 
     if args.fid_samples:
         from pytorch_fid.fid_score import calculate_frechet_distance

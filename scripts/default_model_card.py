@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from latentforge.evaluation.model_card import PARTS, CardInputs, CardSettings, model_card
+from model_card import PARTS, CardInputs, CardSettings, model_card  # scripts/model_card.py
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

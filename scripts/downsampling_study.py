@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from model_card import CARD_METRICS, choose_prompts  # scripts/model_card.py
 
 from latentforge.evaluation.evaluate import compute_features
 from latentforge.evaluation.extractors import load_extractor
-from latentforge.evaluation.model_card import CARD_METRICS, choose_prompts
 from latentforge.evaluation.runs import generate_and_evaluate
 from latentforge.model import load
 from latentforge.pipelines.images import tensor_to_pil
@@ -233,7 +233,7 @@ def first_stage_floor(
     do much better, so it separates what the autoencoder costs from what the U-Net learned."""
     from PIL import Image
 
-    from latentforge.evaluation.evaluate import evaluate_sets
+    from latentforge.evaluation.evaluate import evaluate
     from latentforge.pipelines.images import pil_to_tensor
     from latentforge.training import losses
 
@@ -249,7 +249,7 @@ def first_stage_floor(
         psnrs.append(losses.psnr(recon, pixels))
         tensor_to_pil(recon)[0].save(out / path.name)
         (out / path.name).with_suffix(".txt").write_text(path.with_suffix(".txt").read_text())
-    results, _, _ = evaluate_sets(out, reference, extractor=extractor, metrics=CARD_METRICS, progress=False)
+    results = evaluate(out, reference, extractor=extractor, metrics=CARD_METRICS, progress=False).result
     # mean per-image PSNR, as `latentforge train vae`'s holdout evaluation reports it
     psnr = losses.mean_finite(torch.cat(psnrs), cap=100.0)
     floor = {**results["values"], "psnr": psnr, "images": len(psnrs)}

@@ -11,8 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from model_card import GRID_PROMPTS, GRID_SEEDS, caption_grid, sample_rows  # scripts/model_card.py
+
 from latentforge.checkpoints.loading import default_model_path
-from latentforge.evaluation.model_card import GRID_PROMPTS, GRID_SEEDS, caption_grid, sample_rows
 from latentforge.evaluation.runs import parse_seeds, read_prompts
 from latentforge.model import load
 from latentforge.pipelines.request import GenerationRequest

@@ -348,16 +348,6 @@ def cmd_data_emoji(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from latentforge.evaluation.image_sets import EvalInputError
-
-    try:
-        return _eval(args)
-    except (EvalInputError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-def _eval(args: argparse.Namespace) -> int:
     import torch
 
     from latentforge.checkpoints.loading import default_clip_path
@@ -382,7 +372,7 @@ def _eval(args: argparse.Namespace) -> int:
             kid_subset_size=args.kid_subset_size, pr_k=args.pr_k, is_splits=args.is_splits
         ),
     }
-    extractor = load_extractor(args.features or f"clip:{default_clip_path()}", device)
+    extractor = load_extractor(args.features or f"clip:{default_clip_path()}", device, args.resize_mode)
     out = Path(args.out)
     if args.generated is not None:
         captions = runs.read_prompts(args.prompts) if args.prompts else None
@@ -589,6 +579,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="feature network: clip:PATH (`latentforge train clip` export; default: the CLIP trained with "
         "the embedded model), inception:PATH (FID Inception weights, pt_inception-2015-12-05-*.pth) or "
         "random (tests only)",
+    )
+    p.add_argument(
+        "--resize-mode",
+        choices=["clean", "legacy-pytorch", "legacy-tensorflow"],
+        help="how images reach 299 x 299 for inception/random features (clean-fid's names): clean = "
+        "clean-fid, legacy-pytorch = pytorch-fid, legacy-tensorflow = torch-fidelity / TF FID (default); "
+        "not for clip: features (CLIP's preprocessing is fixed)",
     )
     p.add_argument("--generated", help="evaluate this image folder instead of generating")
     p.add_argument("--model", help="checkpoint to generate with (default: the embedded model)")

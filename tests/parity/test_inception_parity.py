@@ -41,34 +41,29 @@ def test_pool3_matches_pytorch_fid(ours: FIDInceptionV3, images: torch.Tensor, m
     reference = pytorch_fid_inception.InceptionV3([3], use_fid_inception=True).eval()
     with torch.inference_mode():
         expected = reference(images.float() / 255)[0].flatten(1)  # pytorch-fid takes [0, 1] floats
-        actual = ours(images).pool3
+        actual = ours(images, "legacy-pytorch").pool3
     assert actual.shape == (2, 2048)
     _assert_close(actual, expected)
     assert not torch.allclose(actual[0], actual[1])
 
 
-def test_logits_match_torch_fidelity(
-    ours: FIDInceptionV3, images: torch.Tensor, tmp_path, monkeypatch
-) -> None:
-    # torch-fidelity's input pipeline differs by design (TF1-style resize, (x - 128) / 128): substitute ours
-    # for its resize so that both networks see the same [-1, 1] input, then compare the network itself.
+def test_logits_match_torch_fidelity(ours: FIDInceptionV3, images: torch.Tensor, tmp_path) -> None:
+    # legacy-tensorflow is torch-fidelity's input pipeline (TF1 resize, (x - 128) / 128): whole forward pass.
     path = tmp_path / "weights.pth"
     torch.save(ours.state_dict(), path)
-
-    def our_resize(x: torch.Tensor, size, align_corners) -> torch.Tensor:
-        return fid_preprocess(x.to(torch.uint8)) * 128 + 128
-
-    monkeypatch.setattr(tf_inception, "interpolate_bilinear_2d_like_tensorflow1x", our_resize)
     reference = tf_inception.FeatureExtractorInceptionV3(
         "inception-v3-compat", ["2048", "logits_unbiased", "logits"], feature_extractor_weights_path=str(path)
     )
     with torch.inference_mode():
         pool3, logits_unbiased, logits = reference(images)
-        actual = ours(images)
+        actual = ours(images, "legacy-tensorflow")
+        other = ours(images, "legacy-pytorch")
     _assert_close(actual.pool3, pool3)
     _assert_close(actual.logits_unbiased, logits_unbiased)
     _assert_close(actual.logits, logits)
     assert not torch.allclose(actual.logits, actual.logits_unbiased)
+    # the pipelines differ measurably at 120 x 97, so the comparison above can tell them apart
+    assert (other.pool3 - pool3).abs().max() > 100 * 1e-4 * pool3.abs().max()
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
@@ -103,10 +98,13 @@ def test_load_fid_inception_lists_bad_keys(ours: FIDInceptionV3, tmp_path) -> No
         load_fid_inception(path)
 
 
-def test_preprocess_is_pytorch_fid_pipeline() -> None:
+def test_preprocess_at_299_is_each_references_normalisation() -> None:
     images = torch.randint(0, 256, (1, 3, 299, 299), dtype=torch.uint8)
-    # At 299 the resize is the identity and the mapping is 2 * x / 255 - 1.
-    torch.testing.assert_close(fid_preprocess(images), 2 * images.float() / 255 - 1, rtol=0, atol=1e-6)
+    # At 299 every resize is the identity; pytorch-fid maps x to 2x/255 - 1, TF and clean-fid to (x-128)/128
+    expected = 2 * images.float() / 255 - 1
+    torch.testing.assert_close(fid_preprocess(images, "legacy-pytorch"), expected, rtol=0, atol=1e-6)
+    for mode in ("clean", "legacy-tensorflow"):
+        torch.testing.assert_close(fid_preprocess(images, mode), (images.float() - 128) / 128, rtol=0, atol=0)
     assert inception.INPUT_SIZE == 299
     with pytest.raises(ValueError, match="uint8"):
         fid_preprocess(images.float())

@@ -14,11 +14,12 @@ from latentforge.checkpoints.exports import save_clip
 from latentforge.checkpoints.single_file import save_single_file
 from latentforge.cli import main
 from latentforge.evaluation import metrics as m
-from latentforge.evaluation.evaluate import MetricSettings, compute_features, evaluate, evaluate_sets
+from latentforge.evaluation.evaluate import MetricSettings, compute_features, evaluate
 from latentforge.evaluation.extractors import EvalExtractor
 from latentforge.evaluation.features import RandomProjectionExtractor
 from latentforge.evaluation.inception import random_fid_inception
 from latentforge.evaluation.report import write_sweep_report
+from latentforge.evaluation.resize import DEFAULT_RESIZE_MODE
 from latentforge.evaluation.runs import parse_seeds, parse_sweep, read_prompts
 from latentforge.model import StableDiffusion
 from latentforge.models.clip import CLIPConfig, CLIPModel
@@ -143,6 +144,23 @@ def test_reference_features_are_cached_and_rekeyed_when_files_change(tmp_path: P
     assert _run(*args, "--out", tmp_path / "third") == 0
     assert sum(seen) == 32 and _metrics(tmp_path / "third")["counts"]["reference"]["cache"] == "miss"
 
+    # the resize mode is part of the key: another mode recomputes, and says so in metrics.json and the report
+    for mode in ("legacy-pytorch", "legacy-pytorch"):
+        assert _run(*args, "--resize-mode", mode, "--out", tmp_path / mode) == 0
+    pytorch = _metrics(tmp_path / "legacy-pytorch")
+    assert (
+        pytorch["counts"]["reference"]["cache"] == "hit"
+        and len(list((tmp_path / "cache").glob("*.npz"))) == 3
+    )
+    assert (pytorch["extractor"]["resize_mode"], first["extractor"]["resize_mode"]) == (
+        "legacy-pytorch",
+        "legacy-tensorflow",
+    )
+    assert pytorch["extractor"]["resize_rule"] == "whole-image-legacy-pytorch-32"
+    assert pytorch["extractor"]["preprocess_id"].startswith("legacy-pytorch-32-")
+    report = (tmp_path / "legacy-pytorch" / "report.md").read_text()
+    assert "Resize mode: `legacy-pytorch` (reproduces pytorch-fid" in report
+
 
 def test_unreadable_images_are_skipped_and_counted(tmp_path: Path, capsys) -> None:
     generated = _write_images(tmp_path / "gen", 10, seed=0)
@@ -215,7 +233,7 @@ def test_inception_gives_is_and_reports_each_shortfall(tmp_path: Path) -> None:
     generated = _write_images(tmp_path / "gen", 5, seed=0)
     reference = _write_images(tmp_path / "ref", 3, seed=1)
     settings = MetricSettings(is_splits=5)
-    result, gen, _ = evaluate_sets(
+    result, gen, _ = evaluate(
         generated, reference, extractor=f"inception:{weights}", progress=False, settings=settings
     )
     assert result["metrics"]["precision_recall"]["status"] == "failed"
@@ -223,11 +241,11 @@ def test_inception_gives_is_and_reports_each_shortfall(tmp_path: Path) -> None:
     assert result["metrics"]["fid"]["status"] == "ok" and result["metrics"]["is"]["splits"] == 5
     assert result["values"]["is"] == pytest.approx(m.inception_score(gen.logits, splits=5)[0], rel=1e-9)
     assert result["metrics"]["clip_score"]["status"] == "skipped"
-    resized = [
-        Image.open(generated / f"{i:03d}.png").resize((299, 299), Image.Resampling.BICUBIC) for i in range(3)
-    ]
-    pixels = torch.from_numpy(np.stack([np.asarray(image) for image in resized])).permute(0, 3, 1, 2)
-    expected = random_fid_inception(seed=1)(pixels)
+    # Whole images go to the network, which resizes them by the default mode (torch-fidelity's TF resize).
+    assert result["extractor"]["resize_mode"] == DEFAULT_RESIZE_MODE == "legacy-tensorflow"
+    images = [np.asarray(Image.open(generated / f"{i:03d}.png")) for i in range(3)]
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    expected = random_fid_inception(seed=1)(pixels, "legacy-tensorflow")
     np.testing.assert_allclose(gen.logits[:3], expected.logits_unbiased.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(gen.features[:3], expected.pool3.numpy(), rtol=1e-4, atol=1e-4)
 
@@ -236,11 +254,11 @@ def test_evaluate_takes_pil_lists_and_captions(tmp_path: Path, clip_path: Path) 
     folder = _write_images(tmp_path / "images", 6, seed=0)
     images = [Image.open(path).convert("RGB") for path in sorted(folder.glob("*.png"))]
     captions = [f"a picture {i}" for i in range(len(images))]
-    result = evaluate(images, images, extractor=f"clip:{clip_path}", captions=captions, progress=False)
+    result = evaluate(images, images, extractor=f"clip:{clip_path}", captions=captions, progress=False).result
     assert abs(result["values"]["fid"]) < 1e-6
     assert result["metrics"]["clip_score"]["captioned"] == len(images)
     assert result["counts"]["generated"]["skipped"] == [] and result["counts"]["reference"]["cache"] == "off"
-    wrong = evaluate(images, images, extractor=f"clip:{clip_path}", captions=captions[:2], progress=False)
+    wrong = evaluate(images, images, extractor=f"clip:{clip_path}", captions=captions[:2], progress=False)[0]
     assert (
         wrong["metrics"]["clip_score"]["status"] == "failed"
         and "2 captions for 6" in wrong["metrics"]["clip_score"]["reason"]
@@ -248,7 +266,8 @@ def test_evaluate_takes_pil_lists_and_captions(tmp_path: Path, clip_path: Path) 
     assert wrong["metrics"]["fid"]["status"] == "ok"
 
 
-def test_mixed_sizes_are_centre_cropped_and_bicubic_resized(tmp_path: Path) -> None:
+def test_square_rule_without_resize_mode_centre_crops_and_bicubic_resizes(tmp_path: Path) -> None:
+    """Extractors without a resize mode (CLIP, bare ones) get centre-cropped squares at their input size."""
     folder = tmp_path / "mixed"
     folder.mkdir()
     stripes = np.zeros((32, 64, 3), np.uint8)  # 64 wide: red | blue centre square | green
@@ -440,6 +459,18 @@ def test_wrong_weights_files_are_clear_errors(
     assert "no such file" in capsys.readouterr().err
     assert _run(*common, "--features", "resnet") == 2
     assert "clip:PATH" in capsys.readouterr().err
+    # CLIP's preprocessing is fixed by the model: a resize mode is refused, not silently ignored
+    assert _run(*common, "--features", f"clip:{clip_path}", "--resize-mode", "clean") == 2
+    assert "does not apply to clip:PATH features" in capsys.readouterr().err
+
+
+def test_resize_mode_choices_are_the_library_modes() -> None:
+    from latentforge.cli import build_parser
+    from latentforge.evaluation.resize import RESIZE_MODES
+
+    eval_parser = build_parser()._subparsers._group_actions[0].choices["eval"]  # type: ignore[union-attr]
+    action = next(a for a in eval_parser._actions if a.dest == "resize_mode")
+    assert tuple(action.choices) == RESIZE_MODES and action.default is None
 
 
 def test_argument_errors(tmp_path: Path, capsys) -> None:
@@ -490,3 +521,11 @@ def test_spec_parsers(tmp_path: Path) -> None:
         parse_sweep("eta=0,1")
     split = _write_images(tmp_path / "holdout", 4, seed=0, caption="emoji")
     assert read_prompts(split) == ["emoji 0", "emoji 1", "emoji 2", "emoji 0"]
+
+
+def test_batches_of_whole_images_stay_within_a_pixel_budget() -> None:
+    from latentforge.evaluation.features import _batches
+
+    small = [torch.zeros(3, 64, 64, dtype=torch.uint8)] * 5
+    large = [torch.zeros(3, 1024, 1024, dtype=torch.uint8)] * 3  # each over 2 x 512 x 512 pixels
+    assert [len(b) for b in _batches(small + large + small, batch_size=2)] == [2, 2, 1, 1, 1, 1, 2, 2, 1]

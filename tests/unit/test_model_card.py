@@ -1,5 +1,6 @@
-"""The model-card pipeline (scripts/default_model_card.py, scripts/sample_grid.py) on tiny random models and
-a tiny fake emoji-layout dataset (32x32, a dozen images), plus the downsampling-study driver's smoke run."""
+"""The model-card study tool (scripts/model_card.py, default_model_card.py, sample_grid.py) on tiny random
+models and a tiny fake emoji-layout dataset (32x32, a dozen images), plus the downsampling study's smoke run.
+"""
 
 import importlib.util
 import json
@@ -14,24 +15,36 @@ from PIL import Image
 from latentforge.checkpoints.exports import save_clip
 from latentforge.checkpoints.single_file import save_single_file
 from latentforge.evaluation.extractors import load_extractor
-from latentforge.evaluation.model_card import (
-    CAPTION_HEIGHT,
-    CardInputs,
-    CardSettings,
-    NearestCaptionBaseline,
-    caption_grid,
-    choose_prompts,
-    model_card,
-    read_split,
-    sample_rows,
-    untrained_like,
-)
 from latentforge.model import StableDiffusion, load
 from latentforge.models.clip import CLIPConfig, CLIPModel
 from latentforge.models.families import TINY
 from latentforge.pipelines.request import GenerationRequest
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_script(name: str):  # noqa: ANN202 (a module)
+    """scripts/NAME.py as module NAME (registered, so that the scripts' `from model_card import` finds it)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_card = _load_script("model_card")  # a study tool in scripts/, not in the library
+CAPTION_HEIGHT, CardInputs, CardSettings = _card.CAPTION_HEIGHT, _card.CardInputs, _card.CardSettings
+NearestCaptionBaseline, caption_grid, choose_prompts = (
+    _card.NearestCaptionBaseline,
+    _card.caption_grid,
+    _card.choose_prompts,
+)
+model_card, read_split, sample_rows, untrained_like = (
+    _card.model_card,
+    _card.read_split,
+    _card.sample_rows,
+    _card.untrained_like,
+)
 NAMES = [
     ("red apple", "food-fruit"),
     ("grinning face", "face-smiling"),
@@ -149,14 +162,6 @@ def test_sample_grid_has_one_captioned_row_per_prompt(files: dict[str, Path]) ->
     assert (caption_strip < 128).any()  # the caption is drawn
     with pytest.raises(ValueError, match="one caption per row"):
         caption_grid(rows, prompts[:1])
-
-
-def _load_script(name: str):  # noqa: ANN202 (a module)
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 STUDY_CONFIG = """

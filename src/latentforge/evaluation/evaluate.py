@@ -1,10 +1,11 @@
 """`evaluate(generated, reference)`: every metric of `metrics.py` from image folders or lists, in one call.
 
-Images follow the resize rule of `image_sets`; unreadable ones are skipped and counted. Each metric is
-computed on its own: one that cannot be (too few images, no logits, no captions) is reported with the
-reason and the others still come out. Reference features are cached in `cache_dir` as `.npz`, keyed by
-the extractor's name, its preprocessing and resize rule, and a hash of the sorted file list with sizes
-and mtimes, so a second run against the same reference reads them back.
+Images go to the extractor whole, resized by its resize mode (`resize.py`; CLIP: the square rule of
+`image_sets`); unreadable ones are skipped and counted. Each metric is computed on its own: one that
+cannot be (too few images, no logits, no captions) is reported with the reason and the others still come
+out. Reference features are cached in `cache_dir` as `.npz`, keyed by the extractor's name, its
+preprocessing, resize mode and rule, and a hash of the sorted file list with sizes and mtimes, so a second
+run against the same reference reads them back.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -36,7 +37,7 @@ from latentforge.evaluation.image_sets import (
 )
 
 METRICS = ("fid", "kid", "precision_recall", "is", "clip_score")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: resize modes (whole images, no crop, for Inception and random)
 NUM_SAMPLES = 8  # images per set kept for the report's sample grid
 
 
@@ -89,11 +90,16 @@ class FeatureSet:
         }
 
 
+def _resize_rule(extractor: EvalExtractor) -> str:
+    return resize_rule_id(extractor.input_size, extractor.resize_mode)
+
+
 def _cache_key(extractor: EvalExtractor, fingerprint: str) -> dict[str, Any]:
     return {
         "version": CACHE_VERSION,
         "extractor": extractor.image.name,
-        "preprocess_id": f"{extractor.image.preprocess_id}|{resize_rule_id(extractor.input_size)}",
+        "preprocess_id": f"{extractor.image.preprocess_id}|{_resize_rule(extractor)}",
+        "resize_mode": extractor.resize_mode,
         "files": fingerprint,
     }
 
@@ -128,6 +134,7 @@ def compute_features(
 ) -> FeatureSet:
     """Features (and logits) of a folder or image list; with `cache_dir`, folders are cached as `.npz`."""
     images = source if isinstance(source, ImageSet) else image_set(source, label)
+    square = None if extractor.resize_mode is not None else extractor.input_size  # CLIP: the square rule
     fingerprint = images.fingerprint() if cache_dir is not None else None
     cache_path = None
     if fingerprint is not None and cache_dir is not None:
@@ -137,7 +144,7 @@ def compute_features(
         if cached is not None:
             images.skipped = [tuple(item) for item in json.loads(str(cached["skipped"]))]
             rows = [int(i) for i in cached["indices"]]
-            shown = [square for _, square in images.iter_squares(extractor.input_size, rows[:NUM_SAMPLES])]
+            shown = [image for _, image in images.iter_images(square, rows[:NUM_SAMPLES])]
             features = cached["features"] if rows else None
             logits = cached["logits"] if rows and extractor.num_logits else None
             return FeatureSet(images, rows, features, logits, shown, "hit", str(cache_path))
@@ -145,12 +152,12 @@ def compute_features(
     indices: list[int] = []
     samples: list[Image.Image] = []
 
-    def tensors():  # noqa: ANN202 (a generator of uint8 [3, S, S])
-        for index, square in images.iter_squares(extractor.input_size):
+    def tensors():  # noqa: ANN202 (a generator of uint8 [3, H, W])
+        for index, image in images.iter_images(square):
             indices.append(index)
             if len(samples) < NUM_SAMPLES:
-                samples.append(square)
-            yield pil_to_uint8(square)
+                samples.append(image)
+            yield pil_to_uint8(image)
 
     try:
         array = extract_features(extractor.image, tensors(), batch_size=batch_size, progress=progress)
@@ -248,6 +255,14 @@ class _Skip(Exception):
     """A metric that does not apply to this extractor (reported as skipped, with the reason)."""
 
 
+class Evaluation(NamedTuple):
+    """`evaluate`'s answer: the JSON-able result and both `FeatureSet`s (their samples feed the report)."""
+
+    result: dict[str, Any]
+    generated: FeatureSet
+    reference: FeatureSet
+
+
 def evaluate(
     generated: ImageSource,
     reference: ImageSource | FeatureSet,
@@ -260,14 +275,14 @@ def evaluate(
     progress: bool = True,
     clip: str | EvalExtractor | None = None,
     settings: MetricSettings | None = None,
-) -> dict[str, Any]:
-    """Compare generated images with reference images; returns a JSON-able result.
+) -> Evaluation:
+    """Compare generated images with reference images.
 
     Args:
         generated, reference: image folders (recursive; a dataset split is its folder, e.g. DIR/holdout) or
             lists of PIL images; `reference` may also be a `FeatureSet` computed earlier (sweeps).
-        extractor: a spec ("clip:PATH", "inception:PATH", "random"), an `EvalExtractor` or a bare
-            `FeatureExtractor` (features only).
+        extractor: a spec ("clip:PATH", "inception:PATH", "random"; resize mode: the default, see
+            `load_extractor`), an `EvalExtractor` or a bare `FeatureExtractor` (features only).
         metrics: any of "fid", "kid", "precision_recall", "is", "clip_score".
         captions: one caption per generated image (in folder order) for CLIP score; default: same-stem .txt
             files, else the prompt of the PNG infotext.
@@ -276,34 +291,15 @@ def evaluate(
         settings: metric hyperparameters.
 
     Returns:
-        {"metrics": {name: {"status": "ok"|"failed"|"skipped", ...}}, "values": flat numbers, "counts",
-        "extractor", "settings"}; a metric that cannot be computed carries its "reason".
+        `Evaluation(result, generated, reference)`: `result` is {"metrics": {name: {"status": "ok"|"failed"|
+        "skipped", ...}}, "values": flat numbers, "counts", "extractor", "clip", "settings"}; a metric that
+        cannot be computed carries its "reason".
     """
-    result, _, _ = evaluate_sets(
-        generated, reference, extractor=extractor, metrics=metrics, captions=captions, cache_dir=cache_dir,
-        batch_size=batch_size, progress=progress, clip=clip, settings=settings,
-    )  # fmt: skip
-    return result
-
-
-def evaluate_sets(
-    generated: ImageSource,
-    reference: ImageSource | FeatureSet,
-    *,
-    extractor: str | EvalExtractor | FeatureExtractor,
-    metrics: Sequence[str] = METRICS,
-    captions: Sequence[str] | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    batch_size: int = 50,
-    progress: bool = True,
-    clip: str | EvalExtractor | None = None,
-    settings: MetricSettings | None = None,
-) -> tuple[dict[str, Any], FeatureSet, FeatureSet]:
-    """`evaluate`, also returning both `FeatureSet`s (their sample images feed the report's grid)."""
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
         raise EvalInputError(f"unknown metrics {unknown}; valid: {', '.join(METRICS)}")
     settings = settings or MetricSettings()
+    image_set(generated, "generated")  # a missing folder is an error before any features are computed
     extractor = as_eval_extractor(extractor)
     clip_extractor = None if clip is None else load_extractor(clip)
     if isinstance(reference, FeatureSet):
@@ -360,12 +356,13 @@ def evaluate_sets(
             "name": extractor.image.name,
             "preprocess_id": extractor.image.preprocess_id,
             "input_size": extractor.input_size,
-            "resize_rule": resize_rule_id(extractor.input_size),
+            "resize_mode": extractor.resize_mode,
+            "resize_rule": _resize_rule(extractor),
         },
         "clip": None if clip_extractor is None else clip_extractor.spec,
         "settings": asdict(settings),
     }
-    return result, gen, ref
+    return Evaluation(result, gen, ref)
 
 
 def flat_values(results: dict[str, dict[str, Any]]) -> dict[str, float]:

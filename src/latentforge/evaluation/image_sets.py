@@ -1,10 +1,9 @@
-"""Image sets for evaluation: folders, dataset splits and in-memory images, brought to one square size.
+"""Image sets for evaluation: folders, dataset splits and in-memory images, read as 8-bit RGB.
 
-The resize rule (one rule for every image, whatever its size): centre-crop to a square of side min(W, H)
-(offsets (W - side) // 2, (H - side) // 2, as `models.clip.preprocess_images`), then resize to S x S with
-Pillow's bicubic filter, which antialiases when downscaling (clean-fid's choice for FID, Parmar et al.
-2022). S is the extractor's input size (299 for Inception, the CLIP tower's image size), so the
-extractor's own resize step is the identity. Images are read by `data.images.load_image_rgb`.
+Extractors with a resize mode (Inception, random; `resize.py`) take each whole image as read, as
+pytorch-fid, torch-fidelity and clean-fid do. For CLIP the square rule applies: centre-crop to a square of
+side min(W, H) (offsets (W - side) // 2, (H - side) // 2, as `models.clip.preprocess_images`), then Pillow
+bicubic to the tower's image size. Images are read by `data.images.load_image_rgb`.
 """
 
 from __future__ import annotations
@@ -32,13 +31,13 @@ class EvalInputError(LatentforgeError, ValueError):
     """An unusable evaluation input (folder, prompts, seeds, sweep, extractor); says what to pass."""
 
 
-def resize_rule_id(size: int) -> str:
-    """Identifies the resize rule in cache keys and reports."""
-    return f"centre-square-PIL-bicubic-{size}"
+def resize_rule_id(size: int, resize_mode: str | None = None) -> str:
+    """Identifies the resize rule in cache keys and reports: the square rule, or a whole-image mode."""
+    return f"centre-square-PIL-bicubic-{size}" if resize_mode is None else f"whole-image-{resize_mode}-{size}"
 
 
 def square_resize(image: Image.Image, size: int) -> Image.Image:
-    """The resize rule: centre-crop to a square, then bicubic (antialiased) resize to `size` x `size`."""
+    """The square rule: centre-crop to a square, then bicubic (antialiased) resize to `size` x `size`."""
     width, height = image.size
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
@@ -90,17 +89,18 @@ class ImageSet:
         """Image `index` as 8-bit RGB; raises `ImageLoadError` for an unreadable file."""
         return to_rgb(self.images[index]) if self.images is not None else load_image_rgb(self.paths[index])
 
-    def iter_squares(
-        self, size: int, indices: Sequence[int] | None = None
+    def iter_images(
+        self, size: int | None = None, indices: Sequence[int] | None = None
     ) -> Iterator[tuple[int, Image.Image]]:
-        """(index, square image) of every readable image under the resize rule; the rest go to `skipped`."""
+        """(index, image) of every readable image, under the square rule when `size` is given; the rest go
+        to `skipped`."""
         for index in range(len(self)) if indices is None else indices:
             try:
                 image = self.load(index)
             except ImageLoadError as error:
                 self.skipped.append((self.name(index), error.reason))
                 continue
-            yield index, square_resize(image, size)
+            yield index, image if size is None else square_resize(image, size)
 
     def captions(self, indices: Sequence[int]) -> list[str | None]:
         """Caption of each image: its same-stem .txt, else the prompt of its PNG infotext, else None."""
@@ -131,7 +131,7 @@ def image_set(source: ImageSource, label: str) -> ImageSet:
     if isinstance(source, (str, os.PathLike)):
         root = Path(source)
         if not root.is_dir():
-            raise FileNotFoundError(f"{label} image folder not found: {root}")
+            raise EvalInputError(f"{label} image folder not found: {root}")
         if (root / "train").is_dir() and (root / "holdout").is_dir():
             raise EvalInputError(
                 f"{root} is a dataset root with train/ and holdout/ splits; pass one split, e.g. "

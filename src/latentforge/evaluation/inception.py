@@ -5,9 +5,8 @@ pools in the A, C and first E blocks exclude the zero padding (TensorFlow semant
 max-pools, and the classifier has 1008 classes. Attribute names equal pytorch-fid's
 `pt_inception-2015-12-05-*.pth` keys (also torch-fidelity's layout), so that file loads with strict keys.
 
-Input pipeline (pytorch-fid's FID variant): uint8 [B, 3, H, W] -> x / 255 -> bilinear resize to 299x299
-with `F.interpolate(align_corners=False, antialias=False)` -> 2x - 1. torch-fidelity instead resizes with
-TensorFlow-1.x bilinear sampling and normalises by (x - 128) / 128, so its features differ slightly.
+The input pipeline (resize to 299 x 299 and normalisation) is one of `resize.RESIZE_MODES`: clean-fid's
+`clean`, pytorch-fid's `legacy-pytorch` or torch-fidelity's `legacy-tensorflow`; see `evaluation/resize.py`.
 """
 
 from __future__ import annotations
@@ -18,6 +17,8 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from latentforge.evaluation.resize import DEFAULT_RESIZE_MODE, network_input
 
 INPUT_SIZE = 299
 NUM_CLASSES = 1008  # the TF graph's 1000 ImageNet classes plus 8 unused outputs
@@ -161,16 +162,16 @@ class InceptionE(nn.Module):
         return torch.cat([self.branch1x1(x), branch3x3, branch3x3dbl, self.branch_pool(pooled)], 1)
 
 
-def fid_preprocess(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> [B, 3, 299, 299] in [-1, 1] as pytorch-fid: resize on [0, 1], then 2x - 1."""
+def fid_preprocess(
+    images: torch.Tensor, resize_mode: str = DEFAULT_RESIZE_MODE, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> [B, 3, 299, 299] network input, resized and normalised by `resize_mode`."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(
             f"expected uint8 images [B, 3, H, W], got {images.dtype} {tuple(images.shape)}; "
             "convert floats in [0, 1] with (x * 255).round().clamp(0, 255).to(torch.uint8)"
         )
-    x = images.to(dtype) / 255
-    x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
-    return 2 * x - 1
+    return network_input(images, INPUT_SIZE, resize_mode, dtype)
 
 
 class FIDInceptionV3(nn.Module):
@@ -206,10 +207,10 @@ class FIDInceptionV3(nn.Module):
             x = getattr(self, f"Mixed_{name}")(x)  # 35x35 -> 17x17 -> [B, 2048, 8, 8]
         return x.mean(dim=(2, 3))  # global average pool -> [B, 2048]
 
-    def forward(self, images: torch.Tensor) -> InceptionOutput:
+    def forward(self, images: torch.Tensor, resize_mode: str = DEFAULT_RESIZE_MODE) -> InceptionOutput:
         """uint8 images [B, 3, H, W] (any size) -> pool3 features, logits and bias-free logits."""
         weight = self.fc.weight
-        features = self.pool3(fid_preprocess(images.to(weight.device), weight.dtype))
+        features = self.pool3(fid_preprocess(images.to(weight.device), resize_mode, weight.dtype))
         logits_unbiased = features @ self.fc.weight.T  # [B, 2048] -> [B, 1008]
         return InceptionOutput(features, logits_unbiased + self.fc.bias, logits_unbiased)
 

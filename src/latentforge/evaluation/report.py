@@ -16,6 +16,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from latentforge.evaluation.resize import REFERENCES
+
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 SAMPLES_FILE = "samples.png"
@@ -105,8 +107,12 @@ def _counts(result: dict[str, Any], show: int = 10) -> list[str]:
 
 def _settings(result: dict[str, Any]) -> list[str]:
     extractor = result["extractor"]
+    mode = extractor.get("resize_mode")
     lines = [
         f"- Features: `{extractor['spec']}` ({extractor['name']})",
+        f"- Resize mode: `{mode}` (reproduces {REFERENCES.get(mode, '?')})"
+        if mode
+        else "- Resize mode: none; the CLIP model's own preprocessing (fixed by the model)",
         f"- Preprocessing: `{extractor['preprocess_id']}` after the resize rule `{extractor['resize_rule']}`",
         "- Metric settings: " + ", ".join(f"{k} = {v}" for k, v in result["settings"].items()),
     ]

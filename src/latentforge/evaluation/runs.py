@@ -15,7 +15,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from latentforge.evaluation.evaluate import FeatureSet, compute_features, evaluate_sets
+from latentforge.errors import OutputError
+from latentforge.evaluation.evaluate import FeatureSet, compute_features, evaluate
 from latentforge.evaluation.extractors import EvalExtractor, load_extractor
 from latentforge.evaluation.image_sets import EvalInputError, ImageSource, image_set
 from latentforge.evaluation.report import run_dir_name, write_report, write_sweep_report
@@ -69,7 +70,10 @@ def read_prompts(source: str | os.PathLike) -> list[str]:
         images = image_set(path, "prompts")
         prompts = [c for c in images.captions(range(len(images))) if c]
     else:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        try:
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise EvalInputError(f"{path}: cannot read the prompts file ({e})") from None
         prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise EvalInputError(f"no prompts in {path}")
@@ -96,7 +100,7 @@ def generate_images(
     out = Path(out_dir)
     existing = sorted(out.glob("*.png")) if out.is_dir() else []
     if existing and not overwrite:
-        raise FileExistsError(
+        raise OutputError(
             f"{out} already holds {len(existing)} images; evaluate them with --generated {out}, choose "
             "another --out, or pass --overwrite to replace them"
         )
@@ -134,7 +138,7 @@ def evaluate_to_dir(
             raise EvalInputError(
                 f"--out {out_dir} lies inside the evaluated folder {generated}; choose another --out"
             )
-    result, gen, ref = evaluate_sets(generated, reference, extractor=extractor, **options)
+    result, gen, ref = evaluate(generated, reference, extractor=extractor, **options)
     result.update(extra or {})
     write_report(result, out_dir, samples=(gen.samples, ref.samples), title=title)
     return result

@@ -1,5 +1,8 @@
 """The default model's card numbers: quality against baselines, sampler/steps and CFG sweeps, speed.
 
+A study tool, not library code: imported by scripts/default_model_card.py, sample_grid.py and
+downsampling_study.py (running a script puts this folder on `sys.path`).
+
 Everything runs through the `latentforge eval` machinery (`runs.generate_and_evaluate`, `runs.sweep`,
 `evaluate.compute_features`) with our CLIP's image features (FID-CLIP, KID, precision/recall) and text
 tower (CLIP score), against the held-out real images of an emoji-layout dataset (DATA/{train,holdout}).
