@@ -49,11 +49,11 @@ def build_ours(dtype):  # noqa: ANN201
 
 
 def run_ours(args: argparse.Namespace, dtype) -> dict:  # noqa: ANN001
-    from latentforge.pipelines.generate import generate
-    from latentforge.pipelines.params import GenerationParams
+    from latentforge.pipelines.request import GenerationRequest
+    from latentforge.pipelines.runner import run
 
     model = build_ours(dtype)
-    params = GenerationParams(
+    params = GenerationRequest(
         prompt="a photograph of an astronaut riding a horse",
         negative_prompt="blurry",
         steps=args.steps,
@@ -64,10 +64,10 @@ def run_ours(args: argparse.Namespace, dtype) -> dict:  # noqa: ANN001
         width=args.size,
         height=args.size,
     )
-    generate(model, GenerationParams(prompt="warm-up", steps=1, width=64, height=64), progress=False)
+    run(model, GenerationRequest(prompt="warm-up", steps=1, width=64, height=64), progress=False)
     reset_peak()
     start = time.perf_counter()
-    generate(model, params, progress=False)
+    run(model, params, progress=False)
     return {"seconds": time.perf_counter() - start}
 
 

@@ -17,7 +17,6 @@ the same images). The plan is saved, so a re-run resumes instead of re-planning.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -34,9 +33,10 @@ from latentforge.evaluation.model_card import CARD_METRICS, choose_prompts
 from latentforge.evaluation.runs import generate_and_evaluate
 from latentforge.model import load
 from latentforge.pipelines.images import tensor_to_pil
-from latentforge.pipelines.params import GenerationParams
+from latentforge.pipelines.request import GenerationRequest
 from latentforge.training.checkpointing import list_checkpoints, load_checkpoint
 from latentforge.training.config import load_config
+from latentforge.training.logging import read_log
 from latentforge.training.loop import run_training
 from latentforge.training.tasks.common import image_dataset
 from latentforge.training.tasks.unet import make_unet_task
@@ -75,8 +75,7 @@ def measure_step_seconds(config_path: Path, overrides: Sequence[str], run_dir: P
     probe += ["checkpoint_every=0", "eval_every=0", "sample_every=0", "keep_checkpoints=1"]
     if not (run_dir / "final.safetensors").is_file():
         run_training("unet", config_path, probe)
-    with open(run_dir / "log.csv", newline="") as f:
-        times = {int(row["step"]): float(row["time"]) for row in csv.DictReader(f) if row.get("time")}
+    times = {int(row["step"]): float(row["time"]) for row in read_log(run_dir / "log.csv") if row.get("time")}
     first = max(1, steps // 4)
     if first not in times or steps not in times or steps <= first:
         raise RuntimeError(f"probe log {run_dir / 'log.csv'} lacks steps {first} and {steps}; use more steps")
@@ -131,7 +130,7 @@ def evaluate_checkpoints(
     reference: Any,
     prompts: tuple[list[str], list[int]],
     extractor: Any,
-    params: GenerationParams,
+    params: GenerationRequest,
     progress: bool,
 ) -> list[dict[str, Any]]:
     """FID-CLIP (and CLIP score, precision/recall) of each checkpoint's EMA weights, with its loop time."""
@@ -204,7 +203,7 @@ def run_study(
         if not (run_dir / "final.safetensors").is_file():
             run_training("unet", config_path, run_overrides)
         resolution = load_config(config_path, list(overrides)).task_options.get("resolution", 32)
-        params = GenerationParams(
+        params = GenerationRequest(
             steps=sample_steps, cfg_scale=cfg_scale, width=resolution, height=resolution, batch_size=16
         )
         points = evaluate_checkpoints(

@@ -15,7 +15,7 @@ from latentforge.checkpoints.loading import default_model_path
 from latentforge.evaluation.model_card import GRID_PROMPTS, GRID_SEEDS, caption_grid, sample_rows
 from latentforge.evaluation.runs import parse_seeds, read_prompts
 from latentforge.model import load
-from latentforge.pipelines.params import GenerationParams
+from latentforge.pipelines.request import GenerationRequest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     model = load(args.model or default_model_path())
     prompts = read_prompts(args.prompts) if args.prompts else list(GRID_PROMPTS)
-    params = GenerationParams(
+    params = GenerationRequest(
         steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg, width=args.size, height=args.size
     )
     grid = caption_grid(sample_rows(model, prompts, parse_seeds(args.seeds), params), prompts, args.cell)

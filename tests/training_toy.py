@@ -3,7 +3,8 @@
 Run as a script it trains from a TOML config (`python tests/training_toy.py CONFIG [key=value ...]`),
 also under torchrun. Test hooks: `task_options.nan_steps` makes those steps' loss NaN; environment
 variables (not config, so a resumed run sees the same config) TOY_KILL_AT_STEP=N SIGKILLs the process
-inside step N, TOY_KILL_IN_SAVE_STEP=N while checkpoint N is half written (before its rename).
+inside step N, TOY_KILL_IN_SAVE_STEP=N while checkpoint N is half written (before its rename),
+TOY_KILL_IN_PRUNE_STEP=N right after checkpoint N's save deleted its first old checkpoint.
 """
 
 from __future__ import annotations
@@ -124,12 +125,28 @@ def _kill_inside_checkpoint_write(step: int) -> None:
     checkpointing.os.replace = replace  # type: ignore[assignment]
 
 
+def _kill_inside_pruning(step: int) -> None:
+    """Make the pruning after checkpoint `step` die right after it deleted the first old checkpoint."""
+    real_unlink = os.unlink
+
+    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        real_unlink(path, *args, **kwargs)
+        path = Path(path)
+        old_checkpoint = path.name.startswith("step_") and path.name.endswith(".pt")
+        if old_checkpoint and (path.parent / f"step_{step}.pt").exists():
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    os.unlink = unlink  # type: ignore[assignment]
+
+
 def main(argv: list[str]) -> int:
     from latentforge.training.loop import run_training
 
     torch.set_num_threads(1)
     if "TOY_KILL_IN_SAVE_STEP" in os.environ:
         _kill_inside_checkpoint_write(int(os.environ["TOY_KILL_IN_SAVE_STEP"]))
+    if "TOY_KILL_IN_PRUNE_STEP" in os.environ:
+        _kill_inside_pruning(int(os.environ["TOY_KILL_IN_PRUNE_STEP"]))
     artefact = run_training("toy", argv[0], argv[1:], tasks={"toy": make_toy_task})
     print(f"exported {artefact}")
     return 0

@@ -7,20 +7,36 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from latentforge.api import img2img, txt2img
+    from latentforge.api import from_png, img2img, inpaint, run, txt2img
     from latentforge.model import StableDiffusion, load
-    from latentforge.pipelines.generate import generate
-    from latentforge.pipelines.params import GenerationParams
+    from latentforge.pipelines.request import GenerationRequest, Hires, InitImage, Inpaint
 
 _LAZY = {
     "load": "latentforge.model",
     "StableDiffusion": "latentforge.model",
     "txt2img": "latentforge.api",
     "img2img": "latentforge.api",
-    "generate": "latentforge.pipelines.generate",
-    "GenerationParams": "latentforge.pipelines.params",
+    "inpaint": "latentforge.api",
+    "run": "latentforge.api",
+    "from_png": "latentforge.api",
+    "GenerationRequest": "latentforge.pipelines.request",
+    "Hires": "latentforge.pipelines.request",
+    "InitImage": "latentforge.pipelines.request",
+    "Inpaint": "latentforge.pipelines.request",
 }
-__all__ = ["GenerationParams", "StableDiffusion", "generate", "img2img", "load", "txt2img"]
+__all__ = [
+    "GenerationRequest",
+    "Hires",
+    "InitImage",
+    "Inpaint",
+    "StableDiffusion",
+    "from_png",
+    "img2img",
+    "inpaint",
+    "load",
+    "run",
+    "txt2img",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,5 @@
-"""The Python API in a few calls: `load`, then `txt2img` / `img2img` returning PIL images.
+"""The Python API in a few calls: `load`, then `txt2img` / `img2img` / `inpaint` returning PIL images,
+`run` for a whole `GenerationRequest`, `from_png` to get the request an image was made with.
 
 Each image carries its A1111 infotext in `image.info["parameters"]`, so `image.save(path, pnginfo=...)`
 or `latentforge.pipelines.infotext.save_png` keeps it.
@@ -6,35 +7,108 @@ or `latentforge.pipelines.infotext.save_png` keeps it.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from latentforge.errors import ParameterError
 from latentforge.model import StableDiffusion
-from latentforge.pipelines.generate import generate, iter_generate_each, prepare_params
-from latentforge.pipelines.infotext import PNG_KEY
-from latentforge.pipelines.params import params_from_dict
+from latentforge.pipelines.generate import GeneratedImage
+from latentforge.pipelines.infotext import PNG_KEY, read_infotext
+from latentforge.pipelines.request import GenerationRequest, Hires, InitImage, Inpaint
+from latentforge.pipelines.request_infotext import from_infotext
+from latentforge.pipelines.runner import iter_images
+
+_FIELDS = {f.name for f in fields(GenerationRequest)}
 
 
-def _images(results: list[Any]) -> list[Image.Image]:
+def request_from_options(**options: Any) -> GenerationRequest:
+    """A request from keyword options (`GenerationRequest` fields); unknown names list the known ones."""
+    unknown = sorted(set(options) - _FIELDS)
+    if unknown:
+        raise ParameterError(f"unknown parameters {unknown}; known: {', '.join(sorted(_FIELDS))}")
+    return GenerationRequest(**options)
+
+
+def images(results: Sequence[GeneratedImage]) -> list[Image.Image]:
+    """PIL images with their infotext in `info["parameters"]`."""
     for result in results:
         result.image.info[PNG_KEY] = result.infotext
     return [result.image for result in results]
 
 
+def run(model: StableDiffusion, request: GenerationRequest, **kwargs: Any) -> list[Image.Image]:
+    """All images of a request (see `pipelines.runner.iter_images` for callback/progress)."""
+    return images(list(iter_images(model, request, **kwargs)))
+
+
 def txt2img(model: StableDiffusion, prompt: str | Sequence[str], **options: Any) -> list[Image.Image]:
-    """Images for a prompt; options are `GenerationParams` fields (steps, sampler, cfg_scale, seed ...).
+    """Images for a prompt; options are `GenerationRequest` fields (steps, sampler, cfg_scale, seed ...).
 
     A list of prompts gives one image per prompt, image i with seed + i, `batch_size` images per batch.
     """
     if isinstance(prompt, str):
-        return _images(generate(model, params_from_dict({"prompt": prompt, **options})))
-    params = prepare_params(model, params_from_dict(options))
-    pairs = [(text, params.seed + i) for i, text in enumerate(prompt)]
-    return _images(list(iter_generate_each(model, pairs, params)))
+        return run(model, request_from_options(prompt=prompt, **options))
+    seed = options.pop("seed", -1)
+    if seed == -1:
+        from latentforge.pipelines.seeds import resolve_seed
+
+        seed = resolve_seed(seed)
+    pairs = tuple((text, seed + i) for i, text in enumerate(prompt))
+    return run(model, request_from_options(prompt_seeds=pairs, **options))
 
 
-def img2img(model: StableDiffusion, image: Image.Image, prompt: str, **options: Any) -> list[Image.Image]:
-    """Images that start from `image`, noised to `denoising_strength` (default 0.75) and denoised."""
-    return _images(generate(model, params_from_dict({"prompt": prompt, **options}), init_images=[image]))
+def img2img(
+    model: StableDiffusion,
+    image: Image.Image,
+    prompt: str,
+    *,
+    denoising_strength: float = 0.75,
+    **options: Any,
+) -> list[Image.Image]:
+    """Images that start from `image`, noised to `denoising_strength` and denoised."""
+    init = InitImage((image,), denoising_strength)
+    return run(model, request_from_options(prompt=prompt, init=init, **options))
+
+
+def inpaint(
+    model: StableDiffusion,
+    image: Image.Image,
+    mask: Image.Image,
+    prompt: str,
+    *,
+    denoising_strength: float = 0.75,
+    mask_blur: float = 4,
+    **options: Any,
+) -> list[Image.Image]:
+    """Repaint the white part of `mask` in `image` (A1111's inpaint tab; see `pipelines.inpaint`)."""
+    init = InitImage((image,), denoising_strength)
+    part = Inpaint(mask=mask, mask_blur=mask_blur)
+    return run(model, request_from_options(prompt=prompt, init=init, inpaint=part, **options))
+
+
+def hires(model: StableDiffusion, prompt: str, *, scale: float = 2.0, **options: Any) -> list[Image.Image]:
+    """txt2img at the request's size, then A1111's hires-fix pass at `scale` times it."""
+    return run(model, request_from_options(prompt=prompt, hires=Hires(scale=scale), **options))
+
+
+def from_png(image: str | Path | Image.Image) -> GenerationRequest:
+    """The request an image's infotext describes (PNG text chunk, or EXIF in JPEG/WebP).
+
+    Keys no field holds are kept in `request.extra` and named in a warning; so are notes on what will
+    differ (an infotext asking for GPU noise).
+    """
+    text = image.info.get(PNG_KEY) if isinstance(image, Image.Image) else read_infotext(image)
+    if not isinstance(text, str) or not text.strip():
+        name = "the image" if isinstance(image, Image.Image) else str(image)
+        raise ParameterError(f"{name} has no generation parameters (no A1111 infotext)")
+    parsed = from_infotext(text)
+    for message in parsed.notes:
+        warnings.warn(message, stacklevel=2)
+    if parsed.unused:
+        warnings.warn(f"infotext keys kept but not used: {', '.join(parsed.unused)}", stacklevel=2)
+    return parsed.request

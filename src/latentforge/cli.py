@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from latentforge.errors import LatentforgeError, ParameterError
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -78,28 +80,36 @@ def _parse_margins(text: str) -> tuple[int, int, int, int]:
     return left, right, top, bottom
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
+def _parse_option(text: str) -> tuple[str, float | int | bool | str]:
+    """KEY=VALUE of --sampler-option: numbers become numbers, true/false booleans, the rest strings."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"sampler options look like s_noise=1.003, got {text!r}")
+    if value.lower() in ("true", "false"):
+        return key, value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, value
 
-    from latentforge.checkpoints.loading import default_model_path
-    from latentforge.data.images import ImageLoadError, load_image_rgb
-    from latentforge.model import load
-    from latentforge.pipelines.generate import iter_generate
-    from latentforge.pipelines.hires import iter_hires
-    from latentforge.pipelines.infotext import parse_infotext, read_infotext, save_png
-    from latentforge.pipelines.inpaint import iter_inpaint, iter_outpaint, load_mask
-    from latentforge.pipelines.params import GenerationParams, ParameterError
 
-    values: dict = {}
-    hires_values: dict = {}
-    if args.from_png:
-        text = read_infotext(args.from_png)
-        if text is None:
-            print(f"error: {args.from_png} has no generation parameters", file=sys.stderr)
-            return 2
-        parsed = parse_infotext(text)
-        values = params_from_infotext(*parsed)
-        hires_values = hires_from_infotext(parsed[2])
+class _Flags(argparse.Namespace):
+    """A command's flags, None for those it lacks (`eval` takes a subset of `generate`'s)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return None
+
+
+def build_request(args: argparse.Namespace, base: Any = None) -> Any:
+    """The command line's generation request: `base` (e.g. from --from-png) with the given flags over it."""
+    from dataclasses import replace
+
+    from latentforge.pipelines.request import GenerationRequest, Hires, InitImage, Inpaint
+
+    args = _Flags(**vars(args))
+    request = base or GenerationRequest()
     given = {
         "prompt": args.prompt,
         "negative_prompt": args.negative,
@@ -107,79 +117,175 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "sampler": args.sampler,
         "schedule": args.schedule,
         "cfg_scale": args.cfg,
+        "cfg_rescale": args.cfg_rescale,
         "seed": args.seed,
+        "subseed": args.subseed,
+        "subseed_strength": args.subseed_strength,
         "width": args.size[0] if args.size else None,
         "height": args.size[1] if args.size else None,
         "batch_size": args.batch_size,
         "batch_count": args.batch_count,
         "clip_skip": args.clip_skip,
-        "denoising_strength": args.strength,
+        "eta": args.eta,
+        "eta_noise_seed_delta": args.ensd,
         "tiled_vae": args.tiled_vae,
     }
-    values.update({k: v for k, v in given.items() if v is not None})
+    request = replace(request, **{k: v for k, v in given.items() if v is not None})
+    if args.sampler_option:
+        request = replace(request, sampler_options={**request.sampler_options, **dict(args.sampler_option)})
+    if args.sampler and args.schedule is None and base is not None:  # a new sampler brings its own default
+        request = replace(request, schedule="Automatic")
     hires_given = {
         "scale": args.hires_scale,
-        "hires_steps": args.hires_steps,
+        "resize_width": args.hires_resize[0] if args.hires_resize else None,
+        "resize_height": args.hires_resize[1] if args.hires_resize else None,
+        "steps": args.hires_steps,
         "denoising_strength": args.hires_strength,
         "upscaler": args.hires_upscaler,
-        "hires_sampler": args.hires_sampler,
+        "sampler": args.hires_sampler,
     }
-    hires_values.update({k: v for k, v in hires_given.items() if v is not None})
-    params = GenerationParams(**values)
-    editing = args.mask or args.outpaint
-    if editing and not args.init_image:
-        print("error: --mask and --outpaint need --init-image", file=sys.stderr)
-        return 2
-    if hires_values and args.init_image:
-        print("error: hires fix (--hires-*) is a txt2img option; drop --init-image", file=sys.stderr)
-        return 2
-    try:
-        init = load_image_rgb(args.init_image) if args.init_image else None
-        mask = load_mask(args.mask) if args.mask else None
-    except ImageLoadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if (args.outpaint or mask is not None) and init is None:
-        print("error: --mask and --outpaint need --init-image", file=sys.stderr)
-        return 2
-    model_path = args.model or default_model_path()
+    hires_given = {k: v for k, v in hires_given.items() if v is not None}
+    if hires_given:
+        request = replace(request, hires=replace(request.hires or Hires(), **hires_given))
+    init_images = tuple(args.init_images or ())
+    if init_images or request.init is not None:
+        init = request.init or InitImage()
+        strength = args.strength if args.strength is not None else init.denoising_strength
+        request = replace(request, init=replace(init, images=init_images, denoising_strength=strength))
+    inpaint_given = {
+        "mask": args.mask_image,
+        "mask_blur": args.mask_blur,
+        "masked_content": args.masked_content,
+        "only_masked": args.only_masked,
+        "only_masked_padding": args.only_masked_padding,
+        "latent_blend": args.latent_blend,
+        "outpaint": args.outpaint,
+    }
+    inpaint_given = {k: v for k, v in inpaint_given.items() if v is not None}
+    if args.mask_image is not None or args.outpaint is not None or request.inpaint is not None:
+        request = replace(request, inpaint=replace(request.inpaint or Inpaint(), **inpaint_given))
+    return request
+
+
+def _request_base(args: argparse.Namespace) -> Any:
+    """The request stored in --from-png's image, with notes on what will differ printed to stderr."""
+    from latentforge.pipelines.infotext import read_infotext
+    from latentforge.pipelines.request_infotext import from_infotext
+
+    text = read_infotext(args.from_png)
+    if not text or not text.strip():
+        raise ParameterError(f"{args.from_png} has no generation parameters (no A1111 infotext)")
+    parsed = from_infotext(text)
+    for note in parsed.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if parsed.unused:
+        print(f"note: infotext keys kept but not used: {', '.join(parsed.unused)}", file=sys.stderr)
+    return parsed.request
+
+
+def _vae_for(request: Any, args: argparse.Namespace, model_path: Path) -> str | None:
+    """The VAE to load: --vae, or the one the infotext names when it lies beside the model or here."""
+    if args.vae:
+        return None if args.vae == "model" else args.vae
+    if not request.vae:
+        return None
+    for folder in (model_path.parent, Path.cwd()):
+        candidate = folder / request.vae
+        if candidate.is_file():
+            print(f"note: using the VAE the infotext names: {candidate}", file=sys.stderr)
+            return str(candidate)
+    raise ParameterError(
+        f"the image was decoded with VAE {request.vae!r} ({request.vae_hash or 'no hash'}), not found beside "
+        "the model or here; pass --vae PATH, or --vae model to decode with the model's own"
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from latentforge.checkpoints.loading import default_model_path
+    from latentforge.data.images import load_image_rgb
+    from latentforge.model import load
+    from latentforge.pipelines.inpaint import load_mask
+    from latentforge.pipelines.outputs import prepare_folder
+    from latentforge.pipelines.runner import iter_images
+    from latentforge.pipelines.xyz import parse_axis
+
+    if (args.mask or args.outpaint) and not args.init_image:
+        raise ParameterError("--mask and --outpaint need --init-image")
+    if args.init_image and any(
+        v is not None for v in (args.hires_scale, args.hires_resize, args.hires_steps, args.hires_upscaler)
+    ):
+        raise ParameterError("hires fix (--hires-*) is a txt2img option; drop --init-image")
+    base = _request_base(args) if args.from_png else None
+    axes = [parse_axis(text) for text in (args.x, args.y, args.z) if text]
+    args.init_images = [load_image_rgb(path) for path in args.init_image or []]
+    args.mask_image = load_mask(args.mask) if args.mask else None
+    request = build_request(args, base)
+    out = prepare_folder(args.out)
+    model_path = Path(args.model) if args.model else default_model_path()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load(model_path, dtype=_torch_dtype(args.dtype), device=device, vae=args.vae)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    vae = _vae_for(request, args, model_path)
+    model = load(
+        model_path, dtype=_torch_dtype(args.dtype), device=device, vae=vae, prediction=args.prediction,
+        use_ema=args.use_ema,
+    )  # fmt: skip
     callback = _preview_writer(model, out, args.preview_every) if args.preview_every else None
-    if args.outpaint and init is not None:
-        left, right, top, bottom = args.outpaint
-        results = iter_outpaint(
-            model, params, init, left=left, right=right, top=top, bottom=bottom, mask_blur=args.mask_blur,
-            masked_content=args.masked_content, callback=callback,
-        )  # fmt: skip
-    elif mask is not None and init is not None:
-        results = iter_inpaint(
-            model, params, init, mask, mask_blur=args.mask_blur, masked_content=args.masked_content,
-            only_masked=args.only_masked, only_masked_padding=args.only_masked_padding, callback=callback,
-        )  # fmt: skip
-    elif hires_values:
-        results = iter_hires(model, params, callback=callback, **hires_values)
-    else:
-        results = iter_generate(
-            model, params, init_images=None if init is None else [init], callback=callback
-        )
-    index = len(list(out.glob("*.png")))
-    written = 0
+    if axes:
+        return _xyz(model, request, axes, out, args.format)
+    written: list[Any] = []
     try:
-        for result in results:
-            path = out / f"{index + written:05d}-{result.seed}.png"
-            save_png(result.image, path, result.infotext)
-            written += 1
-            print(path)
-    except ParameterError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        for result in iter_images(model, request, callback=callback):
+            written.append(_save(out, result, args.format))
+        if len(written) > 1 and args.grid:
+            _save_grid(out, written, args.format)
     except KeyboardInterrupt:
-        print(f"interrupted; kept {written} finished image(s) in {out}", file=sys.stderr)
+        print(f"interrupted; kept {len(written)} finished image(s) in {out}", file=sys.stderr)
         return 130
     return 0
+
+
+def _xyz(model: Any, request: Any, axes: list[Any], out: Path, format: str) -> int:
+    """Every cell's image, then one labelled grid per Z value (with the first cell's infotext)."""
+    from functools import partial
+
+    from latentforge.pipelines.infotext import save_image
+    from latentforge.pipelines.outputs import write_new
+    from latentforge.pipelines.xyz import xyz_plot
+
+    grids, results = xyz_plot(model, request, axes)
+    for result in results:
+        _save(out, result, format)
+    info = results[0].infotext
+    for grid in grids:
+        path = write_new(out, lambda n: f"xyz-{n:05d}.{format}", partial(save_image, grid, infotext=info))
+        print(path)
+    return 0
+
+
+def _save(out: Path, result: Any, format: str) -> Any:
+    from latentforge.pipelines.infotext import save_image
+    from latentforge.pipelines.outputs import write_new
+
+    path = write_new(
+        out,
+        lambda n: f"{n:05d}-{result.seed}.{format}",
+        lambda p: save_image(result.image, p, result.infotext),
+    )
+    print(path)
+    return (path, result)
+
+
+def _save_grid(out: Path, written: list[Any], format: str) -> None:
+    """A1111's batch grid: every image of the run, with the first image's infotext."""
+    from latentforge.pipelines.grid import image_grid
+    from latentforge.pipelines.infotext import save_image
+    from latentforge.pipelines.outputs import write_new
+
+    grid = image_grid([result.image for _, result in written])
+    infotext = written[0][1].infotext
+    path = write_new(out, lambda n: f"grid-{n:05d}.{format}", lambda p: save_image(grid, p, infotext))
+    print(path)
 
 
 def _preview_writer(model, out: Path, every: int):  # noqa: ANN202 (torch types imported lazily)
@@ -193,51 +299,6 @@ def _preview_writer(model, out: Path, every: int):  # noqa: ANN202 (torch types 
             latent_preview(info.denoised, projection).save(out / "preview.png")
 
     return write
-
-
-def params_from_infotext(prompt: str, negative: str, values: dict[str, str]) -> dict:
-    """GenerationParams fields from a parsed infotext (A1111's names)."""
-    names: dict[str, tuple[str, Callable[[str], Any]]] = {
-        "Steps": ("steps", int),
-        "Sampler": ("sampler", str),
-        "Schedule type": ("schedule", str),
-        "CFG scale": ("cfg_scale", float),
-        "Seed": ("seed", int),
-        "Clip skip": ("clip_skip", int),
-        "Denoising strength": ("denoising_strength", float),
-        "Variation seed": ("subseed", int),
-        "Variation seed strength": ("subseed_strength", float),
-        "CFG rescale": ("cfg_rescale", float),
-        "Eta": ("eta", float),
-        "Tiled VAE": ("tiled_vae", lambda v: v == "True"),
-    }
-    out: dict = {"prompt": prompt, "negative_prompt": negative}
-    for key, (field, kind) in names.items():
-        if key in values:
-            out[field] = kind(values[key])
-    if "Size" in values:
-        out["width"], out["height"] = _parse_size(values["Size"])
-    if "Hires upscaler" in values:  # the strength belongs to the hires pass, see hires_from_infotext
-        out.pop("denoising_strength", None)
-    return out
-
-
-def hires_from_infotext(values: dict[str, str]) -> dict:
-    """`hires` keyword arguments from a parsed infotext; empty when the image had no hires pass."""
-    if "Hires upscaler" not in values and "Hires upscale" not in values:
-        return {}
-    out: dict = {"upscaler": values.get("Hires upscaler", "Latent")}
-    if "Hires upscale" in values:
-        out["scale"] = float(values["Hires upscale"])
-    if "Hires resize" in values:
-        out["width"], out["height"] = _parse_size(values["Hires resize"])
-    if "Hires steps" in values:
-        out["hires_steps"] = int(values["Hires steps"])
-    if "Hires sampler" in values:
-        out["hires_sampler"] = values["Hires sampler"]
-    if "Denoising strength" in values:
-        out["denoising_strength"] = float(values["Denoising strength"])
-    return out
 
 
 def cmd_png_info(args: argparse.Namespace) -> int:
@@ -255,7 +316,8 @@ def cmd_samplers(args: argparse.Namespace) -> int:
     from latentforge.sampling.registry import SAMPLERS
 
     for name, spec in SAMPLERS.items():
-        print(f"{name:<14} (Automatic schedule: {spec.schedule})")
+        options = ", ".join(f"{k}={v}" for k, v in spec.options.items()) or "none"
+        print(f"{name:<18} Automatic schedule: {spec.schedule:<12} options: {options}")
     return 0
 
 
@@ -271,7 +333,8 @@ def cmd_schedules(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from latentforge.training.loop import run_training
 
-    path = run_training(args.task, args.config, args.overrides)
+    overrides = [*args.overrides, "restart=true"] if args.restart else args.overrides
+    path = run_training(args.task, args.config, overrides)
     print(f"wrote {path}")
     return 0
 
@@ -331,22 +394,11 @@ def _eval(args: argparse.Namespace) -> int:
 
     from latentforge.checkpoints.loading import default_model_path
     from latentforge.model import load
-    from latentforge.pipelines.params import GenerationParams
 
-    given = {
-        "negative_prompt": args.negative,
-        "steps": args.steps,
-        "sampler": args.sampler,
-        "schedule": args.schedule,
-        "cfg_scale": args.cfg,
-        "width": args.size[0] if args.size else None,
-        "height": args.size[1] if args.size else None,
-        "batch_size": args.batch_size,
-    }
-    params = GenerationParams(**{k: v for k, v in given.items() if v is not None})
+    request = build_request(args)  # the generation flags `eval` shares with `generate`
     prompts, seeds = runs.read_prompts(args.prompts), runs.parse_seeds(args.seeds)
     model = load(args.model or default_model_path(), dtype=_torch_dtype(args.dtype), device=device)
-    spec = (model, params)
+    spec = (model, request)
     if args.sweep:
         key, values = runs.parse_sweep(args.sweep)
         results = runs.sweep(
@@ -402,31 +454,59 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("prompt", nargs="?", default=None)
     p.add_argument("--model", help="checkpoint or diffusers folder (default: the embedded model)")
-    p.add_argument("--vae", help="standalone VAE to use instead of the model's")
+    p.add_argument("--vae", help="standalone VAE to use instead of the model's ('model': the model's own)")
+    p.add_argument(
+        "--prediction", choices=["epsilon", "v", "x0"], help="override the detected prediction type"
+    )
+    p.add_argument("--use-ema", action="store_true", help="use the EMA U-Net of a training checkpoint")
     p.add_argument("-n", "--negative", help="negative prompt")
     p.add_argument("--steps", type=int)
-    p.add_argument("--sampler", help="see `latentforge samplers`")
+    p.add_argument("--sampler", help="see `latentforge samplers`; A1111's 'DPM++ 2M Karras' names work too")
     p.add_argument("--schedule", help="see `latentforge schedules`")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale")
+    p.add_argument("--cfg-rescale", type=float, help="CFG rescale phi in [0, 1] (Lin et al. 2023)")
     p.add_argument("--seed", type=int, help="-1 for random")
+    p.add_argument("--subseed", type=int, help="variation seed (-1 for random)")
+    p.add_argument("--subseed-strength", type=float, help="variation strength in [0, 1]")
+    p.add_argument("--eta", type=float, help="the sampler's eta (ancestral/SDE noise, DDIM's eta)")
+    p.add_argument(
+        "--sampler-option",
+        type=_parse_option,
+        action="append",
+        metavar="KEY=VALUE",
+        help="another sampler option (s_noise, s_churn, order ...; `latentforge samplers` lists them)",
+    )
+    p.add_argument("--ensd", type=int, help="A1111's eta noise seed delta (step noise from seed + ENSD)")
     p.add_argument("--size", type=_parse_size, help="WIDTHxHEIGHT, multiples of 8")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--batch-count", type=int)
     p.add_argument("--clip-skip", type=int)
-    p.add_argument("--init-image", help="img2img: start from this image")
+    p.add_argument(
+        "--init-image", action="append", help="img2img: start from this image (repeat: one per image)"
+    )
     p.add_argument("--strength", type=float, help="img2img/inpainting denoising strength in [0, 1]")
     p.add_argument("--mask", help="inpaint: white = repaint (alpha is used when the mask has one)")
-    p.add_argument("--mask-blur", type=float, default=4, help="Gaussian mask blur in pixels (default 4)")
+    p.add_argument("--mask-blur", type=float, help="Gaussian mask blur in pixels (default 4)")
     p.add_argument(
         "--masked-content",
         choices=["original", "fill", "latent noise", "latent nothing"],
-        default="original",
-        help="what the masked area starts from",
+        help="what the masked area starts from (default original)",
     )
-    p.add_argument("--only-masked", action="store_true", help="inpaint the mask's box at full size")
-    p.add_argument("--only-masked-padding", type=int, default=32, help="padding around the box (pixels)")
+    p.add_argument(
+        "--only-masked", action="store_true", default=None, help="inpaint the mask's box at full size"
+    )
+    p.add_argument("--only-masked-padding", type=int, help="padding around the box in pixels (default 32)")
+    p.add_argument(
+        "--latent-blend",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="blend with the init latents outside the mask at every step (default on, as A1111)",
+    )
     p.add_argument("--outpaint", type=_parse_margins, metavar="L,R,T,B", help="extend the canvas (pixels)")
     p.add_argument("--hires-scale", type=float, help="hires fix: upscale factor of the first pass")
+    p.add_argument(
+        "--hires-resize", type=_parse_size, help="hires fix: target WIDTHxHEIGHT (instead of a scale)"
+    )
     p.add_argument("--hires-steps", type=int, help="hires fix: second-pass steps (0 = --steps)")
     p.add_argument("--hires-strength", type=float, help="hires fix: second-pass denoising strength (0.7)")
     p.add_argument("--hires-upscaler", help="hires fix: Latent (default), Lanczos, Latent (bicubic), ...")
@@ -440,8 +520,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview-every", type=int, help="write OUT/preview.png every N steps")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--device", help="cpu, cuda, mps (default: cuda when available)")
-    p.add_argument("--out", default="outputs", help="output folder")
+    p.add_argument("--out", default="outputs", help="output folder (files are never overwritten)")
+    p.add_argument(
+        "--format", choices=["png", "jpg", "webp"], default="png", help="image format (infotext kept)"
+    )
+    p.add_argument(
+        "--grid",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a grid image when a run makes several",
+    )
     p.add_argument("--from-png", help="take all parameters from an image's infotext (others override)")
+    for axis in ("x", "y", "z"):
+        p.add_argument(
+            f"--{axis}",
+            metavar="FIELD=V1,V2",
+            help=f"X/Y/Z plot: vary a request field along {axis.upper()} (steps=10,20 sampler='Euler a,LMS' "
+            "hires.scale=1.5,2 sampler_options.s_noise=1,1.003); writes each cell and a labelled grid",
+        )
 
     p = add("png-info", cmd_png_info, "Print the generation parameters stored in an image.")
     p.add_argument("image")
@@ -468,6 +564,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task", choices=["clip", "vae", "unet"])
     p.add_argument("config", help="TOML run config")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-4 task_options.x=1")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="start over from step 0 although run_dir has checkpoints (they and the log are moved to "
+        "run_dir/before-restart-N/, nothing is deleted)",
+    )
 
     p = add(
         "eval",
@@ -523,7 +625,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from latentforge.errors import LatentforgeError
 
     try:
         return args.handler(args)

@@ -153,9 +153,9 @@ def test_plms_matches_diffusers_pndm_skip_prk(steps: int) -> None:
     sigmas = _sigmas_at(abar, scheduler._timesteps[::-1].copy(), final)
     calls = []
 
-    def counting(x, sigma, cond):
+    def counting(x, sigma):
         calls.append(float(sigma[0]))
-        return denoise(x, sigma, cond)
+        return denoise(x, sigma)
 
     ours = sample_plms(counting, z * math.sqrt(1 + sigmas[0] ** 2), sigmas)
     if steps == 1:  # diffusers skips the improved-Euler start when there is no second timestep; we do not

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from latentforge.models.families import TINY
-from latentforge.pipelines.generate import generate
-from latentforge.pipelines.params import GenerationParams
+from latentforge.pipelines.request import GenerationRequest, InitImage
+from latentforge.pipelines.runner import run
 from references import (
     SD15_SCHEDULER,
     assert_close,
@@ -63,7 +63,7 @@ def test_img2img_matches_diffusers(pair, sampler):
     pipe.scheduler.set_timesteps(STEPS)
     sigmas = scheduler_sigmas(sampler, pipe.scheduler)
     image = make_image()
-    params = GenerationParams(
+    params = GenerationRequest(
         prompt=PROMPT,
         negative_prompt=NEGATIVE,
         sampler=sampler,
@@ -73,9 +73,10 @@ def test_img2img_matches_diffusers(pair, sampler):
         width=SIZE,
         height=SIZE,
         batch_size=2,
-        denoising_strength=OUR_STRENGTH,
+        init=InitImage((image,), OUR_STRENGTH),
+        sigmas=tuple(sigmas.tolist()),
     )
-    results = generate(ours, params, init_images=[image], sigmas=sigmas, progress=False)
+    results = run(ours, params, progress=False)
 
     with torch.no_grad():
         pixels = pipe.image_processor.preprocess(image)

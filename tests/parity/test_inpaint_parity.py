@@ -20,8 +20,8 @@ from PIL import Image
 from test_img2img_parity import make_image
 
 from latentforge.models.families import TINY
-from latentforge.pipelines.inpaint import inpaint
-from latentforge.pipelines.params import GenerationParams
+from latentforge.pipelines.request import GenerationRequest, InitImage, Inpaint
+from latentforge.pipelines.runner import run
 from latentforge.sampling.noise import initial_noise
 from references import SD15_SCHEDULER, assert_close, build_pair, scheduler_cases, write_hf_clip_vocab
 
@@ -52,7 +52,7 @@ def test_9_channel_inpaint_matches_diffusers(pair, sampler):
     pipe.scheduler.set_timesteps(STEPS)
     sigmas = pipe.scheduler.sigmas.double()
     image, mask = make_image(1), make_mask()
-    params = GenerationParams(
+    params = GenerationRequest(
         prompt=PROMPT,
         negative_prompt=NEGATIVE,
         sampler=sampler,
@@ -62,11 +62,11 @@ def test_9_channel_inpaint_matches_diffusers(pair, sampler):
         width=SIZE,
         height=SIZE,
         batch_size=2,
-        denoising_strength=0.5,
+        init=InitImage((image,), 0.5),
+        inpaint=Inpaint(mask=mask, mask_blur=0, latent_blend=False),
+        sigmas=tuple(sigmas.tolist()),
     )
-    results = inpaint(
-        ours, params, image, mask, mask_blur=0, latent_blend=False, sigmas=sigmas, progress=False
-    )
+    results = run(ours, params, progress=False)
 
     scale = pipe.vae.config.scaling_factor
     with torch.no_grad():

@@ -15,8 +15,8 @@ from diffusers import (
 )
 
 from latentforge.models.families import TINY
-from latentforge.pipelines.generate import generate
-from latentforge.pipelines.params import GenerationParams
+from latentforge.pipelines.request import GenerationRequest
+from latentforge.pipelines.runner import run
 from latentforge.sampling.noise import initial_noise
 from latentforge.sampling.registry import get_sampler
 from references import (
@@ -45,7 +45,7 @@ def test_txt2img_matches_diffusers(pair, sampler):
     scheduler = pipe.scheduler
     scheduler.set_timesteps(STEPS)
     sigmas = scheduler_sigmas(sampler, scheduler)
-    params = GenerationParams(
+    params = GenerationRequest(
         prompt=PROMPT,
         negative_prompt=NEGATIVE,
         sampler=sampler,
@@ -55,8 +55,9 @@ def test_txt2img_matches_diffusers(pair, sampler):
         width=SIZE,
         height=SIZE,
         batch_size=2,
+        sigmas=tuple(sigmas.tolist()),
     )
-    results = generate(ours, params, sigmas=sigmas, progress=False)
+    results = run(ours, params, progress=False)
 
     seeds = [SEED, SEED + 1]
     side = SIZE // TINY.vae.downsampling_factor

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import latentforge
-from latentforge.pipelines.generate import generate
-from latentforge.pipelines.params import GenerationParams
+from latentforge.pipelines.request import GenerationRequest
+from latentforge.pipelines.runner import run
 
 CHECKPOINT = os.environ.get("LATENTFORGE_CHECKPOINT")
 pytestmark = [
@@ -45,7 +45,7 @@ def test_loads_a_known_family(model):
 
 
 def test_generates_a_picture(model, tmp_path):
-    params = GenerationParams(
+    params = GenerationRequest(
         prompt="a photograph of a red apple on a wooden table, studio lighting",
         negative_prompt="blurry",
         steps=20,
@@ -54,7 +54,7 @@ def test_generates_a_picture(model, tmp_path):
         seed=1234,
     )
     start = time.perf_counter()
-    (result,) = generate(model, params, progress=False)
+    (result,) = run(model, params, progress=False)
     print(f"512x512, 20 steps: {time.perf_counter() - start:.1f}s; {result.infotext!r}")
     result.image.save(tmp_path / "apple.png")
     pixels = np.asarray(result.image, dtype=np.float32)

@@ -20,7 +20,7 @@ def test_txt2img_and_img2img():
     prompt, _, params = parse_infotext(images[1].info[PNG_KEY])
     assert prompt == "a cat" and params["Seed"] == "6" and params["Steps"] == "2"
     again = latentforge.img2img(model, images[0], "a dog", steps=4, seed=1, denoising_strength=0.5)
-    assert again[0].size == (64, 64)  # the family's default size
+    assert again[0].size == (32, 32)  # img2img keeps the init image's size unless given one
     assert parse_infotext(again[0].info[PNG_KEY])[2]["Denoising strength"] == "0.5"
 
 

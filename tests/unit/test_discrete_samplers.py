@@ -139,13 +139,11 @@ def test_lcm_is_identity_at_the_boundary_and_scales_the_consistency_estimate() -
     x = torch.randn(4, 3, dtype=torch.float64)
     # t = 0 (sigma_min): f(z, 0) = z whatever the network says.
     sigmas = torch.tensor([float(MODEL_SIGMAS[0]), 0.0], dtype=torch.float64)
-    out = sample_lcm(lambda x, sigma, cond: torch.full_like(x, 123.0), x, sigmas)
+    out = sample_lcm(lambda x, sigma: torch.full_like(x, 123.0), x, sigmas)
     assert torch.allclose(out, x / math.sqrt(1 + float(MODEL_SIGMAS[0]) ** 2), rtol=0, atol=1e-15)
     # A consistency-style denoiser (always the same x0 = 2) at t = 19: f = c_out * 2 + c_skip * z.
     sigma = float(MODEL_SIGMAS[19])
-    out = sample_lcm(
-        lambda x, s, cond: torch.full_like(x, 2.0), x, torch.tensor([sigma, 0.0], dtype=torch.float64)
-    )
+    out = sample_lcm(lambda x, s: torch.full_like(x, 2.0), x, torch.tensor([sigma, 0.0], dtype=torch.float64))
     c_skip, c_out = boundary_scalings(19.0)
     assert torch.allclose(out, c_out * 2.0 + c_skip * x / math.sqrt(1 + sigma**2), rtol=0, atol=1e-12)
 
@@ -160,7 +158,7 @@ def test_lcm_renoises_with_the_injected_noise() -> None:
         return torch.zeros(16, dtype=torch.float64)
 
     x = GAUSS.prior_sample(torch.randn(16, dtype=torch.float64), float(sigmas[0]))
-    out = sample_lcm(lambda x, s, cond: torch.full_like(x, 2.0), x, sigmas, noise=noise)
+    out = sample_lcm(lambda x, s: torch.full_like(x, 2.0), x, sigmas, noise=noise)
     assert seen == [(float(sigmas[i]), float(sigmas[i + 1])) for i in range(3)]
     expected = x
     for t, sigma in zip([999, 759, 499, 259], sigmas[:-1].tolist(), strict=True):

@@ -13,16 +13,18 @@ import torch
 from PIL import Image
 
 from latentforge.checkpoints.single_file import save_single_file
-from latentforge.cli import main, params_from_infotext
+from latentforge.cli import main
+from latentforge.errors import ParameterError
 from latentforge.model import StableDiffusion
 from latentforge.models.families import SD1, TINY
-from latentforge.pipelines.generate import generate, iter_generate
 from latentforge.pipelines.infotext import parse_infotext, read_infotext
-from latentforge.pipelines.params import GenerationParams, ParameterError
 from latentforge.pipelines.preview import latent_preview, latent_rgb_projection
+from latentforge.pipelines.request import GenerationRequest, InitImage, resolve
+from latentforge.pipelines.request_infotext import from_infotext
+from latentforge.pipelines.runner import iter_images, run
 from latentforge.pipelines.seeds import request_noise
 
-PARAMS = GenerationParams(
+PARAMS = GenerationRequest(
     prompt="a cat", negative_prompt="dog", steps=3, seed=100, width=32, height=32, cfg_scale=5
 )
 
@@ -36,9 +38,9 @@ def model() -> StableDiffusion:
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DPM++ 2M SDE"])
 def test_image_i_of_a_batch_is_seed_plus_i_alone(model, sampler):
     params = replace(PARAMS, sampler=sampler)
-    batch = generate(model, replace(params, batch_size=3), progress=False)
+    batch = run(model, replace(params, batch_size=3), progress=False)
     for i, result in enumerate(batch):
-        alone = generate(model, replace(params, seed=PARAMS.seed + i), progress=False)[0]
+        alone = run(model, replace(params, seed=PARAMS.seed + i), progress=False)[0]
         assert result.seed == PARAMS.seed + i
         # Random tiny weights give |latents| ~ 50; measured max abs diff ~1.1e-4 (2.3e-6 relative, a few
         # float32 ulps from batched matmuls), so the bound is relative to the latents' scale.
@@ -47,16 +49,16 @@ def test_image_i_of_a_batch_is_seed_plus_i_alone(model, sampler):
 
 def test_variation_seed_strength_0_and_1(model):
     params = replace(PARAMS, sampler="Euler")
-    plain = generate(model, params, progress=False)[0]
-    at_zero = generate(model, replace(params, subseed=555, subseed_strength=0.0), progress=False)[0]
-    at_one = generate(model, replace(params, subseed=555, subseed_strength=1.0), progress=False)[0]
-    subseed_alone = generate(model, replace(params, seed=555), progress=False)[0]
+    plain = run(model, params, progress=False)[0]
+    at_zero = run(model, replace(params, subseed=555, subseed_strength=0.0), progress=False)[0]
+    at_one = run(model, replace(params, subseed=555, subseed_strength=1.0), progress=False)[0]
+    subseed_alone = run(model, replace(params, seed=555), progress=False)[0]
     assert torch.equal(plain.latents, at_zero.latents)
     assert torch.allclose(at_one.latents, subseed_alone.latents, atol=1e-5)
     noise = request_noise([100], (4, 16, 16), subseeds=[555], subseed_strength=1.0)
     assert torch.allclose(noise, request_noise([555], (4, 16, 16)), atol=1e-6)
     # A1111: with a variation seed every image keeps the seed and the subseed counts up
-    batch = generate(model, replace(params, subseed=555, subseed_strength=0.3, batch_size=2), progress=False)
+    batch = run(model, replace(params, subseed=555, subseed_strength=0.3, batch_size=2), progress=False)
     assert [r.seed for r in batch] == [100, 100]
     assert [parse_infotext(r.infotext)[2]["Variation seed"] for r in batch] == ["555", "556"]
 
@@ -74,10 +76,11 @@ def test_infotext_round_trip_regenerates_bit_for_bit(model):
         clip_skip=2,
         eta=0.8,
     )
-    first = generate(model, params, progress=False)[0]
-    values = params_from_infotext(*parse_infotext(first.infotext))
-    again = generate(model, GenerationParams(**values), progress=False)[0]
-    assert values["seed"] == first.seed and values["subseed"] == 77
+    first = run(model, params, progress=False)[0]
+    parsed = from_infotext(first.infotext).request
+    again = run(model, parsed, progress=False)[0]
+    assert parsed.seed == first.seed and parsed.subseed == 77
+    assert parsed == first.request
     assert torch.equal(first.latents, again.latents)
     assert again.infotext == first.infotext
 
@@ -85,29 +88,35 @@ def test_infotext_round_trip_regenerates_bit_for_bit(model):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"sampler": "Euler b"}, "valid: DPM\\+\\+ 2M, .*Euler a"),
-        ({"steps": 0}, "steps must be between 1 and 1000"),
-        ({"steps": 1001}, "steps must be between 1 and 1000"),
-        ({"denoising_strength": 1.5}, "denoising strength must be in \\[0, 1\\]"),
-        ({"cfg_scale": math.nan}, "must be finite"),
+        ({"sampler": "Euler b"}, "valid names: DPM\\+\\+ 2M, .*Euler a"),
+        ({"steps": 0}, "steps must be a whole number in \\[1, 1000\\]"),
+        ({"steps": 1001}, "steps must be a whole number in \\[1, 1000\\]"),
+        (
+            {"init": InitImage(denoising_strength=1.5)},
+            "denoising strength must be a finite number in \\[0, 1\\]",
+        ),
+        ({"cfg_scale": math.nan}, "must be a finite number"),
         ({"width": 100}, "width 100 is not a positive multiple of 8 .*nearest valid: (96|104)"),
         ({"height": 515}, "height 515 .*nearest valid: 512"),
-        ({"batch_size": 0}, "at least 1"),
-        ({"subseed_strength": -0.1}, "variation strength"),
+        ({"batch_size": 0}, "batch size must be a whole number in \\[1, 64\\]"),
+        ({"batch_size": 100000}, "batch size must be a whole number in \\[1, 64\\]"),
+        ({"subseed_strength": -0.1}, "variation seed strength"),
+        ({"schedule": "bogus"}, "unknown schedule 'bogus'; valid names: Automatic, Uniform"),
+        ({"eta": 0.5}, "sampler 'DPM\\+\\+ 2M' takes no option 'eta'; samplers that take it: .*Euler a"),
     ],
 )
 def test_bad_parameters_are_rejected_with_the_fix(change, message):
+    sd1 = replace(StableDiffusion.from_family(TINY, device="meta"), family=SD1)
     with pytest.raises(ParameterError, match=message):
-        replace(GenerationParams(width=512, height=512), **change).validate(SD1)
+        resolve(replace(GenerationRequest(width=512, height=512), **change), sd1)
 
 
 def test_sizes_are_never_changed_silently(model):
     with pytest.raises(ParameterError, match="width 33 .*nearest valid: 3[24]"):
-        generate(model, replace(PARAMS, width=33), progress=False)
+        run(model, replace(PARAMS, width=33), progress=False)
     with pytest.raises(ParameterError, match="1 or batch size"):
-        generate(
-            model, replace(PARAMS, batch_size=2), init_images=[Image.new("RGB", (32, 32))] * 3, progress=False
-        )
+        three = InitImage((Image.new("RGB", (32, 32)),) * 3)
+        run(model, replace(PARAMS, batch_size=2, init=three), progress=False)
 
 
 def test_interrupt_keeps_finished_batches(model):
@@ -121,9 +130,7 @@ def test_interrupt_keeps_finished_batches(model):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        for result in iter_generate(
-            model, replace(PARAMS, batch_count=3), callback=interrupt_in_second_batch
-        ):
+        for result in iter_images(model, replace(PARAMS, batch_count=3), callback=interrupt_in_second_batch):
             kept.append(result)
     assert len(kept) == 1 and kept[0].seed == PARAMS.seed
 
@@ -179,15 +186,12 @@ def test_cli_inpaint_with_previews_and_rgba_init(checkpoint, tmp_path, capsys):
 
 
 def test_batches_of_mixed_prompts_equal_each_image_alone(model):
-    from latentforge.pipelines.generate import iter_generate_each
-
-    pairs = [("a cat", 7), ("a red dog", 3), ("a cat", 8)]
-    params = replace(PARAMS, sampler="Euler a", batch_size=2)
-    results = list(iter_generate_each(model, pairs, params, progress=False))
+    pairs = (("a cat", 7), ("a red dog", 3), ("a cat", 8))
+    results = run(model, replace(PARAMS, sampler="Euler a", batch_size=2, prompt_seeds=pairs), progress=False)
     assert [r.seed for r in results] == [7, 3, 8]
     for (prompt, seed), result in zip(pairs, results, strict=True):
         single = replace(PARAMS, sampler="Euler a", prompt=prompt, seed=seed)
-        alone = generate(model, single, progress=False)[0]
+        alone = run(model, single, progress=False)[0]
         assert parse_infotext(result.infotext)[0] == prompt
         # same bound as the seed + i test above: batched matmuls differ by float32 ulps
         assert (result.latents - alone.latents).abs().max() <= 1e-5 * alone.latents.abs().max()

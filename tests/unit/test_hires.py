@@ -8,15 +8,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from latentforge.cli import hires_from_infotext
+from latentforge.errors import ParameterError
 from latentforge.model import StableDiffusion
 from latentforge.models.families import TINY
-from latentforge.pipelines.generate import LatentSource, generate, prepare_params, sample_latents
-from latentforge.pipelines.hires import UPSCALERS, hires, hires_size, upscale_latents, upscaler_name
+from latentforge.pipelines.generate import LatentSource, sample_latents
+from latentforge.pipelines.hires import upscale_latents
 from latentforge.pipelines.infotext import parse_infotext
-from latentforge.pipelines.params import GenerationParams, ParameterError
+from latentforge.pipelines.request import (
+    UPSCALERS,
+    GenerationRequest,
+    Hires,
+    hires_size,
+    resolve,
+    upscaler_name,
+)
+from latentforge.pipelines.request_infotext import from_infotext
+from latentforge.pipelines.runner import run
 
-PARAMS = GenerationParams(prompt="a cat", steps=3, sampler="Euler", seed=11, width=32, height=32, cfg_scale=4)
+PARAMS = GenerationRequest(
+    prompt="a cat", steps=3, sampler="Euler", seed=11, width=32, height=32, cfg_scale=4
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,38 +52,42 @@ def test_latent_upscaler_is_bilinear_without_antialias(model):
     assert torch.equal(cropped, F.interpolate(latents, size=(16, 16), mode="nearest")[:, :, 2:14])
     assert upscaler_name("LANCZOS") == "Lanczos" and "Latent" in UPSCALERS
     with pytest.raises(ParameterError, match="valid: Latent"):
-        upscaler_name("ESRGAN")
+        upscaler_name("Latent (bogus)")
+    with pytest.warns(UserWarning, match="'R-ESRGAN 4x\\+' is not available here; using Lanczos"):
+        assert upscaler_name("R-ESRGAN 4x+") == "Lanczos"
 
 
 def test_hires_is_txt2img_then_exact_img2img_with_the_same_seeds(model):
     steps: list[int] = []
-    results = hires(
-        model, replace(PARAMS, batch_size=2), scale=2, hires_steps=2, denoising_strength=0.6,
-        callback=lambda info: steps.append(info.i), progress=False,
-    )  # fmt: skip
+    request = replace(PARAMS, batch_size=2, hires=Hires(scale=2, steps=2, denoising_strength=0.6))
+    results = run(model, request, callback=lambda info: steps.append(info.i), progress=False)
     assert len(steps) == 3 + 2  # first pass, then exactly hires_steps (A1111's hires accounting)
-    base = generate(model, replace(PARAMS, batch_size=2), progress=False)
+    base = run(model, replace(PARAMS, batch_size=2), progress=False)
     first = torch.stack([r.latents for r in base])
-    second = prepare_params(model, replace(PARAMS, width=64, height=64, steps=2, denoising_strength=0.6))
+    resolved = resolve(replace(PARAMS, batch_size=2, width=64, height=64, steps=2), model)
     source = LatentSource(F.interpolate(first, size=(32, 32), mode="bilinear"))
-    expected = sample_latents(model, second, [11, 12], [second.subseed] * 2, source=source, exact_steps=True)
+    expected = sample_latents(
+        model, resolved.request, resolved.first, resolved.batches[0], source=source, strength=0.6,
+        exact_steps=True,
+    )  # fmt: skip
     assert torch.allclose(torch.stack([r.latents for r in results]), expected, atol=1e-6)
     assert [r.image.size for r in results] == [(64, 64)] * 2 and [r.seed for r in results] == [11, 12]
 
 
 def test_infotext_is_a1111s_and_reads_back(model):
-    result = hires(model, PARAMS, scale=1.5, hires_steps=2, upscaler="Lanczos", progress=False)[0]
+    hires = Hires(scale=1.5, steps=2, upscaler="Lanczos")
+    result = run(model, replace(PARAMS, hires=hires), progress=False)[0]
     assert result.image.size == (48, 48)
     _, _, values = parse_infotext(result.infotext)
     assert values["Size"] == "32x32" and values["Hires upscale"] == "1.5" and values["Hires steps"] == "2"
     assert values["Hires upscaler"] == "Lanczos" and values["Denoising strength"] == "0.7"
-    assert hires_from_infotext(values) == {
-        "upscaler": "Lanczos", "scale": 1.5, "hires_steps": 2, "denoising_strength": 0.7,
-    }  # fmt: skip
+    assert from_infotext(result.infotext).request.hires == hires
+    assert from_infotext(result.infotext).request == result.request
 
 
 def test_targets_that_do_not_fit_the_vae_are_rejected(model):
     with pytest.raises(ParameterError, match="nearest valid"):
-        hires(model, PARAMS, scale=1.47, progress=False)
-    with pytest.raises(ParameterError, match="scale must be positive"):
-        hires(model, PARAMS, scale=0, progress=False)
+        run(model, replace(PARAMS, hires=Hires(scale=1.47)), progress=False)
+    for scale in (0, float("inf"), float("nan")):
+        with pytest.raises(ParameterError, match="hires scale must be a finite number in"):
+            run(model, replace(PARAMS, hires=Hires(scale=scale)), progress=False)

@@ -11,34 +11,45 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from latentforge.data.images import ImageLoadError
+from latentforge.errors import ParameterError
 from latentforge.model import StableDiffusion
 from latentforge.models.families import TINY
-from latentforge.pipelines.conditioning import PromptConditioner
 from latentforge.pipelines.generate import make_denoiser
 from latentforge.pipelines.images import encode_images, pil_to_tensor
 from latentforge.pipelines.inpaint import (
-    MASKED_CONTENT,
     blur_mask,
     crop_region,
     expand_to_ratio,
     extend_canvas,
     fill_masked,
     gaussian_blur,
-    inpaint,
     inpaint_concat,
     latent_mask,
     load_mask,
     mask_to_l,
-    outpaint,
 )
-from latentforge.pipelines.params import GenerationParams, ParameterError
+from latentforge.pipelines.prompt_guidance import PromptConditioner
+from latentforge.pipelines.request import MASKED_CONTENT, GenerationRequest, InitImage, Inpaint
+from latentforge.pipelines.runner import run
 from latentforge.pipelines.seeds import request_noise
 from latentforge.sampling.registry import sampling_sigmas
 
 SIZE = 32
-PARAMS = GenerationParams(
+PARAMS = GenerationRequest(
     prompt="a cat", negative_prompt="dog", steps=4, sampler="Euler", seed=7, cfg_scale=5
 )
+STRENGTH = 0.75
+
+
+def inpaint(model, request, image, mask, **options):  # noqa: ANN001, ANN201
+    """The inpainting request of `image` and `mask` (options are `Inpaint` fields), run."""
+    init = InitImage((image,), STRENGTH)
+    return run(model, replace(request, init=init, inpaint=Inpaint(mask=mask, **options)))
+
+
+def outpaint(model, request, image, left=0, right=0, top=0, bottom=0, **options):  # noqa: ANN001, ANN201
+    part = Inpaint(outpaint=(left, right, top, bottom), **options)
+    return run(model, replace(request, init=InitImage((image,), STRENGTH), inpaint=part))
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +100,7 @@ def blend_reference(model, params, image, mask):  # noqa: ANN001, ANN201
     nmask = latent_mask(mask, (SIZE // 2, SIZE // 2))  # 1 = repaint
     denoiser = make_denoiser(model)
     full = sampling_sigmas("Euler", "Automatic", params.steps, denoiser.sigmas).float()
-    sigmas = full[-(int(params.denoising_strength * params.steps) + 1) - 1 :]
+    sigmas = full[-(int(STRENGTH * params.steps) + 1) - 1 :]
     noise = request_noise([params.seed], (4, SIZE // 2, SIZE // 2))
     guided = PromptConditioner(model, 1, params.steps).denoiser(
         denoiser, [params.prompt], [params.negative_prompt], sigmas, params.cfg_scale
@@ -103,10 +114,10 @@ def blend_reference(model, params, image, mask):  # noqa: ANN001, ANN201
 
 
 def test_blending_matches_a1111_formula(model):
-    params = replace(PARAMS, width=SIZE, height=SIZE, denoising_strength=0.75)
+    params = replace(PARAMS, width=SIZE, height=SIZE)
     image, mask = make_image(), make_mask()
     expected, _, _ = blend_reference(model, params, image, mask)
-    result = inpaint(model, params, image, mask, mask_blur=0, progress=False)
+    result = inpaint(model, params, image, mask, mask_blur=0)
     assert torch.allclose(result[0].latents, expected[0], atol=1e-5), (
         (result[0].latents - expected[0]).abs().max()
     )
@@ -119,9 +130,7 @@ def test_unmasked_latents_are_the_init_latents_exactly(model, content):
     keep = 1 - latent_mask(blurred, (SIZE // 2, SIZE // 2))
     start = image if content == "original" else fill_masked(image, blurred)  # A1111 fills unless "original"
     init = encode_images(model, pil_to_tensor([start]))
-    results = inpaint(
-        model, replace(PARAMS, batch_size=2), image, mask, mask_blur=2, masked_content=content, progress=False
-    )
+    results = inpaint(model, replace(PARAMS, batch_size=2), image, mask, mask_blur=2, masked_content=content)
     for r in results:
         assert torch.equal(r.latents * keep[0], init[0] * keep[0])
         assert not torch.equal(r.latents * (1 - keep[0]), init[0] * (1 - keep[0]))
@@ -129,7 +138,7 @@ def test_unmasked_latents_are_the_init_latents_exactly(model, content):
 
 def test_pixels_outside_the_blurred_mask_are_the_original(model):
     image, mask = make_image(3), make_mask()
-    result = inpaint(model, PARAMS, image, mask, mask_blur=2, progress=False)[0].image
+    result = inpaint(model, PARAMS, image, mask, mask_blur=2)[0].image
     outside = np.asarray(blur_mask(mask, 2)) == 0
     assert np.array_equal(np.asarray(result)[outside], np.asarray(image)[outside])
     assert not np.array_equal(np.asarray(result)[~outside], np.asarray(image)[~outside])
@@ -138,9 +147,7 @@ def test_pixels_outside_the_blurred_mask_are_the_original(model):
 def test_only_masked_crops_and_pastes_back(model):
     image, mask = make_image(4, 48), make_mask((30, 30, 40, 38), 48)
     params = replace(PARAMS, width=SIZE, height=SIZE)
-    result = inpaint(
-        model, params, image, mask, mask_blur=1, only_masked=True, only_masked_padding=4, progress=False
-    )
+    result = inpaint(model, params, image, mask, mask_blur=1, only_masked=True, only_masked_padding=4)
     assert result[0].image.size == (48, 48)
     assert (
         "Inpaint area: Only masked" in result[0].infotext and "Masked area padding: 4" in result[0].infotext
@@ -148,12 +155,12 @@ def test_only_masked_crops_and_pastes_back(model):
     outside = np.asarray(blur_mask(mask, 1)) == 0
     assert np.array_equal(np.asarray(result[0].image)[outside], np.asarray(image)[outside])
     with pytest.raises(ParameterError, match="empty"):
-        inpaint(model, params, image, Image.new("L", (48, 48)), only_masked=True, progress=False)
+        inpaint(model, params, image, Image.new("L", (48, 48)), only_masked=True)
 
 
 def test_mask_of_another_size_is_resized_with_a_warning(model):
     with pytest.warns(UserWarning, match="resized"):
-        result = inpaint(model, PARAMS, make_image(), make_mask((4, 4, 12, 12), 16), progress=False)
+        result = inpaint(model, PARAMS, make_image(), make_mask((4, 4, 12, 12), 16))
     assert result[0].image.size == (SIZE, SIZE)
 
 
@@ -197,9 +204,7 @@ def test_outpaint_extends_with_edge_pixels_and_keeps_the_original(model):
     assert np.array_equal(np.asarray(canvas)[:32, 0], np.asarray(image)[:, 0])  # edge pixels repeated
     m = np.asarray(mask)
     assert m[:, :10].min() == 255 and m[:30, 10:].max() == 0 and m[30:].min() == 255
-    result = outpaint(
-        model, replace(PARAMS, width=0, height=0), image, left=8, bottom=4, mask_blur=2, progress=False
-    )
+    result = outpaint(model, replace(PARAMS, width=0, height=0), image, left=8, bottom=4, mask_blur=2)
     out = np.asarray(result[0].image)
     assert out.shape == (36, 40, 3)
     outside = np.asarray(blur_mask(mask, 2)) == 0
@@ -209,6 +214,10 @@ def test_outpaint_extends_with_edge_pixels_and_keeps_the_original(model):
 
 def test_outpaint_canvas_must_fit_the_vae(model):
     with pytest.raises(ParameterError, match="nearest valid"):
-        outpaint(model, replace(PARAMS, width=0, height=0), make_image(), left=3, progress=False)
-    with pytest.raises(ParameterError, match="margins"):
-        outpaint(model, PARAMS, make_image(), progress=False)
+        outpaint(model, replace(PARAMS, width=0, height=0), make_image(), left=3)
+    with pytest.raises(ParameterError, match="outpaint margin must be a whole number in \\[0, 4096\\]"):
+        outpaint(model, PARAMS, make_image(), left=100_000)  # refused before any canvas is built
+    with pytest.raises(ParameterError, match="mask blur must be a finite number in \\[0, 256\\]"):
+        outpaint(model, PARAMS, make_image(), left=8, mask_blur=1e9)
+    with pytest.raises(ParameterError, match="positive margin"):
+        outpaint(model, PARAMS, make_image())

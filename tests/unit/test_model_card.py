@@ -29,7 +29,7 @@ from latentforge.evaluation.model_card import (
 from latentforge.model import StableDiffusion, load
 from latentforge.models.clip import CLIPConfig, CLIPModel
 from latentforge.models.families import TINY
-from latentforge.pipelines.params import GenerationParams
+from latentforge.pipelines.request import GenerationRequest
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = [
@@ -138,7 +138,7 @@ def test_untrained_baseline_shares_encoders_and_reinitialises_the_unet(files: di
 
 def test_sample_grid_has_one_captioned_row_per_prompt(files: dict[str, Path]) -> None:
     model = load(files["model"])
-    params = GenerationParams(steps=2, width=32, height=32)
+    params = GenerationRequest(steps=2, width=32, height=32)
     prompts = ["red apple, food-fruit, google style", "rocket, transport-air, twitter style"]
     rows = sample_rows(model, prompts, [0, 1, 7], params)
     assert [len(row) for row in rows] == [3, 3] and rows[0][0].size == (32, 32)

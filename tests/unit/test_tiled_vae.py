@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from latentforge.model import StableDiffusion
 from latentforge.models.families import TINY
-from latentforge.pipelines.generate import generate
 from latentforge.pipelines.images import decode_latents, encode_images
-from latentforge.pipelines.params import GenerationParams
+from latentforge.pipelines.request import GenerationRequest
+from latentforge.pipelines.runner import run
 from latentforge.pipelines.tiled_vae import _ramp, decode_tiled, encode_tiled, tile_starts, tiled_apply
 
 
@@ -71,12 +71,10 @@ def test_kl_vae_tiling_is_a_close_approximation(model):
 
 
 def test_tiling_switches_on_above_the_pixel_threshold(model):
-    params = GenerationParams(prompt="x", steps=2, sampler="Euler", seed=3, width=64, height=48)
-    plain = generate(model, params, progress=False)[0]
-    auto = generate(model, replace(params, tiled_vae_pixels=32 * 32), progress=False)[0]
-    forced_off = generate(model, replace(params, tiled_vae_pixels=32 * 32, tiled_vae=False), progress=False)[
-        0
-    ]
+    params = GenerationRequest(prompt="x", steps=2, sampler="Euler", seed=3, width=64, height=48)
+    plain = run(model, params, progress=False)[0]
+    auto = run(model, replace(params, tiled_vae_pixels=32 * 32), progress=False)[0]
+    forced_off = run(model, replace(params, tiled_vae_pixels=32 * 32, tiled_vae=False), progress=False)[0]
     assert "Tiled VAE" not in plain.infotext and "Tiled VAE: True" in auto.infotext
     assert torch.equal(plain.latents, auto.latents)  # only the decode changes
     assert forced_off.image.tobytes() == plain.image.tobytes()

@@ -1,5 +1,6 @@
 """The generic training loop on the toy task: config, LR schedule, data order, logging, EMA, NaN steps."""
 
+import dataclasses
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from latentforge.errors import ConfigError
 from latentforge.training import checkpointing
 from latentforge.training.config import (
     RunConfig,
@@ -55,14 +57,69 @@ def test_config_round_trips_through_written_toml(tmp_path):
 
 
 def test_config_errors_teach(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown config keys \['lrate'\].*known keys: run_dir, task"):
+    with pytest.raises(ConfigError, match=r"unknown config keys \['lrate'\].*known keys: run_dir, task"):
         load_config(None, ["lrate=1"])
-    with pytest.raises(ValueError, match="'max_steps': expected int"):
+    with pytest.raises(ConfigError, match=r"^command-line override: max_steps = 1.5: expected an integer$"):
         load_config(None, ["max_steps=1.5"])
-    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+    with pytest.raises(ConfigError, match="lr_schedule = 'linear': valid values are cosine, constant"):
         load_config(None, ["lr_schedule=linear"])
-    with pytest.raises(ValueError, match="key=value"):
+    with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["lr"])
+    path = tmp_path / "c.toml"
+    path.write_text("lr = [1\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: not valid TOML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'missing.toml'}: cannot read the config file"):
+        load_config(tmp_path / "missing.toml")
+
+
+# Every numeric RunConfig field with a value just outside its range (the probes of issue 19 among them).
+OUT_OF_RANGE = [
+    ("grad_clip", "-1", "a finite number >= 0 (0 = off)"),
+    ("lr", "0", "a finite number > 0"),
+    ("lr", "nan", "a finite number > 0"),
+    ("lr", "inf", "a finite number > 0"),
+    ("batch_size", "0", "a finite number >= 1"),
+    ("grad_accum", "0", "a finite number >= 1"),
+    ("max_steps", "-1", "a finite number >= 0"),
+    ("warmup_steps", "-5", "a finite number >= 0"),
+    ("min_lr", "-1e-6", "a finite number >= 0"),
+    ("weight_decay", "-0.1", "a finite number >= 0"),
+    ("betas", "[0.9, 1.0]", "a finite number >= 0 and < 1"),
+    ("ema_decay", "1.0", "a finite number >= 0 and < 1 (0 = off)"),
+    ("ema_start", "-1", "a finite number >= 0"),
+    ("checkpoint_every", "-1", "a finite number >= 0 (0 = only at the end)"),
+    ("keep_checkpoints", "-2", "a finite number >= 0 (0 = keep all)"),
+    ("eval_every", "-1", "a finite number >= 0 (0 = only at the end)"),
+    ("sample_every", "-1", "a finite number >= 0 (0 = only at the end)"),
+    ("log_every", "0", "a finite number >= 1"),
+    ("num_workers", "-1", "a finite number >= 0"),
+    ("max_nan_steps", "0", "a finite number >= 1"),
+    ("seed", "-3", "a finite number >= 0 and <= 9.22337e+18"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "valid"), OUT_OF_RANGE)
+def test_every_numeric_field_is_range_checked_naming_file_key_value_and_range(tmp_path, key, value, valid):
+    path = tmp_path / "c.toml"
+    path.write_text(f"{key} = {value}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: {key} = ") and message.endswith(f"is out of range: valid is {valid}")
+    assert "\n" not in message
+    with pytest.raises(ConfigError, match=f"^command-line override: {key} = "):
+        load_config(None, [f"{key}={value}"])
+
+
+def test_range_rules_cover_every_numeric_field():
+    numeric = [
+        f.name for f in dataclasses.fields(RunConfig) if f.type in ("int", "float", "tuple[float, float]")
+    ]
+    assert sorted(numeric) == sorted({key for key, _, _ in OUT_OF_RANGE} - {"lr"} | {"lr"})
+    assert load_config(None, ["grad_clip=0", "ema_decay=0", "min_lr=1e-4", "lr=1e-4"]).grad_clip == 0.0
+    with pytest.raises(ConfigError, match=r"min_lr = 0.1 is above lr = 0.01"):
+        load_config(None, ["min_lr=0.1", "lr=0.01"])
 
 
 # ---------------------------------------------------------------------------- LR schedule
@@ -142,7 +199,7 @@ def test_consecutive_nans_stop_the_run_and_keep_the_last_checkpoint(tmp_path):
     config = toy_config(
         tmp_path, max_steps=20, max_nan_steps=3, task_options={"nan_steps": list(range(5, 20))}
     )
-    with pytest.raises(TrainingDiverged, match="3 consecutive steps"):
+    with pytest.raises(TrainingDiverged, match=r"loss was not finite at steps 6-8 \(3 in a row.*lower lr"):
         train(make_toy_task(config), config)
     run = tmp_path / "run"
     assert [step for step, _ in checkpointing.list_checkpoints(run)] == [
@@ -212,7 +269,7 @@ def test_run_training_maps_task_names(tmp_path):
     with pytest.raises(ValueError, match="unknown task 'vae'; known tasks: toy"):
         run_training("vae", path, tasks={"toy": make_toy_task})
     path.write_text('task = "clip"\n')
-    with pytest.raises(ValueError, match="for task 'clip'"):
+    with pytest.raises(ConfigError, match=f"^{path}: task = 'clip', but 'toy' was asked for"):
         run_training("toy", path, tasks={"toy": make_toy_task})
 
 
@@ -262,3 +319,42 @@ def test_gradient_checkpointing_flag_is_set_or_warned(tmp_path):
     config = toy_config(tmp_path, max_steps=1, gradient_checkpointing=True)
     with pytest.warns(UserWarning, match="no submodule of Sequential has a `gradient_checkpointing` flag"):
         train(make_toy_task(config), config)
+
+
+def test_a_checkpoint_that_does_not_read_back_prunes_nothing(tmp_path, monkeypatch):
+    state = {key: 0 for key in checkpointing.REQUIRED_KEYS}
+    for step in (1, 2):
+        checkpointing.save_checkpoint(tmp_path, step, state | {"step": step}, keep=1)
+    assert [s for s, _ in checkpointing.list_checkpoints(tmp_path)] == [2]
+    real_save = checkpointing.atomic_save
+
+    def save_garbage(obj, path):  # the write "succeeds" but the file is damaged
+        real_save(obj, path)
+        path.write_bytes(path.read_bytes()[:100])
+
+    monkeypatch.setattr(checkpointing, "atomic_save", save_garbage)
+    with pytest.warns(UserWarning, match="step_3.pt was written but does not load back"):
+        checkpointing.save_checkpoint(tmp_path, 3, state | {"step": 3}, keep=1)
+    assert [s for s, _ in checkpointing.list_checkpoints(tmp_path)] == [2, 3]  # step 2 still there
+
+
+def test_log_is_appended_and_read_back_as_the_finished_run_saw_it(tmp_path):
+    from latentforge.training.logging import CSVLog
+
+    path = tmp_path / "log.csv"
+    first = CSVLog(path)
+    for step in (1, 2, 3):
+        first.log(step, {"loss": float(step)})
+    first.log(4, {"loss": 4.0, "eval/x": 0.5})  # a new column: a new header line, nothing rewritten
+    written = path.read_bytes()
+    resumed = CSVLog(path, resume_step=2)  # the attempt above was killed after step 4; checkpoint at 2
+    resumed.log(3, {"loss": 3.5})
+    assert path.read_bytes().startswith(written)
+    rows = read_log(path)
+    assert [(r["step"], r["loss"], r["eval/x"]) for r in rows] == [
+        ("1", "1.0", ""),
+        ("2", "2.0", ""),
+        ("3", "3.5", ""),
+    ]
+    CSVLog(path, resume_step=0).log(1, {"loss": 9.0})  # a start from scratch voids every earlier row
+    assert [(r["step"], r["loss"]) for r in read_log(path)] == [("1", "9.0")]

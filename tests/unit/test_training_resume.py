@@ -40,10 +40,10 @@ def resume_config(run_dir: Path) -> RunConfig:
     )
 
 
-def run_toy(config_path: Path, **env: str) -> subprocess.CompletedProcess:
+def run_toy(config_path: Path, *overrides: str, **env: str) -> subprocess.CompletedProcess:
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     return subprocess.run(
-        [sys.executable, str(TOY), str(config_path)],
+        [sys.executable, str(TOY), str(config_path), *overrides],
         env=environment,
         capture_output=True,
         text=True,
@@ -101,3 +101,72 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(reference, tm
     assert f"step_{EVERY}.pt at step {EVERY}" in resumed.stdout
     assert not any(p.suffix == ".tmp" for p in folder.iterdir())
     assert_same_run(reference, tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------- nothing lost (issue 19)
+
+
+def _killed_run(tmp_path: Path, kill_step: int, *overrides: str) -> tuple[Path, Path]:
+    """A run SIGKILLed inside `kill_step`: (config path, run dir)."""
+    config_path = tmp_path / "config.toml"
+    save_config(resume_config(tmp_path / "run"), config_path)
+    killed = run_toy(config_path, *overrides, TOY_KILL_AT_STEP=str(kill_step))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    return config_path, tmp_path / "run"
+
+
+def _damage(path: Path) -> None:
+    """Cut a checkpoint in half, as a failing disk or a careless copy would."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_corrupt_newest_checkpoint_resumes_from_the_newest_loadable_one(reference, tmp_path):
+    config_path, run = _killed_run(tmp_path, 2 * EVERY + 5)
+    log_before = (run / "log.csv").read_bytes()
+    _damage(run / "checkpoints" / f"step_{2 * EVERY}.pt")
+    resumed = run_toy(config_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"not resuming from {run / 'checkpoints' / f'step_{2 * EVERY}.pt'}" in resumed.stdout
+    assert f"step_{EVERY}.pt at step {EVERY}" in resumed.stdout
+    assert (run / "checkpoints" / f"step_{2 * EVERY}.pt.unloadable").exists()  # kept, out of the way
+    assert (run / "log.csv").read_bytes().startswith(log_before)  # appended, not rewritten
+    assert_same_run(reference, run)
+
+
+def test_all_checkpoints_corrupt_refuses_to_start_over_until_restart(reference, tmp_path):
+    config_path, run = _killed_run(tmp_path, 2 * EVERY + 5)
+    for _, path in checkpointing.list_checkpoints(run):
+        _damage(path)
+    before = {p.name: p.read_bytes() for p in [*(run / "checkpoints").iterdir(), run / "log.csv"]}
+    refused = run_toy(config_path)
+    assert refused.returncode == 1
+    error = refused.stderr.strip().splitlines()[-1]
+    assert error.startswith("latentforge.training.checkpointing.CheckpointsUnloadable: none of the 2")
+    assert f"step_{EVERY}.pt: " in error and f"step_{2 * EVERY}.pt: " in error and "--restart" in error
+    after = {p.name: p.read_bytes() for p in [*(run / "checkpoints").iterdir(), run / "log.csv"]}
+    assert after == before  # nothing renamed, pruned or rewritten
+
+    restarted = run_toy(config_path, "restart=true")
+    assert restarted.returncode == 0, restarted.stderr
+    archive = run / "before-restart-1"
+    assert f"now in {archive}" in restarted.stdout
+    assert {
+        p.name: p.read_bytes() for p in [*(archive / "checkpoints").iterdir(), archive / "log.csv"]
+    } == before
+    assert_same_run(reference, run)  # a fresh run from step 0
+    assert "restart = false" in (run / "config.toml").read_text()  # the next resume does not restart again
+
+
+def test_sigkill_during_pruning_keeps_a_checkpoint_to_resume_from(reference, tmp_path):
+    config_path = tmp_path / "config.toml"
+    save_config(resume_config(tmp_path / "run"), config_path)
+    killed = run_toy(config_path, "keep_checkpoints=1", TOY_KILL_IN_PRUNE_STEP=str(2 * EVERY))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run = tmp_path / "run"
+    assert [step for step, _ in checkpointing.list_checkpoints(run)] == [2 * EVERY]
+    resumed = run_toy(config_path, "keep_checkpoints=1")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"step_{2 * EVERY}.pt at step {2 * EVERY}" in resumed.stdout
+    assert [step for step, _ in checkpointing.list_checkpoints(run)] == [STEPS]
+    assert_same_run(reference, run)

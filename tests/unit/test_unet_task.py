@@ -1,6 +1,7 @@
 """The U-Net training task: learning, objectives, caption dropout, latent scale, cache, export and load."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -190,11 +191,11 @@ def test_export_loads_and_generates(tmp_path):
         (task.text_encoder, model.text_encoder),
     ):
         assert weights_digest(ours) == weights_digest(loaded)
-    from latentforge.pipelines.generate import generate
-    from latentforge.pipelines.params import GenerationParams
+    from latentforge.pipelines.request import GenerationRequest
+    from latentforge.pipelines.runner import run
 
-    params = GenerationParams(prompt="a red circle", steps=3, sampler="Euler", seed=1, cfg_scale=3.0)
-    result = generate(model, params, progress=False)
+    request = GenerationRequest(prompt="a red circle", steps=3, sampler="Euler", seed=1, cfg_scale=3.0)
+    result = run(model, request, progress=False)
     pixels = torch.tensor(list(result[0].image.getdata()), dtype=torch.float32)
     assert result[0].image.size == (16, 16) and torch.isfinite(result[0].latents).all()
     assert pixels.std() > 0
@@ -246,3 +247,74 @@ def test_text_tower_of_a_clip_export(tmp_path):
     assert model.family.text_encoder.projection_dim is None
     ids = model.tokenizer(["a red circle"])
     torch.testing.assert_close(model.text_encoder(ids)[0], task.text_encoder(ids)[0])
+
+
+def test_one_family_drives_the_task_and_is_what_the_export_loads(tmp_path):
+    import latentforge
+
+    task = _task(prediction="v", beta_schedule="linear", beta_start=0.001, beta_end=0.02, clip_skip=2)
+    family = task.family
+    assert (family.prediction, family.beta_schedule, family.default_clip_skip) == ("v", "linear", 2)
+    assert family.latent_scale == task.latent_scale != 1.0  # measured, not the placeholder
+    assert family.unet is task.unet.config and family.default_size == 16
+    path = tmp_path / "model.safetensors"
+    task.export(task.trainable(), path)
+    assert latentforge.load(path).family == family
+
+
+def test_sample_grid_is_what_the_pipeline_makes_of_the_export(tmp_path):
+    """The preview grid comes from the generation pipeline: the exported model gives the same images."""
+    import latentforge
+    from latentforge.pipelines.request import GenerationRequest
+    from latentforge.pipelines.runner import run
+
+    prompts, seeds = ["a red circle", "a blue square"], [3, 4]
+    task = _task(sample_prompts=prompts, sample_seeds=seeds, sample_steps=3, sample_cfg=4.0)
+    _train(task, 2)
+    grid = task.samples(task.trainable())
+    path = tmp_path / "model.safetensors"
+    task.export(task.trainable(), path)
+    model = latentforge.load(path)
+    for row, prompt in enumerate(prompts):
+        for column, seed in enumerate(seeds):
+            request = GenerationRequest(prompt=prompt, seed=seed, steps=3, sampler="Euler", cfg_scale=4.0)
+            image = run(model, request, progress=False)[0].image
+            tile = grid.crop((16 * column, 16 * row, 16 * column + 16, 16 * row + 16))
+            difference = torch.tensor(list(image.getdata())) - torch.tensor(list(tile.getdata()))
+            assert difference.abs().max() <= 1  # batch of 2 vs 1: float rounding only
+
+
+def test_init_from_a_saved_model_starts_at_its_weights_and_keeps_its_family(tmp_path):
+    from safetensors.torch import load_file
+
+    import latentforge
+    from latentforge.errors import ConfigError
+    from latentforge.training.config import RunConfig
+    from latentforge.training.loop import train
+    from latentforge.training.tasks.unet import make_unet_task
+
+    source = _task(prediction="v")
+    _train(source, 2)
+    saved = tmp_path / "saved.safetensors"
+    source.export(source.trainable(), saved)
+    data = {k: TINY[k] for k in ("resolution", "synthetic_items", "max_holdout_items")}
+    config = RunConfig(
+        run_dir=str(tmp_path / "run"),
+        task="unet",
+        max_steps=0,  # export the starting point
+        batch_size=4,
+        device="cpu",
+        seed=7,  # another seed: fresh weights would differ
+        task_options={**data, "init": str(saved), "prediction": "v", "family_name": "continued"},
+    )
+    task = make_unet_task(config)
+    assert task.family == replace(source.family, name="continued")  # latent scale not re-measured
+    artefact = train(task, config)
+    start, expected = load_file(artefact), load_file(saved)
+    unet_keys = [k for k in expected if k.startswith("model.diffusion_model.")]
+    assert unet_keys and all(torch.equal(start[k], expected[k]) for k in unet_keys)
+    assert latentforge.load(artefact).family.prediction == "v"
+    with pytest.raises(ConfigError, match="task_options.prediction = 'epsilon' differs from the 'v'"):
+        UNetTask({**data, "init": str(saved), "prediction": "epsilon"}, progress=False)
+    with pytest.raises(ConfigError, match="task_options vae_config cannot be set with it"):
+        UNetTask({**data, "init": str(saved), "vae_config": TINY["vae_config"]}, progress=False)

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from latentforge.data.buckets import make_buckets, nearest_bucket
 from latentforge.data.images import ImageLoadError, image_to_tensor, load_image_rgb
-from latentforge.data.preflight import PreflightReport, scan_dataset
+from latentforge.data.preflight import DatasetError, PreflightReport, scan_dataset
 
 
 def resize_and_crop(
@@ -45,7 +45,9 @@ class ImageFolderDataset(Dataset):
     Each item: `pixels` float [3, H, W] in [-1, 1], `caption` str, `path` str, and for SDXL-style
     conditioning `original_size` (h, w) and `crop_top_left` (top, left) as int64 tensors of shape [2].
     With `buckets=True`, use `bucket_ids` with `BucketBatchSampler` so a batch shares one size.
-    Unreadable images and images without any caption are skipped and counted in `report`.
+    Unreadable images and images without any caption are skipped and listed in `report`; an image
+    whose pixels fail to decode later is replaced by the next readable one with a warning, or with
+    `skip_unreadable=False` raises DatasetError naming it.
     """
 
     def __init__(
@@ -64,10 +66,12 @@ class ImageFolderDataset(Dataset):
         allow_missing_captions: bool = False,
         verify: bool = False,
         max_pixels: int | None = None,
+        skip_unreadable: bool = True,
     ) -> None:
         """See the class docstring; `verify=True` decodes every image up front (slow, catches truncation)."""
         self.root = Path(root)
         self.center_crop, self.flip, self.seed, self.max_pixels = center_crop, flip, seed, max_pixels
+        self.skip_unreadable = skip_unreadable
         self.epoch = 0
         self.report: PreflightReport = scan_dataset(
             self.root,
@@ -78,7 +82,10 @@ class ImageFolderDataset(Dataset):
         )
         self.entries = self.report.entries
         if not self.entries:
-            raise ValueError(f"no usable images in {self.root}:\n{self.report.summary()}")
+            problems = (
+                "; ".join(self.report.unusable[:5]) or "no image files (.png, .jpg, .jpeg, .webp, .bmp)"
+            )
+            raise DatasetError(self.root, f"no usable images ({problems})")
         if buckets:
             if not isinstance(resolution, int):
                 raise ValueError("buckets=True needs a square resolution budget (an int)")
@@ -107,6 +114,11 @@ class ImageFolderDataset(Dataset):
         try:
             return load_image_rgb(entry.path, max_pixels=self.max_pixels)
         except ImageLoadError as error:
+            if not self.skip_unreadable:
+                raise DatasetError(
+                    error.path,
+                    f"{error.reason}; remove or replace the file, or set skip_unreadable to train without it",
+                ) from None
             warnings.warn(f"skipping unreadable image {error}", stacklevel=3)
             return None
 
@@ -123,7 +135,7 @@ class ImageFolderDataset(Dataset):
                     entry_index = j
                     break
             else:
-                raise RuntimeError(f"no readable image left in bucket {self.sizes[bucket]} of {self.root}")
+                raise DatasetError(self.root, f"no readable image left in bucket {self.sizes[bucket]}")
         entry = self.entries[entry_index]
         rng = np.random.default_rng([self.seed, self.epoch, index])
         original_size = (image.height, image.width)

@@ -14,8 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from latentforge.data.images import ImageLoadError, is_image_file, load_image_rgb, read_image_size
+from latentforge.errors import FileFormatError
 
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")
+
+
+class DatasetError(FileFormatError):
+    """A dataset folder that cannot be trained on as it is: missing, empty, or with unusable files."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,13 @@ class PreflightReport:
     @property
     def ok(self) -> bool:
         return not self.unreadable and not self.missing_captions
+
+    @property
+    def unusable(self) -> list[str]:
+        """Every file that will not be trained on although it looks like a sample, with why."""
+        return [f"{p}: {reason}" for p, reason in self.unreadable] + [
+            f"{p}: no caption file and no N_name folder caption" for p in self.missing_captions
+        ]
 
     def summary(self, show: int = 10) -> str:
         """A human-readable report listing up to `show` files per problem."""
@@ -122,7 +134,7 @@ def scan_dataset(
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder not found: {root}")
+        raise DatasetError(root, "dataset folder not found (or not a folder)")
     report = PreflightReport(root=root)
     files = _walk_files(root)
     image_stems = {path.with_suffix("") for path in files if is_image_file(path)}

@@ -32,7 +32,7 @@ from latentforge.evaluation.image_sets import EvalInputError, image_set
 from latentforge.evaluation.report import COLUMNS, METRICS_FILE, _cell, plot_sweep, sweep_rows
 from latentforge.model import StableDiffusion
 from latentforge.models.unet import UNetModel
-from latentforge.pipelines.params import GenerationParams
+from latentforge.pipelines.request import GenerationRequest
 
 CARD_METRICS = ("fid", "kid", "precision_recall", "clip_score")
 PARTS = ("comparison", "steps", "cfg", "speed")
@@ -77,8 +77,8 @@ class CardSettings:
         small = dict(images=24, sweep_images=12, step_counts=(5, 10), cfg_scales=(1.0, 5.0), speed_repeats=3)
         return cls(**{**small, "load_repeats": 1, **overrides})
 
-    def params(self, **changes: Any) -> GenerationParams:
-        base = GenerationParams(
+    def params(self, **changes: Any) -> GenerationRequest:
+        base = GenerationRequest(
             steps=self.steps, sampler=self.sampler, cfg_scale=self.cfg_scale, width=self.size,
             height=self.size, batch_size=self.batch_size,
         )  # fmt: skip
@@ -244,7 +244,7 @@ def measure_speed(
     """Median seconds of model loading and of one end-to-end txt2img (prompt -> PIL image; batch 1), timed
     separately; generation is warmed up once first. `load` defaults to `latentforge.load`."""
     from latentforge.model import load as load_checkpoint
-    from latentforge.pipelines.generate import generate
+    from latentforge.pipelines.runner import run
 
     load_model = load or (lambda path: load_checkpoint(Path(path)))
     load_times, model = [], None
@@ -254,11 +254,11 @@ def measure_speed(
         load_times.append(time.perf_counter() - start)
     assert model is not None
     params = settings.params(prompt=prompt, batch_size=1, seed=settings.seed)
-    generate(model, params, progress=False)  # warm-up: first-call allocations, lazy imports
+    run(model, params, progress=False)  # warm-up: first-call allocations, lazy imports
     times = []
     for i in range(settings.speed_repeats):
         start = time.perf_counter()
-        generate(model, replace(params, seed=settings.seed + i), progress=False)
+        run(model, replace(params, seed=settings.seed + i), progress=False)
         times.append(time.perf_counter() - start)
     return {
         "generate_median_s": statistics.median(times),
@@ -495,15 +495,12 @@ def caption_grid(
 
 
 def sample_rows(
-    model: StableDiffusion, prompts: Sequence[str], seeds: Sequence[int], params: GenerationParams
+    model: StableDiffusion, prompts: Sequence[str], seeds: Sequence[int], params: GenerationRequest
 ) -> list[list[Image.Image]]:
     """One row per prompt, one image per seed (each generated alone, so any seed list works)."""
-    from latentforge.pipelines.generate import generate
+    from latentforge.pipelines.runner import run
 
     return [
-        [
-            generate(model, replace(params, prompt=p, seed=s, batch_size=1), progress=False)[0].image
-            for s in seeds
-        ]
+        [run(model, replace(params, prompt=p, seed=s, batch_size=1), progress=False)[0].image for s in seeds]
         for p in prompts
     ]

@@ -20,9 +20,9 @@ from latentforge.evaluation.extractors import EvalExtractor, load_extractor
 from latentforge.evaluation.image_sets import EvalInputError, ImageSource, image_set
 from latentforge.evaluation.report import run_dir_name, write_report, write_sweep_report
 from latentforge.model import StableDiffusion
-from latentforge.pipelines.params import GenerationParams
+from latentforge.pipelines.request import GenerationRequest
 
-# --sweep KEY: (GenerationParams field, value parser)
+# --sweep KEY: (GenerationRequest field, value parser)
 SWEEP_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "steps": ("steps", int),
     "cfg": ("cfg_scale", float),
@@ -78,7 +78,7 @@ def read_prompts(source: str | os.PathLike) -> list[str]:
 
 def generate_images(
     model: StableDiffusion,
-    params: GenerationParams,
+    request: GenerationRequest,
     prompts: Sequence[str],
     seeds: Sequence[int],
     out_dir: str | os.PathLike,
@@ -90,8 +90,8 @@ def generate_images(
 
     A folder that already holds images is refused unless `overwrite`, which deletes its PNGs and captions.
     """
-    from latentforge.pipelines.generate import iter_generate_each
     from latentforge.pipelines.infotext import save_png
+    from latentforge.pipelines.runner import iter_images
 
     out = Path(out_dir)
     existing = sorted(out.glob("*.png")) if out.is_dir() else []
@@ -107,7 +107,7 @@ def generate_images(
     written: list[Path] = []
     pairs = [(prompt, seed) for prompt in prompts for seed in seeds]
     with tqdm(total=len(pairs), desc="generating", unit="img", disable=not progress) as bar:
-        results = iter_generate_each(model, pairs, params, progress=False)
+        results = iter_images(model, replace(request, prompt_seeds=tuple(pairs)), progress=False)
         for (prompt, _), result in zip(pairs, results, strict=True):
             path = out / f"{len(written):05d}-{result.seed}.png"
             save_png(result.image, path, result.infotext)
@@ -141,10 +141,10 @@ def evaluate_to_dir(
 
 
 def _generation_info(
-    model: StableDiffusion, params: GenerationParams, prompts: Sequence[str], seeds: Sequence[int]
+    model: StableDiffusion, request: GenerationRequest, prompts: Sequence[str], seeds: Sequence[int]
 ) -> dict[str, Any]:
-    fields = asdict(params)
-    for name in ("prompt", "seed", "batch_size", "batch_count", "extra"):
+    fields = asdict(request)
+    for name in ("prompt", "seed", "batch_size", "batch_count", "extra", "prompt_seeds", "init", "inpaint"):
         fields.pop(name)
     seed_text = (
         f"{seeds[0]}-{seeds[-1]}" if list(seeds) == list(range(seeds[0], seeds[-1] + 1)) else str(list(seeds))
@@ -161,7 +161,7 @@ def _generation_info(
 
 def generate_and_evaluate(
     model: StableDiffusion,
-    params: GenerationParams,
+    request: GenerationRequest,
     prompts: Sequence[str],
     seeds: Sequence[int],
     reference: ImageSource | FeatureSet,
@@ -174,17 +174,17 @@ def generate_and_evaluate(
 ) -> dict[str, Any]:
     """Generate into `out_dir/images`, evaluate against `reference`, write the report into `out_dir`."""
     images = generate_images(
-        model, params, prompts, seeds, Path(out_dir) / IMAGES_DIR, overwrite=overwrite, progress=progress
+        model, request, prompts, seeds, Path(out_dir) / IMAGES_DIR, overwrite=overwrite, progress=progress
     )
     return evaluate_to_dir(
         images[0].parent, reference, out_dir, extractor=extractor, progress=progress,
-        extra={"generation": _generation_info(model, params, prompts, seeds)}, **options,
+        extra={"generation": _generation_info(model, request, prompts, seeds)}, **options,
     )  # fmt: skip
 
 
 def sweep(
     model: StableDiffusion,
-    params: GenerationParams,
+    request: GenerationRequest,
     key: str,
     values: Sequence[Any],
     prompts: Sequence[str],
@@ -212,7 +212,7 @@ def sweep(
     for value in values:
         run_dir = Path(out_dir) / run_dir_name(key, value)
         result = generate_and_evaluate(
-            model, replace(params, **{field_name: value}), prompts, seeds, ref, run_dir, extractor=extractor,
+            model, replace(request, **{field_name: value}), prompts, seeds, ref, run_dir, extractor=extractor,
             overwrite=overwrite, progress=progress, batch_size=batch_size, **options,
         )  # fmt: skip
         runs.append((value, result))

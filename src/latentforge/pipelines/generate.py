@@ -1,13 +1,13 @@
-"""txt2img and img2img: prompt -> conditioning -> sigmas -> sampler -> VAE decode, top to bottom.
+"""The sampling core every generation mode runs per batch: seeded noise -> (noised init) -> guided,
+blended denoiser -> sampler -> latents, and latents -> images with their infotext.
 
-`sample_latents` is the one sampling core every pipeline (txt2img, img2img, inpainting, hires fix)
-runs per batch; a pipeline differs only in the `LatentSource` it hands over and what it does with
-the decoded images.
+txt2img, img2img, inpainting and the hires fix differ only in the `LatentSource` handed to
+`sample_latents` and in what happens to the decoded images; `runner.iter_images` strings them together.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -16,16 +16,18 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from latentforge.errors import NonFiniteError, ParameterError
 from latentforge.model import StableDiffusion
-from latentforge.pipelines.conditioning import Denoiser, PromptConditioner
-from latentforge.pipelines.images import decode_latents, encode_images, pil_to_tensor, tensor_to_pil
-from latentforge.pipelines.infotext import format_infotext
-from latentforge.pipelines.params import GenerationParams, ParameterError
-from latentforge.pipelines.seeds import request_noise, resolve_seed
+from latentforge.pipelines.images import decode_latents, encode_images, tensor_to_pil
+from latentforge.pipelines.prompt_guidance import PromptConditioner
+from latentforge.pipelines.request import Batch, GenerationRequest, Pass, ResolvedRequest
+from latentforge.pipelines.request_infotext import to_infotext
+from latentforge.pipelines.seeds import request_noise
 from latentforge.sampling import schedules
+from latentforge.sampling.common import Denoiser
 from latentforge.sampling.denoisers import DiscreteDenoiser
-from latentforge.sampling.noise import BrownianNoiseSampler, NoiseSampler
-from latentforge.sampling.registry import get_sampler, resolve_schedule, sampling_sigmas
+from latentforge.sampling.noise import BrownianNoiseSampler, NoiseSampler, generators
+from latentforge.sampling.registry import sampling_sigmas
 
 StepCallback = Callable[[Any], bool | None]
 
@@ -36,6 +38,7 @@ class GeneratedImage:
     seed: int
     infotext: str
     latents: torch.Tensor  # [C, h, w] float32, before decoding
+    request: GenerationRequest  # the resolved single-image request its infotext describes
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,8 @@ def make_denoiser(model: StableDiffusion) -> DiscreteDenoiser:
 def blend_known(denoise: Denoiser, init: Tensor, keep: Tensor) -> Denoiser:
     """A1111's inpainting for ordinary models: every x0 estimate takes the init latents where `keep` is 1."""
 
-    def blended(x: Tensor, sigma: Any, cond: Any = None) -> Tensor:
-        return denoise(x, sigma, cond) * (1 - keep) + init * keep
+    def blended(x: Tensor, sigma: Any) -> Tensor:
+        return denoise(x, sigma) * (1 - keep) + init * keep
 
     return blended
 
@@ -88,24 +91,6 @@ def img2img_steps(steps: int, strength: float, *, exact_steps: bool = False) -> 
     if exact_steps and strength > 0:
         return int(steps / strength), steps
     return steps, int(strength * steps) + 1
-
-
-def prepare_params(model: StableDiffusion, params: GenerationParams) -> GenerationParams:
-    """Family defaults filled in, validated, random seeds drawn (the drawn ones are reported)."""
-    params = params.resolved(model.family)
-    params.validate(model.family)
-    params = replace(params, seed=resolve_seed(params.seed))
-    if params.subseed_strength > 0:
-        params = replace(params, subseed=resolve_seed(params.subseed))
-    return params
-
-
-def batch_seeds(params: GenerationParams) -> Iterator[tuple[list[int], list[int]]]:
-    """(seeds, subseeds) of each batch. As A1111: seed + i, but one seed for all with a variation seed."""
-    for batch in range(params.batch_count):
-        index = range(batch * params.batch_size, (batch + 1) * params.batch_size)
-        step = 0 if params.subseed_strength else 1
-        yield [params.seed + i * step for i in index], [params.subseed + i for i in index]
 
 
 def _expand(t: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
@@ -124,75 +109,76 @@ def unmasked_concat(model: StableDiffusion, batch: int, height: int, width: int)
 
 def sample_latents(
     model: StableDiffusion,
-    params: GenerationParams,
-    seeds: Sequence[int],
-    subseeds: Sequence[int],
+    request: GenerationRequest,
+    sampling: Pass,
+    batch: Batch,
     *,
+    size: tuple[int, int] | None = None,
     source: LatentSource | None = None,
-    sigmas: Tensor | None = None,
+    strength: float = 1.0,
     callback: StepCallback | None = None,
     exact_steps: bool = False,
-    prompts: Sequence[str] | None = None,
 ) -> Tensor:
     """One batch: seeded noise -> (noised init) -> guided, blended denoiser -> sampler -> [B, C, h, w].
 
-    `params` must be prepared (`prepare_params`). `sigmas` overrides the full schedule (descending,
-    trailing 0; A1111's sampler_noise_scheduler_override); img2img cuts its tail from it. `prompts`
-    gives each image its own prompt (default: `params.prompt` for all).
+    `request` is resolved; `size` (default the request's) is the pass's image size. With a `source`, the
+    pass is img2img at `strength`: it cuts the tail of the schedule (A1111's step accounting, `exact_steps`
+    for the hires pass). `request.sigmas` overrides the full schedule.
     """
     family = model.family
-    spec = get_sampler(params.sampler)
+    spec = sampling.sampler
     denoiser = make_denoiser(model)
     schedule_steps, run = (
-        (params.steps, params.steps)
+        (sampling.steps, sampling.steps)
         if source is None
-        else img2img_steps(params.steps, params.denoising_strength, exact_steps=exact_steps)
+        else img2img_steps(sampling.steps, strength, exact_steps=exact_steps)
     )
-    if sigmas is None:
-        sigmas = sampling_sigmas(params.sampler, params.schedule, schedule_steps, denoiser.sigmas)
+    if request.sigmas:
+        sigmas = torch.tensor(request.sigmas, dtype=torch.float32)
+    else:
+        sigmas = sampling_sigmas(sampling.sampler_name, sampling.schedule, schedule_steps, denoiser.sigmas)
     sigmas = sigmas.float() if source is None else sigmas.float()[-run - 1 :]
+    width, height = size or (request.width, request.height)
     f = family.vae.downsampling_factor
-    shape = (family.vae.embed_dim, params.height // f, params.width // f)
-    batch, device = len(seeds), model.device
-    prompts = [params.prompt] * batch if prompts is None else list(prompts)
-    if len(prompts) != batch:
-        raise ParameterError(f"{len(prompts)} prompts for a batch of {batch} seeds")
-    variation = subseeds if params.subseed_strength else None
-    noise = request_noise(seeds, shape, subseeds=variation, subseed_strength=params.subseed_strength)
+    shape = (family.vae.embed_dim, height // f, width // f)
+    seeds, device = batch.seeds, model.device
+    variation = batch.subseeds if request.subseed_strength else None
+    noise = request_noise(seeds, shape, subseeds=variation, subseed_strength=request.subseed_strength)
     noise = noise.to(device)
 
     init = keep = None
-    concat = None if source is None else _expand(source.concat, batch, device)
+    concat = None if source is None else _expand(source.concat, len(seeds), device)
     if concat is None and family.unet.in_channels == 9:
-        concat = unmasked_concat(model, batch, params.height, params.width).to(device)
+        concat = unmasked_concat(model, len(seeds), height, width).to(device)
     if source is None:
         x = spec.initial_latent(noise, sigmas[0])
     else:  # x = x0 + sigma * eps at the first sigma of the shortened schedule
-        init = _expand(source.latents, batch, device)
+        init = _expand(source.latents, len(seeds), device)
         assert init is not None
         if init.shape[1:] != noise.shape[1:]:
             raise ParameterError(f"init latents {tuple(init.shape[1:])} do not match the size {shape}")
-        noise_mask = _expand(source.noise_mask, batch, device)
+        noise_mask = _expand(source.noise_mask, len(seeds), device)
         if noise_mask is not None:  # A1111's "latent noise": the repainted region starts from seed noise
             init = init * (1 - noise_mask) + noise * noise_mask
-        keep = _expand(source.keep, batch, device)
+        keep = _expand(source.keep, len(seeds), device)
         x = init + noise * sigmas[0]
 
-    conditioner = PromptConditioner(model, params.clip_skip, params.steps)
+    conditioner = PromptConditioner(model, request.clip_skip or family.default_clip_skip, sampling.steps)
     guided = conditioner.denoiser(
         denoiser,
-        prompts,
-        [params.negative_prompt] * batch,
+        list(batch.prompts),
+        [request.negative_prompt] * len(seeds),
         sigmas,
-        params.cfg_scale,
-        params.cfg_rescale,
+        request.cfg_scale,
+        request.cfg_rescale,
         extra=None if concat is None else {"concat": concat},
     )
     if init is not None and keep is not None:  # keep is only set together with init
         guided = blend_known(guided, init, keep)
-    options: dict[str, Any] = {} if params.eta is None else {"eta": params.eta}
+    inputs = {"model_sigmas": denoiser.sigmas}
+    options = {**sampling.options, **{name: inputs[name] for name in spec.needs}}
     with torch.inference_mode():
-        noise_source = _noise_source(spec.noise, seeds, shape, sigmas, model)
+        noise_source = _noise_source(spec.noise, seeds, shape, sigmas, model, request.eta_noise_seed_delta)
         latents = spec.function(guided, x, sigmas, callback=callback, noise=noise_source, **options)
     if init is not None and keep is not None:
         latents = latents * (1 - keep) + init * keep
@@ -222,156 +208,71 @@ class Progress:
 
 def decode_results(
     model: StableDiffusion,
-    params: GenerationParams,
+    resolved: ResolvedRequest,
+    batch: Batch,
     latents: Tensor,
-    seeds: Sequence[int],
-    subseeds: Sequence[int],
     *,
-    img2img: bool,
-    prompts: Sequence[str] | None = None,
+    request: GenerationRequest | None = None,
 ) -> list[GeneratedImage]:
-    """Decode a batch and attach each image's infotext (its own seed and, given `prompts`, its own prompt;
-    the size written is `params`')."""
+    """Decode a batch; each image carries its own single-image request and infotext.
+
+    `request` (default the resolved one) is what the images' infotexts describe, e.g. without the hires
+    part when an interrupted run stopped in the first pass.
+    """
+    base = request or resolved.request
     f = model.family.vae.downsampling_factor
-    tiled = params.use_tiled_vae(latents.shape[-1] * f, latents.shape[-2] * f)
+    width, height = latents.shape[-1] * f, latents.shape[-2] * f
+    if not torch.isfinite(latents).all():
+        raise NonFiniteError(f"sampling gave NaN/Inf latents (seeds {list(batch.seeds)}): {_cause(model)}")
+    tiled = base.tiled_vae if base.tiled_vae is not None else width * height > base.tiled_vae_pixels
     pixels, retried = decode_latents(model, latents, tiled=tiled)
+    if not torch.isfinite(pixels).all():
+        raise NonFiniteError(f"the VAE decoded NaN/Inf pixels (seeds {list(batch.seeds)}): {_cause(model)}")
     results = []
     for i, image in enumerate(tensor_to_pil(pixels)):
-        image_params = replace(params, seed=seeds[i], subseed=subseeds[i])
-        if prompts is not None:
-            image_params = replace(image_params, prompt=prompts[i])
-        info = infotext(model, image_params, vae_retry=retried, img2img=img2img, tiled_vae=tiled)
-        results.append(GeneratedImage(image, seeds[i], info, latents[i].cpu()))
+        one = replace(resolved.image_request(batch, i), hires=base.hires)
+        if tiled and one.tiled_vae is None:
+            one = replace(one, tiled_vae=True)
+        info = to_infotext(one, {"VAE decoded in fp32": True if retried else None})
+        results.append(GeneratedImage(image, batch.seeds[i], info, latents[i].cpu(), one))
     return results
 
 
-def generate(
-    model: StableDiffusion,
-    params: GenerationParams,
-    *,
-    init_images: list[Image.Image] | None = None,
-    callback: StepCallback | None = None,
-    progress: bool = True,
-    sigmas: torch.Tensor | None = None,
-) -> list[GeneratedImage]:
-    """txt2img, or img2img when `init_images` are given (one per batch image, or one for all).
-
-    `sigmas` overrides the sampler's schedule (descending; A1111's sampler_noise_scheduler_override).
-    """
-    return list(
-        iter_generate(
-            model, params, init_images=init_images, callback=callback, progress=progress, sigmas=sigmas
-        )
+def _cause(model: StableDiffusion) -> str:
+    """Why a result is not finite, for the error: broken weights, else the numbers of the request."""
+    for name in ("unet", "text_encoder", "vae"):
+        module = getattr(model, name)
+        if any(not torch.isfinite(p).all() for p in module.parameters()):
+            return f"the model's {name} weights hold NaN/Inf (a damaged or badly merged file); nothing saved"
+    return (
+        "the weights are finite, so the request overflowed: check prompt weights such as (word:1e30), the "
+        f"CFG scale and sampler options; in {model.dtype} try --dtype fp32. Nothing was saved"
     )
 
 
-def iter_generate(
-    model: StableDiffusion,
-    params: GenerationParams,
-    *,
-    init_images: list[Image.Image] | None = None,
-    callback: StepCallback | None = None,
-    progress: bool = True,
-    sigmas: torch.Tensor | None = None,
-) -> Iterator[GeneratedImage]:
-    """`generate`, yielding each image as soon as its batch is decoded (so an interrupted run keeps them)."""
-    params = prepare_params(model, params)
-    source = None
-    if init_images is not None:
-        if len(init_images) not in (1, params.batch_size):
-            count = len(init_images)
-            raise ParameterError(f"give 1 or batch size ({params.batch_size}) init images, not {count}")
-        size = (params.width, params.height)
-        resized = [im if im.size == size else im.resize(size, Image.Resampling.LANCZOS) for im in init_images]
-        pixels = pil_to_tensor(resized)
-        latents = encode_images(model, pixels, tiled=params.use_tiled_vae(*size))
-        source = LatentSource(latents)
-    steps = params.steps if source is None else img2img_steps(params.steps, params.denoising_strength)[1]
-    bar = Progress(params.batch_count * steps, callback, progress)
-    try:
-        for seeds, subseeds in batch_seeds(params):
-            latents = sample_latents(
-                model, params, seeds, subseeds, source=source, sigmas=sigmas, callback=bar
-            )
-            yield from decode_results(model, params, latents, seeds, subseeds, img2img=source is not None)
-            if bar.stopped:
-                break
-    finally:
-        bar.close()
-
-
-def iter_generate_each(
-    model: StableDiffusion,
-    pairs: Sequence[tuple[str, int]],
-    params: GenerationParams,
-    *,
-    progress: bool = True,
-) -> Iterator[GeneratedImage]:
-    """txt2img of each (prompt, seed) pair, `params.batch_size` pairs per batch whatever their prompts.
-
-    Every image is the one `generate` makes of its prompt and seed alone (batch size 1, `params.subseed`):
-    noise comes from each image's own seed. Mixing prompts of different 75-token chunk counts in one batch
-    pads the shorter conditioning as A1111 does, which changes those images slightly.
-    """
-    params = prepare_params(model, params)
-    size = max(params.batch_size, 1)
-    batches = [pairs[i : i + size] for i in range(0, len(pairs), size)]
-    bar = Progress(len(batches) * params.steps, None, progress)
-    try:
-        for batch in batches:
-            prompts, seeds = [p for p, _ in batch], [s for _, s in batch]
-            subseeds = [params.subseed] * len(batch)
-            latents = sample_latents(model, params, seeds, subseeds, callback=bar, prompts=prompts)
-            yield from decode_results(model, params, latents, seeds, subseeds, img2img=False, prompts=prompts)
-    finally:
-        bar.close()
-
-
 def _noise_source(
-    kind: str, seeds: Sequence[int], shape: tuple[int, ...], sigmas: torch.Tensor, model: StableDiffusion
+    kind: str,
+    seeds: Sequence[int],
+    shape: tuple[int, ...],
+    sigmas: torch.Tensor,
+    model: StableDiffusion,
+    seed_delta: int = 0,
 ) -> NoiseSampler | BrownianNoiseSampler | None:
-    """Seeded step noise: image i continues the generator of seed i (ancestral) or its Brownian tree (SDE)."""
+    """Seeded step noise: image i continues the generator of seed i (ancestral) or its Brownian tree (SDE).
+
+    A1111's ENSD (`seed_delta` > 0) re-seeds the step noise with seed + delta instead.
+    """
     if kind == "gaussian":
+        if seed_delta:
+            return NoiseSampler(generators([s + seed_delta for s in seeds]), shape, device=model.device)
         return NoiseSampler(seeds, shape, device=model.device)
     if kind == "brownian":
         positive = sigmas[sigmas > 0]
         return BrownianNoiseSampler(
-            seeds,
+            [s + seed_delta for s in seeds],
             shape,
             sigma_min=float(positive.min()),
             sigma_max=float(positive.max()),
             device=model.device,
         )
     return None
-
-
-def infotext(
-    model: StableDiffusion,
-    params: GenerationParams,
-    *,
-    vae_retry: bool,
-    img2img: bool,
-    tiled_vae: bool = False,
-) -> str:
-    schedule = resolve_schedule(params.sampler, params.schedule)
-    values: dict[str, Any] = {
-        "Steps": params.steps,
-        "Sampler": params.sampler,
-        "Schedule type": schedule,
-        "CFG scale": f"{params.cfg_scale:g}",
-        "Seed": params.seed,
-        "Size": f"{params.width}x{params.height}",
-        "Model hash": model.short_hash,
-        "Model": model.name,
-        "Denoising strength": params.denoising_strength if img2img else None,
-        "Clip skip": params.clip_skip if params.clip_skip != 1 else None,
-        "Variation seed": params.subseed if params.subseed_strength else None,
-        "Variation seed strength": params.subseed_strength or None,
-        "CFG rescale": params.cfg_rescale or None,
-        "Eta": params.eta,
-        "VAE decoded in fp32": True if vae_retry else None,
-        "Tiled VAE": True if tiled_vae else None,
-        **params.extra,
-        "Version": "latentforge",
-    }
-    return format_infotext(params.prompt, params.negative_prompt, values)

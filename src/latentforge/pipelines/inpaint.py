@@ -15,8 +15,7 @@ White (255) in the mask means "repaint", black "keep", as in A1111 and diffusers
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,22 +24,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from latentforge.data.images import open_image, to_rgb
+from latentforge.errors import ParameterError
 from latentforge.model import StableDiffusion
-from latentforge.pipelines.generate import (
-    GeneratedImage,
-    LatentSource,
-    Progress,
-    StepCallback,
-    batch_seeds,
-    decode_results,
-    img2img_steps,
-    prepare_params,
-    sample_latents,
-)
+from latentforge.pipelines.generate import LatentSource
 from latentforge.pipelines.images import encode_images, pil_to_tensor
-from latentforge.pipelines.params import GenerationParams, ParameterError
-
-MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # A1111's inpainting_fill 0..3
+from latentforge.pipelines.request import GenerationRequest
 
 
 def mask_to_l(mask: Image.Image) -> Image.Image:
@@ -153,8 +141,6 @@ def extend_canvas(
     The mask reaches `overlap` pixels into the original image so that a blurred mask still covers
     the whole new area (A1111's "poor man's outpainting" grows it by the mask blur).
     """
-    if min(left, right, top, bottom) < 0 or left + right + top + bottom == 0:
-        raise ParameterError("outpainting needs non-negative margins, at least one of them positive")
     array = np.asarray(image.convert("RGB"))
     canvas = np.pad(array, ((top, bottom), (left, right), (0, 0)), mode="edge")
     mask = np.zeros(canvas.shape[:2], dtype=np.uint8)
@@ -169,7 +155,7 @@ def extend_canvas(
 
 
 @dataclass(frozen=True)
-class _Overlay:
+class Overlay:
     """How a generated image goes back over the original: the region it fills and the blend mask."""
 
     original: Image.Image
@@ -198,190 +184,54 @@ def inpaint_concat(model: StableDiffusion, pixels: torch.Tensor, mask: Image.Ima
     return torch.cat([F.interpolate(binary, size=masked.shape[-2:]), masked], dim=1)
 
 
-def iter_inpaint(
-    model: StableDiffusion,
-    params: GenerationParams,
-    image: Image.Image,
-    mask: Image.Image,
-    *,
-    mask_blur: float = 4,
-    masked_content: str = "original",
-    only_masked: bool = False,
-    only_masked_padding: int = 32,
-    latent_blend: bool = True,
-    callback: StepCallback | None = None,
-    progress: bool = True,
-    sigmas: torch.Tensor | None = None,
-) -> Iterator[GeneratedImage]:
-    """`inpaint`, yielding each image as soon as its batch is decoded."""
-    if masked_content not in MASKED_CONTENT:
-        raise ParameterError(f"unknown masked content {masked_content!r}; valid: {', '.join(MASKED_CONTENT)}")
-    if mask_blur < 0 or only_masked_padding < 0:
-        raise ParameterError("mask blur and only-masked padding must be >= 0")
-    image, mask = to_rgb(image), mask_to_l(mask)
+def inpaint_source(model: StableDiffusion, request: GenerationRequest) -> tuple[LatentSource, Overlay]:
+    """An inpainting or outpainting request's latent source, and how its images go back over the original.
+
+    `request` is resolved: its size is the generation size, `init.images[0]` the picture and
+    `inpaint.mask` the mask (or `inpaint.outpaint` the margins that make both).
+    """
+    assert request.init is not None and request.inpaint is not None
+    part = request.inpaint
+    image = to_rgb(request.init.images[0])
+    if part.outpaint is not None:
+        image, mask = extend_canvas(image, *part.outpaint, overlap=int(part.mask_blur))
+    else:
+        assert part.mask is not None
+        mask = mask_to_l(part.mask)
     if mask.size != image.size:
         warnings.warn(f"mask {mask.size} resized to the image size {image.size}", stacklevel=2)
         mask = mask.resize(image.size, Image.Resampling.LANCZOS)
-    params = replace(params, width=params.width or image.width, height=params.height or image.height)
-    params = prepare_params(model, params)
-    size = (params.width, params.height)
-    blurred = blur_mask(mask, mask_blur)
-    region = None
-    if only_masked:
-        region = crop_region(np.asarray(blurred), only_masked_padding)
+    size = (request.width, request.height)
+    blurred = blur_mask(mask, part.mask_blur)
+    if part.only_masked:
+        region = crop_region(np.asarray(blurred), part.only_masked_padding)
         if region is None:
             raise ParameterError("the mask is empty (all black): there is nothing to inpaint")
         region = expand_to_ratio(region, *size, *image.size)
         work_image = image.crop(region).resize(size, Image.Resampling.LANCZOS)
         work_mask = blurred.crop(region).resize(size, Image.Resampling.LANCZOS)
-        overlay = _Overlay(image, blurred, region)
+        overlay = Overlay(image, blurred, region)
     else:
         work_image = image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
         work_mask = blurred if blurred.size == size else blurred.resize(size, Image.Resampling.LANCZOS)
         # A1111 doubles the blurred mask for the paste-back, so the repainted area is fully opaque.
-        overlay = _Overlay(work_image, work_mask.point(lambda v: min(255, 2 * v)), None)
-    if masked_content != "original":
+        overlay = Overlay(work_image, work_mask.point(lambda v: min(255, 2 * v)), None)
+    if part.masked_content != "original":
         work_image = fill_masked(work_image, work_mask)
 
     pixels = pil_to_tensor([work_image])
-    init = encode_images(model, pixels, tiled=params.use_tiled_vae(*size))
+    tiled = (
+        request.tiled_vae if request.tiled_vae is not None else size[0] * size[1] > request.tiled_vae_pixels
+    )
+    init = encode_images(model, pixels, tiled=tiled)
     repaint = latent_mask(work_mask, (init.shape[-1], init.shape[-2]))
-    if masked_content == "latent nothing":
+    if part.masked_content == "latent nothing":
         init = init * (1 - repaint)
     concat = inpaint_concat(model, pixels, work_mask) if model.family.unet.in_channels == 9 else None
     source = LatentSource(
         init,
-        keep=1 - repaint if latent_blend else None,
-        noise_mask=repaint if masked_content == "latent noise" else None,
+        keep=1 - repaint if part.latent_blend else None,
+        noise_mask=repaint if part.masked_content == "latent noise" else None,
         concat=concat,
     )
-    extra = {
-        "Mask blur": f"{mask_blur:g}",
-        "Masked content": masked_content if masked_content != "original" else None,
-        "Inpaint area": "Only masked" if only_masked else None,
-        "Masked area padding": only_masked_padding if only_masked else None,
-    }
-    params = replace(params, extra={**params.extra, **{k: v for k, v in extra.items() if v is not None}})
-    steps = img2img_steps(params.steps, params.denoising_strength)[1]
-    bar = Progress(params.batch_count * steps, callback, progress)
-    try:
-        for seeds, subseeds in batch_seeds(params):
-            latents = sample_latents(
-                model, params, seeds, subseeds, source=source, sigmas=sigmas, callback=bar
-            )
-            for result in decode_results(model, params, latents, seeds, subseeds, img2img=True):
-                yield replace(result, image=overlay.apply(result.image))
-            if bar.stopped:
-                break
-    finally:
-        bar.close()
-
-
-def inpaint(
-    model: StableDiffusion,
-    params: GenerationParams,
-    image: Image.Image,
-    mask: Image.Image,
-    *,
-    mask_blur: float = 4,
-    masked_content: str = "original",
-    only_masked: bool = False,
-    only_masked_padding: int = 32,
-    latent_blend: bool = True,
-    callback: StepCallback | None = None,
-    progress: bool = True,
-    sigmas: torch.Tensor | None = None,
-) -> list[GeneratedImage]:
-    """Repaint the white part of `mask` in `image` (see the module docstring for the steps).
-
-    Args:
-        params: generation parameters; width/height 0 means the image's size, `denoising_strength` applies.
-        mask_blur: Gaussian sigma in pixels applied to the mask (A1111's "Mask blur").
-        masked_content: "original", "fill", "latent noise" or "latent nothing" (A1111's inpainting_fill).
-        only_masked: inpaint the mask's bounding box (plus `only_masked_padding`) at the generation size
-            and paste it back (A1111's "Only masked" / inpaint_full_res).
-        latent_blend: blend x0 with the init latents outside the mask after every step (A1111 does this for
-            every model; diffusers only for 4-channel ones, so False reproduces diffusers' 9-channel path).
-    Returns:
-        One `GeneratedImage` per batch image, pasted over the original outside the mask.
-    """
-    return list(
-        iter_inpaint(
-            model,
-            params,
-            image,
-            mask,
-            mask_blur=mask_blur,
-            masked_content=masked_content,
-            only_masked=only_masked,
-            only_masked_padding=only_masked_padding,
-            latent_blend=latent_blend,
-            callback=callback,
-            progress=progress,
-            sigmas=sigmas,
-        )
-    )
-
-
-def iter_outpaint(
-    model: StableDiffusion,
-    params: GenerationParams,
-    image: Image.Image,
-    *,
-    left: int = 0,
-    right: int = 0,
-    top: int = 0,
-    bottom: int = 0,
-    mask_blur: float = 4,
-    masked_content: str = "original",
-    callback: StepCallback | None = None,
-    progress: bool = True,
-) -> Iterator[GeneratedImage]:
-    """`outpaint`, yielding each image as soon as its batch is decoded."""
-    canvas, mask = extend_canvas(image, left, right, top, bottom, overlap=int(mask_blur))
-    params = replace(params, extra={**params.extra, "Outpaint": f"{left},{right},{top},{bottom}"})
-    return iter_inpaint(
-        model,
-        params,
-        canvas,
-        mask,
-        mask_blur=mask_blur,
-        masked_content=masked_content,
-        callback=callback,
-        progress=progress,
-    )
-
-
-def outpaint(
-    model: StableDiffusion,
-    params: GenerationParams,
-    image: Image.Image,
-    *,
-    left: int = 0,
-    right: int = 0,
-    top: int = 0,
-    bottom: int = 0,
-    mask_blur: float = 4,
-    masked_content: str = "original",
-    callback: StepCallback | None = None,
-    progress: bool = True,
-) -> list[GeneratedImage]:
-    """Extend the canvas by the given margins (filled with edge pixels) and inpaint the new area.
-
-    The generation size defaults to the new canvas size, which must be a multiple of the VAE factor.
-    """
-    return list(
-        iter_outpaint(
-            model,
-            params,
-            image,
-            left=left,
-            right=right,
-            top=top,
-            bottom=bottom,
-            mask_blur=mask_blur,
-            masked_content=masked_content,
-            callback=callback,
-            progress=progress,
-        )
-    )
+    return source, overlay

@@ -17,14 +17,18 @@ A prompt outside that language (a top-level `|`, a trailing backslash) is used u
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from latentforge.errors import ParameterError
 
 BREAK = "BREAK"
 BREAK_WEIGHT = -1.0  # the marker weight A1111 gives a BREAK segment
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1  # A1111 multiplies by 1/1.1 (not divides by 1.1): the floats differ
+MAX_NESTING = 100  # open brackets at once; A1111 has no limit, but 1.1^100 is already a weight of 13,781
 
 # One token of attention syntax per match. The alternatives are tried in this order, as A1111's
 # `re_attention`: escapes, a lone backslash (dropped), openers, an explicit weight closing a round
@@ -66,6 +70,10 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
         token, weight = match.group(0), match.group("weight")
         if token.startswith("\\"):
             segments.append([token[1:], 1.0])
+        elif token in "([" and len(round_open) + len(square_open) >= MAX_NESTING:
+            raise ParameterError(
+                f"the prompt nests more than {MAX_NESTING} brackets; use (word:weight) for strong weights"
+            )
         elif token == "(":
             round_open.append(len(segments))
         elif token == "[":
@@ -89,6 +97,9 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
     if not segments:
         segments = [["", 1.0]]
 
+    for text_, weight_ in segments:
+        if not math.isfinite(weight_):
+            raise ParameterError(f"the weight of {text_[:40]!r} in the prompt overflows; give a finite one")
     merged: list[list] = [segments[0]]
     for segment in segments[1:]:
         if segment[1] == merged[-1][1]:
@@ -102,7 +113,7 @@ def _parse_weight(weight: str, prompt: str) -> float:
     try:
         return float(weight)
     except ValueError:
-        raise ValueError(
+        raise ParameterError(
             f"attention weight {weight!r} in prompt {prompt!r} is not a number; write it like (word:1.2), "
             r"or escape literal brackets as \( \)"
         ) from None

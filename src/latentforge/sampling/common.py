@@ -13,9 +13,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Callback", "Denoiser", "NoiseFn", "StepInfo", "get_ancestral_step", "report", "to_d"]
+__all__ = [
+    "Callback",
+    "Cond",
+    "ConditionedDenoiser",
+    "Denoiser",
+    "NoiseFn",
+    "StepInfo",
+    "get_ancestral_step",
+    "report",
+    "to_d",
+]
 
-Denoiser = Callable[[Tensor, Tensor, Any], Tensor]
+Cond = dict[str, Tensor]  # conditioning with fixed keys: "crossattn" (text tokens), "concat" (inpainting)
+# What a sampler calls: x0 = denoise(x, sigma), conditioning already bound (the pipeline's guided denoiser).
+Denoiser = Callable[[Tensor, Tensor], Tensor]
+# The model seam under it: x0 = denoise(x, sigma, cond), as k-diffusion's external.py wrappers.
+ConditionedDenoiser = Callable[[Tensor, Tensor, Cond], Tensor]
 NoiseFn = Callable[[Tensor, Tensor], Tensor]
 
 

@@ -24,7 +24,7 @@ x = noise * sqrt(1 + sigma_max^2), rather than k-diffusion's noise * sigma_max; 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -39,7 +39,6 @@ def sample_ddim(
     x: Tensor,
     sigmas: Tensor,
     *,
-    cond: Any = None,
     callback: Callback | None = None,
     noise: NoiseFn | None = None,
     eta: float = 0.0,
@@ -51,7 +50,7 @@ def sample_ddim(
     noise = noise if noise is not None else (lambda sigma, sigma_next: torch.randn_like(x))
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoise(x, sigmas[i].expand(x.shape[0]), cond)
+        denoised = denoise(x, sigmas[i].expand(x.shape[0]))
         if report(callback, i, sigmas[i], sigmas[i + 1], x, denoised):
             return denoised
         sigma_up = min(sigma_next, eta * sigma_next / sigma * math.sqrt(max(sigma**2 - sigma_next**2, 0.0)))
@@ -67,7 +66,6 @@ def sample_ddpm(
     x: Tensor,
     sigmas: Tensor,
     *,
-    cond: Any = None,
     callback: Callback | None = None,
     noise: NoiseFn | None = None,
     variance: Literal["small", "large"] = "small",
@@ -83,7 +81,7 @@ def sample_ddpm(
     noise = noise if noise is not None else (lambda sigma, sigma_next: torch.randn_like(x))
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoise(x, sigmas[i].expand(x.shape[0]), cond)
+        denoised = denoise(x, sigmas[i].expand(x.shape[0]))
         if report(callback, i, sigmas[i], sigmas[i + 1], x, denoised):
             return denoised
         abar_t, abar_prev = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)

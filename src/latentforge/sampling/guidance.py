@@ -20,7 +20,7 @@ from torch import Tensor
 
 __all__ = ["CFGDenoiser", "cfg_denoiser", "concat_cond"]
 
-Denoiser = Callable[[Tensor, Tensor, Any], Tensor]
+Denoiser = Callable[[Tensor, Tensor, Any], Tensor]  # the model seam: x0 = denoise(x, sigma, cond)
 
 
 def _cat_pair(a: Tensor, b: Tensor, key: str) -> Tensor:

@@ -1,13 +1,13 @@
 """Samplers on the Karras ODE/SDE in sigma: Euler, Heun, DPM2, LMS, DPM-Solver++ variants, Restart.
 
-All share ``sample_x(denoise, x, sigmas, *, cond=None, callback=None, noise=None, **options) -> x``:
+All share ``sample_x(denoise, x, sigmas, *, callback=None, noise=None, **options) -> x``:
 ``x`` starts at noise level ``sigmas[0]`` (``noise * sigmas[0]`` for txt2img, or a noised image with a
 suffix of the schedule for img2img), ``sigmas`` descend, usually to a trailing 0. Randomness comes only
 from ``noise(sigma, sigma_next) -> N(0, I)`` (see noise.py); ``callback(StepInfo)`` returning True stops
 early and returns the current x0 estimate. Gradients are not disabled here: wrap in ``torch.no_grad()``.
 
 Notation (Karras et al. 2022; Lu et al. 2022 "DPM-Solver++"): x = x0 + sigma eps, D = denoise(x, sigma),
-d = (x - D) / sigma, lambda = -log sigma (the half log-SNR; called t in the code, as in k-diffusion),
+d = (x - D) / sigma, lambda = -log sigma (the half log-SNR; `lam` in the code, k-diffusion's t),
 h = lambda_next - lambda, r = ratio of the previous to the current step size in lambda.
 The algorithms follow k-diffusion's sampling.py (Crowson), written independently; references per function.
 """
@@ -15,7 +15,7 @@ The algorithms follow k-diffusion's sampling.py (Crowson), written independently
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Literal
 
 import numpy as np
 import torch
@@ -50,8 +50,8 @@ __all__ = [
 ]
 
 
-def _den(denoise: Denoiser, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
-    return denoise(x, sigma.expand(x.shape[0]), cond)
+def _den(denoise: Denoiser, x: Tensor, sigma: Tensor) -> Tensor:
+    return denoise(x, sigma.expand(x.shape[0]))
 
 
 def _gaussian_noise(x: Tensor, noise: NoiseFn | None) -> NoiseFn:
@@ -93,7 +93,6 @@ def sample_euler(
     x: Tensor,
     sigmas: Tensor,
     *,
-    cond: Any = None,
     callback: Callback | None = None,
     noise: NoiseFn | None = None,
     s_churn: float = 0.0,
@@ -104,7 +103,7 @@ def sample_euler(
     """Euler steps on the probability-flow ODE, optional churn (Karras et al. 2022, Algorithm 2)."""
     for i in range(len(sigmas) - 1):
         x, sigma_hat = _churn(x, sigmas, i, noise, s_churn, s_tmin, s_tmax, s_noise)
-        denoised = _den(denoise, x, sigma_hat, cond)
+        denoised = _den(denoise, x, sigma_hat)
         if report(callback, i, sigma_hat, sigmas[i + 1], x, denoised):
             return denoised
         x = x + to_d(x, sigma_hat, denoised) * (sigmas[i + 1] - sigma_hat)
@@ -116,7 +115,6 @@ def sample_euler_ancestral(
     x: Tensor,
     sigmas: Tensor,
     *,
-    cond: Any = None,
     callback: Callback | None = None,
     noise: NoiseFn | None = None,
     eta: float = 1.0,
@@ -125,7 +123,7 @@ def sample_euler_ancestral(
     """Euler step down to sigma_down, then fresh noise up to sigma_next ("Euler a")."""
     noise = _gaussian_noise(x, noise)
     for i in range(len(sigmas) - 1):
-        denoised = _den(denoise, x, sigmas[i], cond)
+        denoised = _den(denoise, x, sigmas[i])
         if report(callback, i, sigmas[i], sigmas[i + 1], x, denoised):
             return denoised
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta)
@@ -140,7 +138,6 @@ def sample_heun(
     x: Tensor,
     sigmas: Tensor,
     *,
-    cond: Any = None,
     callback: Callback | None = None,
     noise: NoiseFn | None = None,
     s_churn: float = 0.0,
@@ -151,7 +148,7 @@ def sample_heun(
     """Heun's second-order method (Karras et al. 2022, Algorithm 2); Euler for the final step to sigma = 0."""
     for i in range(len(sigmas) - 1):
         x, sigma_hat = _churn(x, sigmas, i, noise, s_churn, s_tmin, s_tmax, s_noise)
-        denoised = _den(denoise, x, sigma_hat, cond)
+        denoised = _den(denoise, x, sigma_hat)
         if report(callback, i, sigma_hat, sigmas[i + 1], x, denoised):
             return denoised
         d = to_d(x, sigma_hat, denoised)
@@ -160,16 +157,16 @@ def sample_heun(
             x = x + d * dt
         else:
             x_2 = x + d * dt
-            d_2 = to_d(x_2, sigmas[i + 1], _den(denoise, x_2, sigmas[i + 1], cond))
+            d_2 = to_d(x_2, sigmas[i + 1], _den(denoise, x_2, sigmas[i + 1]))
             x = x + (d + d_2) / 2 * dt
     return x
 
 
-def _dpm2_step(denoise: Denoiser, x: Tensor, d: Tensor, sigma: Tensor, sigma_to: Tensor, cond: Any) -> Tensor:
+def _dpm2_step(denoise: Denoiser, x: Tensor, d: Tensor, sigma: Tensor, sigma_to: Tensor) -> Tensor:
     """Midpoint step evaluated at the geometric mean of sigma and sigma_to (DPM-Solver-2 in sigma)."""
     sigma_mid = (sigma.log() + sigma_to.log()).mul(0.5).exp()
     x_2 = x + d * (sigma_mid - sigma)
-    d_2 = to_d(x_2, sigma_mid, _den(denoise, x_2, sigma_mid, cond))
+    d_2 = to_d(x_2, sigma_mid, _den(denoise, x_2, sigma_mid))
     return x + d_2 * (sigma_to - sigma)
 
 
@@ -178,7 +175,6 @@ def sample_dpm_2(
     x: Tensor,
     sigmas: Tensor,
     *,
-    cond: Any = None,
     callback: Callback | None = None,
     noise: NoiseFn | None = None,
     s_churn: float = 0.0,
@@ -189,14 +185,14 @@ def sample_dpm_2(
     """DPM2: Karras's Algorithm 2 with a DPM-Solver-2 midpoint in log sigma (Lu et al. 2022)."""
     for i in range(len(sigmas) - 1):
         x, sigma_hat = _churn(x, sigmas, i, noise, s_churn, s_tmin, s_tmax, s_noise)
-        denoised = _den(denoise, x, sigma_hat, cond)
+        denoised = _den(denoise, x, sigma_hat)
         if report(callback, i, sigma_hat, sigmas[i + 1], x, denoised):
             return denoised
         d = to_d(x, sigma_hat, denoised)
         if sigmas[i + 1] == 0:
             x = x + d * (sigmas[i + 1] - sigma_hat)
         else:
-            x = _dpm2_step(denoise, x, d, sigma_hat, sigmas[i + 1], cond)
+            x = _dpm2_step(denoise, x, d, sigma_hat, sigmas[i + 1])
     return x
 
 
@@ -205,7 +201,6 @@ def sample_dpm_2_ancestral(
     x: Tensor,
     sigmas: Tensor,
     *,
-    cond: Any = None,
     callback: Callback | None = None,
     noise: NoiseFn | None = None,
     eta: float = 1.0,
@@ -214,7 +209,7 @@ def sample_dpm_2_ancestral(
     """DPM2 step down to sigma_down, then fresh noise up to sigma_next ("DPM2 a")."""
     noise = _gaussian_noise(x, noise)
     for i in range(len(sigmas) - 1):
-        denoised = _den(denoise, x, sigmas[i], cond)
+        denoised = _den(denoise, x, sigmas[i])
         if report(callback, i, sigmas[i], sigmas[i + 1], x, denoised):
             return denoised
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta)
@@ -222,7 +217,7 @@ def sample_dpm_2_ancestral(
         if sigma_down == 0:
             x = x + d * (sigma_down - sigmas[i])
         else:
-            x = _dpm2_step(denoise, x, d, sigmas[i], torch.as_tensor(sigma_down, dtype=sigmas.dtype), cond)
+            x = _dpm2_step(denoise, x, d, sigmas[i], torch.as_tensor(sigma_down, dtype=sigmas.dtype))
             x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
     return x
 
@@ -252,7 +247,6 @@ def sample_lms(
     x: Tensor,
     sigmas: Tensor,
     *,
-    cond: Any = None,
     callback: Callback | None = None,
     noise: NoiseFn | None = None,
     order: int = 4,
@@ -261,7 +255,7 @@ def sample_lms(
     sigmas_list = sigmas.detach().cpu().double().tolist()
     ds: list[Tensor] = []  # newest last
     for i in range(len(sigmas) - 1):
-        denoised = _den(denoise, x, sigmas[i], cond)
+        denoised = _den(denoise, x, sigmas[i])
         if report(callback, i, sigmas[i], sigmas[i + 1], x, denoised):
             return denoised
         ds = [*ds, to_d(x, sigmas[i], denoised)][-order:]
@@ -270,11 +264,11 @@ def sample_lms(
     return x
 
 
-def _sigma(t: Tensor) -> Tensor:
-    return t.neg().exp()
+def _sigma_of(lam: Tensor) -> Tensor:
+    return lam.neg().exp()
 
 
-def _t(sigma: Tensor | float) -> Tensor:
+def _lam(sigma: Tensor | float) -> Tensor:
     return torch.as_tensor(sigma).log().neg()
 
 
@@ -283,7 +277,6 @@ def sample_dpmpp_2s_ancestral(
     x: Tensor,
     sigmas: Tensor,
     *,
-    cond: Any = None,
     callback: Callback | None = None,
     noise: NoiseFn | None = None,
     eta: float = 1.0,
@@ -292,19 +285,19 @@ def sample_dpmpp_2s_ancestral(
     """DPM-Solver++(2S) single-step to sigma_down, then ancestral noise (Lu et al. 2022, Algorithm 1)."""
     noise = _gaussian_noise(x, noise)
     for i in range(len(sigmas) - 1):
-        denoised = _den(denoise, x, sigmas[i], cond)
+        denoised = _den(denoise, x, sigmas[i])
         if report(callback, i, sigmas[i], sigmas[i + 1], x, denoised):
             return denoised
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta)
         if sigma_down == 0:
             x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         else:
-            t, t_next = _t(sigmas[i]), _t(sigma_down)
-            h = t_next - t
-            s = t + h / 2
-            x_2 = (_sigma(s) / _sigma(t)) * x - (-h / 2).expm1() * denoised
-            denoised_2 = _den(denoise, x_2, _sigma(s), cond)
-            x = (_sigma(t_next) / _sigma(t)) * x - (-h).expm1() * denoised_2
+            lam, lam_next = _lam(sigmas[i]), _lam(sigma_down)
+            h = lam_next - lam
+            s = lam + h / 2
+            x_2 = (_sigma_of(s) / _sigma_of(lam)) * x - (-h / 2).expm1() * denoised
+            denoised_2 = _den(denoise, x_2, _sigma_of(s))
+            x = (_sigma_of(lam_next) / _sigma_of(lam)) * x - (-h).expm1() * denoised_2
         if sigmas[i + 1] > 0:
             x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
     return x
@@ -315,7 +308,6 @@ def sample_dpmpp_sde(
     x: Tensor,
     sigmas: Tensor,
     *,
-    cond: Any = None,
     callback: Callback | None = None,
     noise: NoiseFn | None = None,
     eta: float = 1.0,
@@ -329,28 +321,28 @@ def sample_dpmpp_sde(
     """
     noise = _brownian_noise(x, sigmas, noise)
     for i in range(len(sigmas) - 1):
-        denoised = _den(denoise, x, sigmas[i], cond)
+        denoised = _den(denoise, x, sigmas[i])
         if report(callback, i, sigmas[i], sigmas[i + 1], x, denoised):
             return denoised
         if sigmas[i + 1] == 0:
             x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
             continue
-        t, t_next = _t(sigmas[i]), _t(sigmas[i + 1])
-        h = t_next - t
-        s = t + h * r
+        lam, lam_next = _lam(sigmas[i]), _lam(sigmas[i + 1])
+        h = lam_next - lam
+        s = lam + h * r
         # Stage 1: first-order step to lambda_s, deterministic part to sigma_down, noise back up to sigma_s.
-        sd, su = get_ancestral_step(_sigma(t), _sigma(s), eta)
-        s_ = _t(sd)
-        x_2 = (_sigma(s_) / _sigma(t)) * x - (t - s_).expm1() * denoised
-        x_2 = x_2 + noise(_sigma(t), _sigma(s)) * s_noise * su
-        denoised_2 = _den(denoise, x_2, _sigma(s), cond)
+        sd, su = get_ancestral_step(_sigma_of(lam), _sigma_of(s), eta)
+        s_ = _lam(sd)
+        x_2 = (_sigma_of(s_) / _sigma_of(lam)) * x - (lam - s_).expm1() * denoised
+        x_2 = x_2 + noise(_sigma_of(lam), _sigma_of(s)) * s_noise * su
+        denoised_2 = _den(denoise, x_2, _sigma_of(s))
         # Stage 2: the full step with the data prediction extrapolated to second order.
-        sd, su = get_ancestral_step(_sigma(t), _sigma(t_next), eta)
-        t_next_ = _t(sd)
+        sd, su = get_ancestral_step(_sigma_of(lam), _sigma_of(lam_next), eta)
+        lam_next_ = _lam(sd)
         fac = 1 / (2 * r)
         denoised_d = (1 - fac) * denoised + fac * denoised_2
-        x = (_sigma(t_next_) / _sigma(t)) * x - (t - t_next_).expm1() * denoised_d
-        x = x + noise(_sigma(t), _sigma(t_next)) * s_noise * su
+        x = (_sigma_of(lam_next_) / _sigma_of(lam)) * x - (lam - lam_next_).expm1() * denoised_d
+        x = x + noise(_sigma_of(lam), _sigma_of(lam_next)) * s_noise * su
     return x
 
 
@@ -359,21 +351,20 @@ def sample_dpmpp_2m(
     x: Tensor,
     sigmas: Tensor,
     *,
-    cond: Any = None,
     callback: Callback | None = None,
     noise: NoiseFn | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2); first-order on the first and the final step to 0."""
     old_denoised = None
     for i in range(len(sigmas) - 1):
-        denoised = _den(denoise, x, sigmas[i], cond)
+        denoised = _den(denoise, x, sigmas[i])
         if report(callback, i, sigmas[i], sigmas[i + 1], x, denoised):
             return denoised
-        t, t_next = _t(sigmas[i]), _t(sigmas[i + 1])
-        h = t_next - t
+        lam, lam_next = _lam(sigmas[i]), _lam(sigmas[i + 1])
+        h = lam_next - lam
         denoised_d = denoised
         if old_denoised is not None and sigmas[i + 1] > 0:
-            r = (t - _t(sigmas[i - 1])) / h
+            r = (lam - _lam(sigmas[i - 1])) / h
             denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
         x = (sigmas[i + 1] / sigmas[i]) * x - (-h).expm1() * denoised_d
         old_denoised = denoised
@@ -385,12 +376,11 @@ def sample_dpmpp_2m_sde(
     x: Tensor,
     sigmas: Tensor,
     *,
-    cond: Any = None,
     callback: Callback | None = None,
     noise: NoiseFn | None = None,
     eta: float = 1.0,
     s_noise: float = 1.0,
-    solver_type: str = "midpoint",
+    solver_type: Literal["midpoint", "heun"] = "midpoint",
 ) -> Tensor:
     """DPM-Solver++(2M) for the SDE (Lu et al. 2022, eq. for SDE-DPM-Solver++2M); eta = 0 is the ODE.
 
@@ -402,13 +392,13 @@ def sample_dpmpp_2m_sde(
     old_denoised: Tensor | None = None
     h_last: Tensor | None = None
     for i in range(len(sigmas) - 1):
-        denoised = _den(denoise, x, sigmas[i], cond)
+        denoised = _den(denoise, x, sigmas[i])
         if report(callback, i, sigmas[i], sigmas[i + 1], x, denoised):
             return denoised
         if sigmas[i + 1] == 0:
             x, h = denoised, None
         else:
-            h = _t(sigmas[i + 1]) - _t(sigmas[i])
+            h = _lam(sigmas[i + 1]) - _lam(sigmas[i])
             eta_h = eta * h
             phi_1 = (-h - eta_h).expm1().neg()
             x = sigmas[i + 1] / sigmas[i] * (-eta_h).exp() * x + phi_1 * denoised
@@ -435,7 +425,6 @@ def sample_dpmpp_3m_sde(
     x: Tensor,
     sigmas: Tensor,
     *,
-    cond: Any = None,
     callback: Callback | None = None,
     noise: NoiseFn | None = None,
     eta: float = 1.0,
@@ -448,13 +437,13 @@ def sample_dpmpp_3m_sde(
     h_1: Tensor | None = None
     h_2: Tensor | None = None
     for i in range(len(sigmas) - 1):
-        denoised = _den(denoise, x, sigmas[i], cond)
+        denoised = _den(denoise, x, sigmas[i])
         if report(callback, i, sigmas[i], sigmas[i + 1], x, denoised):
             return denoised
         if sigmas[i + 1] == 0:
             x, h = denoised, None
         else:
-            h = _t(sigmas[i + 1]) - _t(sigmas[i])
+            h = _lam(sigmas[i + 1]) - _lam(sigmas[i])
             h_eta = h * (eta + 1)
             x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
             phi_2 = (-h_eta).expm1() / h_eta + 1
@@ -512,7 +501,6 @@ def sample_restart(
     x: Tensor,
     sigmas: Tensor,
     *,
-    cond: Any = None,
     callback: Callback | None = None,
     noise: NoiseFn | None = None,
     s_noise: float = 1.0,
@@ -528,7 +516,7 @@ def sample_restart(
     for i, (sigma, sigma_next) in enumerate(_restart_segments(sigmas, restart_list)):
         if last_sigma is not None and last_sigma < sigma:  # restart: forward-noise back up to sigma
             x = x + noise(last_sigma, sigma) * s_noise * (sigma**2 - last_sigma**2) ** 0.5
-        denoised = _den(denoise, x, sigma, cond)
+        denoised = _den(denoise, x, sigma)
         if report(callback, i, sigma, sigma_next, x, denoised):
             return denoised
         d = to_d(x, sigma, denoised)
@@ -536,7 +524,7 @@ def sample_restart(
             x = x + d * (sigma_next - sigma)
         else:
             x_2 = x + d * (sigma_next - sigma)
-            d_2 = to_d(x_2, sigma_next, _den(denoise, x_2, sigma_next, cond))
+            d_2 = to_d(x_2, sigma_next, _den(denoise, x_2, sigma_next))
             x = x + (d + d_2) / 2 * (sigma_next - sigma)
         last_sigma = sigma_next
     return x

@@ -14,7 +14,6 @@ A1111 and ComfyUI's "LCM" drop c_skip/c_out (both are within 1e-5 of 0/1 for t >
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -52,7 +51,6 @@ def sample_lcm(
     x: Tensor,
     sigmas: Tensor,
     *,
-    cond: Any = None,
     callback: Callback | None = None,
     noise: NoiseFn | None = None,
     model_sigmas: Tensor | None = None,
@@ -71,9 +69,7 @@ def sample_lcm(
         c_skip, c_out = boundary_scalings(
             float(schedules.sigma_to_t(sigma, model_sigmas)), sigma_data, timestep_scaling
         )
-        denoised = (
-            c_out * denoise(x, sigmas[i].expand(x.shape[0]), cond) + c_skip / math.sqrt(1 + sigma**2) * x
-        )
+        denoised = c_out * denoise(x, sigmas[i].expand(x.shape[0])) + c_skip / math.sqrt(1 + sigma**2) * x
         if report(callback, i, sigmas[i], sigmas[i + 1], x, denoised):
             return denoised
         x = denoised + sigma_next * noise(sigmas[i], sigmas[i + 1]) if sigma_next > 0 else denoised

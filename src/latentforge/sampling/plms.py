@@ -16,8 +16,6 @@ first step goes to sigma 0 (eps is undefined there), so a 1-step run is plain DD
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -39,7 +37,6 @@ def sample_plms(
     x: Tensor,
     sigmas: Tensor,
     *,
-    cond: Any = None,
     callback: Callback | None = None,
     noise: NoiseFn | None = None,
 ) -> Tensor:
@@ -47,14 +44,14 @@ def sample_plms(
     eps_history: list[Tensor] = []  # newest last, at most 3 kept
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoise(x, sigma.expand(x.shape[0]), cond)
+        denoised = denoise(x, sigma.expand(x.shape[0]))
         if report(callback, i, sigma, sigma_next, x, denoised):
             return denoised
         eps = (x - denoised) / float(sigma)
         step = float(sigma_next) - float(sigma)
         if not eps_history and float(sigma_next) > 0:
             x_euler = x + step * eps
-            eps_next = (x_euler - denoise(x_euler, sigma_next.expand(x.shape[0]), cond)) / float(sigma_next)
+            eps_next = (x_euler - denoise(x_euler, sigma_next.expand(x.shape[0]))) / float(sigma_next)
             eps_prime = (eps + eps_next) / 2
         else:
             weights = _ADAMS_BASHFORTH[len(eps_history)]

@@ -19,7 +19,7 @@ sigma 0 is always order 1 (x = m_0): higher orders extrapolate to lambda = inf.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -75,7 +75,6 @@ def sample_unipc(
     x: Tensor,
     sigmas: Tensor,
     *,
-    cond: Any = None,
     callback: Callback | None = None,
     noise: NoiseFn | None = None,
     order: int = 2,
@@ -97,7 +96,7 @@ def sample_unipc(
     x_prev, order_prev = x, 1
     for i in range(n):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoise(x, sigmas[i].expand(x.shape[0]), cond)
+        denoised = denoise(x, sigmas[i].expand(x.shape[0]))
         if report(callback, i, sigmas[i], sigmas[i + 1], x, denoised):
             return denoised
         if outputs and use_corrector:  # UniC: refine x_i with the output at x_i itself (no extra call)

@@ -13,11 +13,14 @@ import json
 import math
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from latentforge.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -26,6 +29,67 @@ else:  # Python 3.10: the same parser as the tomli package
 
 LR_SCHEDULES = ("cosine", "constant")
 MIXED_PRECISION = ("no", "bf16", "auto")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric config field: finite, between `low` and `high` (open or closed)."""
+
+    low: float | None = 0.0
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""  # what a special value means, e.g. "0 = off"
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        low = None if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
+        high = None if self.high is None else f"{'<' if self.high_open else '<='} {self.high:g}"
+        text = "a finite number " + " and ".join(part for part in (low, high) if part)
+        return f"{text} ({self.note})" if self.note else text
+
+
+NON_NEGATIVE = Range()  # the rule for every numeric field that names no other
+POSITIVE = Range(low_open=True)
+AT_LEAST_ONE = Range(1)
+FRACTION = Range(0.0, 1.0)  # probabilities
+DECAY = Range(0.0, 1.0, high_open=True)
+
+
+def check_ranges(values: Any, ranges: Mapping[str, Range], prefix: str = "") -> None:
+    """ConfigError for the first numeric field of dataclass `values` outside its range (NON_NEGATIVE unless
+    `ranges` names it); None means "default/off" and is not checked; tuples are checked element-wise."""
+    for f in dataclasses.fields(values):
+        value = getattr(values, f.name)
+        items = value if isinstance(value, tuple) else (value,)
+        numbers = [v for v in items if isinstance(v, int | float) and not isinstance(v, bool)]
+        valid = ranges.get(f.name, NON_NEGATIVE)
+        if any(v not in valid for v in numbers):
+            raise ConfigError(f"{prefix}{f.name} = {_toml_value(value)} is out of range: valid is {valid}")
+
+
+RUN_RANGES = {
+    "batch_size": AT_LEAST_ONE,
+    "grad_accum": AT_LEAST_ONE,
+    "lr": POSITIVE,
+    "betas": DECAY,
+    "grad_clip": Range(note="0 = off"),
+    "ema_decay": Range(0.0, 1.0, high_open=True, note="0 = off"),
+    "checkpoint_every": Range(note="0 = only at the end"),
+    "keep_checkpoints": Range(note="0 = keep all"),
+    "eval_every": Range(note="0 = only at the end"),
+    "sample_every": Range(note="0 = only at the end"),
+    "log_every": AT_LEAST_ONE,
+    "max_nan_steps": AT_LEAST_ONE,
+    "seed": Range(0, 2**63 - 1),
+}
 
 
 @dataclass
@@ -59,6 +123,7 @@ class RunConfig:
     deterministic: bool = False
     device: str = "auto"  # "auto" (cuda:LOCAL_RANK if available, else cpu), "cpu", "cuda"
     tensorboard: bool = False  # also write TensorBoard events if `tensorboard` is installed
+    restart: bool = False  # start over although checkpoints exist (they are moved to before-restart-N/)
     task_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -66,22 +131,24 @@ class RunConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the field and the allowed values."""
-        checks = [
-            (self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}"),
-            (self.mixed_precision in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}"),
-            (self.max_steps >= 0, "max_steps must be >= 0"),
-            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
-            (self.batch_size % self.grad_accum == 0, "batch_size must be divisible by grad_accum"),
-            (len(self.betas) == 2, "betas must be two numbers"),
-            (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
-            (self.max_nan_steps >= 1, "max_nan_steps must be >= 1"),
-            (self.log_every >= 1, "log_every must be >= 1"),
-            (self.device in ("auto", "cpu", "cuda"), "device must be 'auto', 'cpu' or 'cuda'"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"invalid config: {message}")
+        """ConfigError naming the key, its value and the valid range (checked before anything is built)."""
+        choices = (("lr_schedule", LR_SCHEDULES), ("mixed_precision", MIXED_PRECISION), ("device", DEVICES))
+        for name, valid in choices:
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"{name} = {getattr(self, name)!r}: valid values are {', '.join(valid)}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"betas = {_toml_value(self.betas)}: give two numbers, e.g. [0.9, 0.999]")
+        check_ranges(self, RUN_RANGES)
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"batch_size = {self.batch_size} is not divisible by grad_accum = {self.grad_accum}"
+            )
+        if self.min_lr > self.lr:
+            raise ConfigError(
+                f"min_lr = {self.min_lr:g} is above lr = {self.lr:g}: valid is 0 <= min_lr <= lr"
+            )
+        if not self.run_dir:
+            raise ConfigError('run_dir is empty: give a folder, e.g. run_dir = "runs/first"')
 
     def to_dict(self) -> dict[str, Any]:
         """Plain TOML-able types (tuples as lists)."""
@@ -91,7 +158,7 @@ class RunConfig:
 # Fields that change the numbers a step computes: resuming with any of them changed is refused.
 # Also compared (from the checkpoint, not the config): world_size * grad_accum and the dataset size.
 # Free to change on resume: run_dir, checkpoint/eval/sample/log intervals, keep_checkpoints,
-# num_workers, max_nan_steps, deterministic, device, tensorboard, gradient_checkpointing.
+# num_workers, max_nan_steps, deterministic, device, tensorboard, gradient_checkpointing, restart.
 EXACTNESS_FIELDS = (
     "task",
     "seed",
@@ -135,7 +202,7 @@ def _set_dotted(table: dict[str, Any], key: str, value: Any) -> None:
     for part in parents:
         table = table.setdefault(part, {})
         if not isinstance(table, dict):
-            raise ValueError(f"override {key!r}: {part!r} is not a table")
+            raise ConfigError(f"override {key!r}: {part!r} is not a table")
     table[leaf] = value
 
 
@@ -156,7 +223,14 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     else:
         ok = isinstance(value, str)
     if not ok:
-        raise ValueError(f"config key {name!r}: expected {type(default).__name__}, got {value!r}")
+        expected = {
+            "bool": "true or false",
+            "int": "an integer",
+            "float": "a number",
+            "tuple": "a list of numbers",
+        }
+        kind = type(default).__name__
+        raise ConfigError(f"{name} = {value!r}: expected {expected.get(kind, 'a ' + kind)}")
     return value
 
 
@@ -166,23 +240,45 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
     known = [f.name for f in dataclasses.fields(RunConfig)]
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ValueError(f"unknown config keys {unknown}; known keys: {', '.join(known)}")
+        raise ConfigError(f"unknown config keys {unknown}; known keys: {', '.join(known)}")
     kwargs = {name: _coerce(name, value, getattr(defaults, name)) for name, value in values.items()}
     return RunConfig(**kwargs)
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read a TOML config (or start from defaults when `path` is None) and apply `key=value` overrides."""
+    """Read a TOML config (or start from defaults when `path` is None) and apply `key=value` overrides.
+
+    Every problem is a ConfigError naming the file (or the override) and the key.
+    """
     values: dict[str, Any] = {}
     if path is not None:
-        with open(path, "rb") as f:
-            values = tomllib.load(f)
+        try:
+            with open(path, "rb") as f:
+                values = tomllib.load(f)
+        except OSError as error:
+            raise ConfigError(f"cannot read the config file: {error.strerror or error}", str(path)) from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise ConfigError(f"not valid TOML: {error}", str(path)) from None
+    overridden: set[str] = set()
     for override in overrides:
         key, sep, text = override.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"override {override!r} is not of the form key=value (e.g. lr=3e-4)")
+            raise ConfigError(f"override {override!r} is not of the form key=value (e.g. lr=3e-4)")
         _set_dotted(values, key.strip(), _parse_value(text.strip()))
-    return config_from_dict(values)
+        overridden.add(key.strip())
+    try:
+        return config_from_dict(values)
+    except ConfigError as error:
+        raise ConfigError(str(error), config_source(path, overridden, str(error))) from None
+
+
+def config_source(path: str | os.PathLike | None, overridden: set[str], message: str) -> str | None:
+    """What a ConfigError should name: "command-line override" when its message starts with an overridden
+    key (`lr = ...`, `task_options.x = ...`), else the config file."""
+    key = message.split(" ", 1)[0]
+    if any(key == name or key.startswith(name + ".") for name in overridden):
+        return "command-line override"
+    return None if path is None else str(path)
 
 
 # ---------------------------------------------------------------------------- TOML writer

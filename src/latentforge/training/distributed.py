@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from latentforge.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -35,7 +37,7 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("device = 'cuda' was asked for but CUDA is not available; use device = 'cpu'")
+        raise ConfigError("device = 'cuda' was asked for but CUDA is not available; use device = 'cpu'")
     return torch.device("cuda", local_rank)
 
 

@@ -14,9 +14,11 @@ from tqdm import tqdm
 
 
 class CSVLog:
-    """`run_dir/log.csv`, one row per logged step; new metric names add columns (the file is rewritten).
+    """`run_dir/log.csv`, one row per logged step, only ever appended to (a crash loses no history).
 
-    On resume, rows after the resumed step are dropped: they belong to the run that was interrupted.
+    New metric names start a new section: a fresh header line (`step,...`) with the grown column list.
+    A resumed run appends a header and a marker row (its resume step, all other fields empty): the
+    rows after that step belong to the attempt that was interrupted, and `read_log` drops them.
     Disabled (every call a no-op) on processes other than rank 0.
     """
 
@@ -28,39 +30,26 @@ class CSVLog:
         enabled: bool = True,
     ) -> None:
         self.path, self.enabled, self.tensorboard = Path(path), enabled, None
-        self.columns: list[str] = ["step"]
-        self.rows: list[dict[str, Any]] = []
+        self.columns: list[str] = []  # of the current section; [] until this process writes a header
+        self.resume_step = resume_step
         if not enabled:  # a process other than rank 0: logging is a no-op
             return
-        if self.path.exists() and resume_step > 0:
-            with open(self.path, newline="") as f:
-                reader = csv.DictReader(f)
-                self.columns = list(reader.fieldnames or ["step"])
-                self.rows = [row for row in reader if int(row["step"]) <= resume_step]
-        self._rewrite()
         self.tensorboard = _tensorboard_writer(tensorboard_dir) if tensorboard_dir else None
-
-    def _rewrite(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.path)
 
     def log(self, step: int, values: Mapping[str, float]) -> None:
         """Append one row (and TensorBoard scalars, if enabled)."""
         if not self.enabled:
             return
         row = {"step": step, **{k: _format(v) for k, v in values.items()}}
-        self.rows.append(row)
-        new = [k for k in row if k not in self.columns]
-        if new:
-            self.columns += new
-            self._rewrite()
-        else:
-            with open(self.path, "a", newline="") as f:
-                csv.DictWriter(f, fieldnames=self.columns).writerow(row)
+        with open(self.path, "a", newline="") as f:
+            new = [k for k in row if k not in self.columns]
+            if new:
+                marker = not self.columns and f.tell() > 0  # this process's first row in an existing log
+                self.columns = (self.columns or ["step"]) + [k for k in new if k != "step"]
+                csv.writer(f).writerow(self.columns)
+                if marker:
+                    csv.writer(f).writerow([self.resume_step] + [""] * (len(self.columns) - 1))
+            csv.DictWriter(f, fieldnames=self.columns).writerow(row)
         if self.tensorboard is not None:
             for key, value in values.items():
                 self.tensorboard.add_scalar(key, value, step)
@@ -85,9 +74,29 @@ def _tensorboard_writer(log_dir: Path) -> Any:
 
 
 def read_log(path: str | os.PathLike) -> list[dict[str, str]]:
-    """The rows of a `log.csv` (values as strings)."""
+    """The rows of a `log.csv` as the run that finished sees them (values as strings, "" where absent).
+
+    Sections (see `CSVLog`) are merged; a resume marker drops the interrupted attempt's rows after its
+    step, and a row replaces any earlier one of the same or a later step.
+    """
+    rows: list[dict[str, str]] = []
+    columns: list[str] = []
+    header: list[str] = []
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        for record in csv.reader(f):
+            if not record:
+                continue
+            if record[0] == "step":
+                header = record
+                columns += [name for name in record if name not in columns]
+                continue
+            row = dict(zip(header, record, strict=False))
+            step = int(row["step"])
+            while rows and int(rows[-1]["step"]) >= step + (0 if any(record[1:]) else 1):
+                rows.pop()
+            if any(record[1:]):  # not a resume marker
+                rows.append(row)
+    return [{name: row.get(name, "") for name in columns} for row in rows]
 
 
 def image_grid(images: Sequence[Image.Image], columns: int | None = None) -> Image.Image:

@@ -26,13 +26,14 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
-from latentforge.errors import LatentforgeError
+from latentforge.errors import ConfigError, LatentforgeError, NonFiniteError
 from latentforge.training import checkpointing, distributed
 from latentforge.training.config import (
     RunConfig,
     config_hash,
+    config_source,
     exactness_dict,
     load_config,
     resolve_mixed_precision,
@@ -45,7 +46,7 @@ from latentforge.training.task import TrainingTask
 TaskFactory = Callable[[RunConfig], TrainingTask]
 
 
-class TrainingDiverged(LatentforgeError, RuntimeError):
+class TrainingDiverged(NonFiniteError, RuntimeError):
     """Raised after `max_nan_steps` consecutive steps with a non-finite loss or gradient norm."""
 
 
@@ -87,7 +88,9 @@ def micro_batches(
     size, batch = len(dataset), config.batch_size  # type: ignore[arg-type]
     steps_per_epoch = size // batch
     if steps_per_epoch == 0:
-        raise ValueError(f"the train dataset has {size} items, fewer than one batch (batch_size = {batch})")
+        raise ConfigError(
+            f"batch_size = {batch} is more than the train dataset's {size} items: lower it or add data"
+        )
     share, micro = batch // world_size, batch // (world_size * config.grad_accum)
     epoch, first = divmod(start_step, steps_per_epoch)
     while True:
@@ -97,17 +100,55 @@ def micro_batches(
         starts = [s * batch + rank * share for s in range(first, steps_per_epoch)]
         indices = torch.cat([order[i : i + share] for i in starts]).tolist()
         loader = DataLoader(
-            dataset,
+            _CarryErrors(dataset) if config.num_workers else dataset,
             batch_size=micro,
             sampler=indices,
             num_workers=config.num_workers,
-            collate_fn=collate_fn,
+            collate_fn=_collate_carrying(collate_fn) if config.num_workers else collate_fn,
             pin_memory=pin_memory,
         )
         items = iter(loader)
         for _ in starts:
-            yield [next(items) for _ in range(config.grad_accum)]
+            step_batches = [next(items) for _ in range(config.grad_accum)]
+            for item in step_batches:
+                if isinstance(item, _ItemError):
+                    raise DataLoadError(item.message)
+            yield step_batches
         epoch, first = epoch + 1, 0
+
+
+class DataLoadError(LatentforgeError):
+    """A user-caused error (an unreadable dataset file ...) raised inside a DataLoader worker."""
+
+
+@dataclasses.dataclass
+class _ItemError:
+    message: str
+
+
+class _CarryErrors(Dataset):
+    """Return a worker's LatentforgeError as an item, so the main process raises it as one line: torch
+    re-raises worker exceptions as a RuntimeError that quotes the worker's whole traceback."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except LatentforgeError as error:
+            return _ItemError(str(error))
+
+
+def _collate_carrying(collate_fn: Callable[[list[Any]], Any] | None) -> Callable[[list[Any]], Any]:
+    def collate(items: list[Any]) -> Any:
+        errors = [item for item in items if isinstance(item, _ItemError)]
+        return errors[0] if errors else (collate_fn or default_collate)(items)
+
+    return collate
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -159,29 +200,28 @@ def train(task: TrainingTask, config: RunConfig) -> Path:
         distributed.teardown(info)
 
 
+@dataclasses.dataclass
+class _Progress:
+    """Where a run stands: everything a checkpoint adds to the weights, optimizer and EMA."""
+
+    step: int = 0
+    nan_streak: int = 0
+    elapsed: float = 0.0  # seconds of training before this process started
+
+
+@dataclasses.dataclass
+class _StepResult:
+    lr: float
+    stats: dict[str, float]  # "loss" and the task's metrics, averaged over micro-batches and processes
+    grad_norm: float
+    finite: bool
+
+
 def _train(task: TrainingTask, config: RunConfig, info: distributed.DistInfo) -> Path:
     run_dir, device, main = Path(config.run_dir), info.device, info.is_main
-    world_size, accum = info.world_size, config.grad_accum
-    if config.batch_size % (world_size * accum):
-        raise ValueError(
-            f"batch_size = {config.batch_size} must be divisible by processes x grad_accum "
-            f"= {world_size} x {accum}"
-        )
-
-    # Run directory, without any half-written checkpoint of a killed process.
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        checkpointing.remove_temp_files(run_dir)
-    distributed.barrier()
-
-    # Seeds and determinism (every process builds the same initial weights; DDP also broadcasts rank 0's).
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed % 2**32)
-    random.seed(config.seed)
-    if config.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+    _check_batch_layout(config, info.world_size)
+    _prepare_run_dir(run_dir, main, config.restart)
+    _seed_everything(config)
 
     # Model, optimizer, EMA (kept on rank 0 only: after each step the weights agree on every rank).
     model = task.trainable().to(device).train()
@@ -192,141 +232,290 @@ def _train(task: TrainingTask, config: RunConfig, info: distributed.DistInfo) ->
     dataset = task.dataset("train")
     dataset_size = len(dataset)  # type: ignore[arg-type]
 
-    # Resume from the newest checkpoint that loads; rank 0 picks it, every process reads it.
-    step, nan_streak, elapsed = 0, 0, 0.0
-    latest = checkpointing.find_latest(run_dir) if main else None
-    resume_path = distributed.broadcast_object(str(latest[0]) if latest else None)
-    if resume_path is not None:
-        state = latest[1] if latest else checkpointing.load_checkpoint(resume_path)
-        if config.mixed_precision == "auto":  # continue with the precision the run started with
-            config = dataclasses.replace(config, mixed_precision=state["exactness"]["mixed_precision"])
-        checkpointing.check_resumable(state, config, world_size, dataset_size, Path(resume_path))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        checkpointing.set_rng_state(state["rng"])
-        step, nan_streak, elapsed = state["step"], state["nan_streak"], state["elapsed"]
-        del state, latest
-        if main:
-            print(f"resuming from {resume_path} at step {step}")
-    precision = resolve_mixed_precision(config.mixed_precision, device)
-    config = dataclasses.replace(config, mixed_precision=precision)
-    if main:
-        save_config(config, run_dir / "config.toml")  # after the resume check, which may refuse it
+    progress, config = _resume(run_dir, config, info, model, optimizer, ema, dataset_size)
+    config = dataclasses.replace(
+        config, mixed_precision=resolve_mixed_precision(config.mixed_precision, device)
+    )
+    if main:  # after the resume check, which may refuse it; a restart is done once, so not written
+        save_config(dataclasses.replace(config, restart=False), run_dir / "config.toml")
 
     ddp_model = model
-    if world_size > 1:
+    if info.world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
         ddp_model = DistributedDataParallel(model, device_ids=device_ids)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16")
     batches = micro_batches(
-        dataset, config, info.rank, world_size, step, getattr(task, "collate", None), device.type == "cuda"
+        dataset,
+        config,
+        info.rank,
+        info.world_size,
+        progress.step,
+        getattr(task, "collate", None),
+        device.type == "cuda",
     )
-    tensorboard_dir = run_dir / "tensorboard" if config.tensorboard else None
-    log = CSVLog(run_dir / "log.csv", step, tensorboard_dir, enabled=main)
-    bar = progress_bar(config.max_steps, step, main)
-    window: dict[str, float] = {}
-    window_steps, started = 0, time.perf_counter() - elapsed
+    log = _RunLog(run_dir, config, progress.step, main)
+    started = time.perf_counter() - progress.elapsed
 
-    while step < config.max_steps:
-        lr = lr_at(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    while progress.step < config.max_steps:
+        result = _train_step(
+            task, config, info, ddp_model, model, optimizer, ema, autocast, next(batches), progress.step
+        )
+        progress.nan_streak = 0 if result.finite else progress.nan_streak + 1
+        progress.step += 1
+        progress.elapsed = time.perf_counter() - started
+        step, done = progress.step, progress.step == config.max_steps
+        row = log.step_row(step, result, progress.elapsed)
+        if progress.nan_streak >= config.max_nan_steps:
+            log.diverged(step, row, progress.elapsed)
+            raise TrainingDiverged(_divergence_message(progress, result, config))
 
-        # Forward and backward over this rank's micro-batches; DDP syncs gradients on the last one.
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        metric_sums: dict[str, float] = {}
-        for a, batch in enumerate(next(batches)):
-            generator = seed_micro_batch(config.seed, step, info.rank * accum + a)
-            sync = world_size == 1 or a == accum - 1
-            with contextlib.nullcontext() if sync else ddp_model.no_sync():  # type: ignore[operator]
-                with autocast:
-                    loss, metrics = task.loss(ddp_model, to_device(batch, device), generator)
-                (loss.float() / accum).backward()
-            loss_sum += loss.detach().double()
-            for key, value in metrics.items():
-                metric_sums[key] = metric_sums.get(key, 0.0) + float(value) / accum
-        stats = distributed.mean_metrics({**metric_sums, "loss": loss_sum.item() / accum}, device)
-
-        # Update, unless the loss or the gradient is not finite (then the step is skipped and counted).
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf).item()
-        finite = math.isfinite(stats["loss"]) and math.isfinite(grad_norm)
-        if finite:
-            optimizer.step()
-            if ema is not None:
-                ema.update(model, step)
-            nan_streak = 0
-        else:
-            nan_streak += 1
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        done = step == config.max_steps
-
-        # Log (rank 0): the mean over the steps since the last row; a skipped step gets its own row.
-        seconds = time.perf_counter() - started
-        bar.set_postfix(loss=f"{stats['loss']:.4g}", lr=f"{lr:.3g}", refresh=False)
-        bar.update(1)
-        row: dict[str, float] = {}
-        if finite:
-            for key, value in {"loss": stats["loss"], "grad_norm": grad_norm, **stats}.items():
-                window[key] = window.get(key, 0.0) + value
-            window_steps += 1
-        else:
-            row = {"loss": stats["loss"], "lr": lr, "grad_norm": grad_norm, "skipped": 1.0, **stats}
-            if main:
-                bar.write(f"step {step}: loss {stats['loss']}, grad norm {grad_norm}: not finite, skipped")
-        if finite and (step % config.log_every == 0 or done):
-            row = {k: v / window_steps for k, v in window.items()} | {"lr": lr, "skipped": 0.0}
-            if main and bar.disable:
-                print(f"step {step}/{config.max_steps}: loss {row['loss']:.4g}, lr {lr:.3g}, {seconds:.0f}s")
-            window, window_steps = {}, 0
-        if nan_streak >= config.max_nan_steps:
-            log.log(step, row | {"time": seconds})
-            bar.close()
-            raise TrainingDiverged(
-                f"{nan_streak} consecutive steps with a non-finite loss or gradient (step {step}); stopping. "
-                f"The checkpoints in {checkpointing.checkpoint_dir(run_dir)} hold the last good weights: "
-                "lower lr, raise warmup_steps or check the data, then resume or restart."
-            )
-
-        # Checkpoint (rank 0), then evaluate and draw samples from the weights that will be exported.
-        if main and (done or (config.checkpoint_every and step % config.checkpoint_every == 0)):
-            epoch, index = _data_position(step, config, dataset_size)
-            state = {
-                "model": model.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "optimizer": optimizer.state_dict(),
-                "step": step,
-                "data_position": {"epoch": epoch, "index": index},
-                "rng": checkpointing.rng_state(),
-                "nan_streak": nan_streak,
-                "elapsed": seconds,
-                "config_hash": config_hash(config),
-                "exactness": exactness_dict(config),
-                "micro_batches_per_step": world_size * accum,
-                "dataset_size": dataset_size,
-            }
-            checkpointing.save_checkpoint(run_dir, step, state, config.keep_checkpoints)
+        # Evaluate, draw samples and log (rank 0), then checkpoint: what a checkpoint's step produced is
+        # on disk before the checkpoint, so a run killed at any point resumes without a gap in log.csv.
         eval_model = ema.module if ema is not None else model
-        if main and (done or (config.eval_every and step % config.eval_every == 0)):
+        if main and _due(step, config.eval_every, done):
             metrics = _without_grad(eval_model, autocast, task.evaluate)
             row |= {f"eval/{key}": value for key, value in metrics.items()}
-        if main and (done or (config.sample_every and step % config.sample_every == 0)):
+        if main and _due(step, config.sample_every, done):
             image = _without_grad(eval_model, autocast, task.samples)
             if image is not None:
                 save_samples(image, run_dir, step)
-        if row:
-            log.log(step, row | {"time": seconds})
+        log.write(step, row, progress.elapsed)
+        if main and _due(step, config.checkpoint_every, done):
+            state = _checkpoint_state(model, optimizer, ema, progress, config, info, dataset_size)
+            checkpointing.save_checkpoint(run_dir, step, state, config.keep_checkpoints)
 
     # Export the EMA weights if there are any, else the trained weights.
-    bar.close()
     log.close()
     artefact = run_dir / "final.safetensors"
     if main:
         task.export(ema.module if ema is not None else model, artefact)
     distributed.barrier()
     return artefact
+
+
+# ---------------------------------------------------------------------------- set-up and resume
+
+
+def _check_batch_layout(config: RunConfig, world_size: int) -> None:
+    if config.batch_size % (world_size * config.grad_accum):
+        raise ConfigError(
+            f"batch_size = {config.batch_size} must be divisible by processes x grad_accum "
+            f"= {world_size} x {config.grad_accum}"
+        )
+
+
+def _prepare_run_dir(run_dir: Path, main: bool, restart: bool) -> None:
+    """Create the run directory, without any half-written checkpoint of a killed process; for an explicit
+    restart, move the previous run's files aside (nothing is deleted)."""
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpointing.remove_temp_files(run_dir)
+        archive = checkpointing.archive_run(run_dir) if restart else None
+        if archive is not None:
+            print(f"restart: the previous run's checkpoints and log are now in {archive}")
+    distributed.barrier()
+
+
+def _seed_everything(config: RunConfig) -> None:
+    """Seeds and determinism (every process builds the same initial weights; DDP also broadcasts rank 0's)."""
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+    random.seed(config.seed)
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _resume(
+    run_dir: Path,
+    config: RunConfig,
+    info: distributed.DistInfo,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: EMA | None,
+    dataset_size: int,
+) -> tuple[_Progress, RunConfig]:
+    """Load the newest checkpoint that loads into model, optimizer, EMA and RNGs; rank 0 picks it.
+
+    Newer checkpoints that do not load are renamed `*.unloadable` (kept, but out of resume and pruning);
+    when checkpoints exist and none loads, CheckpointsUnloadable stops the run before it starts over.
+    """
+    latest = checkpointing.find_latest(run_dir) if info.is_main else None
+    if latest is not None:
+        for path, problem in latest.unloadable:
+            print(f"not resuming from {path} ({problem}): renamed to {checkpointing.set_aside(path).name}")
+    resume_path = distributed.broadcast_object(str(latest.path) if latest else None)
+    if resume_path is None:
+        return _Progress(), config
+    state = latest.state if latest else checkpointing.load_checkpoint(resume_path)
+    if config.mixed_precision == "auto":  # continue with the precision the run started with
+        config = dataclasses.replace(config, mixed_precision=state["exactness"]["mixed_precision"])
+    checkpointing.check_resumable(state, config, info.world_size, dataset_size, Path(resume_path))
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    checkpointing.set_rng_state(state["rng"])
+    progress = _Progress(state["step"], state["nan_streak"], state["elapsed"])
+    del state, latest
+    if info.is_main:
+        print(f"resuming from {resume_path} at step {progress.step}")
+    return progress, config
+
+
+# ---------------------------------------------------------------------------- one step
+
+
+def _train_step(
+    task: TrainingTask,
+    config: RunConfig,
+    info: distributed.DistInfo,
+    ddp_model: nn.Module,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: EMA | None,
+    autocast: torch.autocast,
+    micro: list[Any],
+    step: int,
+) -> _StepResult:
+    """Forward and backward over this rank's micro-batches, then update unless the loss or gradient is
+    not finite (the step is then skipped; the caller counts it)."""
+    lr = lr_at(step, config)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+    # DDP syncs gradients on the last micro-batch only.
+    accum, device = config.grad_accum, info.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    metric_sums: dict[str, float] = {}
+    for a, batch in enumerate(micro):
+        generator = seed_micro_batch(config.seed, step, info.rank * accum + a)
+        sync = info.world_size == 1 or a == accum - 1
+        with contextlib.nullcontext() if sync else ddp_model.no_sync():  # type: ignore[operator]
+            with autocast:
+                loss, metrics = task.loss(ddp_model, to_device(batch, device), generator)
+            (loss.float() / accum).backward()
+        loss_sum += loss.detach().double()
+        for key, value in metrics.items():
+            metric_sums[key] = metric_sums.get(key, 0.0) + float(value) / accum
+    stats = distributed.mean_metrics({**metric_sums, "loss": loss_sum.item() / accum}, device)
+
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf).item()
+    finite = math.isfinite(stats["loss"]) and math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
+        if ema is not None:
+            ema.update(model, step)
+    optimizer.zero_grad(set_to_none=True)
+    return _StepResult(lr, stats, grad_norm, finite)
+
+
+class _RunLog:
+    """log.csv rows (rank 0) and the progress bar: a row is the mean over the steps since the last row;
+    a skipped step gets its own row."""
+
+    def __init__(self, run_dir: Path, config: RunConfig, step: int, main: bool) -> None:
+        tensorboard_dir = run_dir / "tensorboard" if config.tensorboard else None
+        self.csv = CSVLog(run_dir / "log.csv", step, tensorboard_dir, enabled=main)
+        self.bar = progress_bar(config.max_steps, step, main)
+        self.config, self.main = config, main
+        self.window: dict[str, float] = {}
+        self.window_steps = 0
+
+    def step_row(self, step: int, result: _StepResult, seconds: float) -> dict[str, float]:
+        """Fold one step into the window; the row to log now ({} when none is due)."""
+        stats, lr, grad_norm = result.stats, result.lr, result.grad_norm
+        self.bar.set_postfix(loss=f"{stats['loss']:.4g}", lr=f"{lr:.3g}", refresh=False)
+        self.bar.update(1)
+        if not result.finite:
+            if self.main:
+                self.bar.write(
+                    f"step {step}: loss {stats['loss']}, grad norm {grad_norm}: not finite, skipped"
+                )
+            return {"loss": stats["loss"], "lr": lr, "grad_norm": grad_norm, "skipped": 1.0, **stats}
+        for key, value in {"loss": stats["loss"], "grad_norm": grad_norm, **stats}.items():
+            self.window[key] = self.window.get(key, 0.0) + value
+        self.window_steps += 1
+        if step % self.config.log_every and step != self.config.max_steps:
+            return {}
+        row = {k: v / self.window_steps for k, v in self.window.items()} | {"lr": lr, "skipped": 0.0}
+        if self.main and self.bar.disable:
+            print(f"step {step}/{self.config.max_steps}: loss {row['loss']:.4g}, lr {lr:.3g}, {seconds:.0f}s")
+        self.window, self.window_steps = {}, 0
+        return row
+
+    def write(self, step: int, row: dict[str, float], seconds: float) -> None:
+        if row:
+            self.csv.log(step, row | {"time": seconds})
+
+    def diverged(self, step: int, row: dict[str, float], seconds: float) -> None:
+        self.csv.log(step, row | {"time": seconds})
+        self.bar.close()
+
+    def close(self) -> None:
+        self.bar.close()
+        self.csv.close()
+
+
+def _divergence_message(progress: _Progress, result: _StepResult, config: RunConfig) -> str:
+    """One line: where the run diverged, the likely cause, and where the last good weights are."""
+    first = progress.step - progress.nan_streak + 1
+    loss_finite = math.isfinite(result.stats["loss"])
+    if progress.step == progress.nan_streak:
+        cause = (
+            "the loss was never finite, so the data (NaN/Inf pixels or latents), the initial weights or the "
+            "loss itself, not the learning rate"
+        )
+    elif loss_finite:
+        cause = "exploding gradients: set grad_clip (e.g. 1.0) and lower lr"
+    else:
+        cause = f"a learning rate too high for this model: lower lr (now {config.lr:g}) or raise warmup_steps"
+        if config.mixed_precision == "bf16":
+            cause += ', or train with mixed_precision = "no"'
+    what = "gradient norm" if loss_finite else "loss"
+    return (
+        f"training diverged: the {what} was not finite at steps {first}-{progress.step} "
+        f"({progress.nan_streak} in a row, max_nan_steps = {config.max_nan_steps}); likely cause: {cause}. "
+        f"The checkpoints in {checkpointing.checkpoint_dir(config.run_dir)} stay intact; an exact resume "
+        "would diverge again, so change the config and start over with --restart (restart=true) or a new "
+        "run_dir"
+    )
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def _due(step: int, every: int, done: bool) -> bool:
+    """Whether an every-N-steps action runs after `step` (0 = only at the end)."""
+    return done or bool(every and step % every == 0)
+
+
+def _checkpoint_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: EMA | None,
+    progress: _Progress,
+    config: RunConfig,
+    info: distributed.DistInfo,
+    dataset_size: int,
+) -> dict[str, Any]:
+    """Everything an exact resume needs, as tensors and plain types (loadable with weights_only)."""
+    epoch, index = _data_position(progress.step, config, dataset_size)
+    return {
+        "model": model.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "step": progress.step,
+        "data_position": {"epoch": epoch, "index": index},
+        "rng": checkpointing.rng_state(),
+        "nan_streak": progress.nan_streak,
+        "elapsed": progress.elapsed,
+        "config_hash": config_hash(config),
+        "exactness": exactness_dict(config),
+        "micro_batches_per_step": info.world_size * config.grad_accum,
+        "dataset_size": dataset_size,
+    }
 
 
 def _data_position(step: int, config: RunConfig, dataset_size: int) -> tuple[int, int]:
@@ -357,13 +546,20 @@ def run_training(
     `tasks` defaults to `latentforge.training.tasks.TASKS` (task name -> factory taking the RunConfig).
     """
     config = load_config(config_path, list(overrides))
+    overridden = {o.partition("=")[0].strip() for o in overrides}
     if config.task and config.task != task_name:
-        raise ValueError(f"the config is for task {config.task!r} but {task_name!r} was asked for")
+        source = config_source(config_path, overridden, "task")
+        raise ConfigError(f"task = {config.task!r}, but {task_name!r} was asked for", source)
     config.task = task_name
     if tasks is None:
         from latentforge.training.tasks import TASKS  # lazy: the tasks import the big models
 
         tasks = TASKS
     if task_name not in tasks:
-        raise ValueError(f"unknown task {task_name!r}; known tasks: {', '.join(sorted(tasks))}")
-    return train(tasks[task_name](config), config)
+        raise ConfigError(f"unknown task {task_name!r}; known tasks: {', '.join(sorted(tasks))}")
+    try:
+        return train(tasks[task_name](config), config)
+    except ConfigError as error:  # task_options problems: name the file or the override they came from
+        if error.path is not None:
+            raise
+        raise ConfigError(str(error), config_source(config_path, overridden, str(error))) from None

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -41,8 +41,9 @@ from latentforge.models.clip import (
     preprocess_images,
 )
 from latentforge.models.tokenizer import CLIPTokenizer
-from latentforge.training.config import RunConfig
+from latentforge.training.config import AT_LEAST_ONE, Range, RunConfig
 from latentforge.training.tasks.common import (
+    ExportDtype,
     ImageData,
     dtype_from_name,
     image_dataset,
@@ -66,7 +67,12 @@ class CLIPTaskOptions(ImageData):
     eval_train_items: int = 256  # also report retrieval and loss on this many training pairs (0 = off)
     retrieval_k: tuple[int, ...] = (1, 5)
     heatmap_items: int = 8
-    export_dtype: str | None = None  # "float16" halves the files; default: as trained
+    export_dtype: ExportDtype | None = None  # "float16" halves the files; default: as trained
+
+    RANGES: ClassVar[dict[str, Range]] = ImageData.RANGES | {
+        "eval_batch_size": AT_LEAST_ONE,
+        "retrieval_k": AT_LEAST_ONE,
+    }
 
 
 class CLIPTrainer(nn.Module):

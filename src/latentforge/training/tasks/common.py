@@ -6,10 +6,11 @@ import dataclasses
 import math
 import types
 import typing
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -19,36 +20,78 @@ from torch.utils.data import Dataset, Subset
 
 from latentforge.data.image_folder import ImageFolderDataset
 from latentforge.data.images import image_to_tensor
+from latentforge.data.preflight import DatasetError, PreflightReport
+from latentforge.errors import ConfigError
 from latentforge.models.configs import TextEncoderConfig, UNetConfig, VAEConfig, config_from_dict
+from latentforge.training.config import AT_LEAST_ONE, Range, check_ranges
 
 OptionsT = TypeVar("OptionsT")
+ExportDtype = Literal["float32", "float16", "bfloat16"]
 _CONFIG_TYPES = (VAEConfig, UNetConfig, TextEncoderConfig)
 
 
 def parse_options(cls: type[OptionsT], options: Mapping[str, Any], what: str) -> OptionsT:
-    """Build an options dataclass from a TOML table; unknown keys are an error that lists the valid ones.
+    """Build an options dataclass from a TOML table, checking keys, types and ranges (`cls.RANGES`).
 
-    Fields typed as a model config (VAEConfig ...) take a table of that config's fields.
+    Fields typed as a model config (VAEConfig ...) take a table of that config's fields. Every problem is
+    a ConfigError that starts with the key (`task_options.x = ...`) and says what is valid.
     """
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(options) - set(fields))
     if unknown:
-        raise ValueError(f"unknown {what} task_options {unknown}; valid options: {', '.join(sorted(fields))}")
+        raise ConfigError(
+            f"task_options.{unknown[0]}: unknown {what} task option{'s' if len(unknown) > 1 else ''} "
+            f"{unknown}; valid options: {', '.join(sorted(fields))}"
+        )
     hints = typing.get_type_hints(cls)
-    values: dict[str, Any] = {}
-    for name, value in options.items():
-        config_cls = _config_type(hints[name])
-        if config_cls is not None and isinstance(value, Mapping):
-            value = config_from_dict(config_cls, dict(value))
-        elif isinstance(value, list):
-            value = tuple(value)
-        values[name] = value
-    return cls(**values)
+    values = {name: _typed(f"task_options.{name}", value, hints[name]) for name, value in options.items()}
+    parsed = cls(**values)
+    check_ranges(parsed, getattr(cls, "RANGES", {}), "task_options.")
+    return parsed
 
 
-def _config_type(hint: Any) -> type | None:
-    candidates = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    return next((c for c in candidates if c in _CONFIG_TYPES), None)
+def _typed(key: str, value: Any, hint: Any) -> Any:
+    """`value` as the field's type wants it (ints accepted for floats, lists for tuples), else ConfigError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _typed(key, value, arg)
+            except ConfigError as error:
+                errors.append(str(error).split(": expected ", 1)[-1])
+        raise ConfigError(f"{key} = {value!r}: expected {' or '.join(errors)}")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key} = {value!r}: expected one of {', '.join(map(repr, args))}")
+    if hint in _CONFIG_TYPES:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} = {value!r}: expected a table of {hint.__name__} fields")
+        try:
+            return config_from_dict(hint, dict(value))
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{key}: {error}") from None
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} = {value!r}: expected a list")
+        item = args[0] if args else Any
+        typed = [_typed(key, v, item) for v in value]
+        return tuple(typed) if origin is tuple else typed
+    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, str):
+        return value
+    if hint in expected:
+        raise ConfigError(f"{key} = {value!r}: expected {expected[hint]}")
+    return value  # a type without a rule here (Any): the task checks it
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -82,6 +125,16 @@ class ImageData:
     max_train_items: int | None = None  # first N items only (smoke runs)
     max_holdout_items: int | None = 64
     synthetic_items: int = 64  # train items of the synthetic set; holdout gets a quarter
+    # Files that cannot be used (unreadable, no caption) stop the run, naming each, unless this is true:
+    # then they are left out with a warning that lists them and their count.
+    skip_unreadable: bool = False
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "resolution": AT_LEAST_ONE,
+        "max_train_items": AT_LEAST_ONE,
+        "max_holdout_items": AT_LEAST_ONE,
+        "synthetic_items": AT_LEAST_ONE,
+    }
 
 
 COLOURS = {
@@ -172,22 +225,45 @@ def image_dataset(data: ImageData, split: str, seed: int = 0) -> Dataset:
         explicit = data.train_data if split == "train" else data.holdout_data
         root = Path(explicit) if explicit is not None else Path(data.data) / split
         if not root.is_dir():
-            raise FileNotFoundError(
-                f"{split} images folder {root} not found; set `data` to a folder with train/ and holdout/ "
-                f'subfolders, or `{split}_data` to the folder itself, or data = "synthetic"'
-            )
-        dataset = PixelsAndCaption(
-            ImageFolderDataset(
+            raise DatasetError(
                 root,
-                resolution=data.resolution,
-                center_crop=data.center_crop if split == "train" else True,
-                flip=data.flip if split == "train" else False,
-                seed=seed,
+                f"{split} images folder not found; set `data` to a folder with train/ and holdout/ "
+                f'subfolders, or `{split}_data` to the folder itself, or data = "synthetic"',
             )
+        folder = ImageFolderDataset(
+            root,
+            resolution=data.resolution,
+            center_crop=data.center_crop if split == "train" else True,
+            flip=data.flip if split == "train" else False,
+            seed=seed,
+            skip_unreadable=data.skip_unreadable,
         )
+        _check_unusable(folder.report, data.skip_unreadable)
+        dataset = PixelsAndCaption(folder)
     if limit is not None and limit < len(dataset):  # type: ignore[arg-type]
         dataset = Subset(dataset, range(limit))
     return dataset
+
+
+def _check_unusable(report: PreflightReport, skip: bool, show: int = 10) -> None:
+    """Name the files the dataset leaves out: an error (the default), or a warning with skip_unreadable."""
+    unusable = report.unusable
+    if not unusable:
+        return
+    listing = "; ".join(unusable[:show]) + (
+        f"; ... and {len(unusable) - show} more" if len(unusable) > show else ""
+    )
+    if not skip:
+        raise DatasetError(
+            report.root,
+            f"{len(unusable)} of its image files cannot be used ({listing}); fix or remove them, or set "
+            "task_options.skip_unreadable = true to train without them",
+        )
+    warnings.warn(
+        f"{report.root}: training without {len(unusable)} unusable image files "
+        f"({len(report.entries)} used): {listing}",
+        stacklevel=3,
+    )
 
 
 def first_items(dataset: Dataset, count: int) -> list[dict[str, Any]]:
@@ -211,4 +287,6 @@ def dtype_from_name(name: str | None) -> torch.dtype | None:
     try:
         return dtypes[name]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(dtypes)}") from None
+        raise ConfigError(
+            f"task_options.export_dtype = {name!r}: valid values are {', '.join(dtypes)}"
+        ) from None

@@ -13,10 +13,10 @@ the model family so `latentforge.load` and the pipelines use it.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -27,19 +27,20 @@ from torch.utils.data import DataLoader, Dataset
 from latentforge.checkpoints.exports import load_text_encoder, load_vae
 from latentforge.checkpoints.hashing import weights_digest
 from latentforge.checkpoints.single_file import save_single_file
+from latentforge.errors import ConfigError
+from latentforge.model import StableDiffusion
+from latentforge.model import load as load_checkpoint
 from latentforge.models.configs import TextEncoderConfig, UNetConfig, VAEConfig
 from latentforge.models.families import ModelFamily
 from latentforge.models.text_encoder import CLIPTextModel
 from latentforge.models.tokenizer import CLIPTokenizer
 from latentforge.models.unet import UNetModel
 from latentforge.models.vae import AutoencoderKL, DiagonalGaussian
+from latentforge.pipelines.request import GenerationRequest
+from latentforge.pipelines.runner import iter_images
 from latentforge.sampling import schedules
-from latentforge.sampling.denoisers import DiscreteDenoiser
-from latentforge.sampling.guidance import cfg_denoiser
-from latentforge.sampling.k_samplers import sample_euler
-from latentforge.sampling.noise import initial_noise
 from latentforge.training import losses
-from latentforge.training.config import RunConfig
+from latentforge.training.config import AT_LEAST_ONE, FRACTION, POSITIVE, Range, RunConfig
 from latentforge.training.distributed import resolve_device
 from latentforge.training.latent_cache import (
     LatentCache,
@@ -48,12 +49,13 @@ from latentforge.training.latent_cache import (
     cached_or_encode,
     dataset_fingerprint,
 )
+from latentforge.training.logging import image_grid
 from latentforge.training.tasks.common import (
+    ExportDtype,
     ImageData,
     dtype_from_name,
     first_items,
     image_dataset,
-    image_grid,
     model_device,
     parse_options,
     unwrap,
@@ -66,6 +68,10 @@ NUM_TIMESTEPS = 1000  # what the pipelines and the family table assume
 class UNetTaskOptions(ImageData):
     """`task_options` of the U-Net task (all optional); the data fields come from `ImageData`."""
 
+    # Continue training a model: any file `latentforge.load` reads (single file, diffusers folder). Its family
+    # (configs, prediction, schedule, latent scale, size, clip skip) is kept: the options below that describe
+    # a new model (unet ... beta_end, latent_scale) are refused with it unless they agree with the file.
+    init: str | None = None
     unet: UNetConfig | None = None  # table of UNetConfig fields; default: tiny, sized to the VAE and text
     vae: str | None = None  # VAE file (from `train vae`); None: a random frozen VAE (tests, smoke runs)
     vae_config: VAEConfig | None = None  # for a VAE file without our metadata, or the random VAE
@@ -97,7 +103,21 @@ class UNetTaskOptions(ImageData):
     sample_steps: int = 20
     sample_cfg: float = 5.0
     family_name: str = "custom"
-    export_dtype: str | None = None  # "float16" to halve the export; default: float32
+    export_dtype: ExportDtype | None = None  # "float16" to halve the export; default: float32
+
+    RANGES: ClassVar[dict[str, Range]] = ImageData.RANGES | {
+        "clip_skip": AT_LEAST_ONE,
+        "beta_start": Range(0.0, 1.0, low_open=True, high_open=True),
+        "beta_end": Range(0.0, 1.0, low_open=True, high_open=True),
+        "caption_dropout": FRACTION,
+        "min_snr_gamma": POSITIVE,
+        "latent_scale": POSITIVE,
+        "latent_scale_items": Range(2),  # a variance needs two values
+        "encode_batch_size": AT_LEAST_ONE,
+        "eval_timesteps": Range(0, NUM_TIMESTEPS - 1),
+        "eval_batch_size": AT_LEAST_ONE,
+        "sample_steps": AT_LEAST_ONE,
+    }
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -121,58 +141,39 @@ class UNetTask:
         device: str | torch.device = "cpu",
         progress: bool = True,
     ) -> None:
+        explicit = set(options or {}) if not isinstance(options, UNetTaskOptions) else set()
         if not isinstance(options, UNetTaskOptions):
             options = parse_options(UNetTaskOptions, options or {}, "unet")
         self.options, self.seed, self.progress = options, seed, progress
         self.device = torch.device(device)
         torch.manual_seed(seed)
-        if options.vae is not None:
-            vae = load_vae(options.vae, options.vae_config)
+        if options.init is not None:
+            family, vae, text_encoder, unet = _from_checkpoint(options, explicit)
         else:
-            vae = AutoencoderKL(options.vae_config or VAEConfig())
-        if options.text_encoder is not None:
-            text_encoder = load_text_encoder(options.text_encoder, options.text_encoder_config)
-        else:
-            text_encoder = CLIPTextModel(options.text_encoder_config or TextEncoderConfig())
+            vae, text_encoder = _frozen_encoders(options)
+            family = _new_family(options, vae.config, text_encoder.config)
+            unet = UNetModel(family.unet)
+        # Everything the model is (configs, prediction, schedule, latent scale, size, clip skip) is read from
+        # this one family, which is also what `export` writes.
+        self._family = family
+        self._latent_scale_known = options.init is not None or options.latent_scale is not None
         self.vae: AutoencoderKL = _freeze(vae).to(self.device)  # type: ignore[assignment]
         self.text_encoder: CLIPTextModel = _freeze(text_encoder).to(self.device)  # type: ignore[assignment]
         self.tokenizer = CLIPTokenizer.for_config(text_encoder.config)
-        self.unet_config = self._unet_config()
-        self.unet = UNetModel(self.unet_config)
+        self.unet = unet
         self.unet.gradient_checkpointing = options.gradient_checkpointing
-        betas = schedules.betas(options.beta_schedule, NUM_TIMESTEPS, options.beta_start, options.beta_end)
-        self.alphas_cumprod = schedules.alphas_cumprod(betas)  # float64 [1000]
+        self.alphas_cumprod = family_alphas_cumprod(family)  # float64 [1000]
         self._datasets: dict[str, Dataset] = {}
         self._cache_hit: bool | None = None
-        self._latent_scale: float | None = options.latent_scale
         self._holdout: dict[str, torch.Tensor] | None = None
         self._empty: dict[str, torch.Tensor] = {}
 
-    def _unet_config(self) -> UNetConfig:
-        channels, width = self.vae.config.embed_dim, self.text_encoder.config.width
-        config = self.options.unet or UNetConfig(
-            in_channels=channels, out_channels=channels, context_dim=width
-        )
-        wrong = {
-            name: (got, want)
-            for name, got, want in (
-                ("in_channels", config.in_channels, channels),
-                ("out_channels", config.out_channels, channels),
-                ("context_dim", config.context_dim, width),
-            )
-            if got != want
-        }
-        if wrong:
-            detail = ", ".join(
-                f"{n} = {got} but the VAE/text encoder need {want}" for n, (got, want) in wrong.items()
-            )
-            raise ValueError(f"unet config does not fit the frozen encoders: {detail}")
-        multiple = self.vae.config.downsampling_factor * 2 ** (len(config.channel_mult) - 1)
-        if self.options.resolution % multiple:
-            raise ValueError(
-                f"resolution {self.options.resolution} must be a multiple of {multiple} (VAE f x U-Net)"
-            )
-        return config
+    @property
+    def family(self) -> ModelFamily:
+        """The model family trained and exported; its latent scale is measured on first use unless known."""
+        if not self._latent_scale_known:
+            self.dataset("train")  # its first call measures the latent scale
+        return self._family
 
     # ---------------------------------------------------------------------------------------------- encoders
 
@@ -182,7 +183,7 @@ class UNetTask:
     @torch.no_grad()
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, 77] -> frozen text-encoder states [B, 77, width] (with clip skip)."""
-        return self.text_encoder(input_ids.to(self.device), self.options.clip_skip)[0]
+        return self.text_encoder(input_ids.to(self.device), self._family.default_clip_skip)[0]
 
     def _empty_prompt(self, name: str) -> torch.Tensor:
         if not self._empty:
@@ -208,8 +209,8 @@ class UNetTask:
 
     def _build_cache(self, split: str, images: Dataset) -> Dataset:
         if self.options.flip or not self.options.center_crop:
-            raise ValueError(
-                "cache = true needs center_crop = true and flip = false (a cache holds one view)"
+            raise ConfigError(
+                "task_options.cache = true needs center_crop = true and flip = false (a cache holds one view)"
             )
         key = cache_key(
             vae=weights_digest(self.vae),
@@ -218,7 +219,7 @@ class UNetTask:
             split=split,
             sample_posterior=self.options.sample_posterior,
             cache_text=self.options.cache_text,
-            clip_skip=self.options.clip_skip if self.options.cache_text == "hidden" else None,
+            clip_skip=self._family.default_clip_skip if self.options.cache_text == "hidden" else None,
         )
         cache = LatentCache(self.options.cache_dir or _default_cache_dir(), key)
         # Every rank asks for "train" (rank 0 writes, the others then read); only rank 0 evaluates.
@@ -247,8 +248,9 @@ class UNetTask:
         if split not in self._datasets:
             images = image_dataset(self.options, split, seed=self.seed)
             self._datasets[split] = self._build_cache(split, images) if self.options.cache else images
-            if split == "train":
-                _ = self.latent_scale  # measured now, outside the loop's autocast
+            if split == "train" and not self._latent_scale_known:  # now, outside the loop's autocast
+                self._family = replace(self._family, latent_scale=self.measure_latent_scale())
+                self._latent_scale_known = True
         return self._datasets[split]
 
     @property
@@ -280,10 +282,8 @@ class UNetTask:
 
     @property
     def latent_scale(self) -> float:
-        """1 / std of the unscaled training latents (measured on first use unless given)."""
-        if self._latent_scale is None:
-            self._latent_scale = self.measure_latent_scale()
-        return self._latent_scale
+        """The family's latent scale: 1 / std of the unscaled training latents unless given or from init."""
+        return self.family.latent_scale
 
     @torch.no_grad()
     def measure_latent_scale(self) -> float:
@@ -309,8 +309,9 @@ class UNetTask:
             total, total_sq, n = total + float(z.sum()), total_sq + float(z.pow(2).sum()), n + z.numel()
         variance = (total_sq - total**2 / n) / (n - 1)
         if not variance > 0:
-            raise ValueError(
-                "the VAE latents of the training set have zero variance; cannot measure latent_scale"
+            raise ConfigError(
+                "task_options.latent_scale cannot be measured: the VAE latents of the training set have "
+                f"variance {variance} (a constant dataset or a broken VAE); check them or set latent_scale"
             )
         return float(variance**-0.5)
 
@@ -323,12 +324,12 @@ class UNetTask:
         abar = self.alphas_cumprod.to(z0.device)[t]  # [B] float64
         z_t = losses.add_noise(z0, noise, abar)
         pred = model(z_t, t, context)
-        target = losses.diffusion_target(self.options.prediction, z0, noise, abar)
+        target = losses.diffusion_target(self._family.prediction, z0, noise, abar)
         mse = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
         if self.options.min_snr_gamma is None:
             return mse, torch.ones_like(mse)
         weights = losses.min_snr_weights(
-            losses.snr(abar), self.options.min_snr_gamma, self.options.prediction
+            losses.snr(abar), self.options.min_snr_gamma, self._family.prediction
         )
         return mse, weights.to(mse)
 
@@ -387,66 +388,41 @@ class UNetTask:
         )
         return [item["caption"] for item in items]
 
-    @torch.no_grad()
-    def sample_latents(self, unet: nn.Module, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
-        """Euler sampling with CFG, one image per (prompt, seed); unscaled latents [P*S, C, h, w]."""
-        device = model_device(unet)
-        dtype = next(unet.parameters()).dtype
-
-        def network(x_in: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-            return unet(x_in.to(dtype), t.to(dtype), cond["crossattn"].to(dtype)).float()
-
-        denoiser = DiscreteDenoiser(network, self.alphas_cumprod, self.options.prediction)
-        guided = cfg_denoiser(
-            denoiser, {"crossattn": self._empty_prompt("hidden").to(device)}, self.options.sample_cfg
+    def pipeline_model(self, unet: nn.Module) -> StableDiffusion:
+        """The task's frozen encoders and `unet` as the bundle the generation pipelines take."""
+        return StableDiffusion(
+            family=self.family,
+            tokenizer=self.tokenizer,
+            text_encoder=self.text_encoder,
+            vae=self.vae,
+            unet=unwrap(unet),  # type: ignore[arg-type]
+            name=self.family.name,
         )
-        sigmas = schedules.uniform(self.options.sample_steps, denoiser.sigmas).float().to(device)
-        f = self.vae.config.downsampling_factor
-        shape = (self.vae.config.embed_dim, self.options.resolution // f, self.options.resolution // f)
-        out = []
-        for prompt in prompts:
-            context = self.encode_text(self.tokenizer([prompt] * len(seeds))).to(device)
-            x = initial_noise(list(seeds), shape, device=device) * sigmas[0]
-            out.append(sample_euler(guided, x, sigmas, cond={"crossattn": context}))
-        return torch.cat(out) / self.latent_scale
 
     def samples(self, model: nn.Module) -> Image.Image | None:
-        """One row per prompt, one column per seed (Euler, `sample_steps` steps, CFG `sample_cfg`)."""
-        unet = unwrap(model)
+        """One row per prompt, one column per seed, made by the real txt2img pipeline (Euler, `sample_steps`
+        steps, CFG `sample_cfg`, the family's size), so the grid shows what users of the export will get."""
         prompts = self._prompts()
         if not prompts:
             return None
+        unet = unwrap(model)
         was_training = unet.training
         unet.eval()
-        latents = self.sample_latents(unet, prompts, self.options.sample_seeds)
-        unet.train(was_training)
-        with torch.no_grad():
-            vae_dtype = next(self.vae.parameters()).dtype
-            pixels = self.vae.decode(latents.to(self.device, vae_dtype)).float().cpu()
-        seeds = len(self.options.sample_seeds)
-        return image_grid([pixels[i : i + seeds] for i in range(0, len(pixels), seeds)])
+        seeds = list(self.options.sample_seeds)
+        request = GenerationRequest(
+            steps=self.options.sample_steps,
+            sampler="Euler",
+            cfg_scale=self.options.sample_cfg,
+            batch_size=len(seeds),
+            prompt_seeds=tuple((p, s) for p in prompts for s in seeds),
+        )
+        try:
+            images = preview_images(self.pipeline_model(unet), request)
+        finally:
+            unet.train(was_training)
+        return image_grid(images, columns=len(seeds))
 
     # ---------------------------------------------------------------------------------------------- export
-
-    def family(self) -> ModelFamily:
-        """The exported model's family: our three configs, prediction, betas and the measured latent scale."""
-        text_config = replace(
-            self.text_encoder.config, projection_dim=None
-        )  # the U-Net never reads the pooled output
-        return ModelFamily(
-            name=self.options.family_name,
-            unet=self.unet_config,
-            vae=self.vae.config,
-            text_encoder=text_config,
-            prediction=self.options.prediction,
-            latent_scale=self.latent_scale,
-            text_layout="hf",
-            default_size=self.options.resolution,
-            default_clip_skip=self.options.clip_skip,
-            beta_start=self.options.beta_start,
-            beta_end=self.options.beta_end,
-            beta_schedule=self.options.beta_schedule,
-        )
 
     def export(self, model: nn.Module, path: Path) -> None:
         """One original-layout single file (U-Net, VAE, text encoder) with the family in its metadata."""
@@ -458,9 +434,110 @@ class UNetTask:
             unwrap(model).state_dict(),
             self.vae.state_dict(),
             text_sd,
-            self.family(),
+            self.family,
             dtype=dtype_from_name(self.options.export_dtype),
         )
+
+
+def preview_images(model: StableDiffusion, request: GenerationRequest) -> list[Image.Image]:
+    """The task's one call into the generation API: txt2img of each (prompt, seed) pair."""
+    return [result.image for result in iter_images(model, request, progress=False)]
+
+
+def family_alphas_cumprod(family: ModelFamily) -> torch.Tensor:
+    """abar_t [1000] (float64) of the family's beta schedule, as the pipelines compute it."""
+    betas = schedules.betas(family.beta_schedule, NUM_TIMESTEPS, family.beta_start, family.beta_end)
+    return schedules.alphas_cumprod(betas)
+
+
+def _frozen_encoders(options: UNetTaskOptions) -> tuple[AutoencoderKL, CLIPTextModel]:
+    """The VAE and text encoder from their files, or random ones of the given (or tiny) configs."""
+    if options.vae is not None:
+        vae = load_vae(options.vae, options.vae_config)
+    else:
+        vae = AutoencoderKL(options.vae_config or VAEConfig())
+    if options.text_encoder is not None:
+        text_encoder = load_text_encoder(options.text_encoder, options.text_encoder_config)
+    else:
+        text_encoder = CLIPTextModel(options.text_encoder_config or TextEncoderConfig())
+    return vae, text_encoder
+
+
+def _new_family(options: UNetTaskOptions, vae: VAEConfig, text: TextEncoderConfig) -> ModelFamily:
+    """The family of a U-Net trained from scratch on these encoders (latent scale 1 until measured)."""
+    channels, width = vae.embed_dim, text.width
+    unet = options.unet or UNetConfig(in_channels=channels, out_channels=channels, context_dim=width)
+    wrong = [
+        f"{name} = {got} but the VAE/text encoder need {want}"
+        for name, got, want in (
+            ("in_channels", unet.in_channels, channels),
+            ("out_channels", unet.out_channels, channels),
+            ("context_dim", unet.context_dim, width),
+        )
+        if got != want
+    ]
+    if wrong:
+        raise ConfigError(f"task_options.unet does not fit the frozen encoders: {', '.join(wrong)}")
+    _check_resolution(options.resolution, vae, unet)
+    return ModelFamily(
+        name=options.family_name,
+        unet=unet,
+        vae=vae,
+        text_encoder=replace(text, projection_dim=None),  # the U-Net never reads the pooled output
+        prediction=options.prediction,
+        latent_scale=options.latent_scale or 1.0,
+        text_layout="hf",
+        default_size=options.resolution,
+        default_clip_skip=options.clip_skip,
+        beta_start=options.beta_start,
+        beta_end=options.beta_end,
+        beta_schedule=options.beta_schedule,
+    )
+
+
+def _check_resolution(resolution: int, vae: VAEConfig, unet: UNetConfig) -> None:
+    multiple = vae.downsampling_factor * 2 ** (len(unet.channel_mult) - 1)
+    if resolution % multiple:
+        raise ConfigError(
+            f"task_options.resolution = {resolution} is not a multiple of {multiple} "
+            "(the VAE's factor x the U-Net's downsampling)"
+        )
+
+
+def _from_checkpoint(
+    options: UNetTaskOptions, explicit: set[str]
+) -> tuple[ModelFamily, AutoencoderKL, CLIPTextModel, UNetModel]:
+    """Family and weights of `options.init` (any file `latentforge.load` reads), fp32 on the CPU.
+
+    Options that would describe another model are refused rather than ignored; `family_name` renames.
+    """
+    new_model = [name for name in ("unet", "vae", "vae_config", "text_encoder", "text_encoder_config")]
+    given = [name for name in new_model if getattr(options, name) is not None]
+    if given:
+        raise ConfigError(
+            f"task_options.init = {options.init!r} brings its own U-Net, VAE and text encoder, so "
+            f"task_options {', '.join(given)} cannot be set with it; remove them"
+        )
+    model = load_checkpoint(options.init, dtype=torch.float32, compute_hash=False)  # type: ignore[arg-type]
+    family = model.family
+    kept = {
+        "prediction": family.prediction,
+        "beta_schedule": family.beta_schedule,
+        "beta_start": family.beta_start,
+        "beta_end": family.beta_end,
+        "clip_skip": family.default_clip_skip,
+        "latent_scale": family.latent_scale,
+    }
+    for name, value in kept.items():
+        if name in explicit and getattr(options, name) != value:
+            raise ConfigError(
+                f"task_options.{name} = {getattr(options, name)!r} differs from the {value!r} of "
+                f"task_options.init = {options.init!r}, whose model family is kept; remove it"
+            )
+    if "family_name" in explicit:
+        family = replace(family, name=options.family_name)
+    _check_resolution(options.resolution, family.vae, family.unet)
+    return family, model.vae, model.text_encoder, model.unet
 
 
 def make_unet_task(config: RunConfig) -> UNetTask:

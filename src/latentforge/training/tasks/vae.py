@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from PIL import Image
@@ -26,11 +26,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from latentforge.checkpoints.exports import load_vae, save_vae
+from latentforge.errors import ConfigError
 from latentforge.models.configs import VAEConfig
 from latentforge.models.vae import AutoencoderKL
 from latentforge.training import losses
-from latentforge.training.config import RunConfig
+from latentforge.training.config import AT_LEAST_ONE, Range, RunConfig
 from latentforge.training.tasks.common import (
+    ExportDtype,
     ImageData,
     dtype_from_name,
     first_items,
@@ -63,7 +65,13 @@ class VAETaskOptions(ImageData):
     eval_batch_size: int = 16
     sample_images: int = 8
     rfid_inception: str | None = None  # FID Inception weights file: adds rFID to evaluate()
-    export_dtype: str | None = None  # "float16"/"bfloat16" to shrink the export; default: as trained
+    export_dtype: ExportDtype | None = None  # "float16"/"bfloat16" to shrink the export; default: as trained
+
+    RANGES: ClassVar[dict[str, Range]] = ImageData.RANGES | {
+        "disc_layers": AT_LEAST_ONE,
+        "disc_width": AT_LEAST_ONE,
+        "eval_batch_size": AT_LEAST_ONE,
+    }
 
 
 class AutoencoderTrainer(nn.Module):
@@ -102,16 +110,18 @@ class VAETask:
         self.options, self.seed, self.grad_accum = options, seed, grad_accum
         torch.manual_seed(seed)
         if options.frozen_encoder and not options.init:
-            raise ValueError(
-                "frozen_encoder = true fine-tunes a trained decoder: give its VAE as task option init"
+            raise ConfigError(
+                "task_options.frozen_encoder = true fine-tunes a trained decoder: give its VAE as "
+                "task_options.init"
             )
         vae = (
             load_vae(options.init, options.vae) if options.init else AutoencoderKL(options.vae or VAEConfig())
         )
         factor = vae.config.downsampling_factor
         if options.resolution % factor:
-            raise ValueError(
-                f"resolution {options.resolution} is not a multiple of the VAE's factor f={factor}"
+            raise ConfigError(
+                f"task_options.resolution = {options.resolution} is not a multiple of the VAE's factor "
+                f"f = {factor}"
             )
         discriminator = None
         if options.gan:

@@ -1,17 +1,21 @@
-"""Prompts -> a guided denoiser: per-step text conditioning (prompt editing) plus classifier-free guidance."""
+"""Prompts -> the guided denoiser a sampler runs: per-step text conditioning plus classifier-free guidance.
+
+Per-step conditioning (A1111's prompt editing, `[a:b:0.5]`) has one channel: the conditioning in force at
+a sigma is the schedule entry of the step that sigma belongs to (`step_of`), so every evaluation a
+sampler makes, including Heun's and DPM2's intermediate ones, sees the prompt of its step.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from latentforge.model import StableDiffusion
 from latentforge.prompts.conditioning import conditioning_at_step, encode_prompts, scheduled_conditioning
+from latentforge.sampling.common import ConditionedDenoiser, Denoiser
 from latentforge.sampling.guidance import CFGDenoiser
-
-Denoiser = Callable[[torch.Tensor, Any, Any], torch.Tensor]
 
 
 def step_of(sigma: torch.Tensor | float, sigmas: torch.Tensor) -> int:
@@ -47,7 +51,7 @@ class PromptConditioner:
 
     def denoiser(
         self,
-        base: Denoiser,
+        base: ConditionedDenoiser,
         prompts: list[str],
         negative_prompts: list[str],
         sigmas: torch.Tensor,
@@ -55,7 +59,7 @@ class PromptConditioner:
         rescale: float = 0.0,
         extra: Mapping[str, torch.Tensor] | None = None,
     ) -> Denoiser:
-        """`denoise(x, sigma, cond)`: the prompts' conditioning at each step, CFG against the negatives.
+        """`denoise(x, sigma)`: the prompts' conditioning at each step, CFG against the negatives.
 
         `extra` holds conditioning shared by cond and uncond (e.g. the inpainting `concat` channels).
         """
@@ -67,7 +71,7 @@ class PromptConditioner:
         sigmas = sigmas.detach().float().cpu()
         extra = dict(extra or {})
 
-        def guided(x: torch.Tensor, sigma: Any, cond: Any = None) -> torch.Tensor:
+        def guided(x: torch.Tensor, sigma: Any) -> torch.Tensor:
             step = step_of(sigma, sigmas)
             c = conditioning_at_step(cond_schedules, step)
             if uncond_schedules is None:

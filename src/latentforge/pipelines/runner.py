@@ -1,0 +1,111 @@
+"""The one runner: a `GenerationRequest` in, images out, batch by batch.
+
+    resolve (validate, defaults, seeds, sampler lookup)
+    -> latent source: none (txt2img), the init images (img2img), or the masked init (inpaint/outpaint)
+    -> per batch: sample_latents -> [hires: upscale -> sample_latents again] -> decode -> [paste back]
+
+CLI, Python API, evaluation and the server only build requests; a list is `run`, i.e. `list(iter_images)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+
+from PIL import Image
+
+from latentforge.errors import ParameterError
+from latentforge.model import StableDiffusion
+from latentforge.pipelines.generate import (
+    GeneratedImage,
+    LatentSource,
+    Progress,
+    StepCallback,
+    decode_results,
+    img2img_steps,
+    sample_latents,
+)
+from latentforge.pipelines.hires import hires_pass
+from latentforge.pipelines.images import encode_images, pil_to_tensor
+from latentforge.pipelines.inpaint import Overlay, inpaint_source
+from latentforge.pipelines.request import GenerationRequest, ResolvedRequest, resolve
+
+
+def init_source(model: StableDiffusion, request: GenerationRequest) -> LatentSource:
+    """img2img: the init images resized to the generation size and encoded (one for all, or one per image)."""
+    assert request.init is not None
+    size = (request.width, request.height)
+    images = [
+        im if im.size == size else im.resize(size, Image.Resampling.LANCZOS) for im in request.init.images
+    ]
+    tiled = (
+        request.tiled_vae if request.tiled_vae is not None else size[0] * size[1] > request.tiled_vae_pixels
+    )
+    return LatentSource(encode_images(model, pil_to_tensor(images), tiled=tiled))
+
+
+def _source(model: StableDiffusion, resolved: ResolvedRequest) -> tuple[LatentSource | None, Overlay | None]:
+    r = resolved.request
+    if r.init is None:
+        return None, None
+    count = len(r.init.images)
+    if count == 0:
+        raise ParameterError(f"this is an {r.mode} request: give the init image it starts from")
+    if r.inpaint is not None:
+        if count != 1:
+            raise ParameterError(f"inpainting takes one init image, not {count}")
+        if r.inpaint.mask is None and r.inpaint.outpaint is None:
+            raise ParameterError("this is an inpaint request: give the mask (white = repaint)")
+        return inpaint_source(model, r)
+    if count not in (1, r.batch_size):
+        raise ParameterError(f"give 1 or batch size ({r.batch_size}) init images, not {count}")
+    return init_source(model, r), None
+
+
+def iter_images(
+    model: StableDiffusion,
+    request: GenerationRequest,
+    *,
+    callback: StepCallback | None = None,
+    progress: bool = True,
+) -> Iterator[GeneratedImage]:
+    """Generate what the request asks for, yielding each image as soon as its batch is decoded.
+
+    `callback(StepInfo)` sees every sampling step; returning True stops after the current batch (an
+    interrupted hires run keeps its first-pass images, as A1111 does).
+    """
+    resolved = resolve(request, model)
+    r = resolved.request
+    source, overlay = _source(model, resolved)
+    strength = r.init.denoising_strength if r.init is not None else 1.0
+    first_steps = r.steps if source is None else img2img_steps(r.steps, strength)[1]
+    second_steps = resolved.second.steps if resolved.second is not None else 0
+    bar = Progress(len(resolved.batches) * (first_steps + second_steps), callback, progress)
+    try:
+        for batch in resolved.batches:
+            latents = sample_latents(
+                model, r, resolved.first, batch, source=source, strength=strength, callback=bar
+            )
+            described = r
+            if resolved.second is not None:
+                if bar.stopped:
+                    described = replace(r, hires=None)
+                else:
+                    latents = hires_pass(model, resolved, batch, latents, callback=bar)
+            for result in decode_results(model, resolved, batch, latents, request=described):
+                yield result if overlay is None else replace(result, image=overlay.apply(result.image))
+            if bar.stopped:
+                break
+    finally:
+        bar.close()
+
+
+def run(
+    model: StableDiffusion,
+    request: GenerationRequest,
+    *,
+    callback: StepCallback | None = None,
+    progress: bool = True,
+) -> list[GeneratedImage]:
+    """All images of a request (`list(iter_images(...))`)."""
+    return list(iter_images(model, request, callback=callback, progress=progress))
