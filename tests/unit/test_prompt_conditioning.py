@@ -265,3 +265,22 @@ def test_real_tokenizer_comma_backtrack() -> None:
 def prompt_ids_real(chunk: Chunk) -> list[int]:
     tokens = list(chunk.tokens)
     return tokens[1 : tokens.index(49407)]
+
+
+class ZeroMeanEncoder(StandInEncoder):
+    """Hidden states whose mean is exactly 0, as a fresh LayerNorm (unit weight, zero bias) gives."""
+
+    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = torch.zeros(input_ids.shape[0], 77, 8)
+        hidden[:, :, 0], hidden[:, :, 1] = 1.0, -1.0
+        return hidden, hidden[:, 0]
+
+
+def test_a_chunk_of_zero_mean_keeps_its_scale_instead_of_becoming_nan() -> None:
+    tokenizer, encoder = WordTokenizer(), ZeroMeanEncoder()
+    for prompt in ("0 1 2", "0 (1:1.5) 2"):
+        cond = encode_prompts(encoder, tokenizer, [prompt])[0]
+        assert torch.isfinite(cond).all()  # A1111's mean restoration divides 0 by 0 here
+    torch.testing.assert_close(
+        encode_prompts(encoder, tokenizer, ["0 1 2"])[0], encoder(torch.zeros(1, 77))[0][0]
+    )

@@ -117,7 +117,10 @@ def encode_chunks(text_encoder: nn.Module, chunks: Sequence[Chunk], *, clip_skip
     original_mean = z.mean(dim=(1, 2), keepdim=True)
     z = z * weights[..., None]
     # A1111 restores the mean ("likely not correct, but it seems to work well to prevent artifacts").
-    z = z * (original_mean / z.mean(dim=(1, 2), keepdim=True))
+    # A chunk whose mean is exactly 0 (a LayerNorm output with unit affine: fresh text encoders) keeps
+    # its scale; A1111's 0/0 would make the whole prompt NaN.
+    new_mean = z.mean(dim=(1, 2), keepdim=True)
+    z = z * torch.where(new_mean == 0, torch.ones_like(new_mean), original_mean / new_mean)
     return z.to(hidden.dtype)
 
 

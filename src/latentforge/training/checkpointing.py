@@ -11,6 +11,7 @@ import os
 import random
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,10 @@ from latentforge.training.config import RunConfig, exactness_dict
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 
 
-def _describe(error: Exception) -> str:
+def _describe(path: Path, error: Exception) -> str:
     """One line for a load failure: torch's messages run to a dozen lines of advice on weights_only."""
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is damaged
+        return f"not a whole torch.save archive (damaged or truncated: {path.stat().st_size} bytes)"
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
@@ -125,7 +128,7 @@ def _load_problem(path: Path, step: int | None = None, state: dict[str, Any] | N
         if state is None:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # any failure of a damaged file (zip, pickle, storage) is reported, not raised
-        return _describe(error)
+        return _describe(path, error)
     if not isinstance(state, dict):
         return f"holds a {type(state).__name__}, not a training checkpoint"
     missing = [key for key in REQUIRED_KEYS if key not in state]
@@ -153,7 +156,7 @@ def find_latest(run_dir: str | os.PathLike) -> ResumePoint | None:
         try:
             state = load_checkpoint(path)
         except Exception as error:  # a damaged file: fall back to the previous checkpoint
-            problem = _describe(error)
+            problem = _describe(path, error)
         else:
             found = _load_problem(path, step, state)
             if found is None:

@@ -461,6 +461,7 @@ class _RunLog:
 def _divergence_message(progress: _Progress, result: _StepResult, config: RunConfig) -> str:
     """One line: where the run diverged, the likely cause, and where the last good weights are."""
     first = progress.step - progress.nan_streak + 1
+    steps = f"step {first}" if first == progress.step else f"steps {first}-{progress.step}"
     loss_finite = math.isfinite(result.stats["loss"])
     if progress.step == progress.nan_streak:
         cause = (
@@ -475,7 +476,7 @@ def _divergence_message(progress: _Progress, result: _StepResult, config: RunCon
             cause += ', or train with mixed_precision = "no"'
     what = "gradient norm" if loss_finite else "loss"
     return (
-        f"training diverged: the {what} was not finite at steps {first}-{progress.step} "
+        f"training diverged: the {what} was not finite at {steps} "
         f"({progress.nan_streak} in a row, max_nan_steps = {config.max_nan_steps}); likely cause: {cause}. "
         f"The checkpoints in {checkpointing.checkpoint_dir(config.run_dir)} stay intact; an exact resume "
         "would diverge again, so change the config and start over with --restart (restart=true) or a new "

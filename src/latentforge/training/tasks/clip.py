@@ -33,6 +33,7 @@ from latentforge.checkpoints.exports import (
     save_text_encoder,
     text_encoder_path,
 )
+from latentforge.errors import ConfigError
 from latentforge.models.clip import (
     CLIPConfig,
     CLIPModel,
@@ -45,6 +46,7 @@ from latentforge.training.config import AT_LEAST_ONE, Range, RunConfig
 from latentforge.training.tasks.common import (
     ExportDtype,
     ImageData,
+    build_model,
     dtype_from_name,
     image_dataset,
     model_device,
@@ -187,14 +189,19 @@ class CLIPTask:
         if not isinstance(options, CLIPTaskOptions):
             options = dict(options or {})
             if isinstance(options.get("clip"), Mapping):
-                options["clip"] = clip_config_from_dict(dict(options["clip"]))
+                try:
+                    options["clip"] = clip_config_from_dict(dict(options["clip"]))
+                except (TypeError, ValueError) as error:
+                    raise ConfigError(f"task_options.clip: {error}") from None
             options = parse_options(CLIPTaskOptions, options, "clip")
         self.options = options
         self.seed = seed
         torch.manual_seed(seed)
         config = options.clip or CLIPConfig(vision=VisionConfig(image_size=options.resolution))
         self.module = CLIPTrainer(
-            load_clip(options.init, options.clip) if options.init else CLIPModel(config)
+            load_clip(options.init, options.clip)
+            if options.init
+            else build_model("task_options.clip", CLIPModel, config)
         )
         self.tokenizer = CLIPTokenizer.for_config(self.module.clip.config.text)
         self._datasets: dict[str, Dataset] = {}

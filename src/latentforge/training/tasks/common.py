@@ -7,7 +7,7 @@ import math
 import types
 import typing
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
@@ -56,8 +56,11 @@ def _typed(key: str, value: Any, hint: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # `X | None`: X's own error
+            return _typed(key, value, options[0])
         errors = []
-        for arg in (a for a in args if a is not type(None)):
+        for arg in options:
             try:
                 return _typed(key, value, arg)
             except ConfigError as error:
@@ -71,9 +74,14 @@ def _typed(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key} = {value!r}: expected a table of {hint.__name__} fields")
         try:
-            return config_from_dict(hint, dict(value))
+            config = config_from_dict(hint, dict(value))
         except (TypeError, ValueError) as error:
             raise ConfigError(f"{key}: {error}") from None
+        check_ranges(config, _model_config_ranges(config), f"{key}.")
+        problem = _attention_width_problem(config)
+        if problem:
+            raise ConfigError(f"{key}: {problem}")
+        return config
     if origin in (tuple, list):
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key} = {value!r}: expected a list")
@@ -92,6 +100,44 @@ def _typed(key: str, value: Any, hint: Any) -> Any:
     if hint in expected:
         raise ConfigError(f"{key} = {value!r}: expected {expected[hint]}")
     return value  # a type without a rule here (Any): the task checks it
+
+
+def _model_config_ranges(config: Any) -> dict[str, Range]:
+    """Architecture numbers are sizes and counts (>= 1), except indices and token ids (>= 0)."""
+    return {
+        f.name: Range() if f.name in ("attention_levels", "pad_token") else AT_LEAST_ONE
+        for f in dataclasses.fields(config)
+    }
+
+
+def _attention_width_problem(config: Any) -> str | None:
+    """Attention heads must split the width evenly (the modules build either way and fail in forward)."""
+    if isinstance(config, TextEncoderConfig) and config.width % config.heads:
+        return f"heads = {config.heads} does not divide width = {config.width}"
+    if isinstance(config, UNetConfig):
+        if config.num_heads is None and config.head_dim is None:
+            return "give num_heads or head_dim"
+        for level in config.attention_levels:
+            channels = config.model_channels * config.channel_mult[min(level, len(config.channel_mult) - 1)]
+            heads, width = config.heads_at(channels)
+            if heads * width != channels:
+                return f"attention level {level} has {channels} channels, not divisible into {heads} heads"
+    return None
+
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+def build_model(key: str, cls: Callable[[Any], ModelT], config: Any) -> ModelT:
+    """`cls(config)`, with a config the module cannot be built from (channels not divisible by the norm
+    groups, heads not dividing the width ...) reported as a ConfigError naming the task option."""
+    try:
+        return cls(config)
+    except (ValueError, AssertionError, RuntimeError, ZeroDivisionError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(
+            f"{key}: cannot build a {getattr(cls, '__name__', cls)} from {config}: {reason}"
+        ) from None
 
 
 def unwrap(model: nn.Module) -> nn.Module:

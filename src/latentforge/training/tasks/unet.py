@@ -53,6 +53,7 @@ from latentforge.training.logging import image_grid
 from latentforge.training.tasks.common import (
     ExportDtype,
     ImageData,
+    build_model,
     dtype_from_name,
     first_items,
     image_dataset,
@@ -152,7 +153,7 @@ class UNetTask:
         else:
             vae, text_encoder = _frozen_encoders(options)
             family = _new_family(options, vae.config, text_encoder.config)
-            unet = UNetModel(family.unet)
+            unet = build_model("task_options.unet", UNetModel, family.unet)
         # Everything the model is (configs, prediction, schedule, latent scale, size, clip skip) is read from
         # this one family, which is also what `export` writes.
         self._family = family
@@ -455,11 +456,12 @@ def _frozen_encoders(options: UNetTaskOptions) -> tuple[AutoencoderKL, CLIPTextM
     if options.vae is not None:
         vae = load_vae(options.vae, options.vae_config)
     else:
-        vae = AutoencoderKL(options.vae_config or VAEConfig())
+        vae = build_model("task_options.vae_config", AutoencoderKL, options.vae_config or VAEConfig())
     if options.text_encoder is not None:
         text_encoder = load_text_encoder(options.text_encoder, options.text_encoder_config)
     else:
-        text_encoder = CLIPTextModel(options.text_encoder_config or TextEncoderConfig())
+        config = options.text_encoder_config or TextEncoderConfig()
+        text_encoder = build_model("task_options.text_encoder_config", CLIPTextModel, config)
     return vae, text_encoder
 
 

@@ -34,6 +34,7 @@ from latentforge.training.config import AT_LEAST_ONE, Range, RunConfig
 from latentforge.training.tasks.common import (
     ExportDtype,
     ImageData,
+    build_model,
     dtype_from_name,
     first_items,
     image_dataset,
@@ -115,7 +116,9 @@ class VAETask:
                 "task_options.init"
             )
         vae = (
-            load_vae(options.init, options.vae) if options.init else AutoencoderKL(options.vae or VAEConfig())
+            load_vae(options.init, options.vae)
+            if options.init
+            else build_model("task_options.vae", AutoencoderKL, options.vae or VAEConfig())
         )
         factor = vae.config.downsampling_factor
         if options.resolution % factor:
