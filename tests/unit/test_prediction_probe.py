@@ -31,8 +31,9 @@ def test_fixtures_are_small_community_style_files():
     ("path", "name", "prediction", "size"),
     [(EPS_FILE, "tiny-sd2", "epsilon", 64), (V_FILE, "tiny-sd2-v", "v", 96)],
 )
-def test_each_fixture_is_detected_without_flags(path, name, prediction, size):
-    model = load(path)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_fixture_is_detected_without_flags(path, name, prediction, size, dtype):
+    model = load(path, dtype=dtype)  # the probe runs in the loaded dtype
     assert model.family == FAMILIES[name]
     assert (model.family.prediction, model.family.default_size) == (prediction, size)
 

@@ -11,21 +11,27 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from latentforge.checkpoints import keymap_unet, keymap_vae
 from latentforge.checkpoints.assembly import Components, assemble
-from latentforge.checkpoints.errors import CheckpointNotFoundError, UnknownArchitectureError
+from latentforge.checkpoints.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    UnknownArchitectureError,
+)
 from latentforge.checkpoints.reading import StateDict, read_state_dict
 from latentforge.checkpoints.writing import save_safetensors
 from latentforge.models.configs import TextEncoderConfig, UNetConfig, VAEConfig
 from latentforge.models.families import FAMILIES, TINY, ModelFamily, Prediction
 from latentforge.models.tokenizer import Vocabulary
 
+T = TypeVar("T")
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")  # diffusers', then transformers' names
 PREDICTIONS: dict[str, Prediction] = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0"}
 # U-Net config values that mean an architecture we do not build (SDXL, LCM-distilled, class-conditioned).
@@ -97,10 +103,28 @@ def text_config_from_diffusers(cfg: dict[str, Any], pad_token: int) -> TextEncod
     )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path, *, optional: bool = False) -> dict[str, Any]:
+    """A config file of the folder as a dict; {} for a missing optional one."""
     if not path.is_file():
+        if optional:
+            return {}
         raise CheckpointNotFoundError(path, "missing from the diffusers folder")
-    return json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CorruptCheckpointError(path, f"not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(data, dict):
+        raise CorruptCheckpointError(path, f"expected a JSON object, found a {type(data).__name__}")
+    return data
+
+
+def _translated(path: Path, translate: Callable[[], T]) -> T:
+    """Run a config translation; a missing or mistyped field is an error naming the file."""
+    try:
+        return translate()
+    except (KeyError, ValueError, TypeError, AttributeError, ZeroDivisionError) as e:
+        detail = f"missing field {e.args[0]!r}" if isinstance(e, KeyError) else str(e)[:200]
+        raise UnknownArchitectureError(path, f"not an SD 1.x/2.x component config: {detail}") from None
 
 
 def _read_weights(folder: Path, dtype: torch.dtype) -> StateDict:
@@ -112,7 +136,10 @@ def _read_weights(folder: Path, dtype: torch.dtype) -> StateDict:
             for stem in WEIGHT_STEMS:
                 index = folder / f"{stem}{variant}.{ext}.index.json"
                 if index.is_file():  # sharded: {"weight_map": {key: shard file}}
-                    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                    weight_map = _read_json(index).get("weight_map")
+                    if not isinstance(weight_map, dict):
+                        raise CorruptCheckpointError(index, "no 'weight_map' object in the shard index")
+                    shards = sorted({str(v) for v in weight_map.values()})
                     state_dict: StateDict = {}
                     for shard in shards:
                         state_dict.update(read_state_dict(folder / shard, dtype=dtype)[0])
@@ -144,7 +171,7 @@ def _pad_token(root: Path) -> int:
     """
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         file = root / "tokenizer" / name
-        pad = json.loads(file.read_text()).get("pad_token") if file.is_file() else None
+        pad = _read_json(file, optional=True).get("pad_token")
         pad = pad.get("content") if isinstance(pad, dict) else pad
         if pad is not None:
             return 0 if pad == "!" else 49407
@@ -167,16 +194,17 @@ def family_from_diffusers(root: Path, prediction: Prediction | None = None) -> M
     `convert --to diffusers` of SD 2.x) gives e.g. `sd2-noproj`; else a `custom` family.
     """
     unet_json = _read_json(root / "unet" / "config.json")
-    try:
-        unet = unet_config_from_diffusers(unet_json)
-    except (KeyError, ValueError) as e:
-        raise UnknownArchitectureError(root / "unet", f"not an SD 1.x/2.x U-Net config: {e}") from None
+    unet = _translated(root / "unet" / "config.json", lambda: unet_config_from_diffusers(unet_json))
     vae_json = _read_json(root / "vae" / "config.json")
-    vae = vae_config_from_diffusers(vae_json)
-    text = text_config_from_diffusers(_read_json(root / "text_encoder" / "config.json"), _pad_token(root))
-    scheduler = root / "scheduler" / "scheduler_config.json"
-    if prediction is None and scheduler.is_file():
-        prediction = PREDICTIONS.get(json.loads(scheduler.read_text()).get("prediction_type", "epsilon"))
+    vae = _translated(root / "vae" / "config.json", lambda: vae_config_from_diffusers(vae_json))
+    text_json = _read_json(root / "text_encoder" / "config.json")
+    pad_token = _pad_token(root)
+    text = _translated(
+        root / "text_encoder" / "config.json", lambda: text_config_from_diffusers(text_json, pad_token)
+    )
+    schedule = _read_json(root / "scheduler" / "scheduler_config.json", optional=True)
+    if prediction is None:
+        prediction = PREDICTIONS.get(schedule.get("prediction_type", "epsilon"))
     sample_size = unet_json.get("sample_size")  # latent size; None in configs that leave it out
     size = sample_size * vae.downsampling_factor if isinstance(sample_size, int) else None
     same_networks = [f for f in FAMILIES.values() if (f.unet, f.vae) == (unet, vae)]
@@ -198,7 +226,6 @@ def family_from_diffusers(root: Path, prediction: Prediction | None = None) -> M
             text_encoder=text,
             default_clip_skip=max(1, base.default_clip_skip - skipped),
         )
-    schedule = json.loads(scheduler.read_text()) if scheduler.is_file() else {}
     return replace(
         TINY,
         name="custom",

@@ -8,14 +8,16 @@ Each is a `.safetensors` with bare module keys and the component's config as JSO
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from latentforge.checkpoints import keymap_vae
 from latentforge.checkpoints.assembly import load_into
-from latentforge.checkpoints.errors import ExportError
+from latentforge.checkpoints.errors import CorruptCheckpointError, ExportError
 from latentforge.checkpoints.keymap_clip import openclip_to_ours
 from latentforge.checkpoints.metadata import (
     METADATA_CLIP_CONFIG,
@@ -34,6 +36,15 @@ from latentforge.models.text_encoder import CLIPTextModel
 from latentforge.models.vae import AutoencoderKL
 
 _TEXT_TOWER = "text.text_model."
+T = TypeVar("T")
+
+
+def _config(path: str | Path, metadata: dict[str, str], key: str, parse: Callable[[str], T]) -> T:
+    """A config stored as JSON in the file's metadata; a broken one is an error naming file and key."""
+    try:
+        return parse(metadata[key])
+    except (ValueError, TypeError, KeyError, RecursionError) as e:
+        raise CorruptCheckpointError(path, f"unreadable {key!r} metadata ({str(e)[:200]})") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -64,7 +75,9 @@ def load_vae(path: str | Path, config: VAEConfig | None = None) -> AutoencoderKL
                 f"no {METADATA_VAE_CONFIG!r} metadata (not exported by `latentforge train vae`); "
                 "give its VAEConfig explicitly (task option `vae_config`)",
             )
-        config = config_from_dict(VAEConfig, json.loads(metadata[METADATA_VAE_CONFIG]))
+        config = _config(
+            path, metadata, METADATA_VAE_CONFIG, lambda text: config_from_dict(VAEConfig, json.loads(text))
+        )
     state_dict = read_vae_state_dict(path, replace(TINY, vae=config))
     with torch.device("meta"):
         vae = AutoencoderKL(config)
@@ -148,7 +161,7 @@ def load_clip(path: str | Path, config: CLIPConfig | None = None) -> CLIPModel:
                 f"no {METADATA_CLIP_CONFIG!r} metadata (not a `latentforge train clip` export); "
                 "pass its CLIPConfig explicitly (task option `clip`)",
             )
-        config = clip_config_from_json(metadata[METADATA_CLIP_CONFIG])
+        config = _config(path, metadata, METADATA_CLIP_CONFIG, clip_config_from_json)
     if "token_embedding.weight" in state_dict:  # open_clip / OpenAI layout
         state_dict = openclip_to_ours(state_dict, config)
     with torch.device("meta"):
@@ -162,10 +175,15 @@ def load_text_encoder(path: str | Path, config: TextEncoderConfig | None = None)
     `text.*` part of a whole CLIP export; `config` is needed only when the file's metadata has none."""
     state_dict, metadata = read_state_dict(path)
     if METADATA_CLIP_CONFIG in metadata and METADATA_TEXT_CONFIG not in metadata:
-        config = config or clip_config_from_json(metadata[METADATA_CLIP_CONFIG]).text
+        config = config or _config(path, metadata, METADATA_CLIP_CONFIG, clip_config_from_json).text
         state_dict = {k.removeprefix("text."): v for k, v in state_dict.items() if k.startswith("text.")}
     elif config is None and METADATA_TEXT_CONFIG in metadata:
-        config = config_from_dict(TextEncoderConfig, json.loads(metadata[METADATA_TEXT_CONFIG]))
+        config = _config(
+            path,
+            metadata,
+            METADATA_TEXT_CONFIG,
+            lambda text: config_from_dict(TextEncoderConfig, json.loads(text)),
+        )
     elif config is None:
         raise ExportError(
             path,

@@ -9,12 +9,13 @@ import torch
 
 from latentforge.checkpoints.assembly import Components, assemble, load_into
 from latentforge.checkpoints.diffusers_folder import load_diffusers_folder
-from latentforge.checkpoints.errors import CheckpointNotFoundError
+from latentforge.checkpoints.errors import CheckpointError, CheckpointNotFoundError
 from latentforge.checkpoints.exports import read_vae_state_dict
 from latentforge.checkpoints.hashing import a1111_short_hash
 from latentforge.checkpoints.prediction_probe import probe_prediction
 from latentforge.checkpoints.reading import read_state_dict
 from latentforge.checkpoints.single_file import (
+    MissingEMAError,
     detect_families,
     is_weight_key,
     split_components,
@@ -68,7 +69,10 @@ def read_components(
     state_dict, metadata = read_state_dict(
         path, dtype=dtype, keep=functools.partial(is_weight_key, use_ema=use_ema)
     )
-    parts = split_components(state_dict, use_ema=use_ema)
+    try:
+        parts = split_components(state_dict, use_ema=use_ema)
+    except MissingEMAError as e:
+        raise CheckpointError(path, f"{e.args[0]} (a pruned checkpoint?): load it without use_ema") from None
     del state_dict
     candidates = detect_families(parts, metadata, path)
     family = _with_prediction(candidates, prediction) if prediction is not None else candidates[0]

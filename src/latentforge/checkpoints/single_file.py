@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from latentforge.checkpoints import keymap_text
-from latentforge.checkpoints.errors import UnknownArchitectureError
+from latentforge.checkpoints.errors import CorruptCheckpointError, UnknownArchitectureError
 from latentforge.checkpoints.metadata import METADATA_FAMILY
 from latentforge.checkpoints.reading import StateDict
 from latentforge.checkpoints.writing import save_safetensors
@@ -51,6 +51,10 @@ IGNORED_KEYS = frozenset(
     }
 )
 IGNORED_PREFIXES = ("first_stage_model.loss.",)
+
+
+class MissingEMAError(KeyError):
+    """`use_ema` on a checkpoint without (complete) EMA weights; `loading` adds the file name."""
 
 
 def is_weight_key(key: str, *, use_ema: bool = False) -> bool:
@@ -90,7 +94,7 @@ def _ema_unet(state_dict: Mapping[str, torch.Tensor], unet: StateDict) -> StateD
     ema_names = {EMA_PREFIX + ("diffusion_model." + key).replace(".", ""): key for key in unet}
     found = {key: state_dict[name] for name, key in ema_names.items() if name in state_dict}
     if len(found) != len(unet):
-        raise KeyError(f"use_ema: EMA weights exist for {len(found)} of {len(unet)} U-Net tensors")
+        raise MissingEMAError(f"use_ema: EMA weights exist for {len(found)} of {len(unet)} U-Net tensors")
     return found
 
 
@@ -101,7 +105,13 @@ def detect_families(
     U-Net shapes and text layout match (several only when they differ in what shapes cannot show, the
     prediction type: sd2 / sd2-v; `loading` probes the U-Net to choose)."""
     if METADATA_FAMILY in metadata:
-        return [family_from_json(metadata[METADATA_FAMILY])]
+        try:
+            return [family_from_json(metadata[METADATA_FAMILY])]
+        except (ValueError, TypeError, KeyError) as e:
+            detail = f"missing {e.args[0]!r}" if isinstance(e, KeyError) else str(e)[:200]
+            raise CorruptCheckpointError(
+                path, f"unreadable {METADATA_FAMILY!r} metadata ({detail})"
+            ) from None
     unet = parts["unet"]
     try:
         found = {
