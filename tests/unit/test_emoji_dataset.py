@@ -250,3 +250,24 @@ def test_write_caption_variants_adds_items_for_training_only(package: Path, tmp_
     assert Path(f"{stem}-c1.png").read_bytes() == (out / first["file_name"]).read_bytes()
     with pytest.raises(EmojiDatasetError, match="no 'test' records"):
         write_caption_variants(out, tmp_path / "clip", split="test")
+
+
+def test_clip_holdout_tags_script(package: Path, tmp_path: Path) -> None:
+    import importlib.util
+    import sys
+
+    from latentforge.models.clip import CLIPConfig, CLIPModel
+    from latentforge.training.tasks.clip import save_clip
+
+    out = tmp_path / "emoji"
+    build_emoji_dataset(out, package_dir=package, holdout_fraction=0.0)
+    save_clip(CLIPModel(CLIPConfig()), tmp_path / "clip.safetensors")
+    path = Path(__file__).resolve().parents[2] / "scripts" / "clip_holdout_tags.py"
+    spec = importlib.util.spec_from_file_location("clip_holdout_tags", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["clip_holdout_tags"] = module
+    spec.loader.exec_module(module)
+    report = module.tag_report(str(tmp_path / "clip.safetensors"), out, split="train", limit=20)
+    assert report["images"] == 20
+    assert 0 <= report["t2i_top1"] <= report["t2i_top5"] <= 1
+    assert report["tags_only_ceiling_top1"] <= report["tags_only_ceiling_top5"] <= 1
