@@ -269,10 +269,11 @@ def reconstruction_fid(
     Features in float32 even inside the training loop's bf16 autocast, as `latentforge eval` computes them.
     """
     from latentforge.evaluation.extractors import load_clip_extractor
-    from latentforge.evaluation.features import InceptionExtractor
+    from latentforge.evaluation.features import FeatureExtractor, InceptionExtractor
     from latentforge.evaluation.inception import load_fid_inception
     from latentforge.evaluation.metrics import fid
 
+    extractor: FeatureExtractor
     if inception_path is not None and clip_path is None:
         extractor = InceptionExtractor(load_fid_inception(inception_path))
     elif clip_path is not None and inception_path is None:
