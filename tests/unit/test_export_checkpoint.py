@@ -1,4 +1,5 @@
-"""scripts/export_checkpoint.py: a checkpoint of a run exported as the run's own final export."""
+"""scripts/export_checkpoint.py (a checkpoint of a run exported as the run's own final export) and
+scripts/ledger_rows.py (the card's ledger row of a run)."""
 
 import importlib.util
 import sys
@@ -31,12 +32,10 @@ norm_groups = 4
 """
 
 
-def _script():  # noqa: ANN202 (a module)
-    spec = importlib.util.spec_from_file_location(
-        "export_checkpoint", ROOT / "scripts" / "export_checkpoint.py"
-    )
+def _script(name: str = "export_checkpoint"):  # noqa: ANN202 (a module)
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["export_checkpoint"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -57,3 +56,14 @@ def test_the_last_checkpoint_exports_as_the_final_file(tmp_path: Path) -> None:
     assert not torch.equal(earlier["decoder.conv_out.weight"], expected["decoder.conv_out.weight"])
     with pytest.raises(SystemExit, match="no checkpoint of step 3"):
         script.export_checkpoint(tmp_path / "run", 3, None, False)
+
+
+def test_ledger_row_of_a_run(tmp_path: Path) -> None:
+    config = tmp_path / "vae.toml"
+    config.write_text(CONFIG)
+    run_training("vae", config, [f"run_dir={tmp_path / 'run'}", "eval_every=2", "log_every=1"])
+    row = _script("ledger_rows").ledger_row(tmp_path / "run", threads=2, since=2, machine="test cpu")
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:4] == ["vae", str(tmp_path / "run"), "2 -> 4 of 4"]
+    assert float(cells[4]) >= 0 and cells[5].startswith("step 4: PSNR ") and "SSIM" in cells[5]
+    assert cells[6] == "test cpu"
