@@ -14,10 +14,12 @@ from latentforge.data.emoji import (
     EmojiDatasetError,
     NpmPackage,
     build_emoji_dataset,
+    caption_variants,
     fetch_package,
     make_caption,
     split_fraction,
     sri_sha512,
+    write_caption_variants,
 )
 
 STYLES = ("google", "twitter")
@@ -212,3 +214,60 @@ def test_fetch_package_verifies_and_extracts_cached_tarball(
     monkeypatch.setenv("PATH", "")  # a mismatch would re-fetch with npm; never touch the network here
     with pytest.raises(EmojiDatasetError, match="npm"):
         fetch_package(tampered, "google", cache)
+
+
+def test_caption_variants_drop_the_name_and_add_short_names() -> None:
+    record = {
+        "caption": "thumbs up sign, light skin tone, hand-fingers-closed, google style",
+        "name": "thumbs up sign",
+        "skin_tone": "light skin tone",
+        "subcategory": "hand-fingers-closed",
+        "style": "google",
+        "short_names": ["+1", "thumbsup", "thumbs_up"],  # "thumbs up" adds no word to the name
+    }
+    assert caption_variants(record) == [
+        "light skin tone, hand-fingers-closed, google style",
+        "+1, light skin tone, hand-fingers-closed, google style",
+        "thumbsup, light skin tone, hand-fingers-closed, google style",
+    ]
+    plain = {**record, "skin_tone": None, "short_names": ["thumbs_up"], "caption": "x"}
+    assert caption_variants(plain) == ["hand-fingers-closed, google style"]
+
+
+def test_write_caption_variants_adds_items_for_training_only(package: Path, tmp_path: Path) -> None:
+    out = tmp_path / "emoji"
+    build_emoji_dataset(out, package_dir=package, holdout_fraction=0.5)
+    records = [r for r in _records(out) if r["split"] == "train"]
+    counts = write_caption_variants(out, tmp_path / "clip")
+    assert counts["images"] == len(records)
+    written = sorted((tmp_path / "clip" / "train").rglob("*.png"))
+    assert len(written) == counts["items"] == sum(1 + len(caption_variants(r)) for r in records)
+    assert not (tmp_path / "clip" / "holdout").exists()
+    first = records[0]
+    stem = (tmp_path / "clip" / first["file_name"]).with_suffix("")
+    assert stem.with_suffix(".txt").read_text() == first["caption"] + "\n"
+    assert Path(f"{stem}-c1.txt").read_text() == caption_variants(first)[0] + "\n"
+    assert Path(f"{stem}-c1.png").read_bytes() == (out / first["file_name"]).read_bytes()
+    with pytest.raises(EmojiDatasetError, match="no 'test' records"):
+        write_caption_variants(out, tmp_path / "clip", split="test")
+
+
+def test_clip_holdout_tags_script(package: Path, tmp_path: Path) -> None:
+    import importlib.util
+    import sys
+
+    from latentforge.checkpoints.exports import save_clip
+    from latentforge.models.clip import CLIPConfig, CLIPModel
+
+    out = tmp_path / "emoji"
+    build_emoji_dataset(out, package_dir=package, holdout_fraction=0.0)
+    save_clip(CLIPModel(CLIPConfig()), tmp_path / "clip.safetensors")
+    path = Path(__file__).resolve().parents[2] / "scripts" / "clip_holdout_tags.py"
+    spec = importlib.util.spec_from_file_location("clip_holdout_tags", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["clip_holdout_tags"] = module
+    spec.loader.exec_module(module)
+    report = module.tag_report(str(tmp_path / "clip.safetensors"), out, split="train", limit=20)
+    assert report["images"] == 20
+    assert 0 <= report["t2i_top1"] <= report["t2i_top5"] <= 1
+    assert report["tags_only_ceiling_top1"] <= report["tags_only_ceiling_top5"] <= 1

@@ -198,3 +198,31 @@ def test_rfid_with_an_inception_file(tmp_path, monkeypatch):
     assert task.evaluate(task.trainable())["rfid"] == 1.5
     torch.testing.assert_close(seen["a"], images)
     assert seen["b"].shape == images.shape and seen["path"] == str(weights)
+
+
+def test_rfid_clip_with_our_clip(tmp_path, monkeypatch):
+    from latentforge.checkpoints.exports import save_clip
+    from latentforge.models.clip import CLIPConfig, CLIPModel
+    from latentforge.training.tasks import vae as vae_module
+
+    clip = tmp_path / "clip.safetensors"
+    save_clip(CLIPModel(CLIPConfig()), clip)
+    task = _task(rfid_clip=str(clip))
+    holdout = task.dataset("holdout")
+    images = torch.stack([holdout[i]["pixels"] for i in range(len(holdout))])
+    other = images.flip(-1)
+    with pytest.warns(UserWarning, match="rank-deficient"):  # 2 images: fine for a wiring test
+        assert vae_module.reconstruction_fid(images, images, clip_path=str(clip)) == pytest.approx(
+            0, abs=1e-6
+        )
+        expected = vae_module.reconstruction_fid(images, other, clip_path=str(clip))
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as in the loop's eval: features stay float32
+            assert vae_module.reconstruction_fid(images, other, clip_path=str(clip)) == expected
+    with pytest.raises(ValueError, match="exactly one"):
+        vae_module.reconstruction_fid(images, images)
+    seen = {}
+    monkeypatch.setattr(
+        vae_module, "reconstruction_fid", lambda a, b, clip_path: seen.update(b=b, path=clip_path) or 0.25
+    )
+    assert task.evaluate(task.trainable())["rfid_clip"] == 0.25
+    assert seen["b"].shape == images.shape and seen["path"] == str(clip)

@@ -6,6 +6,7 @@ Output layout (kohya / A1111 folders plus Hugging Face `imagefolder` metadata):
     out_dir/dataset.json     pinned packages with integrity, rules, counts
     out_dir/LICENSES.md      artwork and data licences
 Caption rule: "<name>[, <skin tone>[, <second skin tone>]], <subcategory>, <style> style", lower case.
+`write_caption_variants` derives a CLIP training folder with extra captions per image (see there).
 Split rule: an identity (a base emoji with all its skin tones, both styles, and the emoji linked to it
 by `obsoletes`) is held out when sha256("latentforge-emoji-split:<seed>:<identity unified code>")
 read as a fraction in [0, 1) is below `holdout_fraction`, so the split never depends on RNG state or
@@ -404,3 +405,57 @@ def build_emoji_dataset(
         seconds=time.perf_counter() - start,
         caption_examples=examples,
     )
+
+
+def caption_variants(record: dict) -> list[str]:
+    """Extra captions of one `metadata.jsonl` record, for contrastive (CLIP) training only.
+
+    First the caption without the name ("<skin tones>, <subcategory>, <style> style"): what the image of
+    an emoji the model never saw still shows, so the image tower must learn subcategories rather than
+    identities. Then, for each of emoji-data's `short_names` that adds a word to the name ("birthday"
+    for "birthday cake", "smiley cat"), the caption with the name replaced by it.
+    """
+    tags = [record.get("skin_tone"), record.get("subcategory"), f"{record['style']} style"]
+    tail = ", ".join(t for t in tags if t)
+    variants = [tail]
+    name_words = set(record["name"].split())
+    for short_name in record.get("short_names", []):
+        alias = " ".join(short_name.lower().replace("_", " ").replace("-", " ").split())
+        if alias and not set(alias.split()) <= name_words:
+            variants.append(f"{alias}, {tail}")
+    return list(dict.fromkeys(v for v in variants if v != record["caption"]))
+
+
+def write_caption_variants(dataset_dir: Path, out_dir: Path, split: str = "train") -> dict[str, int]:
+    """A `split` folder for CLIP with `caption_variants` as extra items: out_dir/<split>/<style>/ holds each
+    image with its own caption and, as `<id>-c<k>.png` (hard links where possible), one copy per variant.
+
+    Only for training: evaluation keeps the dataset's own holdout captions (task option `holdout_data`).
+    Returns {"images": original images, "items": items written}.
+    """
+    dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
+    records = [
+        json.loads(line)
+        for line in (dataset_dir / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
+    records = [r for r in records if r["split"] == split]
+    if not records:
+        raise EmojiDatasetError(f"{dataset_dir / 'metadata.jsonl'} has no {split!r} records")
+    target = out_dir / split
+    shutil.rmtree(target, ignore_errors=True)
+    items = 0
+    for record in records:
+        source = dataset_dir / record["file_name"]
+        folder = target / record["style"]
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = Path(record["file_name"]).stem
+        for k, caption in enumerate([record["caption"], *caption_variants(record)]):
+            image = folder / (f"{stem}.png" if k == 0 else f"{stem}-c{k}.png")
+            try:
+                os.link(source, image)
+            except OSError:  # another file system, or no hard links: copy
+                shutil.copyfile(source, image)
+            image.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
+            items += 1
+    return {"images": len(records), "items": items}

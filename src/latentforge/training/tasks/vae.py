@@ -66,6 +66,9 @@ class VAETaskOptions(ImageData):
     eval_batch_size: int = 16
     sample_images: int = 8
     rfid_inception: str | None = None  # FID Inception weights file: adds rFID to evaluate()
+    # our CLIP export (`train clip`): adds FID-CLIP of the reconstructions (`rfid_clip`) to evaluate(), the
+    # first-stage floor of the model card; needs more holdout images than feature dimensions (256)
+    rfid_clip: str | None = None
     export_dtype: ExportDtype | None = None  # "float16"/"bfloat16" to shrink the export; default: as trained
 
     RANGES: ClassVar[dict[str, Range]] = ImageData.RANGES | {
@@ -179,7 +182,7 @@ class VAETask:
         return vae.decode(vae.encode(pixels.to(device, dtype)).mode()).float().clamp(-1, 1).cpu()
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """PSNR (dB) and SSIM of mean reconstructions over the holdout images, L1, and rFID if configured."""
+        """PSNR (dB), SSIM and L1 of mean reconstructions of the holdout images; rFID, FID-CLIP if set."""
         vae: AutoencoderKL = unwrap(model).vae  # type: ignore[assignment]
         was_training = vae.training
         vae.eval()
@@ -191,7 +194,7 @@ class VAETask:
             psnrs.append(losses.psnr(recon, x))
             ssims.append(losses.ssim(recon, x))
             l1s.append((recon - x).abs().flatten(1).mean(1))
-            if self.options.rfid_inception:
+            if self.options.rfid_inception or self.options.rfid_clip:
                 originals.append(x)
                 recons.append(recon)
         vae.train(was_training)
@@ -203,6 +206,10 @@ class VAETask:
         if self.options.rfid_inception:
             metrics["rfid"] = reconstruction_fid(
                 torch.cat(originals), torch.cat(recons), self.options.rfid_inception
+            )
+        if self.options.rfid_clip:
+            metrics["rfid_clip"] = reconstruction_fid(
+                torch.cat(originals), torch.cat(recons), clip_path=self.options.rfid_clip
             )
         return metrics
 
@@ -225,19 +232,36 @@ class VAETask:
         save_vae(vae, path, dtype_from_name(self.options.export_dtype))
 
 
-def reconstruction_fid(originals: torch.Tensor, recons: torch.Tensor, inception_path: str) -> float:
-    """FID between originals and reconstructions ([-1, 1] images) with the FID Inception-v3."""
-    from latentforge.evaluation.features import InceptionExtractor
+def reconstruction_fid(
+    originals: torch.Tensor,
+    recons: torch.Tensor,
+    inception_path: str | None = None,
+    *,
+    clip_path: str | None = None,
+) -> float:
+    """FID between originals and reconstructions ([-1, 1] images): FID Inception-v3 or our CLIP's features.
+
+    Features in float32 even inside the training loop's bf16 autocast, as `latentforge eval` computes them.
+    """
+    from latentforge.evaluation.extractors import load_clip_extractor
+    from latentforge.evaluation.features import FeatureExtractor, InceptionExtractor
     from latentforge.evaluation.inception import load_fid_inception
     from latentforge.evaluation.metrics import fid
 
-    extractor = InceptionExtractor(load_fid_inception(inception_path))
+    extractor: FeatureExtractor
+    if inception_path is not None and clip_path is None:
+        extractor = InceptionExtractor(load_fid_inception(inception_path))
+    elif clip_path is not None and inception_path is None:
+        extractor = load_clip_extractor(clip_path).image
+    else:
+        raise ValueError("reconstruction_fid needs exactly one of inception_path and clip_path")
 
     def features(images: torch.Tensor) -> torch.Tensor:
         uint8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        return torch.cat([extractor(chunk) for chunk in uint8.split(32)])
+        return torch.cat([extractor(chunk).float() for chunk in uint8.split(32)])
 
-    return fid(features(originals).numpy(), features(recons).numpy())
+    with torch.autocast("cpu", enabled=False):
+        return fid(features(originals).numpy(), features(recons).numpy())
 
 
 def make_vae_task(config: RunConfig) -> VAETask:
