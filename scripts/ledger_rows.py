@@ -9,12 +9,12 @@ counts only what came after STEP (the steps of one session: give the step the se
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from datetime import date
 from pathlib import Path
 
 from latentforge.training.config import load_config
+from latentforge.training.logging import read_log
 
 SHOWN = {  # task -> (log column, label, format) of the held-out metrics worth a ledger cell
     "vae": (
@@ -29,8 +29,7 @@ SHOWN = {  # task -> (log column, label, format) of the held-out metrics worth a
 
 def ledger_row(run_dir: Path, threads: int = 1, since: int = 0, machine: str = "") -> str:
     config = load_config(run_dir / "config.toml")
-    with (run_dir / "log.csv").open(newline="") as file:
-        rows = list(csv.DictReader(file))
+    rows = [r for r in read_log(run_dir / "log.csv") if r.get("time")]  # sectioned, append-only log
     if not rows:
         raise SystemExit(f"{run_dir / 'log.csv'} has no rows yet")
     last = rows[-1]

@@ -138,7 +138,7 @@ def test_error_is_one_line_and_exit_2(name, files, capsys):
     argv = CASES[name](files)
     assert main(argv) == 2
     err = capsys.readouterr().err
-    progress = re.compile(r"(\d+|\?)(step|img|it)/s")  # tqdm bars
+    progress = re.compile(r"(\d+|\?)(step|img|it)/s|s/(step|img|it)\b")  # tqdm bars, fast or slow
     lines = [
         line for line in err.replace("\r", "\n").splitlines() if line.strip() and not progress.search(line)
     ]
