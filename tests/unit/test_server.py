@@ -166,6 +166,12 @@ def test_bad_images_and_bodies_are_422(client):
     assert response.status_code == 422
 
 
+def test_oversized_body_is_413_before_reading(client):
+    headers = {"content-type": "application/json", "content-length": str(300 * 2**20)}
+    response = client.post("/sdapi/v1/txt2img", content=b"{}", headers=headers)
+    assert response.status_code == 413
+
+
 def test_unused_fields_are_reported_not_dropped(client):
     payload = PAYLOAD | {"steps": 1, "restore_faces": True, "styles": ["x"], "frobnicate": 1, "tiling": False}
     payload |= {"override_settings": {"CLIP_stop_at_last_layers": 2, "sd_vae": "x"}}
@@ -191,6 +197,9 @@ def test_lists_options_and_model_selection(client):
     for bad in ("../tiny.safetensors", "/etc/passwd", "other"):
         response = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": bad})
         assert response.status_code == 422 and "tiny.safetensors" in response.json()["detail"]
+    upscalers = [u["name"] for u in client.get("/sdapi/v1/upscalers").json()]
+    assert "Latent" in upscalers and "Lanczos" in upscalers
+    assert client.get("/sdapi/v1/sd-vae").json() == []
     response = client.post("/sdapi/v1/options", json={"samples_save": False})
     assert response.status_code == 422 and "sd_model_checkpoint" in response.json()["detail"]
 

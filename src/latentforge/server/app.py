@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from latentforge.errors import LatentforgeError, ParameterError
 from latentforge.pipelines.infotext import parse_infotext, read_infotext
 from latentforge.pipelines.preview import latent_preview
+from latentforge.pipelines.request import UPSCALERS
 from latentforge.sampling.registry import SAMPLERS
 from latentforge.sampling.schedules import SCHEDULES
 from latentforge.server.jobs import Catalog, JobResult, QueueFullError, Worker
@@ -29,6 +30,7 @@ from latentforge.server.payload import decode_image, encode_png, parameters, req
 
 # POST /sdapi/v1/options may change only these (A1111 lets a client set any option; we keep to the model).
 SETTABLE_OPTIONS = ("sd_model_checkpoint",)
+MAX_BODY_BYTES = 200 * 2**20  # a few base64 images; larger bodies get 413 before they are read
 
 
 def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -127,6 +129,9 @@ def create_app(
     async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         if token and not _authorized(request.headers.get("authorization", ""), token):
             return _error(401, "Unauthorized", "missing or wrong token", {"WWW-Authenticate": "Basic"})
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            return _error(413, "PayloadTooLarge", f"the body exceeds {MAX_BODY_BYTES // 2**20} MiB")
         return await call_next(request)
 
     @app.exception_handler(LatentforgeError)
@@ -206,6 +211,25 @@ def create_app(
             }
             for c in catalog.checkpoints()
         ]
+
+    @app.get("/sdapi/v1/upscalers")
+    def upscalers() -> list[dict[str, Any]]:
+        return [
+            {"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+            for n in UPSCALERS
+        ]
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    def latent_upscale_modes() -> list[dict[str, str]]:
+        return [{"name": n} for n, u in UPSCALERS.items() if u.latent]
+
+    @app.get("/sdapi/v1/sd-vae")
+    def sd_vae() -> list[dict[str, Any]]:
+        return []  # VAE files are not offered yet: each checkpoint decodes with its own VAE
+
+    @app.post("/sdapi/v1/refresh-checkpoints")
+    def refresh_checkpoints() -> Response:
+        return JSONResponse(None)  # the models folder is read on every listing: nothing is cached
 
     @app.get("/sdapi/v1/options")
     def get_options() -> dict[str, Any]:
