@@ -348,3 +348,11 @@ def test_hires_fields_match_the_runner(client, reference):
     assert got.size == (48, 48)
     _same_pixels(got, expected)
     assert "Hires upscale: 1.5" in got.info["parameters"]
+
+
+def test_docs_list_every_payload_field():
+    from latentforge.server.payload import PAYLOAD_FIELDS
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "server.md").read_text()
+    missing = sorted({f.key for f in PAYLOAD_FIELDS if f"`{f.key}`" not in text})
+    assert not missing, f"docs/server.md does not mention {missing}"

@@ -143,8 +143,9 @@ PAYLOAD_FIELDS: tuple[PayloadField, ...] = (
     PayloadField("seed", -1, "seed", _I),
     PayloadField("subseed", -1, "subseed", _I),
     PayloadField("subseed_strength", 0.0, "subseed_strength", _F),
-    PayloadField("width", 512, "width", _I),
-    PayloadField("height", 512, "height", _I),
+    # A1111: 512; here 0 = the model family's default size (512 for SD 1.x), the init image's for img2img
+    PayloadField("width", 0, "width", _I),
+    PayloadField("height", 0, "height", _I),
     PayloadField("batch_size", 1, "batch_size", _I),
     PayloadField("n_iter", 1, "batch_count", _I),
     PayloadField("eta", None, "sampler_options.eta", _F),
@@ -284,8 +285,8 @@ def request_from_payload(payload: Mapping[str, Any], mode: str) -> Mapped:
             extras[head] = read
     if "sampler_name" in payload and payload["sampler_name"]:
         top["sampler"] = _str("sampler_name", payload["sampler_name"])
-    top.setdefault("sampler", "Euler")
-    top.setdefault("steps", 50)
+    top.setdefault("sampler", table["sampler_index"].default)
+    top.setdefault("steps", table["steps"].default)
     warnings += _overrides(extras.get("override_settings"), top)
     sampler, _ = split_sampler_name(top["sampler"], top.get("schedule", "Automatic"))
     takes = get_sampler(sampler).options
