@@ -200,6 +200,7 @@ def test_lists_options_and_model_selection(client):
     upscalers = [u["name"] for u in client.get("/sdapi/v1/upscalers").json()]
     assert "Latent" in upscalers and "Lanczos" in upscalers
     assert client.get("/sdapi/v1/sd-vae").json() == []
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
     response = client.post("/sdapi/v1/options", json={"samples_save": False})
     assert response.status_code == 422 and "sd_model_checkpoint" in response.json()["detail"]
 
@@ -251,6 +252,7 @@ def test_full_queue_is_503(models_dir):
         release.set()
         assert len(running.future.result(30).images) == 1 and len(waiting.future.result(30).images) == 1
         assert client.post("/sdapi/v1/txt2img", json=PAYLOAD | {"steps": 1}).status_code == 200
+    assert not worker.thread.is_alive()  # the app's shutdown stopped the worker
 
 
 def test_interrupt_keeps_the_finished_batches(client):

@@ -12,7 +12,8 @@ import binascii
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ def _authorized(header: str, token: str) -> bool:
 
 async def _json(request: Request) -> Any:
     try:
-        return json.loads(await request.body())
+        return await asyncio.to_thread(json.loads, await request.body())  # big bodies: off the loop
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ParameterError(f"the request body is not JSON: {error}") from None
 
@@ -122,7 +123,13 @@ def create_app(
         raise ParameterError(f"--queue-size must be at least 1, got {queue_size}")
     catalog = Catalog(models_dir, default_model)
     worker = Worker(catalog, queue_size)
-    app = FastAPI(title="latentforge", description="A1111-compatible API", on_shutdown=[worker.close])
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await asyncio.to_thread(worker.close)  # interrupts the running job and joins the thread
+
+    app = FastAPI(title="latentforge", description="A1111-compatible API", lifespan=lifespan)
     app.state.worker, app.state.catalog = worker, catalog
 
     @app.middleware("http")
@@ -230,6 +237,10 @@ def create_app(
     @app.post("/sdapi/v1/refresh-checkpoints")
     def refresh_checkpoints() -> Response:
         return JSONResponse(None)  # the models folder is read on every listing: nothing is cached
+
+    @app.get("/sdapi/v1/scripts")
+    def scripts() -> dict[str, list[str]]:
+        return {"txt2img": [], "img2img": []}  # none yet; clients probe it for ControlNet/ADetailer
 
     @app.get("/sdapi/v1/options")
     def get_options() -> dict[str, Any]:
