@@ -331,6 +331,21 @@ def test_webuiapi_client_against_uvicorn(models_dir, reference):
         _same_pixels(result.image, run(reference, REQUEST)[0])
         assert result.info["all_seeds"] == [7]
         assert api.get_progress()["progress"] == 0.0
+        assert api.set_options({"sd_model_checkpoint": "tiny"}) is None
+        assert api.get_options()["sd_model_checkpoint"] == "tiny.safetensors"
+
+        init = result.image.convert("RGB")
+        mask = Image.new("L", (32, 32), 0)
+        mask.paste(255, (8, 8, 24, 24))
+        masked = api.img2img(
+            images=[init], mask_image=mask, inpainting_fill=1, inpaint_full_res=False, mask_blur=2,
+            denoising_strength=0.5, prompt="a cat", negative_prompt="dog", seed=11, steps=3, width=32,
+            height=32, cfg_scale=5,
+        )  # fmt: skip
+        inpaint = Inpaint(mask=mask, mask_blur=2, masked_content="original", only_masked=False)
+        fields = {**REQUEST.__dict__, "seed": 11, "init": InitImage((init,), 0.5), "inpaint": inpaint}
+        _same_pixels(masked.image, run(reference, GenerationRequest(**fields))[0])
+        assert masked.info["warnings"] == ["image_cfg_scale: accepted but not supported yet; ignored"]
     finally:
         server.should_exit = True
         thread.join(20)

@@ -216,7 +216,7 @@ PAYLOAD_FIELDS: tuple[PayloadField, ...] = (
             ("mask_blur_x", 4),
             ("mask_blur_y", 4),
             ("mask_round", True),
-            ("initial_noise_multiplier", None),
+            ("initial_noise_multiplier", 1.0),  # A1111: None -> its option, 1.0
             ("latent_mask", None),
             ("include_init_images", False),
         )
@@ -243,6 +243,8 @@ class Mapped:
 def _unused(key: str, value: Any, default: Any) -> bool:
     """A1111's "left at default": equal, empty, or (alwayson_scripts) only disabled scripts."""
     if value == default or value is False or value in (None, [], {}, ""):
+        return False
+    if key.startswith("seed_resize_from_") and value in (0, -1):  # A1111 resizes the seed only when > 0
         return False
     if key == "alwayson_scripts" and isinstance(value, Mapping):
         return any(
