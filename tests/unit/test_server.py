@@ -292,11 +292,17 @@ def test_token_guards_every_route(models_dir):
         assert client.get("/sdapi/v1/samplers", headers=bearer).status_code == 200
 
 
-def test_serve_refuses_an_open_bind_without_token(capsys):
+def test_serve_refuses_bad_settings_with_one_error_line(capsys, tmp_path):
     from latentforge.cli import main
 
-    assert main(["serve", "--host", "0.0.0.0"]) == 2
-    assert "--token" in capsys.readouterr().err
+    for argv, named in (
+        (["--host", "0.0.0.0"], "--token"),
+        (["--models-dir", str(tmp_path / "missing")], "--models-dir"),
+        (["--queue-size", "0"], "--queue-size"),
+    ):
+        assert main(["serve", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and named in err and len(err.strip().splitlines()) == 1
 
 
 def _free_port() -> int:
