@@ -166,6 +166,18 @@ def test_bad_images_and_bodies_are_422(client):
     assert response.status_code == 422
 
 
+def test_decompression_bomb_is_refused_before_decoding(client):
+    import struct
+    import zlib
+
+    raw = bytearray(base64.b64decode(_png(Image.new("L", (8, 8)))))
+    header = b"IHDR" + struct.pack(">II", 12000, 12000) + bytes(raw[24:29])  # 144M: Pillow only warns
+    raw[12:33] = header + struct.pack(">I", zlib.crc32(header))
+    payload = PAYLOAD | {"init_images": [base64.b64encode(bytes(raw)).decode()]}
+    response = client.post("/sdapi/v1/img2img", json=payload)
+    assert response.status_code == 422 and "12000x12000" in response.json()["detail"]
+
+
 def test_oversized_body_is_413_before_reading(client):
     headers = {"content-type": "application/json", "content-length": str(300 * 2**20)}
     response = client.post("/sdapi/v1/txt2img", content=b"{}", headers=headers)

@@ -70,6 +70,11 @@ def decode_image(key: str, value: Any) -> Image.Image:
         ) from None
     try:
         image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
+        limit = Image.MAX_IMAGE_PIXELS or 0
+        if limit and image.width * image.height > limit:  # Pillow only warns below twice its limit
+            raise ParameterError(
+                f"{key}: {image.width}x{image.height} exceeds {limit} pixels (a decompression bomb?)"
+            )
         image.load()
     except Image.DecompressionBombError as error:
         raise ParameterError(f"{key}: {error}") from None
