@@ -433,6 +433,13 @@ def _print_eval(result: dict, out: Path) -> None:
     print(f"wrote {out / 'report.md'}")
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from latentforge.server.app import serve
+
+    serve(args.host, args.port, models_dir=args.models_dir, token=args.token, queue_size=args.queue_size)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -615,6 +622,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace images a previous run left in OUT")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--device", help="cpu, cuda, mps (default: cuda when available)")
+
+    p = add(
+        "serve", cmd_serve, "Serve the AUTOMATIC1111-compatible HTTP API (/sdapi/v1, see docs/server.md)."
+    )
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--models-dir", type=Path, help="folder of .safetensors checkpoints (default: embedded)")
+    p.add_argument("--token", help="require it: 'Authorization: Bearer TOKEN', or basic auth USER:PASS")
+    p.add_argument("--queue-size", type=int, default=8, help="jobs waiting at most; more get 503 (default 8)")
 
     data = sub.add_parser("data", help="Build datasets.").add_subparsers(dest="dataset", required=True)
     p = data.add_parser(

@@ -28,7 +28,7 @@ LAYERS = {
     "training": 4,
     "api": 5,
     "cli": 5,
-    "server": 5,  # future HTTP server: may call the pipelines and the API, nothing may call it
+    "server": 5,  # the HTTP server (`latentforge serve`): calls the pipelines; only cli.py starts it
     "__init__": 5,  # `latentforge.load` and friends: the public facade
     "__main__": 5,
     "assets": 0,

@@ -1,0 +1,342 @@
+"""The FastAPI app: A1111's `/sdapi/v1` routes over the worker queue, with optional token auth.
+
+Response shapes follow A1111's modules/api/models.py and api.py: images as base64 PNGs carrying their
+infotext, `parameters` (the payload with defaults) and `info` (a JSON string, processing.py `Processed.js`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from latentforge.errors import LatentforgeError, ParameterError
+from latentforge.pipelines.infotext import parse_infotext, read_infotext
+from latentforge.pipelines.preview import latent_preview
+from latentforge.pipelines.request import UPSCALERS
+from latentforge.sampling.registry import SAMPLERS
+from latentforge.sampling.schedules import SCHEDULES
+from latentforge.server.jobs import Catalog, JobResult, QueueFullError, Worker
+from latentforge.server.payload import decode_image, encode_png, parameters, request_from_payload
+
+# POST /sdapi/v1/options may change only these (A1111 lets a client set any option; we keep to the model).
+SETTABLE_OPTIONS = ("sd_model_checkpoint",)
+MAX_BODY_BYTES = 200 * 2**20  # a few base64 images; larger bodies get 413 before they are read
+
+
+def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """A1111's error body (api.py `api_middleware`: error, detail, body, errors), never a traceback."""
+    body = {"error": kind, "detail": message, "body": "", "errors": message}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _authorized(header: str, token: str) -> bool:
+    """Bearer <token>, or Basic auth: user:pass when the token is "user:pass" (A1111's --api-auth), else
+    any user with the token as password."""
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return secrets.compare_digest(value.encode(), token.encode())
+    if scheme.lower() == "basic":
+        try:
+            user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            return False
+        given = f"{user}:{password}" if ":" in token else password
+        return secrets.compare_digest(given.encode(), token.encode())
+    return False
+
+
+async def _json(request: Request) -> Any:
+    try:
+        return await asyncio.to_thread(json.loads, await request.body())  # big bodies: off the loop
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ParameterError(f"the request body is not JSON: {error}") from None
+
+
+def _info(result: JobResult, warnings: list[str]) -> dict[str, Any]:
+    """A1111's `Processed.js()` fields for the images made."""
+    requests = [image.request for image in result.images]
+    first = requests[0] if requests else None
+    return {
+        "prompt": first.prompt if first else "",
+        "all_prompts": [r.prompt for r in requests],
+        "negative_prompt": first.negative_prompt if first else "",
+        "all_negative_prompts": [r.negative_prompt for r in requests],
+        "seed": first.seed if first else -1,
+        "all_seeds": [r.seed for r in requests],
+        "subseed": first.subseed if first else -1,
+        "all_subseeds": [r.subseed for r in requests],
+        "subseed_strength": first.subseed_strength if first else 0,
+        "width": first.width if first else 0,
+        "height": first.height if first else 0,
+        "sampler_name": first.sampler if first else "",
+        "scheduler": first.schedule if first else "",
+        "cfg_scale": first.cfg_scale if first else 0,
+        "steps": first.steps if first else 0,
+        "batch_size": len(requests),
+        "restore_faces": False,
+        "sd_model_name": first.model if first else None,
+        "sd_model_hash": first.model_hash if first else None,
+        "sd_vae_name": (first.vae or None) if first else None,
+        "sd_vae_hash": (first.vae_hash or None) if first else None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": first.denoising_strength if first else None,
+        "extra_generation_params": {},
+        "index_of_first_image": 0,
+        "infotexts": [image.infotext for image in result.images],
+        "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+        "clip_skip": first.clip_skip if first else 0,
+        "is_using_inpainting_conditioning": False,
+        "version": "latentforge",
+        "interrupted": result.interrupted,
+        "warnings": warnings,
+    }
+
+
+def create_app(
+    *,
+    models_dir: Path | None = None,
+    default_model: Path | None = None,
+    token: str | None = None,
+    queue_size: int = 8,
+) -> FastAPI:
+    """The server's app; `models_dir` None serves the embedded model (or `default_model`)."""
+    if models_dir is None and default_model is None:
+        from latentforge.checkpoints.loading import default_model_path
+
+        default_model = default_model_path()
+    if models_dir is not None and not models_dir.is_dir():
+        raise ParameterError(f"--models-dir {models_dir} is not a folder")
+    if queue_size < 1:
+        raise ParameterError(f"--queue-size must be at least 1, got {queue_size}")
+    catalog = Catalog(models_dir, default_model)
+    worker = Worker(catalog, queue_size)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await asyncio.to_thread(worker.close)  # interrupts the running job and joins the thread
+
+    app = FastAPI(title="latentforge", description="A1111-compatible API", lifespan=lifespan)
+    app.state.worker, app.state.catalog = worker, catalog
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if token and not _authorized(request.headers.get("authorization", ""), token):
+            return _error(401, "Unauthorized", "missing or wrong token", {"WWW-Authenticate": "Basic"})
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            return _error(413, "PayloadTooLarge", f"the body exceeds {MAX_BODY_BYTES // 2**20} MiB")
+        return await call_next(request)
+
+    @app.exception_handler(LatentforgeError)
+    async def user_error(request: Request, error: LatentforgeError) -> Response:
+        status = 422 if isinstance(error, ParameterError) else 500
+        return _error(status, type(error).__name__, str(error))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception) -> Response:
+        # a bug of ours: its type and message, the traceback only in the server's log (uvicorn prints it)
+        return _error(500, type(error).__name__, f"internal error: {error}")
+
+    async def generate(request: Request, mode: str) -> Response:
+        payload = await _json(request)
+        try:
+            mapped = await asyncio.to_thread(request_from_payload, payload, mode)
+            job = worker.submit(mapped.request)
+        except ParameterError as error:
+            return _error(422, "ParameterError", str(error))
+        except QueueFullError as error:
+            return _error(503, "QueueFull", str(error), {"Retry-After": "5"})
+        try:
+            result = await asyncio.wrap_future(job.future)
+        except ParameterError as error:
+            return _error(422, "ParameterError", str(error))
+        except LatentforgeError as error:
+            return _error(500, type(error).__name__, str(error))
+        except Exception as error:  # a bug of ours; the worker thread survives it
+            return _error(500, type(error).__name__, f"internal error: {error}")
+        warnings = [*mapped.warnings, *result.warnings]
+        images = await asyncio.to_thread(lambda: [encode_png(i.image, i.infotext) for i in result.images])
+        return JSONResponse(
+            {
+                "images": images if mapped.send_images else [],
+                "parameters": parameters(payload, mode),
+                "info": json.dumps(_info(result, warnings)),
+                "warnings": warnings,
+            }
+        )
+
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img(request: Request) -> Response:
+        return await generate(request, "txt2img")
+
+    @app.post("/sdapi/v1/img2img")
+    async def img2img(request: Request) -> Response:
+        return await generate(request, "img2img")
+
+    @app.get("/sdapi/v1/samplers")
+    def samplers() -> list[dict[str, Any]]:
+        return [{"name": name, "aliases": [], "options": dict(s.options)} for name, s in SAMPLERS.items()]
+
+    @app.get("/sdapi/v1/schedulers")
+    def schedulers() -> list[dict[str, Any]]:
+        labels = ["Automatic", *SCHEDULES]
+        return [
+            {
+                "name": label.lower().replace(" ", "_"),
+                "label": label,
+                "aliases": None,
+                "default_rho": -1,
+                "need_inner_model": False,
+            }
+            for label in labels
+        ]
+
+    @app.get("/sdapi/v1/sd-models")
+    def sd_models() -> list[dict[str, Any]]:
+        return [
+            {
+                "title": c.title,
+                "model_name": c.model_name,
+                "hash": catalog.hash_of(c),
+                "sha256": None,
+                "filename": c.path.name,
+                "config": None,
+            }
+            for c in catalog.checkpoints()
+        ]
+
+    @app.get("/sdapi/v1/upscalers")
+    def upscalers() -> list[dict[str, Any]]:
+        return [
+            {"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+            for n in UPSCALERS
+        ]
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    def latent_upscale_modes() -> list[dict[str, str]]:
+        return [{"name": n} for n, u in UPSCALERS.items() if u.latent]
+
+    @app.get("/sdapi/v1/sd-vae")
+    def sd_vae() -> list[dict[str, Any]]:
+        return []  # VAE files are not offered yet: each checkpoint decodes with its own VAE
+
+    @app.post("/sdapi/v1/refresh-checkpoints")
+    def refresh_checkpoints() -> Response:
+        return JSONResponse(None)  # the models folder is read on every listing: nothing is cached
+
+    @app.get("/sdapi/v1/scripts")
+    def scripts() -> dict[str, list[str]]:
+        return {"txt2img": [], "img2img": []}  # none yet; clients probe it for ControlNet/ADetailer
+
+    @app.get("/sdapi/v1/options")
+    def get_options() -> dict[str, Any]:
+        return {"sd_model_checkpoint": catalog.selected, "sd_vae": "Automatic", "samples_format": "png"}
+
+    @app.post("/sdapi/v1/options")
+    async def set_options(request: Request) -> Response:
+        body = await _json(request)
+        if not isinstance(body, dict):
+            return _error(422, "ParameterError", "options: send a JSON object of option names")
+        unknown = sorted(set(body) - set(SETTABLE_OPTIONS))
+        if unknown:
+            return _error(
+                422, "ParameterError", f"options {unknown} cannot be set; settable: {SETTABLE_OPTIONS}"
+            )
+        if "sd_model_checkpoint" in body:
+            name = body["sd_model_checkpoint"]
+            catalog.select(name if isinstance(name, str) else repr(name))
+        return JSONResponse(None)
+
+    @app.get("/sdapi/v1/progress")
+    def progress(skip_current_image: bool = False) -> dict[str, Any]:
+        job = worker.current
+        pending = worker.queue.qsize()
+        state = {
+            "skipped": False,
+            "interrupted": bool(job and job.interrupted),
+            "stopping_generation": False,
+            "job": "",
+            "job_count": pending + (job is not None),
+            "job_timestamp": "0",
+            "job_no": 0,
+            "sampling_step": job.step if job else 0,
+            "sampling_steps": job.total_steps if job else 0,
+        }
+        if job is None or not job.total_steps:
+            return {
+                "progress": 0.0,
+                "eta_relative": 0.0,
+                "state": state,
+                "current_image": None,
+                "textinfo": None,
+            }
+        done = min(job.step / job.total_steps, 1.0)
+        elapsed = time.time() - job.started
+        eta = elapsed / done - elapsed if done > 0 else 0.0
+        image = None
+        latest = job.latest
+        if not skip_current_image and latest is not None:
+            preview = latent_preview(latest, worker.preview_projection())
+            image = encode_png(preview, None)
+        return {
+            "progress": done,
+            "eta_relative": eta,
+            "state": state,
+            "current_image": image,
+            "textinfo": None,
+        }
+
+    @app.post("/sdapi/v1/interrupt")
+    def interrupt() -> Response:
+        worker.interrupt()
+        return JSONResponse(None)
+
+    @app.post("/sdapi/v1/png-info")
+    async def png_info(request: Request) -> Response:
+        body = await _json(request)
+        image = decode_image("image", body.get("image") if isinstance(body, dict) else None)
+        text = read_infotext(image)
+        if text is None:
+            return JSONResponse({"info": "", "items": {}, "parameters": {}})
+        prompt, negative, values = parse_infotext(text)
+        params: dict[str, Any] = {"Prompt": prompt, "Negative prompt": negative, **values}
+        if "Size" in values:  # A1111's parse_generation_parameters splits the size
+            params["Size-1"], _, params["Size-2"] = values["Size"].partition("x")
+        items = {k: v for k, v in image.info.items() if isinstance(v, str) and k != "parameters"}
+        return JSONResponse({"info": text, "items": {"parameters": text, **items}, "parameters": params})
+
+    return app
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    *,
+    models_dir: Path | None = None,
+    token: str | None = None,
+    queue_size: int = 8,
+) -> None:
+    """Run the app under uvicorn until interrupted; a non-loopback bind needs a token."""
+    import uvicorn
+
+    if host not in LOOPBACK and not host.startswith("127.") and not token:
+        raise ParameterError(f"--host {host} is reachable from other machines: also give --token")
+    app = create_app(models_dir=models_dir, token=token, queue_size=queue_size)
+    uvicorn.run(app, host=host, port=port, log_level="info")
