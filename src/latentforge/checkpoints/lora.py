@@ -352,7 +352,7 @@ def _lokr_delta(f: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Ten
     if len(shape) == 4:
         w2 = w2.reshape(w2.shape[0], -1, *shape[2:])  # [out2, in2*k*k] -> [out2, in2, k, k]
         w1 = w1[:, :, None, None]
-    return torch.kron(w1, w2).reshape(shape)
+    return torch.kron(w1, w2.contiguous()).reshape(shape)  # kron fails on the einsum's strided output
 
 
 def _rank(module: LoraModule) -> int | None:
