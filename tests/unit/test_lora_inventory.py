@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from references import transformers_text_config
 
 from latentforge.checkpoints.keymap_unet import diffusers_config
 from latentforge.checkpoints.lora import UNET, _lookup_tables, _split_key
 from latentforge.model import StableDiffusion
 from latentforge.models.families import SD1, SD2
+from references import transformers_text_config
 
 
 def _kohya_names(family):  # noqa: ANN001, ANN202
