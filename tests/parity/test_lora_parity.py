@@ -1,4 +1,4 @@
-"""Our LoRA application against diffusers' `load_lora_weights` + `fuse_lora` on tiny random SD1 and SD2 models.
+"""Our LoRA application against diffusers' `load_lora_weights` + `fuse_lora` on tiny random SD1 and SD2.
 
 Random kohya (with LoCon conv layers) and PEFT files are written from the diffusers module names, loaded
 by both, and the fused weights and U-Net / text-encoder outputs compared.
