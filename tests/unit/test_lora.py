@@ -63,6 +63,7 @@ def mixed_file(model: StableDiffusion, path: Path) -> Path:
     full = "lora_unet_input_blocks_1_1_proj_out"
     tensors[f"{full}.diff"] = torch.randn(unet["input_blocks.1.1.proj_out.weight"].shape, generator=g) * 0.1
     tensors[f"{full}.diff_b"] = torch.randn(32, generator=g) * 0.1
+    tensors[f"lora_unet_{kohya(CONV)}.diff_b"] = torch.randn(32, generator=g) * 0.1  # LoCon with a bias
     save_file(tensors, path)
     return path
 
@@ -96,7 +97,8 @@ def test_undo_restores_every_weight_bit_for_bit(model, tmp_path, dtype):
     handle = apply_loras(model, [(path, 0.8, 0.3)])
     changed = {k for k, v in snapshot(model).items() if not torch.equal(v, before[k])}
     expected = {f"unet.{m}.weight" for m in (TO_Q, CONV, ATTN2_K, PROJ_IN, "input_blocks.1.1.proj_out")}
-    assert changed == expected | {"unet.input_blocks.1.1.proj_out.bias", f"text_encoder.{TE_Q}.weight"}
+    biases = {"unet.input_blocks.1.1.proj_out.bias", f"unet.{CONV}.bias"}
+    assert changed == expected | biases | {f"text_encoder.{TE_Q}.weight"}
     assert handle.reports[0].applied == {"lora": 3, "loha": 1, "lokr": 1, "full": 1}
     handle.undo()
     assert_identical(model, before)
@@ -288,6 +290,11 @@ def test_refusals_leave_the_model_unchanged(model, tmp_path):
     )
     half = {k: v for k, v in good.items() if "lora_up" not in k}
     refused("half", half, CorruptCheckpointError, "lacks lora_up.weight")
+    refused(
+        "alpha", {f"lora_unet_{kohya(TO_Q)}.alpha": torch.tensor(1.0)}, CorruptCheckpointError, "only alpha"
+    )
+    both = good | {f"lora_unet_{kohya(TO_Q)}.diff": torch.zeros(32, 32)}
+    refused("both", both, CorruptCheckpointError, "both `diff` and lora")
     refused(
         "alien",
         good | {"model.diffusion_model.x": torch.ones(1)},

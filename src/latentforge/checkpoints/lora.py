@@ -117,9 +117,9 @@ class LoraModule:
             return "loha"
         if names & {"lokr_w1", "lokr_w1_a"}:
             return "lokr"
-        if "diff" in names or "diff_b" in names:
-            return "full"
-        return "lora"
+        if names & {"lora_down.weight", "lora_up.weight", "lora_mid.weight"}:
+            return "lora"
+        return "full"  # `diff` and/or `diff_b` (a LoRA/LoHa/LoKr module may carry `diff_b` as its bias)
 
 
 @dataclass
@@ -303,7 +303,13 @@ _REQUIRED = {
 
 def _check_complete(path: Path, module: LoraModule) -> None:
     kind, names = module.kind, set(module.factors)
+    if kind != "full" and "diff" in names:
+        raise CorruptCheckpointError(
+            path, f"LoRA module {module.source} holds both `diff` and {kind} factors"
+        )
     missing = [name for name in _REQUIRED.get(kind, ()) if name not in names]
+    if kind == "full" and not names & {"diff", "diff_b"}:
+        missing.append("its weights (only " + ", ".join(sorted(names)) + ")")
     if kind == "lokr":
         if "lokr_w1" not in names and not {"lokr_w1_a", "lokr_w1_b"} <= names:
             missing.append("lokr_w1 (or lokr_w1_a and lokr_w1_b)")
@@ -407,14 +413,15 @@ def _deltas(lora: LoraFile, modules: dict[str, nn.Module], unet_weight: float, t
             continue
         strength = unet_weight if module.component == UNET else te_weight
         component_params = params[module.component]
+        if "diff_b" in module.factors:  # a bias update, of a full module or next to a low-rank weight update
+            bias = module.factors["diff_b"]
+            name = f"{module.target}.bias"
+            out.append(WeightDelta(module.component, name, tuple(bias.shape), bias.float, strength))
         if module.kind == "full":
-            for factor, leaf in (("diff", "weight"), ("diff_b", "bias")):
-                if factor in module.factors:
-                    tensor = module.factors[factor]
-                    name = f"{module.target}.{leaf}"
-                    out.append(
-                        WeightDelta(module.component, name, tuple(tensor.shape), tensor.float, strength)
-                    )
+            if "diff" in module.factors:
+                diff = module.factors["diff"]
+                name = f"{module.target}.weight"
+                out.append(WeightDelta(module.component, name, tuple(diff.shape), diff.float, strength))
             continue
         name = f"{module.target}.weight"
         parameter = component_params.get(name)
