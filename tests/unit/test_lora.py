@@ -338,3 +338,15 @@ def test_patch_weights_checks_everything_before_writing(model):
     with pytest.raises(ValueError, match=r"delta \[3, 3\] vs parameter \[32, 32\]"):
         patch_weights({"unet": model.unet}, deltas)
     assert torch.equal(params[f"{TO_Q}.weight"], before)
+
+
+def test_stacked_patches_undo_newest_first(model, tmp_path):
+    before = snapshot(model)
+    path = mixed_file(model, tmp_path / "mixed.safetensors")
+    first = apply_loras(model, [(path, 1.0, 1.0)])
+    second = apply_loras(model, [(path, 0.5, 0.5)])
+    with pytest.raises(RuntimeError, match="undo it first"):
+        first.undo()
+    second.undo()
+    first.undo()
+    assert_identical(model, before)

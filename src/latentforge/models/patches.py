@@ -15,6 +15,7 @@ from types import TracebackType
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,12 @@ class PatchShapeError(ValueError):
     """A delta whose name or shape does not fit the module; raised before anything is written."""
 
 
-@dataclass
+# Live (not undone, not baked) handles per parameter, oldest first: undo must go newest first, since a
+# later handle's copies hold the earlier patch and undoing the earlier one first would resurrect it.
+_LIVE = WeakIdKeyDictionary()  # keyed by identity: tensors compare element-wise
+
+
+@dataclass(eq=False)
 class PatchHandle:
     """Undo data of one `patch_weights` call: exact copies of the touched parameters before the patch."""
 
@@ -50,9 +56,12 @@ class PatchHandle:
             raise RuntimeError("a baked patch keeps no undo data")
         if self.undone:
             return
+        if any(_LIVE.get(parameter, [self])[-1] is not self for parameter, _ in self.originals.values()):
+            raise RuntimeError("a later patch of the same weights is still applied: undo it first")
         with torch.no_grad():
             for parameter, original in self.originals.values():
                 parameter.copy_(original)
+                _LIVE[parameter].pop()
         self.originals.clear()
         self.undone = True
 
@@ -118,6 +127,7 @@ def patch_weights(
                 total.add_(update.reshape(total.shape), alpha=delta.strength)
             if not bake:
                 handle.originals[(component, name)] = (parameter, parameter.detach().clone())
+                _LIVE.setdefault(parameter, []).append(handle)
             if any(delta.strength != 0 for delta in group):
                 parameter.copy_(total.to(parameter.dtype))
     return handle
