@@ -222,7 +222,7 @@ def load_fid_inception(path: str | os.PathLike, device: torch.device | str = "cp
 
     # Our reader, not torch.load/load_file: it validates safetensors headers fully and turns a pickle
     # that asks for more than tensors into one UnsafeCheckpointError line (issue 19).
-    tensors, _ = read_state_dict(path)
+    tensors, _ = read_state_dict(os.fspath(path))
     state_dict = {key: value.to(device) for key, value in tensors.items()}
     path = os.fspath(path)
     with torch.device("meta"):
