@@ -19,7 +19,11 @@ import torch
 
 from latentforge.checkpoints import keymap_unet, keymap_vae
 from latentforge.checkpoints.assembly import Components, assemble
-from latentforge.checkpoints.errors import CheckpointNotFoundError, UnknownArchitectureError
+from latentforge.checkpoints.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    UnknownArchitectureError,
+)
 from latentforge.checkpoints.reading import StateDict, read_state_dict
 from latentforge.checkpoints.writing import save_safetensors
 from latentforge.models.configs import TextEncoderConfig, UNetConfig, VAEConfig
@@ -100,7 +104,13 @@ def text_config_from_diffusers(cfg: dict[str, Any], pad_token: int) -> TextEncod
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointNotFoundError(path, "missing from the diffusers folder")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CorruptCheckpointError(path, f"not a readable JSON config ({error})") from None
+    if not isinstance(config, dict):
+        raise CorruptCheckpointError(path, f"expected a JSON object, found {type(config).__name__}")
+    return config
 
 
 def _read_weights(folder: Path, dtype: torch.dtype) -> StateDict:
