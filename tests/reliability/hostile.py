@@ -63,3 +63,12 @@ def png_with_text(key: bytes, text: bytes, chunk: bytes = b"tEXt") -> bytes:
     ihdr = png_chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0))
     idat = png_chunk(b"IDAT", zlib.compress(b"".join(b"\x00" + bytes(24) for _ in range(8))))
     return b"\x89PNG\r\n\x1a\n" + ihdr + png_chunk(chunk, body) + idat + png_chunk(b"IEND", b"")
+
+
+def png_bilevel(width: int, height: int) -> bytes:
+    """A complete, valid 1-bit black PNG of `width` x `height`: a few KB on disk, 3 bytes a pixel as RGB."""
+    ihdr = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+    row = b"\x00" * (1 + (width + 7) // 8)
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    return b"\x89PNG\r\n\x1a\n" + ihdr + png_chunk(b"IDAT", data) + png_chunk(b"IEND", b"")
