@@ -27,9 +27,7 @@ BROKEN = {
     "zero-byte image": ("empty.png", lambda: b"", b"a caption"),
     "caption not UTF-8": ("latin.png", None, b"caf\xe9 \xff"),
 }
-KNOWN = {  # found by this suite, not fixed yet (see docs/reliability.md)
-    "caption not UTF-8": "preflight.read_caption decodes with errors='replace': trains on U+FFFD, exit 0",
-}
+KNOWN: dict[str, str] = {}  # found by this suite and not fixed yet (none now; see docs/reliability.md)
 
 
 @pytest.mark.parametrize("kind", list(BROKEN))
