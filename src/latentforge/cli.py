@@ -208,6 +208,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from latentforge.model import load
     from latentforge.pipelines.inpaint import load_mask
     from latentforge.pipelines.outputs import prepare_folder
+    from latentforge.pipelines.request import DEFAULT_MAX_PIXELS
     from latentforge.pipelines.runner import iter_images
     from latentforge.pipelines.xyz import parse_axis
 
@@ -219,7 +220,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ParameterError("hires fix (--hires-*) is a txt2img option; drop --init-image")
     base = _request_base(args) if args.from_png else None
     axes = [parse_axis(text) for text in (args.x, args.y, args.z) if text]
-    args.init_images = [load_image_rgb(path) for path in args.init_image or []]
+    args.init_images = [load_image_rgb(path, max_pixels=DEFAULT_MAX_PIXELS) for path in args.init_image or []]
     args.mask_image = load_mask(args.mask) if args.mask else None
     request = build_request(args, base)
     out = prepare_folder(args.out)

@@ -111,7 +111,7 @@ def _read_json(path: Path, *, optional: bool = False) -> dict[str, Any]:
         raise CheckpointNotFoundError(path, "missing from the diffusers folder")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CorruptCheckpointError(path, f"not valid JSON ({str(e)[:200]})") from None
     if not isinstance(data, dict):
         raise CorruptCheckpointError(path, f"expected a JSON object, found a {type(data).__name__}")

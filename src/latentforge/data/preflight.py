@@ -89,9 +89,12 @@ class PreflightReport:
         return self.summary()
 
 
-def read_caption(path: Path) -> str:
-    """A caption file's text: UTF-8 (BOM allowed), all whitespace runs (newlines too) -> one space."""
-    return " ".join(path.read_text(encoding="utf-8-sig", errors="replace").split())
+def read_caption(path: Path, *, strict: bool = False) -> str:
+    """A caption file's text: UTF-8 (BOM allowed), all whitespace runs (newlines too) -> one space.
+
+    `strict` raises UnicodeDecodeError on bytes that are not UTF-8 instead of replacing them with U+FFFD
+    (training: kohya's trainers also refuse such captions)."""
+    return " ".join(path.read_text(encoding="utf-8-sig", errors="strict" if strict else "replace").split())
 
 
 def folder_repeats(relative_dir: Path) -> tuple[int, str | None]:
@@ -150,7 +153,13 @@ def scan_dataset(
             continue
         caption_path = path.with_suffix(caption_ext)
         if caption_path.is_file():
-            caption, source = read_caption(caption_path), "file"
+            try:
+                caption, source = read_caption(caption_path, strict=True), "file"
+            except UnicodeDecodeError as error:  # listed with the unusable images, named (issue 19)
+                report.unreadable.append(
+                    (path, f"its caption {caption_path.name} is not UTF-8 ({error.reason})")
+                )
+                continue
             if not caption:
                 report.empty_captions.append(path)
         elif folder_caption is not None:

@@ -218,13 +218,13 @@ class FIDInceptionV3(nn.Module):
 def load_fid_inception(path: str | os.PathLike, device: torch.device | str = "cpu") -> FIDInceptionV3:
     """Build the FID Inception in eval mode from pytorch-fid's `pt_inception-2015-12-05-*.pth` (or a
     `.safetensors` with the same keys; torch-fidelity's `weights-inception-2015-12-05-*.pth` also fits)."""
-    path = os.fspath(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    from latentforge.checkpoints.reading import read_state_dict
 
-        state_dict = load_file(path, device=str(device))
-    else:
-        state_dict = torch.load(path, map_location=device, weights_only=True)
+    # Our reader, not torch.load/load_file: it validates safetensors headers fully and turns a pickle
+    # that asks for more than tensors into one UnsafeCheckpointError line (issue 19).
+    tensors, _ = read_state_dict(os.fspath(path))
+    state_dict = {key: value.to(device) for key, value in tensors.items()}
+    path = os.fspath(path)
     with torch.device("meta"):
         model = FIDInceptionV3()
     expected = set(model.state_dict())

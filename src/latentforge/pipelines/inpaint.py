@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from latentforge.data.images import open_image, to_rgb
+from latentforge.data.images import open_image, read_image_size, to_rgb
 from latentforge.errors import ParameterError
 from latentforge.model import StableDiffusion
 from latentforge.pipelines.generate import LatentSource
 from latentforge.pipelines.images import encode_images, pil_to_tensor
-from latentforge.pipelines.request import GenerationRequest
+from latentforge.pipelines.request import DEFAULT_MAX_PIXELS, GenerationRequest
 
 
 def mask_to_l(mask: Image.Image) -> Image.Image:
@@ -38,8 +38,12 @@ def mask_to_l(mask: Image.Image) -> Image.Image:
     return to_rgb(mask).convert("L") if mask.mode not in ("L", "1") else mask.convert("L")
 
 
-def load_mask(path: str | Path) -> Image.Image:
-    """Read a mask file (same error rules as images: `ImageLoadError` naming the file and the reason)."""
+def load_mask(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Read a mask file (same error rules as images: `ImageLoadError` naming the file and the reason).
+
+    Pixels past the request's limit are refused from the header, before decoding (issue 19: an 8000x8000
+    mask was decoded and resized to the image size)."""
+    read_image_size(path, max_pixels=max_pixels)
     with open_image(Path(path)) as image:
         image.load()
         return mask_to_l(image)

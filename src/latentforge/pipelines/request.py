@@ -39,9 +39,13 @@ MAX_STEPS = 1000
 MAX_BATCH = 64  # images per forward pass
 MAX_IMAGES = 10_000  # images per request
 DEFAULT_MAX_PIXELS = 4096 * 4096
+MAX_SIDE = 16384  # pixels per side, ComfyUI's MAX_RESOLUTION (nodes.py): 100000x8 passes the pixel limit
 DEFAULT_TILED_VAE_PIXELS = 1536 * 1536
 MAX_MASK_BLUR = 256  # pixels of Gaussian sigma (A1111's slider stops at 64)
 MAX_MARGIN = 4096  # outpainting pixels per side
+# Characters per prompt: ~8k CLIP tokens, 100+ 75-token chunks, far above real prompts; a 10 MB infotext
+# prompt took 5 s in parse_attention alone and minutes in the text encoder (issue 19).
+MAX_PROMPT_CHARS = 32_768
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # A1111's inpainting_fill 0..3
 
 
@@ -179,6 +183,8 @@ def check_size(family: ModelFamily, width: int, height: int, max_pixels: int = D
                 f"{name} {value} is not a positive multiple of {multiple} (the VAE's factor for this "
                 f"model); nearest valid: {nearest}"
             )
+        if value > MAX_SIDE:
+            raise ParameterError(f"{name} {value} exceeds the limit of {MAX_SIDE} pixels per side")
     if width * height > max_pixels:
         raise ParameterError(f"{width}x{height} exceeds the limit of {max_pixels} pixels")
 
@@ -235,7 +241,19 @@ def resolve(
     for key in ("seed", "subseed"):
         _whole(key, getattr(r, key), -1, 2**63 - 1)
     for text in {r.prompt, r.negative_prompt, *(p for p, _ in r.prompt_seeds)}:
+        if len(text) > MAX_PROMPT_CHARS:
+            raise ParameterError(
+                f"a prompt of {len(text)} characters is too long: the limit is {MAX_PROMPT_CHARS} (starts "
+                f"{text[:40]!r})"
+            )
         parse_attention(text)  # bracket depth and weights checked before any work
+        try:  # undecodable command-line bytes arrive as surrogates; the PNG infotext cannot hold them
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ParameterError(
+                f"the prompt {text[:40]!r} is not valid UTF-8 (byte {error.object[error.start]!r} at "
+                f"{error.start}); re-type it or fix the file it came from"
+            ) from None
     width, height = r.width, r.height
     if r.init is not None:
         _finite("denoising strength", r.init.denoising_strength, 0, 1)
@@ -342,6 +360,8 @@ def _margins(margins: Sequence[int]) -> tuple[int, int, int, int]:
 
 def _check_inpaint(part: Inpaint) -> None:
     _finite("mask blur", part.mask_blur, 0, MAX_MASK_BLUR)
+    if part.outpaint is not None:  # also with an explicit size, which skips the canvas-size branch
+        _margins(part.outpaint)
     _whole("only-masked padding", part.only_masked_padding, 0, MAX_MARGIN)
     if part.masked_content not in MASKED_CONTENT:
         valid = ", ".join(MASKED_CONTENT)
