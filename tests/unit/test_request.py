@@ -42,7 +42,7 @@ def single(model: StableDiffusion, request: GenerationRequest) -> GenerationRequ
     """The resolved single-image request of image 0: what an image's infotext describes."""
     if request.vae:  # a model whose VAE was swapped for the one the request names
         model = copy.copy(model)
-        model.vae_name, model.vae_hash = request.vae, request.vae_hash  # type: ignore[attr-defined]
+        model.vae_name, model.vae_hash = request.vae, request.vae_hash
     resolved = resolve(request, model)
     return resolved.image_request(resolved.batches[0], 0)
 

@@ -291,7 +291,7 @@ def resolve(
             f"{model.name} has {model.short_hash}: the image will differ",
             stacklevel=2,
         )
-    vae_name, vae_hash = getattr(model, "vae_name", None) or "", getattr(model, "vae_hash", None) or ""
+    vae_name, vae_hash = model.vae_name or "", model.vae_hash or ""
     if r.vae_hash and r.vae_hash != vae_hash:
         warnings.warn(
             f"the request names VAE {r.vae or r.vae_hash} ({r.vae_hash}); the loaded model decodes with "
