@@ -28,7 +28,7 @@ print(json.dumps(peaks))
 """
 
 
-def test_bombs_are_refused_before_decoding(tiny_model, tmp_path):
+def test_bombs_are_refused_before_decoding(tiny_checkpoint, tmp_path):
     (tmp_path / "huge.png").write_bytes(png_declaring(HUGE, HUGE))
     (tmp_path / "big.png").write_bytes(png_bilevel(BIG, BIG))
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnothing")
@@ -38,7 +38,7 @@ def test_bombs_are_refused_before_decoding(tiny_model, tmp_path):
         for i in range(2):
             (tmp_path / f"eval-{name}" / f"{i}.png").write_bytes((tmp_path / f"{name}.png").read_bytes())
     out = tmp_path / "out"
-    generate = ["generate", "x", "--model", str(tiny_model), "--steps", "1", "--out", str(out)]
+    generate = ["generate", "x", "--model", str(tiny_checkpoint), "--steps", "1", "--out", str(out)]
     small = str(tmp_path / "small.png")
     cases = [("baseline: broken init image", [*generate, "--init-image", str(tmp_path / "broken.png")])]
     for name in ("huge", "big"):

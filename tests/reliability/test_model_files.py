@@ -85,14 +85,14 @@ COMMANDS: dict[str, Callable[[Path, Path, Path], list[str]]] = {
 
 @pytest.mark.parametrize("command", list(COMMANDS))
 @pytest.mark.parametrize("kind", list(FILES))
-def test_malformed_model_file(kind, command, tiny_model, tmp_path, capsys):
+def test_malformed_model_file(kind, command, tiny_checkpoint, tmp_path, capsys):
     name, write = FILES[kind]
     bad = tmp_path / name
-    write(bad, tiny_model.read_bytes())
+    write(bad, tiny_checkpoint.read_bytes())
     out = tmp_path / "out"
     out.mkdir()
     (out / "00000.png").write_bytes(b"an image from before")
     before = snapshot(out)
-    line = one_error_line(capsys, COMMANDS[command](bad, tiny_model, out))
+    line = one_error_line(capsys, COMMANDS[command](bad, tiny_checkpoint, out))
     assert name in line, line  # names the file
     assert snapshot(out) == before

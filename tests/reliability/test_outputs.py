@@ -16,28 +16,28 @@ def _generate(model: Path, out: str, *extra: str) -> list[str]:
     return ["generate", "x", "--model", str(model), "--steps", "1", "--size", "32x32", "--out", out, *extra]
 
 
-def test_out_is_a_file(tiny_model, tmp_path, capsys):
+def test_out_is_a_file(tiny_checkpoint, tmp_path, capsys):
     (tmp_path / "taken").write_text("mine")
-    line = one_error_line(capsys, _generate(tiny_model, str(tmp_path / "taken")))
+    line = one_error_line(capsys, _generate(tiny_checkpoint, str(tmp_path / "taken")))
     assert "taken" in line and (tmp_path / "taken").read_text() == "mine"
 
 
-def test_out_under_proc(tiny_model, capsys):
+def test_out_under_proc(tiny_checkpoint, capsys):
     if not Path("/proc/self").exists():
         pytest.skip("no /proc on this system")
     assert "/proc/self/latentforge-out" in one_error_line(
-        capsys, _generate(tiny_model, "/proc/self/latentforge-out")
+        capsys, _generate(tiny_checkpoint, "/proc/self/latentforge-out")
     )
 
 
-def test_out_read_only(tiny_model, tmp_path, capsys):
+def test_out_read_only(tiny_checkpoint, tmp_path, capsys):
     folder = tmp_path / "read-only"
     folder.mkdir()
     folder.chmod(0o555)
     try:
         if os.access(folder, os.W_OK):
             pytest.skip("running as root: chmod does not stop writes (the /proc case covers unwritable)")
-        assert "read-only" in one_error_line(capsys, _generate(tiny_model, str(folder)))
+        assert "read-only" in one_error_line(capsys, _generate(tiny_checkpoint, str(folder)))
         assert not list(folder.iterdir())
     finally:
         folder.chmod(0o755)
@@ -50,12 +50,12 @@ def test_out_on_full_disk():
     """Documented in docs/reliability.md: PNGs are written to a temporary name and renamed."""
 
 
-def test_earlier_images_are_never_overwritten(tiny_model, tmp_path):
+def test_earlier_images_are_never_overwritten(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     for name in ("00000-0.png", "00001-0.png", "00003-0.png"):  # a gap, as after the user deleted one
         (out / name).write_bytes(b"an earlier image " + name.encode())
     before = snapshot(out)
-    assert main(_generate(tiny_model, str(out), "--seed", "0")) == 0
+    assert main(_generate(tiny_checkpoint, str(out), "--seed", "0")) == 0
     after = snapshot(out)
     assert {k: after[k] for k in before} == before and len(after) == len(before) + 1

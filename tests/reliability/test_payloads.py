@@ -88,7 +88,7 @@ PATHS: dict[str, Callable[[Path, Path, Path], list[str]]] = {
 
 @pytest.mark.parametrize("payload", PAYLOADS)
 @pytest.mark.parametrize("way_in", list(PATHS))
-def test_payload_never_runs(way_in, payload, tiny_model, tmp_path, capsys):
+def test_payload_never_runs(way_in, payload, tiny_checkpoint, tmp_path, capsys):
     marker = tmp_path / "payload-ran"
     suffix = ".pth" if way_in.startswith("eval") else ".ckpt"
     path = tmp_path / f"payload{suffix}"
@@ -99,7 +99,7 @@ def test_payload_never_runs(way_in, payload, tiny_model, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     before = snapshot(out)
-    line = one_error_line(capsys, PATHS[way_in](path, tiny_model, out))
+    line = one_error_line(capsys, PATHS[way_in](path, tiny_checkpoint, out))
     assert not marker.exists(), f"{way_in} ran the {payload} payload"
     assert snapshot(out) == before and not (tmp_path / "run").exists()
     assert "payload" in line, line  # the error names the file

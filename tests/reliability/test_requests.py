@@ -93,13 +93,13 @@ def text_id(text: bytes) -> str:
 
 
 @pytest.fixture
-def setup(tiny_model, tmp_path) -> dict[str, Path]:
+def setup(tiny_checkpoint, tmp_path) -> dict[str, Path]:
     out = tmp_path / "out"
     out.mkdir()
     (out / "00000.png").write_bytes(b"an image from before")
     Image.new("RGB", (32, 32), (120, 30, 200)).save(tmp_path / "image.png")
     (tmp_path / "folder").mkdir()
-    return {"model": tiny_model, "out": out, "root": tmp_path}
+    return {"model": tiny_checkpoint, "out": out, "root": tmp_path}
 
 
 def _generate(setup: dict[str, Path], prompt: str, *extra: str) -> list[str]:

@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 from latentforge.checkpoints.exports import save_clip
-from latentforge.checkpoints.single_file import save_single_file
 from latentforge.cli import main
 from latentforge.evaluation import metrics as m
 from latentforge.evaluation.evaluate import MetricSettings, compute_features, evaluate
@@ -21,9 +20,7 @@ from latentforge.evaluation.inception import random_fid_inception
 from latentforge.evaluation.report import write_sweep_report
 from latentforge.evaluation.resize import DEFAULT_RESIZE_MODE
 from latentforge.evaluation.runs import parse_seeds, parse_sweep, read_prompts
-from latentforge.model import StableDiffusion
 from latentforge.models.clip import CLIPConfig, CLIPModel
-from latentforge.models.families import TINY
 from latentforge.pipelines.infotext import parse_infotext, read_infotext
 
 
@@ -52,17 +49,6 @@ def clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("clip") / "clip.safetensors"
     save_clip(CLIPModel(CLIPConfig()), path)  # image size 32, 32-d embeddings
-    return path
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = StableDiffusion.from_family(TINY)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_single_file(
-        path, model.unet.state_dict(), model.vae.state_dict(), model.text_encoder.state_dict(), TINY
-    )
     return path
 
 
@@ -299,14 +285,14 @@ def test_square_rule_without_resize_mode_centre_crops_and_bicubic_resizes(tmp_pa
 
 
 def test_generation_spec_writes_images_json_and_report(
-    tmp_path: Path, model_path: Path, clip_path: Path
+    tmp_path: Path, tiny_checkpoint: Path, clip_path: Path
 ) -> None:
     reference = _write_images(tmp_path / "ref", 8, seed=1, caption="a cat")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# comment\na red circle\n\na blue square\n")
     out = tmp_path / "out"
     code = _run(
-        "--model", model_path, "--prompts", prompts, "--seeds", "3-5", "--steps", "2", "--cfg", "3",
+        "--model", tiny_checkpoint, "--prompts", prompts, "--seeds", "3-5", "--steps", "2", "--cfg", "3",
         "--size", "32x32", "--reference", reference, "--features", f"clip:{clip_path}", "--out", out,
         "--no-cache",
     )  # fmt: skip
@@ -347,7 +333,7 @@ def test_generation_spec_writes_images_json_and_report(
     assert (
         _run(
             "--model",
-            model_path,
+            tiny_checkpoint,
             "--prompts",
             prompts,
             "--reference",
@@ -390,7 +376,7 @@ def test_generation_spec_writes_images_json_and_report(
 
 
 def test_cfg_sweep_writes_the_plot_and_one_row_per_value(
-    tmp_path: Path, model_path: Path, clip_path: Path
+    tmp_path: Path, tiny_checkpoint: Path, clip_path: Path
 ) -> None:
     pytest.importorskip("matplotlib")
     reference = _write_images(tmp_path / "ref", 8, seed=1)
@@ -398,7 +384,7 @@ def test_cfg_sweep_writes_the_plot_and_one_row_per_value(
     prompts.write_text("a red circle\na blue square\n")
     out = tmp_path / "sweep"
     code = _run(
-        "--model", model_path, "--prompts", prompts, "--seeds", "0-3", "--steps", "2", "--size", "32x32",
+        "--model", tiny_checkpoint, "--prompts", prompts, "--seeds", "0-3", "--steps", "2", "--size", "32x32",
         "--sweep", "cfg=1,3,7.5", "--reference", reference, "--features", f"clip:{clip_path}", "--out", out,
         "--cache-dir", tmp_path / "cache",
     )  # fmt: skip
@@ -444,7 +430,7 @@ def test_sweep_report_without_matplotlib_says_why(tmp_path: Path, monkeypatch) -
 
 
 def test_wrong_weights_files_are_clear_errors(
-    tmp_path: Path, clip_path: Path, model_path: Path, capsys
+    tmp_path: Path, clip_path: Path, tiny_checkpoint: Path, capsys
 ) -> None:
     images = _write_images(tmp_path / "images", 4, seed=0)
     common = ["--generated", images, "--reference", images, "--out", tmp_path / "out", "--no-cache"]
@@ -452,7 +438,7 @@ def test_wrong_weights_files_are_clear_errors(
     err = capsys.readouterr().err
     assert "FID Inception" in err and "missing keys" in err
     torch.save({"conv.weight": torch.zeros(2, 2)}, tmp_path / "foreign.pth")
-    for bad in (tmp_path / "foreign.pth", model_path):
+    for bad in (tmp_path / "foreign.pth", tiny_checkpoint):
         assert _run(*common, "--features", f"clip:{bad}") == 2
         assert "expects a CLIP exported by `latentforge train clip`" in capsys.readouterr().err
     assert _run(*common, "--features", f"clip:{tmp_path / 'missing.safetensors'}") == 2

@@ -5,14 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
-from latentforge.checkpoints.single_file import save_single_file
 from latentforge.cli import main
 from latentforge.errors import ParameterError
-from latentforge.model import StableDiffusion
-from latentforge.models.families import TINY
 from latentforge.pipelines.infotext import read_infotext
 from latentforge.pipelines.request import GenerationRequest, Hires
 from latentforge.pipelines.xyz import Axis, cells, parse_axis
@@ -42,32 +38,14 @@ def test_cells_share_one_seed_and_vary_x_fastest():
     assert got[7][1].steps == 2 and got[7][1].cfg_scale == 5 and got[7][1].hires == Hires(scale=2.0)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = StableDiffusion.from_family(TINY)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_single_file(
-        path, model.unet.state_dict(), model.vae.state_dict(), model.text_encoder.state_dict(), TINY
-    )
-    return path
+def generate_argv(checkpoint: Path, out: Path) -> list[str]:
+    return ["generate", "a cat", "--model", str(checkpoint), "--size", "32x32", "--out", str(out)]
 
 
-def test_cli_writes_every_cell_and_a_labelled_grid(checkpoint, tmp_path):
+def test_cli_writes_every_cell_and_a_labelled_grid(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
-    argv = [
-        "generate",
-        "a cat",
-        "--model",
-        str(checkpoint),
-        "--size",
-        "32x32",
-        "--seed",
-        "3",
-        "--out",
-        str(out),
-    ]
-    assert main([*argv, "--x", "steps=1,2", "--y", "sampler=Euler,Euler a"]) == 0
+    argv = generate_argv(tiny_checkpoint, out)
+    assert main([*argv, "--seed", "3", "--x", "steps=1,2", "--y", "sampler=Euler,Euler a"]) == 0
     cells_written = sorted(out.glob("0*.png"))
     grids = sorted(out.glob("xyz-*.png"))
     assert len(cells_written) == 4 and len(grids) == 1
@@ -77,20 +55,9 @@ def test_cli_writes_every_cell_and_a_labelled_grid(checkpoint, tmp_path):
     assert grid.width > 2 * 32 and grid.height > 2 * 32  # two cells each way plus label bands
 
 
-def test_a_batch_writes_a_grid_and_never_overwrites(checkpoint, tmp_path):
+def test_a_batch_writes_a_grid_and_never_overwrites(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
-    argv = [
-        "generate",
-        "a cat",
-        "--model",
-        str(checkpoint),
-        "--size",
-        "32x32",
-        "--steps",
-        "1",
-        "--out",
-        str(out),
-    ]
+    argv = [*generate_argv(tiny_checkpoint, out), "--steps", "1"]
     assert main([*argv, "--seed", "1", "--batch-size", "2", "--batch-count", "2", "--format", "webp"]) == 0
     assert len(list(out.glob("0*.webp"))) == 4 and [p.name for p in out.glob("grid-*")] == ["grid-00000.webp"]
     first = sorted(out.glob("0*.webp"))[0]
