@@ -224,7 +224,7 @@ def decode_results(
     width, height = latents.shape[-1] * f, latents.shape[-2] * f
     if not torch.isfinite(latents).all():
         raise NonFiniteError(f"sampling gave NaN/Inf latents (seeds {list(batch.seeds)}): {_cause(model)}")
-    tiled = base.tiled_vae if base.tiled_vae is not None else width * height > base.tiled_vae_pixels
+    tiled = base.use_tiled_vae(width, height)
     pixels, retried = decode_latents(model, latents, tiled=tiled)
     if not torch.isfinite(pixels).all():
         raise NonFiniteError(f"the VAE decoded NaN/Inf pixels (seeds {list(batch.seeds)}): {_cause(model)}")

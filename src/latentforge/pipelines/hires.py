@@ -58,7 +58,7 @@ def hires_pass(
         r.width, r.height, scale=r.hires.scale, resize_width=r.hires.resize_width,
         resize_height=r.hires.resize_height,
     )  # fmt: skip
-    tiled = r.tiled_vae if r.tiled_vae is not None else cover[0] * cover[1] > r.tiled_vae_pixels
+    tiled = r.use_tiled_vae(*cover)
     source = LatentSource(upscale_latents(model, latents, r.hires.upscaler, cover, final, tiled=tiled))
     return sample_latents(
         model, r, second, batch, size=final, source=source, strength=r.hires.denoising_strength,

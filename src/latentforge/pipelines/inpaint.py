@@ -224,10 +224,7 @@ def inpaint_source(model: StableDiffusion, request: GenerationRequest) -> tuple[
         work_image = fill_masked(work_image, work_mask)
 
     pixels = pil_to_tensor([work_image])
-    tiled = (
-        request.tiled_vae if request.tiled_vae is not None else size[0] * size[1] > request.tiled_vae_pixels
-    )
-    init = encode_images(model, pixels, tiled=tiled)
+    init = encode_images(model, pixels, tiled=request.use_tiled_vae(*size))
     repaint = latent_mask(work_mask, (init.shape[-1], init.shape[-2]))
     if part.masked_content == "latent nothing":
         init = init * (1 - repaint)

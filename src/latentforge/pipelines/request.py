@@ -116,6 +116,10 @@ class GenerationRequest:
     vae_hash: str = ""
     extra: Mapping[str, str] = field(default_factory=dict)  # infotext keys no field holds, kept verbatim
 
+    def use_tiled_vae(self, width: int, height: int) -> bool:
+        """Whether the VAE runs in tiles for an image of this size."""
+        return self.tiled_vae if self.tiled_vae is not None else width * height > self.tiled_vae_pixels
+
     @property
     def mode(self) -> str:
         return "inpaint" if self.inpaint else "img2img" if self.init else "hires" if self.hires else "txt2img"

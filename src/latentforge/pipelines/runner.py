@@ -38,10 +38,7 @@ def init_source(model: StableDiffusion, request: GenerationRequest) -> LatentSou
     images = [
         im if im.size == size else im.resize(size, Image.Resampling.LANCZOS) for im in request.init.images
     ]
-    tiled = (
-        request.tiled_vae if request.tiled_vae is not None else size[0] * size[1] > request.tiled_vae_pixels
-    )
-    return LatentSource(encode_images(model, pil_to_tensor(images), tiled=tiled))
+    return LatentSource(encode_images(model, pil_to_tensor(images), tiled=request.use_tiled_vae(*size)))
 
 
 def _source(model: StableDiffusion, resolved: ResolvedRequest) -> tuple[LatentSource | None, Overlay | None]:
