@@ -231,6 +231,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         model_path, dtype=_torch_dtype(args.dtype), device=device, vae=vae, prediction=args.prediction,
         use_ema=args.use_ema,
     )  # fmt: skip
+    model.use_folders(lora_dirs=args.lora_dir, embedding_dirs=args.embeddings_dir, models_dir=args.models_dir)
     callback = _preview_writer(model, out, args.preview_every) if args.preview_every else None
     if axes:
         return _xyz(model, request, axes, out, args.format)
@@ -535,6 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a grid image when a run makes several",
     )
     p.add_argument("--from-png", help="take all parameters from an image's infotext (others override)")
+    p.add_argument("--lora-dir", action="append", default=[], help="folder <lora:NAME:W> tags resolve in")
+    p.add_argument(
+        "--embeddings-dir", action="append", default=[], help="textual-inversion embeddings (by file name)"
+    )
+    p.add_argument("--models-dir", help="A1111 layout: DIR/Lora, DIR/LyCORIS, DIR/../embeddings")
     for axis in ("x", "y", "z"):
         p.add_argument(
             f"--{axis}",

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from latentforge.checkpoints.embeddings import Embedding, find_embeddings, read_embedding
+from latentforge.checkpoints.errors import CheckpointError
 from latentforge.checkpoints.hashing import a1111_short_hash
 from latentforge.checkpoints.loading import read_components, read_vae
+from latentforge.checkpoints.lora import LoraHandle, apply_loras
+from latentforge.errors import ParameterError
 from latentforge.models.families import ModelFamily, Prediction
 from latentforge.models.text_encoder import CLIPTextModel
 from latentforge.models.tokenizer import CLIPTokenizer
@@ -31,6 +37,11 @@ class StableDiffusion:
     # "VAE hash" the first 10 hex digits of its SHA-256; None while the checkpoint's own VAE is in use.
     vae_name: str | None = None
     vae_hash: str | None = None
+    # Adapters (docs/adapters.md): folders `<lora:name>` tags resolve in, and the textual-inversion
+    # embeddings prompts use by name; LoRA file hashes are cached per path (A1111 caches them too).
+    lora_dirs: tuple[Path, ...] = ()
+    embeddings: dict[str, Embedding] = field(default_factory=dict)
+    lora_hashes: dict[Path, str] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_family(
@@ -75,6 +86,68 @@ class StableDiffusion:
         for module in (self.text_encoder, self.vae, self.unet):
             module.eval().requires_grad_(False)
         return self
+
+    def apply_lora(
+        self,
+        path: str | Path,
+        unet_weight: float = 1.0,
+        te_weight: float | None = None,
+        *,
+        bake: bool = False,
+    ) -> LoraHandle:
+        """Apply a LoRA/LyCORIS file (te_weight None: unet_weight); `handle.undo()` or leaving a `with`
+        block restores every weight bit for bit, `bake=True` keeps it for good."""
+        return apply_loras(self, [(path, unet_weight, te_weight)], bake=bake)
+
+    lora = apply_lora  # reads better as a context manager: `with model.lora("x.safetensors", 0.8): ...`
+
+    def use_folders(
+        self,
+        *,
+        lora_dirs: Sequence[str | Path] = (),
+        embedding_dirs: Sequence[str | Path] = (),
+        models_dir: str | Path | None = None,
+    ) -> None:
+        """Add folders `<lora:name>` tags resolve in, and load the embeddings of embedding folders.
+
+        `models_dir` is A1111's layout: `models/Lora`, `models/LyCORIS`, embeddings in `embeddings/` beside
+        `models/` (or inside it). Embeddings of another family or unreadable files are skipped with a warning.
+        """
+        explicit = [Path(d) for d in (*lora_dirs, *embedding_dirs)]
+        for folder in explicit + ([Path(models_dir)] if models_dir is not None else []):
+            if not folder.is_dir():
+                raise ParameterError(f"{folder} is not a folder (LoRA, embeddings or models folder)")
+        loras, embeddings = [Path(d) for d in lora_dirs], [Path(d) for d in embedding_dirs]
+        if models_dir is not None:
+            root = Path(models_dir)
+            loras += [root / "Lora", root / "LyCORIS"]
+            embeddings += [root / "embeddings", root.parent / "embeddings"]
+        self.lora_dirs = tuple(dict.fromkeys((*self.lora_dirs, *loras)))
+        for name, path in find_embeddings(embeddings).items():
+            try:
+                self.load_embedding(path, name)
+            except (CheckpointError, ParameterError) as error:
+                warnings.warn(f"embedding {path} skipped: {error}", stacklevel=2)
+
+    def load_embedding(self, path: str | Path, name: str | None = None) -> Embedding:
+        """Read a textual-inversion embedding and use it in prompts by `name` (default: the file stem).
+
+        One trained for another text-encoder width (an SD2 embedding on SD1) is refused naming its family.
+        """
+        embedding = read_embedding(path, name)
+        width = self.family.text_encoder.width
+        if embedding.width != width:
+            raise ParameterError(
+                f"embedding {embedding.name!r} ({path}) is for {embedding.family} (width {embedding.width}); "
+                f"this {self.family.name} model's text encoder takes width {width}"
+            )
+        if embedding.count > self.tokenizer.max_length - 2:
+            raise ParameterError(
+                f"embedding {embedding.name!r} has {embedding.count} vectors, more than one "
+                f"{self.tokenizer.max_length - 2}-token chunk holds"
+            )
+        self.embeddings[embedding.name] = embedding
+        return embedding
 
 
 def load(

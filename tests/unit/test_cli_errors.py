@@ -123,6 +123,8 @@ CASES: dict[str, Callable[[dict[str, Path]], list[str]]] = {
         f, f["gen"], "--features", "random", "--metrics", "fid", "--out", str(f["root"] / "eval")
     ),
     "EmojiDatasetError": lambda f: ["data", "emoji", str(f["notempty"])],
+    "UnknownLoraError": lambda f: ["generate", "a <lora:missing:1>", "--model", str(f["tiny"]), "--steps",
+                                   "1", "--out", str(f["root"] / "out"), "--lora-dir", str(f["gen"])],
 }  # fmt: skip
 
 

@@ -37,6 +37,7 @@ from latentforge.checkpoints.errors import (
 )
 from latentforge.checkpoints.keymap_unet import diffusers_key_map
 from latentforge.checkpoints.reading import read_state_dict
+from latentforge.errors import ParameterError
 from latentforge.models.families import ModelFamily
 from latentforge.models.patches import PatchHandle, WeightDelta, check_deltas, patch_weights
 
@@ -96,9 +97,12 @@ _UNET_ROOTS = ("down_blocks", "mid_block", "up_blocks", "input_blocks", "middle_
 class HasModels(Protocol):
     """What `apply_loras` needs of a `StableDiffusion` (checkpoints may not import model.py)."""
 
-    family: ModelFamily
-    unet: nn.Module
-    text_encoder: nn.Module
+    @property
+    def family(self) -> ModelFamily: ...
+    @property
+    def unet(self) -> nn.Module: ...
+    @property
+    def text_encoder(self) -> nn.Module: ...
 
 
 @dataclass
@@ -476,3 +480,58 @@ def apply_loras(
         deltas += file_deltas
         reports.append(LoraReport(lora.path, lora.kinds, lora.unmatched, lora_short_hash(lora.path)))
     return LoraHandle(patch_weights(modules, deltas, bake=bake), reports)
+
+
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
+
+
+class UnknownLoraError(ParameterError):
+    """A `<lora:name>` tag (or an infotext's `Lora hashes` entry) that no file in the LoRA folders matches."""
+
+
+def find_loras(folders: Sequence[Path]) -> dict[str, Path]:
+    """LoRA files under `folders` (recursively, as A1111's `list_available_networks`) by file stem; the
+    first folder wins."""
+    found: dict[str, Path] = {}
+    for folder in folders:
+        if folder.is_dir():
+            for path in sorted(folder.rglob("*")):
+                if path.suffix.lower() in LORA_SUFFIXES and path.is_file():
+                    found.setdefault(path.stem, path)
+    return found
+
+
+def resolve_lora(
+    name: str, folders: Sequence[Path], *, want_hash: str = "", hashes: dict[Path, str] | None = None
+) -> Path:
+    """The file of `<lora:name>`: the file stem `name` under `folders`.
+
+    With `want_hash` (an infotext's `Lora hashes`), a file of that hash under any name is taken when the
+    stem is missing or hashes otherwise (A1111 renames pasted tags by hash); `hashes` caches file hashes.
+    """
+    files = find_loras(folders)
+    cache = {} if hashes is None else hashes
+
+    def short_hash(path: Path) -> str:
+        if path not in cache:
+            cache[path] = lora_short_hash(path)
+        return cache[path]
+
+    path = files.get(name)
+    if want_hash and (path is None or short_hash(path) != want_hash):
+        by_hash = next((p for p in files.values() if short_hash(p) == want_hash), None)
+        if by_hash is not None:
+            return by_hash
+        if path is not None:
+            warnings.warn(
+                f"LoRA {name!r}: the infotext names hash {want_hash}, {path.name} hashes {short_hash(path)}; "
+                "using it, the image will differ",
+                stacklevel=2,
+            )
+    if path is None:
+        where = ", ".join(str(f) for f in folders) or "no LoRA folder (pass --lora-dir or --models-dir)"
+        hashed = f" (hash {want_hash})" if want_hash else ""
+        raise UnknownLoraError(
+            f"LoRA {name!r}{hashed}: no file named {name}{{{','.join(LORA_SUFFIXES)}}} in {where}"
+        )
+    return path

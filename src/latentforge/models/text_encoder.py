@@ -76,9 +76,10 @@ class CLIPEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, config.width)
         self.position_embedding = nn.Embedding(config.max_length, config.width)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        return self.token_embedding(input_ids) + self.position_embedding(positions)  # [B, T, width]
+        tokens = self.token_embedding(input_ids) if token_embeds is None else token_embeds
+        return tokens + self.position_embedding(positions)  # [B, T, width]
 
 
 class CLIPTextTransformer(nn.Module):
@@ -102,8 +103,11 @@ class CLIPTextModel(nn.Module):
         if config.projection_dim is not None:
             self.text_projection = nn.Linear(config.width, config.projection_dim, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode token ids [B, T] (T <= max_length).
+    def forward(
+        self, input_ids: torch.Tensor, clip_skip: int = 1, token_embeds: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode token ids [B, T] (T <= max_length); `token_embeds` [B, T, width] replaces their token
+        embeddings (textual inversion), the ids still locate the EOS.
 
         Returns (hidden [B, T, width], pooled [B, projection_dim or width]). `clip_skip` N (A1111's
         convention) takes the output of the layer N-1 before the last, then the final LayerNorm; the
@@ -113,7 +117,7 @@ class CLIPTextModel(nn.Module):
         if not 1 <= clip_skip <= num_layers:
             raise ValueError(f"clip_skip must be in [1, {num_layers}] for this text encoder, got {clip_skip}")
         tm = self.text_model
-        x = tm.embeddings(input_ids)
+        x = tm.embeddings(input_ids, token_embeds)
         skipped = x
         for index, layer in enumerate(tm.encoder.layers):
             x = layer(x)

@@ -14,6 +14,7 @@ import torch
 
 from latentforge.model import StableDiffusion
 from latentforge.prompts.conditioning import conditioning_at_step, encode_prompts, scheduled_conditioning
+from latentforge.prompts.extra_networks import strip_extra_networks
 from latentforge.sampling.common import ConditionedDenoiser, Denoiser
 from latentforge.sampling.guidance import CFGDenoiser
 
@@ -46,8 +47,13 @@ class PromptConditioner:
 
     @torch.inference_mode()
     def _schedules(self, prompts: list[str]) -> list[list[tuple[int, torch.Tensor]]]:
+        """Extra-network tags (`<lora:...>`, applied by the runner) are removed from the text first."""
         m = self.model
-        return scheduled_conditioning(m.text_encoder, m.tokenizer, prompts, self.steps, self.clip_skip)
+        texts = [strip_extra_networks(p) for p in prompts]
+        embeddings = {name: e.vectors for name, e in m.embeddings.items()}
+        return scheduled_conditioning(
+            m.text_encoder, m.tokenizer, texts, self.steps, self.clip_skip, embeddings=embeddings
+        )
 
     def denoiser(
         self,

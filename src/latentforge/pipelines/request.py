@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from latentforge.errors import ParameterError
+from latentforge.pipelines import adapters
 from latentforge.pipelines.seeds import resolve_seed
 from latentforge.prompts.parser import parse_attention
 from latentforge.sampling.registry import (
@@ -114,6 +115,8 @@ class GenerationRequest:
     model_hash: str = ""
     vae: str = ""
     vae_hash: str = ""
+    lora_hashes: str = ""  # A1111's "Lora hashes"/"TI hashes" ("name: hash, ..."): filled in by `resolve`
+    ti_hashes: str = ""
     extra: Mapping[str, str] = field(default_factory=dict)  # infotext keys no field holds, kept verbatim
 
     def use_tiled_vae(self, width: int, height: int) -> bool:
@@ -137,6 +140,9 @@ class Batch:
     prompts: tuple[str, ...]
     seeds: tuple[int, ...]
     subseeds: tuple[int, ...]
+    # the `<lora:>` tags of the batch's first prompt (A1111's `parse_prompts`), applied around the batch
+    loras: tuple[adapters.ResolvedLora, ...] = ()
+    ti_hashes: tuple[str, ...] = ()  # per image
 
 
 @dataclass(frozen=True)
@@ -169,6 +175,8 @@ class ResolvedRequest:
             batch_size=1,
             batch_count=1,
             prompt_seeds=(),
+            lora_hashes=adapters.lora_hashes(batch.loras),
+            ti_hashes=batch.ti_hashes[i] if batch.ti_hashes else "",
         )
 
 
@@ -316,7 +324,30 @@ def resolve(
         vae_hash=vae_hash,
         hires=_resolved_hires(r.hires, first, second),
     )
-    return ResolvedRequest(resolved, first, second, tuple(_batches(resolved)))
+    batches = _with_adapters(model, resolved, request)
+    lora_hashes, ti_hashes = adapters.lora_hashes(batches[0].loras), batches[0].ti_hashes[0]
+    return ResolvedRequest(
+        replace(resolved, lora_hashes=lora_hashes, ti_hashes=ti_hashes), first, second, batches
+    )
+
+
+def _with_adapters(
+    model: StableDiffusion, r: GenerationRequest, asked: GenerationRequest
+) -> tuple[Batch, ...]:
+    """Batches with their `<lora:>` files (resolved once per distinct prompt) and `TI hashes`."""
+    adapters.warn_negative_tags(r.negative_prompt)
+    if asked.ti_hashes:
+        adapters.check_embedding_hashes(model, asked.ti_hashes)
+    loras: dict[str, tuple[adapters.ResolvedLora, ...]] = {}
+    steps = r.steps
+    out = []
+    for batch in _batches(r):
+        first = batch.prompts[0]
+        if first not in loras:
+            loras[first] = adapters.resolve_loras(model, first, asked.lora_hashes)
+        ti = tuple(adapters.embedding_hashes(model, [p, r.negative_prompt], steps) for p in batch.prompts)
+        out.append(replace(batch, loras=loras[first], ti_hashes=ti))
+    return tuple(out)
 
 
 def _resolved_hires(hires: Hires | None, first: Pass, second: Pass | None) -> Hires | None:

@@ -1,7 +1,7 @@
 """A `GenerationRequest` as A1111's infotext and back, through one table.
 
 `INFOTEXT_KEYS` is the one table between request fields and A1111's infotext keys; `to_infotext` and
-`from_infotext` both read it. Keys A1111 writes that no field holds (LoRA hashes, ADetailer, ...) are
+`from_infotext` both read it. Keys A1111 writes that no field holds (ADetailer, ...) are
 kept in `extra`, written back as they were, and reported by `from_infotext`'s caller. A key is written
 when its part exists and it is always written or differs from the field's default.
 """
@@ -99,6 +99,8 @@ INFOTEXT_KEYS: tuple[InfotextKey, ...] = (
     InfotextKey("Hires upscaler", "hires.upscaler", str, always=True),
     InfotextKey("Hires sampler", "hires.sampler", str),
     InfotextKey("Tiled VAE", "tiled_vae", _bool),
+    InfotextKey("Lora hashes", "lora_hashes", str),
+    InfotextKey("TI hashes", "ti_hashes", str),
 )
 # Keys A1111 writes with the same meaning as one above, read into that field.
 INFOTEXT_ALIASES = {"Eta DDIM": "Eta", "Eta noise seed delta": "ENSD", "Schedule": "Schedule type"}

@@ -2,7 +2,8 @@
 
     resolve (validate, defaults, seeds, sampler lookup)
     -> latent source: none (txt2img), the init images (img2img), or the masked init (inpaint/outpaint)
-    -> per batch: sample_latents -> [hires: upscale -> sample_latents again] -> decode -> [paste back]
+    -> per batch: [its <lora:> files applied] -> sample_latents -> [hires: upscale -> sample_latents
+       again] -> decode -> [paste back]; the LoRAs are undone bit for bit at the end, also on error
 
 CLI, Python API, evaluation and the server only build requests; a list is `run`, i.e. `list(iter_images)`.
 """
@@ -14,6 +15,7 @@ from dataclasses import replace
 
 from PIL import Image
 
+from latentforge.checkpoints.lora import LoraHandle, apply_loras
 from latentforge.errors import ParameterError
 from latentforge.model import StableDiffusion
 from latentforge.pipelines.generate import (
@@ -28,7 +30,7 @@ from latentforge.pipelines.generate import (
 from latentforge.pipelines.hires import hires_pass
 from latentforge.pipelines.images import encode_images, pil_to_tensor
 from latentforge.pipelines.inpaint import Overlay, inpaint_source
-from latentforge.pipelines.request import GenerationRequest, ResolvedRequest, resolve
+from latentforge.pipelines.request import Batch, GenerationRequest, ResolvedRequest, resolve
 
 
 def init_source(model: StableDiffusion, request: GenerationRequest) -> LatentSource:
@@ -78,8 +80,15 @@ def iter_images(
     first_steps = r.steps if source is None else img2img_steps(r.steps, strength)[1]
     second_steps = resolved.second.steps if resolved.second is not None else 0
     bar = Progress(len(resolved.batches) * (first_steps + second_steps), callback, progress)
+    loras: LoraHandle | None = None
+    applied: tuple = ()
     try:
         for batch in resolved.batches:
+            if batch.loras != applied:  # a batch whose first prompt names other LoRAs: swap them
+                if loras is not None:
+                    loras.undo()
+                    loras = None
+                loras, applied = _apply_batch_loras(model, batch), batch.loras
             latents = sample_latents(
                 model, r, resolved.first, batch, source=source, strength=strength, callback=bar
             )
@@ -94,7 +103,16 @@ def iter_images(
             if bar.stopped:
                 break
     finally:
+        if loras is not None:
+            loras.undo()
         bar.close()
+
+
+def _apply_batch_loras(model: StableDiffusion, batch: Batch) -> LoraHandle | None:
+    """Apply a batch's `<lora:>` files; a tag with both weights 0 changes nothing and is not read."""
+    active = [(lora.path, lora.unet_weight, lora.te_weight) for lora in batch.loras]
+    active = [entry for entry in active if entry[1] != 0 or entry[2] != 0]
+    return apply_loras(model, active) if active else None
 
 
 def run(

@@ -5,11 +5,16 @@ packed into chunks of `max_length - 2` (75) tokens framed by BOS and EOS (`modul
 Every chunk goes through the text encoder separately; the hidden states are scaled per token by the
 weights and rescaled to the chunk's original mean (the "Original" emphasis of `modules/sd_emphasis.py`),
 and the chunks of a prompt are concatenated along the token axis: [B, 77 * n_chunks, C].
+
+Textual-inversion embeddings are found as A1111's `EmbeddingDatabase.find_embedding_at_position`: each
+name is tokenized, and wherever its ids appear in a run's ids (longest name first) they are replaced by
+the embedding's n vectors, n token positions (placeholder id 0, A1111's), counted in the 75-token chunk
+and never split across chunks; the vectors replace the token embeddings at those positions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,20 +43,50 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
 
+EMBEDDING_PLACEHOLDER = 0  # the id A1111 writes where an embedding's vectors go (`sd_hijack_clip.py`)
+
+
 @dataclass(frozen=True)
 class Chunk:
-    """One text-encoder input row: BOS, up to 75 prompt ids, EOS, padding; weights (1.0 off the prompt)."""
+    """One text-encoder input row: BOS, up to 75 prompt ids, EOS, padding; weights (1.0 off the prompt).
+
+    `fixes` are (row position, embedding name): its vectors replace the token embeddings from there.
+    """
 
     tokens: tuple[int, ...]
     weights: tuple[float, ...]
+    fixes: tuple[tuple[int, str], ...] = ()
 
 
-def _make_chunk(tokenizer: Tokenizer, ids: list[int], weights: list[float]) -> Chunk:
+class EmbeddingVocabulary:
+    """Textual-inversion names as token-id sequences, matched longest first (A1111's `ids_lookup`)."""
+
+    def __init__(self, tokenizer: Tokenizer, counts: Mapping[str, int]) -> None:
+        self.counts = dict(counts)  # name -> vectors (token positions it takes)
+        self.by_first: dict[int, list[tuple[tuple[int, ...], str]]] = {}
+        for name in counts:
+            ids = tuple(tokenizer.encode(name))
+            if ids:
+                self.by_first.setdefault(ids[0], []).append((ids, name))
+        for entries in self.by_first.values():
+            entries.sort(key=lambda entry: len(entry[0]), reverse=True)
+
+    def match(self, ids: Sequence[int], position: int) -> tuple[str, int] | None:
+        """(name, ids it spans) of the longest embedding whose ids start at `position`, if any."""
+        for candidate, name in self.by_first.get(ids[position], ()):
+            if tuple(ids[position : position + len(candidate)]) == candidate:
+                return name, len(candidate)
+        return None
+
+
+def _make_chunk(
+    tokenizer: Tokenizer, ids: list[int], weights: list[float], fixes: Sequence[tuple[int, str]] = ()
+) -> Chunk:
     # A1111 pads with EOS and then (SD2, where pad != EOS) overwrites everything after the first EOS
     # with the pad id; writing EOS once and then the pad id gives the same row for both.
     padding = tokenizer.max_length - 2 - len(ids)
     tokens = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * padding
-    return Chunk(tuple(tokens), (1.0, *weights, *[1.0] * (padding + 1)))
+    return Chunk(tuple(tokens), (1.0, *weights, *[1.0] * (padding + 1)), tuple((i + 1, n) for i, n in fixes))
 
 
 def empty_chunk(tokenizer: Tokenizer) -> Chunk:
@@ -60,12 +95,17 @@ def empty_chunk(tokenizer: Tokenizer) -> Chunk:
 
 
 def tokenize_weighted(
-    tokenizer: Tokenizer, prompt: str, *, comma_backtrack: int = COMMA_BACKTRACK
+    tokenizer: Tokenizer,
+    prompt: str,
+    *,
+    comma_backtrack: int = COMMA_BACKTRACK,
+    embeddings: EmbeddingVocabulary | None = None,
 ) -> list[Chunk]:
     """Token ids and weights of `prompt` in as many 75-token chunks as it needs (never truncated).
 
     A chunk that fills up moves the words after its last comma to the next chunk if the comma is within
     `comma_backtrack` tokens of the end (0 disables); `BREAK` starts a new chunk; "" gives one chunk.
+    An embedding's vectors take one position each and start a new chunk rather than straddle two.
     """
     length = tokenizer.max_length - 2
     comma_ids = tokenizer.encode(",")
@@ -73,26 +113,43 @@ def tokenize_weighted(
     chunks: list[Chunk] = []
     ids: list[int] = []
     weights: list[float] = []
+    fixes: list[tuple[int, str]] = []  # (index in `ids`, embedding name)
     last_comma = -1  # index in `ids` of the last comma of the current chunk
 
     def close_chunk() -> None:
-        nonlocal ids, weights, last_comma
-        chunks.append(_make_chunk(tokenizer, ids, weights))
-        ids, weights, last_comma = [], [], -1
+        nonlocal ids, weights, fixes, last_comma
+        chunks.append(_make_chunk(tokenizer, ids, weights, fixes))
+        ids, weights, fixes, last_comma = [], [], [], -1
 
     for text, weight in parse_attention(prompt):
         if text == BREAK and weight == BREAK_WEIGHT:
             close_chunk()
             continue
-        for token in tokenizer.encode(text):
+        tokens = tokenizer.encode(text)
+        position = 0
+        while position < len(tokens):
+            token = tokens[position]
+            found = embeddings.match(tokens, position) if embeddings is not None else None
+            if found is not None:
+                name, spanned = found
+                count = embeddings.counts[name] if embeddings is not None else 0
+                if len(ids) + count > length:
+                    close_chunk()
+                fixes.append((len(ids), name))
+                ids += [EMBEDDING_PLACEHOLDER] * count
+                weights += [weight] * count
+                position += spanned
+                continue
+            position += 1
             if token == comma:
                 last_comma = len(ids)
             elif len(ids) == length and last_comma != -1 and len(ids) - last_comma <= comma_backtrack:
                 # the chunk is full: carry the words after its last comma over to the next chunk
-                moved_ids, moved_weights = ids[last_comma + 1 :], weights[last_comma + 1 :]
-                ids, weights = ids[: last_comma + 1], weights[: last_comma + 1]
+                cut = last_comma + 1
+                moved = ids[cut:], weights[cut:], [(i - cut, n) for i, n in fixes if i >= cut]
+                ids, weights, fixes = ids[:cut], weights[:cut], [(i, n) for i, n in fixes if i < cut]
                 close_chunk()
-                ids, weights = moved_ids, moved_weights
+                ids, weights, fixes = moved
             if len(ids) == length:
                 close_chunk()
             ids.append(token)
@@ -106,12 +163,25 @@ def _device_of(module: nn.Module) -> torch.device:
     return next((p.device for p in module.parameters()), torch.device("cpu"))
 
 
-def encode_chunks(text_encoder: nn.Module, chunks: Sequence[Chunk], *, clip_skip: int = 1) -> torch.Tensor:
-    """Weighted hidden states [N, 77, C] of N chunks, one encoder batch (identical token rows run once)."""
-    unique: dict[tuple[int, ...], int] = {}
-    index = [unique.setdefault(chunk.tokens, len(unique)) for chunk in chunks]
-    input_ids = torch.tensor(list(unique), dtype=torch.long, device=_device_of(text_encoder))
-    hidden, _pooled = text_encoder(input_ids, clip_skip=clip_skip)  # [U, 77, C]
+def encode_chunks(
+    text_encoder: nn.Module,
+    chunks: Sequence[Chunk],
+    *,
+    clip_skip: int = 1,
+    embeddings: Mapping[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Weighted hidden states [N, 77, C] of N chunks, one encoder batch (identical rows run once).
+
+    `embeddings` maps the names in the chunks' `fixes` to their vectors [n, C].
+    """
+    unique: dict[tuple[tuple[int, ...], tuple[tuple[int, str], ...]], int] = {}
+    index = [unique.setdefault((chunk.tokens, chunk.fixes), len(unique)) for chunk in chunks]
+    input_ids = torch.tensor([t for t, _ in unique], dtype=torch.long, device=_device_of(text_encoder))
+    if any(fixes for _, fixes in unique):
+        token_embeds = _token_embeds(text_encoder, input_ids, [f for _, f in unique], embeddings or {})
+        hidden, _pooled = text_encoder(input_ids, clip_skip=clip_skip, token_embeds=token_embeds)
+    else:
+        hidden, _pooled = text_encoder(input_ids, clip_skip=clip_skip)  # [U, 77, C]
     z = hidden[torch.tensor(index, device=hidden.device)].float()  # [N, 77, C]
     weights = torch.tensor([chunk.weights for chunk in chunks], dtype=torch.float32, device=z.device)
     original_mean = z.mean(dim=(1, 2), keepdim=True)
@@ -124,6 +194,22 @@ def encode_chunks(text_encoder: nn.Module, chunks: Sequence[Chunk], *, clip_skip
     return z.to(hidden.dtype)
 
 
+def _token_embeds(
+    text_encoder: nn.Module,
+    input_ids: torch.Tensor,
+    row_fixes: Sequence[tuple[tuple[int, str], ...]],
+    embeddings: Mapping[str, torch.Tensor],
+) -> torch.Tensor:
+    """The token embeddings [U, 77, C] with each fix's vectors written over its positions."""
+    table = text_encoder.get_submodule("text_model.embeddings.token_embedding")
+    embeds = table(input_ids).clone()  # a copy: the placeholder rows are overwritten in place
+    for row, fixes in enumerate(row_fixes):
+        for position, name in fixes:
+            vectors = embeddings[name].to(embeds)  # [n, C]
+            embeds[row, position : position + vectors.shape[0]] = vectors
+    return embeds
+
+
 def encode_prompts(
     text_encoder: nn.Module,
     tokenizer: Tokenizer,
@@ -131,6 +217,7 @@ def encode_prompts(
     *,
     clip_skip: int = 1,
     chunks: int | None = None,
+    embeddings: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Cross-attention conditioning [B, 77 * n_chunks, C] of `prompts`, all chunks in one encoder batch.
 
@@ -140,10 +227,13 @@ def encode_prompts(
         clip_skip: A1111's "Clip skip"; 1 uses the last layer.
         chunks: chunk count to pad every prompt to with empty-prompt chunks, e.g. the positive prompt's
             count for the negative prompt; default the largest count in `prompts`. Too small raises.
+        embeddings: textual-inversion vectors [n, C] by name, used where the name appears.
     """
     if not prompts:
         raise ValueError("encode_prompts needs at least one prompt (use '' for an empty one)")
-    by_prompt = {prompt: tokenize_weighted(tokenizer, prompt) for prompt in dict.fromkeys(prompts)}
+    counts = {name: len(vectors) for name, vectors in (embeddings or {}).items()}
+    vocabulary = EmbeddingVocabulary(tokenizer, counts) if counts else None
+    by_prompt = {p: tokenize_weighted(tokenizer, p, embeddings=vocabulary) for p in dict.fromkeys(prompts)}
     needed = max(len(prompt_chunks) for prompt_chunks in by_prompt.values())
     count = needed if chunks is None else chunks
     if count < needed:
@@ -154,7 +244,7 @@ def encode_prompts(
         )
     padding = empty_chunk(tokenizer)
     rows = [c for p in prompts for c in by_prompt[p] + [padding] * (count - len(by_prompt[p]))]
-    z = encode_chunks(text_encoder, rows, clip_skip=clip_skip)  # [B * count, 77, C]
+    z = encode_chunks(text_encoder, rows, clip_skip=clip_skip, embeddings=embeddings)  # [B * count, 77, C]
     return z.reshape(len(prompts), count * z.shape[1], z.shape[2])
 
 
@@ -167,6 +257,7 @@ def scheduled_conditioning(
     *,
     chunks: int | None = None,
     hires_steps: int | None = None,
+    embeddings: Mapping[str, torch.Tensor] | None = None,
 ) -> list[Schedule]:
     """Per prompt, the (end_step, cond [T, C]) pairs of its prompt-editing schedule.
 
@@ -175,7 +266,9 @@ def scheduled_conditioning(
     """
     schedules = {p: prompt_schedules(p, steps, hires_steps=hires_steps) for p in dict.fromkeys(prompts)}
     texts = list(dict.fromkeys(text for schedule in schedules.values() for _, text in schedule))
-    conds = encode_prompts(text_encoder, tokenizer, texts, clip_skip=clip_skip, chunks=chunks)
+    conds = encode_prompts(
+        text_encoder, tokenizer, texts, clip_skip=clip_skip, chunks=chunks, embeddings=embeddings
+    )
     cond_of = dict(zip(texts, conds, strict=True))
     return [[(end, cond_of[text]) for end, text in schedules[p]] for p in prompts]
 
