@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from latentforge.checkpoints.embeddings import write_embedding
 from latentforge.checkpoints.errors import CheckpointError
-from latentforge.checkpoints.lora import UnknownLoraError, lora_short_hash
+from latentforge.checkpoints.lora import UnknownLoraError, apply_loras, lora_short_hash
 from latentforge.errors import ParameterError
 from latentforge.model import StableDiffusion
 from latentforge.models.families import TINY
@@ -102,10 +102,21 @@ def test_weight_zero_tag_equals_no_tag(model):
     assert torch.equal(gen(model, "a cat <lora:Style:0>")[0], gen(model, "a cat")[0])
 
 
-def test_same_lora_twice_at_half_equals_once_at_one(model):
-    twice, _ = gen(model, "a cat <lora:Style:0.5> <lora:Style:0.5>")
-    once, _ = gen(model, "a cat <lora:Style:1>")
-    assert torch.allclose(twice, once, atol=1.0)  # 8-bit images; weights equal up to fp32 rounding
+def test_same_lora_twice_at_half_equals_baked_once_at_one(model, tmp_path):
+    """Each tag is one application (A1111 loads the network per mention): the two updates add up."""
+    path = tmp_path / "models" / "Lora" / "Style.safetensors"
+    before = weights(model)
+    with apply_loras(model, [(path, 0.5, None), (path, 0.5, None)]):
+        twice = weights(model)
+    apply_loras(model, [(path, 1.0, None)], bake=True)
+    once = weights(model)
+    assert not same(once, before)
+    for key in once:
+        torch.testing.assert_close(twice[key], once[key], rtol=1e-6, atol=1e-6)
+    model_twice, _ = gen(model, "a cat")  # baked at 1 == the two half tags on the unpatched model:
+    apply_loras(model, [(path, -1.0, None)], bake=True)  # (-1 brings it back to within fp32 rounding)
+    tags, _ = gen(model, "a cat <lora:Style:0.5> <lora:Style:0.5>")
+    assert (model_twice - tags).abs().max() <= 1  # 8-bit images of weights equal to 1e-6
 
 
 def test_unknown_tag_names_the_name_and_folders(model, tmp_path):
