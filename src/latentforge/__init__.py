@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from latentforge.api import from_png, img2img, inpaint, run, txt2img
+    from latentforge.checkpoints.embeddings import read_embedding, write_embedding
     from latentforge.model import StableDiffusion, load
     from latentforge.pipelines.request import GenerationRequest, Hires, InitImage, Inpaint
 
@@ -23,6 +24,8 @@ _LAZY = {
     "Hires": "latentforge.pipelines.request",
     "InitImage": "latentforge.pipelines.request",
     "Inpaint": "latentforge.pipelines.request",
+    "read_embedding": "latentforge.checkpoints.embeddings",
+    "write_embedding": "latentforge.checkpoints.embeddings",
 }
 __all__ = [
     "GenerationRequest",
@@ -34,8 +37,10 @@ __all__ = [
     "img2img",
     "inpaint",
     "load",
+    "read_embedding",
     "run",
     "txt2img",
+    "write_embedding",
 ]
 
 

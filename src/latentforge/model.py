@@ -113,13 +113,13 @@ class StableDiffusion:
         `models_dir` is A1111's layout: `models/Lora`, `models/LyCORIS`, embeddings in `embeddings/` beside
         `models/` (or inside it). Embeddings of another family or unreadable files are skipped with a warning.
         """
-        explicit = [Path(d) for d in (*lora_dirs, *embedding_dirs)]
-        for folder in explicit + ([Path(models_dir)] if models_dir is not None else []):
+        loras = [Path(d).expanduser() for d in lora_dirs]
+        embeddings = [Path(d).expanduser() for d in embedding_dirs]
+        root = Path(models_dir).expanduser() if models_dir is not None else None
+        for folder in [*loras, *embeddings, *([root] if root is not None else [])]:
             if not folder.is_dir():
                 raise ParameterError(f"{folder} is not a folder (LoRA, embeddings or models folder)")
-        loras, embeddings = [Path(d) for d in lora_dirs], [Path(d) for d in embedding_dirs]
-        if models_dir is not None:
-            root = Path(models_dir)
+        if root is not None:
             loras += [root / "Lora", root / "LyCORIS"]
             embeddings += [root / "embeddings", root.parent / "embeddings"]
         self.lora_dirs = tuple(dict.fromkeys((*self.lora_dirs, *loras)))

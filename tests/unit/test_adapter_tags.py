@@ -205,3 +205,22 @@ def test_wrong_width_embedding_refused_when_loaded_by_hand(model, tmp_path):
     with pytest.raises(ParameterError, match="width 48"):
         model.load_embedding(tmp_path / "embeddings" / "Wide.pt")
     assert "Wide" not in model.embeddings and "Neg" in model.embeddings
+
+
+def test_cli_generate_with_models_dir_and_embeddings_dir(tiny_checkpoint, tmp_path):
+    from latentforge.cli import main
+    from latentforge.pipelines.infotext import read_infotext
+
+    torch.manual_seed(0)
+    (tmp_path / "models" / "Lora").mkdir(parents=True)
+    (tmp_path / "emb").mkdir()
+    kohya_lora(StableDiffusion.from_family(TINY), tmp_path / "models" / "Lora" / "Style.safetensors")
+    write_embedding(tmp_path / "emb" / "Neg.safetensors", "Neg", torch.randn(2, 32))
+    argv = ["generate", "a cat <lora:Style:0.7:1>", "-n", "Neg", "--model", str(tiny_checkpoint), "--steps",
+            "1", "--size", "32x32", "--out", str(tmp_path / "out"), "--models-dir", str(tmp_path / "models"),
+            "--embeddings-dir", str(tmp_path / "emb")]  # fmt: skip
+    assert main(argv) == 0
+    (png,) = (tmp_path / "out").glob("*.png")
+    info = read_infotext(png)
+    assert "Lora hashes: " in info and "TI hashes: " in info
+    assert main(["generate", "--from-png", str(png), *argv[2:]]) == 0  # the same LoRA found again
