@@ -119,3 +119,12 @@ def test_find_embeddings_by_stem_first_folder_wins(tmp_path):
         p.write_bytes(b"")
     found = find_embeddings([tmp_path / "a", tmp_path / "b", tmp_path / "missing"])
     assert found == {"Neg": tmp_path / "a" / "sub" / "Neg.pt"}
+
+
+@pytest.mark.parametrize(
+    ("width", "family"), [(768, "SD1"), (1024, "SD2"), (40, "a text encoder of width 40")]
+)
+def test_family_named_by_width(tmp_path, width, family):
+    """The warning for a skipped embedding names the family it was trained for (A1111 skips by shape)."""
+    path = write_embedding(tmp_path / "e.safetensors", "e", torch.randn(1, width))
+    assert read_embedding(path).family == family

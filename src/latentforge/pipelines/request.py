@@ -339,14 +339,16 @@ def _with_adapters(
     if asked.ti_hashes:
         adapters.check_embedding_hashes(model, asked.ti_hashes)
     loras: dict[str, tuple[adapters.ResolvedLora, ...]] = {}
-    steps = r.steps
+    ti: dict[str, str] = {}  # per distinct prompt: a long batch count tokenizes each prompt once
     out = []
     for batch in _batches(r):
         first = batch.prompts[0]
         if first not in loras:
             loras[first] = adapters.resolve_loras(model, first, asked.lora_hashes)
-        ti = tuple(adapters.embedding_hashes(model, [p, r.negative_prompt], steps) for p in batch.prompts)
-        out.append(replace(batch, loras=loras[first], ti_hashes=ti))
+        for p in batch.prompts:
+            if p not in ti:
+                ti[p] = adapters.embedding_hashes(model, [p, r.negative_prompt], r.steps)
+        out.append(replace(batch, loras=loras[first], ti_hashes=tuple(ti[p] for p in batch.prompts)))
     return tuple(out)
 
 
