@@ -16,7 +16,7 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 from safetensors.torch import save_file
 
 from latentforge.checkpoints.embeddings import write_embedding
-from latentforge.models.families import TINY
+from latentforge.models.families import TINY, TINY_SD2
 from latentforge.pipelines.request import GenerationRequest
 from latentforge.pipelines.runner import run
 from latentforge.prompts.conditioning import encode_prompts
@@ -32,14 +32,16 @@ def pair(tmp_path_factory):
     return build_pair(TINY, StableDiffusionPipeline, write_hf_clip_vocab(tmp_path_factory.mktemp("vocab")))
 
 
-def _embedding(folder: Path, name: str, count: int, suffix: str) -> tuple[Path, torch.Tensor]:
-    vectors = torch.randn(count, TINY.text_encoder.width, generator=torch.Generator().manual_seed(count)) * 2
+def _embedding(
+    folder: Path, name: str, count: int, suffix: str, width: int = 32
+) -> tuple[Path, torch.Tensor]:
+    vectors = torch.randn(count, width, generator=torch.Generator().manual_seed(count)) * 2
     return write_embedding(folder / f"{name}{suffix}", name, vectors, step=10), vectors
 
 
-def _diffusers_embeds(pipe, prompt: str) -> torch.Tensor:  # noqa: ANN001
-    prompt_embeds, _ = pipe.encode_prompt(prompt, "cpu", 1, do_classifier_free_guidance=False)
-    return prompt_embeds
+def _diffusers_embeds(pipe, prompt: str, clip_skip: int | None = None) -> torch.Tensor:  # noqa: ANN001
+    embeds, _ = pipe.encode_prompt(prompt, "cpu", 1, do_classifier_free_guidance=False, clip_skip=clip_skip)
+    return embeds
 
 
 @pytest.mark.parametrize(("count", "suffix"), [(1, ".pt"), (3, ".pt"), (2, ".safetensors")])
@@ -106,3 +108,22 @@ def test_txt2img_with_lora_tag_and_embedding_matches_diffusers(pair, tmp_path):
         output_type="latent",
     ).images  # fmt: skip
     assert_close(result.latents[None], latents, 1e-4)
+
+
+def test_embedding_prompt_embeds_match_diffusers_sd2(tmp_path_factory, tmp_path):
+    """SD2's layout: OpenCLIP padding (id 0, the same id as the placeholder) and the penultimate layer."""
+    ours, pipe = build_pair(
+        TINY_SD2, StableDiffusionPipeline, write_hf_clip_vocab(tmp_path_factory.mktemp("v"))
+    )
+    pipe.tokenizer.pad_token = "!"  # OpenCLIP pads with id 0 after the EOS
+    # diffusers' clip_skip path reads `text_encoder.text_model.final_layer_norm`, a level transformers 5
+    # dropped; an unregistered alias restores it without touching the module tree
+    object.__setattr__(pipe.text_encoder, "text_model", pipe.text_encoder)
+    path, _ = _embedding(tmp_path, "sksstyle", 2, ".pt", width=TINY_SD2.text_encoder.width)
+    pipe.load_textual_inversion(str(path), token="sksstyle")
+    ours.load_embedding(path)
+    prompt = "a photo of sksstyle, (on a table:1.0)"
+    vectors = {name: e.vectors for name, e in ours.embeddings.items()}
+    with torch.inference_mode():
+        mine = encode_prompts(ours.text_encoder, ours.tokenizer, [prompt], clip_skip=2, embeddings=vectors)
+    assert_close(mine, _diffusers_embeds(pipe, prompt.replace(", (on a table:1.0)", ", on a table"), 1), 1e-5)
