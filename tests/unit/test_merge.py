@@ -264,3 +264,28 @@ def test_bad_input_is_refused_and_leaves_no_file(files, tmp_path):
     with pytest.raises(MergeMismatchError):
         merge_checkpoints(out, files["sd2"], files["sd2_b"], files["a"], mode="add_difference")
     _no_leftovers(tmp_path)
+
+
+def test_cli_merge_prints_the_hash_and_info_prints_the_recipe(files, tmp_path, capsys):
+    from latentforge.cli import main
+
+    out = tmp_path / "out.safetensors"
+    argv = [
+        "merge",
+        str(files["a"]),
+        str(files["b"]),
+        "-o",
+        str(out),
+        "--blocks",
+        "GRAD_V",
+        "--dtype",
+        "fp16",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"model hash: {sha256_file(out)[:10]}" in printed
+    assert main(["info", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert '  interp_method: "Weighted sum"' in printed and '"IN01": 0.9166666666666666' in printed
+    assert f"hash: {sha256_file(out)[:10]}" in printed and "family: tiny" in printed
+    assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err  # never replaced silently
