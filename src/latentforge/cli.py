@@ -101,7 +101,10 @@ def _print_merge_info(path: Path) -> bool:
 
 
 def _parse_lora(text: str) -> tuple[str, float, float | None]:
-    """FILE[:WEIGHT[:TE_WEIGHT]] (the weights are the trailing parts that are numbers)."""
+    """FILE[:W[:W_UNET]] as A1111's `<lora:name:te:unet>`: W for both, a second number for the U-Net alone.
+
+    Returns (file, unet strength, text-encoder strength); the weights are the trailing numeric parts.
+    """
     parts = text.split(":")
     weights: list[float] = []
     while len(parts) > 1 and len(weights) < 2:
@@ -110,8 +113,8 @@ def _parse_lora(text: str) -> tuple[str, float, float | None]:
         except ValueError:
             break
         parts.pop()
-    unet = weights[0] if weights else 1.0
-    return ":".join(parts), unet, weights[1] if len(weights) > 1 else None
+    te = weights[0] if weights else 1.0
+    return ":".join(parts), weights[1] if len(weights) > 1 else te, te
 
 
 def _print_result(result: Any, what: str) -> None:
@@ -675,7 +678,11 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT00..OUT11) or a supermerger preset name (GRAD_V, SMOOTHSTEP, ...)",
     )  # fmt: skip
     p.add_argument(
-        "--lora", type=_parse_lora, action="append", metavar="FILE[:W[:W_TE]]", help="bake in a LoRA (repeat)"
+        "--lora",
+        type=_parse_lora,
+        action="append",
+        metavar="FILE[:W[:W_UNET]]",
+        help="bake in a LoRA at W (a second number: the U-Net's, as <lora:name:te:unet>); repeat for more",
     )
     p.add_argument("--dtype", choices=list(DTYPES), help="cast floating tensors (default: as A has them)")
     p.add_argument("--bake-vae", help="standalone VAE file to put in place of the merged VAE")
@@ -693,7 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_merge_loras,
         "Merge LoRA files into one kohya LoRA: ranks concatenated (exact) or SVD re-ranked (--rank).",
     )
-    p.add_argument("loras", nargs="+", type=_parse_lora, metavar="FILE[:W[:W_TE]]")
+    p.add_argument("loras", nargs="+", type=_parse_lora, metavar="FILE[:W[:W_UNET]]")
     p.add_argument("-o", "--out", required=True, help="the merged LoRA .safetensors")
     p.add_argument("--rank", type=int, help="re-rank every module to this rank by SVD (default: concatenate)")
     p.add_argument("--conv-rank", type=int, help="rank of 3x3 conv modules (default --rank)")

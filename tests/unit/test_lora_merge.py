@@ -191,7 +191,7 @@ def test_cli_merge_loras_extract_and_info(tmp_path, two_loras, tuned, capsys):
 
     first, second = two_loras
     out = tmp_path / "merged.safetensors"
-    assert main(["merge-loras", f"{first}:0.5", f"{second}:1:0.25", "-o", str(out), "--family", "tiny"]) == 0
+    assert main(["merge-loras", f"{first}:0.5", f"{second}:0.25:1", "-o", str(out), "--family", "tiny"]) == 0
     error = capsys.readouterr().out.split("relative error: ")[1].split()[0]
     assert float(error) < 1e-6  # concatenation is exact up to float32 rounding
     assert main(["info", str(out)]) == 0

@@ -289,3 +289,12 @@ def test_cli_merge_prints_the_hash_and_info_prints_the_recipe(files, tmp_path, c
     assert '  interp_method: "Weighted sum"' in printed and '"IN01": 0.9166666666666666' in printed
     assert f"hash: {sha256_file(out)[:10]}" in printed and "family: tiny" in printed
     assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err  # never replaced silently
+
+
+def test_cli_lora_strengths_follow_a1111_tag_order():
+    from latentforge.cli import _parse_lora
+
+    assert _parse_lora("detail.safetensors") == ("detail.safetensors", 1.0, 1.0)
+    assert _parse_lora("detail.safetensors:0.8") == ("detail.safetensors", 0.8, 0.8)
+    assert _parse_lora("detail.safetensors:0.3:0.5") == ("detail.safetensors", 0.5, 0.3)  # te, then unet
+    assert _parse_lora("C:/models/x.v2.safetensors:-1") == ("C:/models/x.v2.safetensors", -1.0, -1.0)

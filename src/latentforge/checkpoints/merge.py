@@ -30,7 +30,12 @@ import torch
 from torch import nn
 
 from latentforge.checkpoints import keymap_text, lora
-from latentforge.checkpoints.errors import CheckpointError, KeyMismatchError, UnknownArchitectureError
+from latentforge.checkpoints.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    KeyMismatchError,
+    UnknownArchitectureError,
+)
 from latentforge.checkpoints.exports import read_vae_state_dict
 from latentforge.checkpoints.hashing import sha256_file
 from latentforge.checkpoints.merge_blocks import BLOCK_IDS, block_of
@@ -43,9 +48,9 @@ from latentforge.checkpoints.single_file import (
     detect_families,
     split_components,
 )
-from latentforge.checkpoints.tensor_files import TensorFile
+from latentforge.checkpoints.tensor_files import TensorFile, all_finite
 from latentforge.checkpoints.writing import save_safetensors_streamed
-from latentforge.errors import OutputError, ParameterError
+from latentforge.errors import NonFiniteError, OutputError, ParameterError
 from latentforge.models.families import ModelFamily
 from latentforge.models.patches import WeightDelta, check_deltas
 from latentforge.models.text_encoder import CLIPTextModel
@@ -284,16 +289,13 @@ def merge_checkpoints(
     done = [0]
 
     def produce(key: str) -> torch.Tensor:
-        tensor = _merged(sources, key, mode, _alpha(key, alpha, weights, ema_keys), ema)
-        if key in updates:
-            tensor = tensor.float()
-            _add_updates(tensor, updates[key])
-        if key.startswith(VAE_PREFIX) and key.removeprefix(VAE_PREFIX) in vae:
-            tensor = vae[key.removeprefix(VAE_PREFIX)]
         done[0] += 1
         if progress:
             progress(done[0], len(plan))
-        return tensor.to(plan[key][0])
+        if key.startswith(VAE_PREFIX) and key.removeprefix(VAE_PREFIX) in vae:  # baked last, as A1111
+            return vae[key.removeprefix(VAE_PREFIX)].to(plan[key][0])
+        block_alpha = _alpha(key, alpha, weights, ema_keys)
+        return _merged(sources, key, mode, block_alpha, ema, plan[key][0], updates.get(key, ()))
 
     entries = [(key, dt, shape) for key, (dt, shape) in plan.items()]
     sha = save_safetensors_streamed(out, entries, produce, metadata)
@@ -360,26 +362,70 @@ def _alpha(key: str, alpha: float, weights: Mapping[str, float] | None, ema_keys
     return weights[block_of(ema_keys.get(key, key))]
 
 
-def _merged(
-    sources: Sequence[TensorFile], key: str, mode: Mode, alpha: float, ema: EmaChoice
+_CHUNK = 1 << 20  # elements per step of the arithmetic: its float32 temporaries stay small and in cache
+
+
+def _combine(
+    a: torch.Tensor, b: torch.Tensor | None, c: torch.Tensor | None, mode: Mode, alpha: float
 ) -> torch.Tensor:
-    """One output tensor from the inputs' tensors of `key` (float32 where merged, else A's as read)."""
-    source_key = _source_key(key, ema)
-    a = sources[0].read(source_key)
-    if mode == "none" or not _mergeable(key, a.dtype) or source_key not in sources[1]:
+    """The merge formula on float32 tensors (b None: A's key is not in B; c None: not in C)."""
+    if b is None or mode == "none":
         return a
-    b = sources[1].read(source_key).float()
     if mode == "add_difference":
-        c = sources[2]
-        b = b - c.read(source_key).float() if source_key in c else torch.zeros_like(b)
-        merged = lambda x: x + alpha * b  # noqa: E731
+        return a if c is None else a + alpha * (b - c)
+    return (1 - alpha) * a + alpha * b
+
+
+def _merged(
+    sources: Sequence[TensorFile],
+    key: str,
+    mode: Mode,
+    alpha: float,
+    ema: EmaChoice,
+    dtype: torch.dtype,
+    updates: Sequence[tuple[WeightDelta, int | None]] = (),
+) -> torch.Tensor:
+    """One output tensor, in `dtype`, from the inputs' tensors of `key` (and LoRA updates of it)."""
+    source_key = _source_key(key, ema)
+    a = sources[0].read(source_key, check=False)
+    present = [s for s in sources[1:] if source_key in s]
+    if mode == "none" or not _mergeable(key, a.dtype) or sources[1] not in present:
+        inputs = [a]
+        if updates:
+            out = a.float()
+            _add_updates(out, updates)
+            out = out.to(dtype)
+        else:
+            out = a.to(dtype)
     else:
-        merged = lambda x: (1 - alpha) * x + alpha * b  # noqa: E731
-    result = a.float()
-    if result.shape != b.shape:  # 9/8-channel conv_in of A with a 4-channel B: mix the shared channels
-        result[:, :4] = merged(result[:, :4])
-        return result
-    return merged(result)
+        b = sources[1].read(source_key, check=False)
+        c = sources[2].read(source_key, check=False) if len(sources) == 3 and sources[2] in present else None
+        inputs = [a, b] + ([c] if c is not None else [])
+        if a.shape != b.shape or updates:  # 9/8-channel conv_in of A with a 4-channel B, or LoRAs: whole
+            full = a.float()
+            shared = full[:, : b.shape[1]] if a.shape != b.shape else full
+            shared.copy_(_combine(shared, b.float(), None if c is None else c.float(), mode, alpha))
+            _add_updates(full, updates)
+            out = full.to(dtype)
+        else:
+            out = torch.empty(a.shape, dtype=dtype)
+            flat = [t.reshape(-1) for t in (out, *inputs)]
+            for i in range(0, a.numel(), _CHUNK):
+                part = [t[i : i + _CHUNK].float() for t in flat[1:]]
+                flat[0][i : i + _CHUNK] = _combine(
+                    part[0], part[1], part[2] if c is not None else None, mode, alpha
+                )
+    if out.is_floating_point() and not all_finite(out):
+        # NaN/Inf in an input propagates into the result: name the file; else the formula overflowed dtype
+        for source, tensor in zip([s for s in sources if source_key in s], inputs, strict=False):
+            if tensor.is_floating_point() and not all_finite(tensor):
+                raise CorruptCheckpointError(
+                    source.path, f"{source_key} holds NaN or Inf values; nothing was written"
+                )
+        raise NonFiniteError(
+            f"{key}: the merged values overflow {dtype}; choose a wider --dtype or a smaller alpha"
+        )
+    return out
 
 
 def _read_vae(path: str | Path, family: ModelFamily, a: TensorFile) -> dict[str, torch.Tensor]:

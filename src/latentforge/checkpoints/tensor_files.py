@@ -76,8 +76,8 @@ class TensorFile:
     def dtype(self, key: str) -> torch.dtype:
         return self.names[key][0]
 
-    def read(self, key: str) -> torch.Tensor:
-        """Tensor `key` in memory of its own; NaN/Inf in a floating tensor is refused, naming the key."""
+    def read(self, key: str, *, check: bool = True) -> torch.Tensor:
+        """Tensor `key` in memory of its own; with `check`, NaN/Inf in a floating tensor is refused."""
         if key in self._tensors:
             tensor = self._tensors[key].clone(memory_format=torch.contiguous_format)
         else:
@@ -92,7 +92,7 @@ class TensorFile:
                     if not count:
                         raise CorruptCheckpointError(self.path, f"truncated while reading {key}")
                     done += count
-        if tensor.is_floating_point() and not all_finite(tensor):
+        if check and tensor.is_floating_point() and not all_finite(tensor):
             raise CorruptCheckpointError(self.path, f"{key} holds NaN or Inf values; nothing was written")
         return tensor
 
