@@ -117,23 +117,30 @@ def test_loha_concatenation_is_refused_and_rerank_works(tmp_path, two_loras):
         torch.testing.assert_close(approx[k], delta, rtol=1e-4, atol=1e-5, msg=k)
 
 
-@pytest.fixture(scope="module")
-def tuned(tmp_path_factory):  # noqa: ANN201
-    """An original tiny model and a "fine-tuned" one: every weight moved by a random full-rank step."""
-    root = tmp_path_factory.mktemp("tuned")
+def _original_and_tuned(root, family):  # noqa: ANN001, ANN202
+    """An original random model and a "fine-tuned" one: every weight moved by a random full-rank step."""
     torch.manual_seed(0)
-    model = StableDiffusion.from_family(TINY)
+    model = StableDiffusion.from_family(family)
     parts = [m.state_dict() for m in (model.unet, model.vae, model.text_encoder)]
-    save_single_file(root / "original.safetensors", *parts, TINY)
+    save_single_file(root / "original.safetensors", *parts, family)
     generator = torch.Generator().manual_seed(1)
     moved = [{k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in p.items()} for p in parts]
-    save_single_file(root / "tuned.safetensors", moved[0], parts[1], moved[2], TINY)
-    save_single_file(root / "unet_only.safetensors", moved[0], parts[1], parts[2], TINY)
+    save_single_file(root / "tuned.safetensors", moved[0], parts[1], moved[2], family)
+    save_single_file(root / "unet_only.safetensors", moved[0], parts[1], parts[2], family)
     return root
 
 
-@pytest.mark.parametrize("clamp", [None, 0.99])
-def test_extraction_reapplied_reproduces_the_difference_within_the_reported_error(tmp_path, tuned, clamp):
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):  # noqa: ANN201
+    return _original_and_tuned(tmp_path_factory.mktemp("tuned"), TINY)
+
+
+@pytest.mark.parametrize(("clamp", "family"), [(None, TINY), (0.99, TINY), (0.99, TINY_SD2)])
+def test_extraction_reapplied_reproduces_the_difference_within_the_reported_error(
+    tmp_path, tuned, clamp, family
+):
+    if family is not TINY:  # SD 2.x layout: q, k, v fused in the checkpoint, separate LoRA modules
+        tuned = _original_and_tuned(tmp_path, family)
     result = extract_lora(
         tmp_path / "x.safetensors", tuned / "original.safetensors", tuned / "tuned.safetensors",
         rank=3, conv_rank=2, clamp_quantile=clamp,
@@ -145,7 +152,7 @@ def test_extraction_reapplied_reproduces_the_difference_within_the_reported_erro
         warnings.simplefilter("error")
         apply_loras(original, [(result.path, 1.0, None)], bake=True)
     got = _weights(original)
-    names = kohya_targets(TINY, conv=True)
+    names = kohya_targets(family, conv=True)
     assert result.modules == len(names)
     residual = sum(float(((got[n + ".weight"] - goal[n + ".weight"]) ** 2).sum()) for n in names)
     total = sum(float(((goal[n + ".weight"] - start[n + ".weight"]) ** 2).sum()) for n in names)

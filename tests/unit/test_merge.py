@@ -298,3 +298,12 @@ def test_cli_lora_strengths_follow_a1111_tag_order():
     assert _parse_lora("detail.safetensors:0.8") == ("detail.safetensors", 0.8, 0.8)
     assert _parse_lora("detail.safetensors:0.3:0.5") == ("detail.safetensors", 0.5, 0.3)  # te, then unet
     assert _parse_lora("C:/models/x.v2.safetensors:-1") == ("C:/models/x.v2.safetensors", -1.0, -1.0)
+
+
+def test_ckpt_inputs_merge_like_safetensors(files, tmp_path):
+    b = tmp_path / "b.ckpt"
+    torch.save({"state_dict": load_file(files["b"])}, b)  # Lightning's layout, zip format
+    from_ckpt = merge_checkpoints(tmp_path / "out1.safetensors", files["a"], b, alpha=0.4)
+    plain = merge_checkpoints(tmp_path / "out2.safetensors", files["a"], files["b"], alpha=0.4)
+    one, two = load_file(from_ckpt.path), load_file(plain.path)
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
