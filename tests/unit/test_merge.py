@@ -263,6 +263,12 @@ def test_bad_input_is_refused_and_leaves_no_file(files, tmp_path):
         merge_checkpoints(tmp_path / "out.ckpt", files["a"], files["b"])
     with pytest.raises(MergeMismatchError):
         merge_checkpoints(out, files["sd2"], files["sd2_b"], files["a"], mode="add_difference")
+    with pytest.raises(ParameterError, match="regular expression"):
+        merge_checkpoints(out, files["a"], files["b"], discard="model(")
+    with pytest.raises(ParameterError, match="exactly the ids"):
+        merge_checkpoints(out, files["a"], files["b"], block_weights={"BASE": 1.0})
+    with pytest.raises(ParameterError, match="ema"):
+        merge_checkpoints(out, files["a"], files["b"], ema="both")  # type: ignore[arg-type]
     _no_leftovers(tmp_path)
 
 

@@ -221,14 +221,24 @@ def merge_checkpoints(
     "discard weights"). Nothing is written unless every input checks out.
     """
     out = Path(out)
+    if mode not in MODES or ema not in ("drop", "keep", "use"):
+        raise ParameterError(f"merge mode {mode!r} / ema {ema!r}: modes {list(MODES)}, ema drop, keep or use")
     needs = {"weighted_sum": 2, "add_difference": 3, "none": 1}[mode]
     given = [Path(p) for p in (a, b, c) if p is not None]
     if len(given) != needs:
         raise ParameterError(f"merge mode {mode!r} takes {needs} checkpoint(s) (A, B, C), {len(given)} given")
     if not (isinstance(alpha, int | float) and -1e6 < alpha < 1e6):
         raise ParameterError(f"alpha must be a finite number, got {alpha!r}")
+    weights = dict(block_weights) if block_weights else None
+    if weights is not None and set(weights) != set(BLOCK_IDS):
+        raise ParameterError(
+            f"block weights need exactly the ids {', '.join(BLOCK_IDS)}; got {sorted(weights)}"
+        )
     _check_output(out, overwrite)
-    pattern = re.compile(discard) if discard else None
+    try:
+        pattern = re.compile(discard) if discard else None
+    except re.error as e:
+        raise ParameterError(f"discard pattern {discard!r} is not a regular expression ({e})") from None
     sources = [TensorFile(p) for p in given]
     detected = [detect_family(s) for s in sources]
     family, a_channels = detected[0]
@@ -252,11 +262,6 @@ def merge_checkpoints(
     notes += _notes(sources, plan, ema)
 
     hashes = [sha256_file(s.path) for s in sources]
-    weights = dict(block_weights) if block_weights else None
-    if weights is not None and set(weights) != set(BLOCK_IDS):
-        raise ParameterError(
-            f"block weights need exactly the ids {', '.join(BLOCK_IDS)}; got {sorted(weights)}"
-        )
     recipe = {
         "type": "latentforge",
         "interp_method": MODES[mode],
