@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from latentforge.api import from_png, img2img, inpaint, run, txt2img
+    from latentforge.api import extract_lora, from_png, img2img, inpaint, merge, merge_loras, run, txt2img
     from latentforge.checkpoints.embeddings import read_embedding, write_embedding
     from latentforge.model import StableDiffusion, load
     from latentforge.pipelines.request import GenerationRequest, Hires, InitImage, Inpaint
@@ -20,6 +20,9 @@ _LAZY = {
     "inpaint": "latentforge.api",
     "run": "latentforge.api",
     "from_png": "latentforge.api",
+    "merge": "latentforge.api",
+    "merge_loras": "latentforge.api",
+    "extract_lora": "latentforge.api",
     "GenerationRequest": "latentforge.pipelines.request",
     "Hires": "latentforge.pipelines.request",
     "InitImage": "latentforge.pipelines.request",
@@ -33,11 +36,14 @@ __all__ = [
     "InitImage",
     "Inpaint",
     "StableDiffusion",
+    "extract_lora",
     "from_png",
     "img2img",
     "inpaint",
     "load",
     "read_embedding",
+    "merge",
+    "merge_loras",
     "run",
     "txt2img",
     "write_embedding",

@@ -112,3 +112,105 @@ def from_png(image: str | Path | Image.Image) -> GenerationRequest:
     if parsed.unused:
         warnings.warn(f"infotext keys kept but not used: {', '.join(parsed.unused)}", stacklevel=2)
     return parsed.request
+
+
+# ---- merging (docs/merging.md) ----
+
+LoraArg = str | Path | tuple[str | Path, float] | tuple[str | Path, float, float | None]
+
+
+def _lora_specs(loras: Sequence[LoraArg]) -> list[Any]:
+    from latentforge.checkpoints.merge import LoraSpec
+
+    specs = []
+    for item in loras:
+        path, *weights = (item,) if isinstance(item, str | Path) else item
+        specs.append(LoraSpec(Path(path), *weights))
+    return specs
+
+
+def _dtype(dtype: Any) -> Any:
+    import torch
+
+    names = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in names:
+        raise ParameterError(f"dtype {dtype!r}: use one of {', '.join(names)}")
+    return names[dtype]
+
+
+def merge(
+    out: str | Path,
+    a: str | Path,
+    b: str | Path | None = None,
+    c: str | Path | None = None,
+    *,
+    alpha: float = 0.5,
+    blocks: str | dict[str, float] | None = None,
+    loras: Sequence[LoraArg] = (),
+    dtype: Any = None,
+    **options: Any,
+) -> Any:
+    """Merge checkpoints into `out`: A alone (+ `loras`), weighted sum of A, B, or add difference A, B, C.
+
+    `blocks`: 26 comma-separated weights or a supermerger preset name (Merge Block Weighted); `loras`:
+    paths or (path, strength[, text-encoder strength]); `dtype`: "fp16", "bf16", "fp32" or a torch dtype.
+    Other options (`bake_vae`, `ema`, `discard`, `overwrite`) as `checkpoints.merge.merge_checkpoints`.
+    Returns a `MergeResult` (`.path`, `.short_hash` = A1111's model hash, `.recipe`, `.notes`).
+    """
+    from latentforge.checkpoints.merge import Mode, merge_checkpoints
+    from latentforge.checkpoints.merge_blocks import parse_block_weights
+
+    if b is None and c is not None:
+        raise ParameterError("merge: C (add difference) needs B")
+    modes: dict[int, Mode] = {1: "none", 2: "weighted_sum", 3: "add_difference"}
+    mode = modes[sum(p is not None for p in (a, b, c))]
+    weights = parse_block_weights(blocks) if isinstance(blocks, str) else blocks
+    return merge_checkpoints(
+        out, a, b, c, mode=mode, alpha=alpha, block_weights=weights, dtype=_dtype(dtype),
+        loras=_lora_specs(loras), **options,
+    )  # fmt: skip
+
+
+def merge_loras(
+    out: str | Path,
+    loras: Sequence[LoraArg],
+    *,
+    family: str | None = None,
+    rank: int | None = None,
+    conv_rank: int | None = None,
+    dtype: Any = None,
+    overwrite: bool = False,
+) -> Any:
+    """LoRA files at strengths into one kohya LoRA: ranks concatenated (exact) or SVD to `rank`.
+
+    `family` ("sd1", "sd2", ...) when it cannot be told from the files. Returns a `LoraResult`
+    (`.relative_error`: Frobenius error of the written factors, 0 for concatenation).
+    """
+    from latentforge.checkpoints.lora_merge import merge_loras as merge_lora_files
+    from latentforge.models.families import get_family
+
+    try:
+        resolved = get_family(family) if family else None
+    except KeyError as e:
+        raise ParameterError(str(e.args[0])) from None
+    return merge_lora_files(
+        out,
+        _lora_specs(loras),
+        resolved,
+        rank=rank,
+        conv_rank=conv_rank,
+        dtype=_dtype(dtype),
+        overwrite=overwrite,
+    )
+
+
+def extract_lora(out: str | Path, original: str | Path, tuned: str | Path, **options: Any) -> Any:
+    """The kohya LoRA taking `original` to `tuned` by SVD (`rank`, `conv_rank`, `clamp_quantile`, `min_diff`,
+    `dtype`, `overwrite`); returns a `LoraResult` with the relative error of the written factors."""
+    from latentforge.checkpoints.lora_merge import extract_lora as extract
+
+    if "dtype" in options:
+        options["dtype"] = _dtype(options["dtype"])
+    return extract(out, original, tuned, **options)

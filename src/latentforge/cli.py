@@ -22,6 +22,8 @@ def _torch_dtype(name: str):  # noqa: ANN202 (torch imported lazily)
 def cmd_info(args: argparse.Namespace) -> int:
     from latentforge.model import load
 
+    if _print_merge_info(Path(args.model)):
+        return 0  # a LoRA file: no model to describe
     bundle = load(args.model, prediction=args.prediction, compute_hash=True)
     family = bundle.family
     print(f"model: {bundle.name}\nhash: {bundle.short_hash}\nfamily: {family.name}")
@@ -61,6 +63,101 @@ def cmd_convert(args: argparse.Namespace) -> int:
         dtype=_torch_dtype(args.dtype),
     )
     print(f"wrote {out} ({args.to}, family {bundle.family.name}, prediction {bundle.family.prediction})")
+    return 0
+
+
+def _print_merge_info(path: Path) -> bool:
+    """Print the merge recipe a file carries (and, for a LoRA file, its modules); True for a LoRA file."""
+    import json
+
+    from latentforge.checkpoints.merge import read_recipe
+    from latentforge.checkpoints.tensor_files import TensorFile
+
+    if not path.is_file() or path.suffix.lower() != ".safetensors":
+        return False
+    recipe = read_recipe(path)
+    if recipe is not None:
+        print("merge recipe:\n" + "\n".join(f"  {k}: {json.dumps(v)}" for k, v in recipe.items()))
+    source = TensorFile(path)
+    downs = [
+        n
+        for n in source.names
+        if n.startswith(("lora_unet_", "lora_te_")) and n.endswith(".lora_down.weight")
+    ]
+    if not downs and not any(n.startswith(("lora_unet_", "lora_te_")) for n in source.names):
+        return False
+    ranks = sorted({source.shape(n)[0] for n in downs})
+    print(f"LoRA file: {len({n.split('.')[0] for n in source.names})} modules, ranks {ranks}")
+    for key in (
+        "ss_base_model_version",
+        "ss_network_module",
+        "ss_network_dim",
+        "ss_network_alpha",
+        "sshs_model_hash",
+    ):
+        if key in source.metadata:
+            print(f"  {key}: {source.metadata[key]}")
+    return True
+
+
+def _parse_lora(text: str) -> tuple[str, float, float | None]:
+    """FILE[:W[:W_UNET]] as A1111's `<lora:name:te:unet>`: W for both, a second number for the U-Net alone.
+
+    Returns (file, unet strength, text-encoder strength); the weights are the trailing numeric parts.
+    """
+    parts = text.split(":")
+    weights: list[float] = []
+    while len(parts) > 1 and len(weights) < 2:
+        try:
+            weights.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    te = weights[0] if weights else 1.0
+    return ":".join(parts), weights[1] if len(weights) > 1 else te, te
+
+
+def _print_result(result: Any, what: str) -> None:
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {result.path} ({what})")
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    import latentforge
+
+    inputs = [args.a, args.b, args.c]
+    result = latentforge.merge(
+        args.out, *inputs, alpha=args.alpha, blocks=args.blocks, loras=args.lora or (), dtype=args.dtype,
+        bake_vae=args.bake_vae, ema=args.ema, discard=args.discard, overwrite=args.overwrite,
+    )  # fmt: skip
+    _print_result(result, f"{result.recipe['interp_method']}, family {result.family}")
+    print(f"model hash: {result.short_hash} (sha256 {result.sha256})")
+    return 0
+
+
+def cmd_merge_loras(args: argparse.Namespace) -> int:
+    import latentforge
+
+    result = latentforge.merge_loras(
+        args.out, args.loras, family=args.family, rank=args.rank, conv_rank=args.conv_rank, dtype=args.dtype,
+        overwrite=args.overwrite,
+    )  # fmt: skip
+    _print_result(result, f"{result.modules} modules, {result.recipe['interp_method']}")
+    print(f"relative error: {result.relative_error:.3g} (largest module: {result.max_module_error:.3g})")
+    return 0
+
+
+def cmd_extract_lora(args: argparse.Namespace) -> int:
+    import latentforge
+
+    result = latentforge.extract_lora(
+        args.out, args.original, args.tuned, rank=args.rank, conv_rank=args.conv_rank,
+        clamp_quantile=None if args.clamp_quantile >= 1 else args.clamp_quantile, min_diff=args.min_diff,
+        dtype=args.dtype, overwrite=args.overwrite,
+    )  # fmt: skip
+    _print_result(result, f"{result.modules} modules, rank {args.rank}")
+    print(f"relative error: {result.relative_error:.3g} (largest module: {result.max_module_error:.3g})")
     return 0
 
 
@@ -554,7 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("samplers", cmd_samplers, "List sampler names.")
     add("schedules", cmd_schedules, "List schedule types.")
 
-    p = add("info", cmd_info, "Show a checkpoint's family, hash and sizes.")
+    p = add(
+        "info", cmd_info, "Show a checkpoint's family, hash and sizes (and a merge recipe, a LoRA's modules)."
+    )
     p.add_argument("model", help="checkpoint file (.safetensors/.ckpt) or diffusers folder")
     p.add_argument("--prediction", choices=["epsilon", "v", "x0"])
 
@@ -569,6 +668,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="fp16")
     p.add_argument("--vae", help="standalone VAE to bake in")
     p.add_argument("--prediction", choices=["epsilon", "v", "x0"])
+
+    p = add(
+        "merge",
+        cmd_merge,
+        "Merge checkpoints (docs/merging.md): A + LoRAs, weighted sum (1-a)A + aB, add difference A+a(B-C).",
+    )
+    p.add_argument("a", help="checkpoint A (.safetensors/.ckpt; the inpainting one when mixing)")
+    p.add_argument("b", nargs="?", help="checkpoint B (weighted sum)")
+    p.add_argument("c", nargs="?", help="checkpoint C (add difference: A + a(B - C))")
+    p.add_argument("-o", "--out", required=True, help="the merged .safetensors")
+    p.add_argument("--alpha", type=float, default=0.5, help="multiplier a (default 0.5)")
+    p.add_argument(
+        "--blocks", help="Merge Block Weighted: 26 comma-separated weights (BASE,IN00..IN11,M00,"
+        "OUT00..OUT11) or a supermerger preset name (GRAD_V, SMOOTHSTEP, ...)",
+    )  # fmt: skip
+    p.add_argument(
+        "--lora",
+        type=_parse_lora,
+        action="append",
+        metavar="FILE[:W[:W_UNET]]",
+        help="bake in a LoRA at W (a second number: the U-Net's, as <lora:name:te:unet>); repeat for more",
+    )
+    p.add_argument("--dtype", choices=list(DTYPES), help="cast floating tensors (default: as A has them)")
+    p.add_argument("--bake-vae", help="standalone VAE file to put in place of the merged VAE")
+    p.add_argument(
+        "--ema", choices=["drop", "keep", "use"], default="drop",
+        help="model_ema.* copies: drop (default), keep (merged, as A1111), use them as the U-Nets",
+    )  # fmt: skip
+    p.add_argument(
+        "--discard", metavar="REGEX", help="leave out keys matching REGEX (A1111's discard weights)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    p = add(
+        "merge-loras",
+        cmd_merge_loras,
+        "Merge LoRA files into one kohya LoRA: ranks concatenated (exact) or SVD re-ranked (--rank).",
+    )
+    p.add_argument("loras", nargs="+", type=_parse_lora, metavar="FILE[:W[:W_UNET]]")
+    p.add_argument("-o", "--out", required=True, help="the merged LoRA .safetensors")
+    p.add_argument("--rank", type=int, help="re-rank every module to this rank by SVD (default: concatenate)")
+    p.add_argument("--conv-rank", type=int, help="rank of 3x3 conv modules (default --rank)")
+    p.add_argument("--family", help="model family when the files do not tell (sd1, sd2, ...)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="dtype of the factors (default float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    p = add(
+        "extract-lora",
+        cmd_extract_lora,
+        "Extract a kohya LoRA from the difference of two checkpoints by SVD (kohya's extraction).",
+    )
+    p.add_argument("original")
+    p.add_argument("tuned")
+    p.add_argument("-o", "--out", required=True, help="the LoRA .safetensors")
+    p.add_argument("--rank", type=int, default=4, help="rank of Linear and 1x1 conv modules (default 4)")
+    p.add_argument("--conv-rank", type=int, help="also extract 3x3 convs (LoCon) at this rank")
+    p.add_argument(
+        "--clamp-quantile", type=float, default=0.99, help="clamp factors at this quantile (1: off)"
+    )
+    p.add_argument("--min-diff", type=float, default=0.01, help="skip the text encoder if it moved less")
+    p.add_argument("--dtype", choices=list(DTYPES), help="dtype of the factors (default float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     p = add("train", cmd_train, "Train a CLIP, VAE or U-Net from a run config (resumes automatically).")
     p.add_argument("task", choices=["clip", "vae", "unet"])

@@ -24,7 +24,7 @@ from latentforge.checkpoints.single_file import save_single_file
 from latentforge.cli import main
 from latentforge.errors import LatentforgeError
 from latentforge.model import StableDiffusion
-from latentforge.models.families import TINY
+from latentforge.models.families import TINY, TINY_SD2
 
 # Classes run through the CLI in test_train_cli_errors.py (its test names).
 TRAINING = {
@@ -59,6 +59,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
     save_single_file(
         good, model.unet.state_dict(), model.vae.state_dict(), model.text_encoder.state_dict(), TINY
     )
+    sd2 = StableDiffusion.from_family(TINY_SD2)
+    parts = (sd2.unet.state_dict(), sd2.vae.state_dict(), sd2.text_encoder.state_dict())
+    save_single_file(root / "sd2.safetensors", *parts, TINY_SD2)
     nan_unet = {k: torch.full_like(v, float("nan")) for k, v in model.unet.state_dict().items()}
     broken = root / "nan.safetensors"
     save_single_file(broken, nan_unet, model.vae.state_dict(), model.text_encoder.state_dict(), TINY)
@@ -125,6 +128,9 @@ CASES: dict[str, Callable[[dict[str, Path]], list[str]]] = {
     "EmojiDatasetError": lambda f: ["data", "emoji", str(f["notempty"])],
     "UnknownLoraError": lambda f: ["generate", "a <lora:missing:1>", "--model", str(f["tiny"]), "--steps",
                                    "1", "--out", str(f["root"] / "out"), "--lora-dir", str(f["gen"])],
+    "MergeMismatchError": lambda f: [
+        "merge", str(f["tiny"]), str(f["sd2"]), "-o", str(f["root"] / "merged.safetensors")
+    ],
 }  # fmt: skip
 
 
