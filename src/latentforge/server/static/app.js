@@ -249,7 +249,7 @@ function setupBrush() {
     const ctx = canvas.getContext("2d");
     const [x, y] = point(event);
     const scale = canvas.width / canvas.getBoundingClientRect().width;
-    ctx.strokeStyle = ctx.fillStyle = "#ffffff";
+    ctx.strokeStyle = ctx.fillStyle = "#ff3d6e";  // shown tinted; exported as white (alpha > 0)
     ctx.lineWidth = num("brush") * scale;
     ctx.lineCap = "round";
     ctx.beginPath();
@@ -316,7 +316,10 @@ function wire() {
   for (const mode of ["txt2img", "img2img", "xyz", "pnginfo"]) $(`tab-${mode}`).addEventListener("click", () => setMode(mode));
   $("generate-panel").addEventListener("submit", (e) => { e.preventDefault(); generate(); });
   document.addEventListener("keydown", (e) => {
-    if ((e.ctrlKey || e.metaKey) && e.key === "Enter" && state.mode !== "pnginfo") { e.preventDefault(); generate(); }
+    if ((e.ctrlKey || e.metaKey) && e.key === "Enter" && state.mode !== "pnginfo") {
+      e.preventDefault();
+      $("generate-panel").requestSubmit();  // through the form's own checks (min/max), as a click
+    }
   });
   $("interrupt").addEventListener("click", () => api("sdapi/v1/interrupt", {}).catch((e) => say(e.message, true)));
   $("skip").addEventListener("click", () => api("sdapi/v1/skip", {}).catch((e) => say(e.message, true)));
