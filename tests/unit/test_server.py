@@ -277,7 +277,7 @@ def test_interrupt_keeps_the_finished_batches(client):
     results = {}
 
     def post():
-        results["response"] = client.post("/sdapi/v1/txt2img", json=PAYLOAD | {"steps": 2, "n_iter": 200})
+        results["response"] = client.post("/sdapi/v1/txt2img", json=PAYLOAD | {"steps": 2, "n_iter": 100})
 
     thread = threading.Thread(target=post)
     thread.start()
@@ -286,7 +286,7 @@ def test_interrupt_keeps_the_finished_batches(client):
         while not (worker.current and worker.current.images_done >= 1) and time.time() < deadline:
             time.sleep(0.01)
         progress = client.get("/sdapi/v1/progress").json()
-        assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] == 400
+        assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] == 200
         factor = TINY.vae.downsampling_factor
         assert _decode(progress["current_image"]).size == (32 // factor, 32 // factor)  # latent-size preview
         assert client.post("/sdapi/v1/interrupt").status_code == 200
@@ -294,7 +294,7 @@ def test_interrupt_keeps_the_finished_batches(client):
         worker.interrupt()
         thread.join(60)
     body = results["response"].json()
-    assert 1 <= len(body["images"]) < 200
+    assert 1 <= len(body["images"]) < 100
     assert json.loads(body["info"])["interrupted"] is True
 
 
@@ -518,3 +518,32 @@ def test_model_switch_waits_for_the_running_job_and_releases_the_old_model(model
         assert old() is None  # the old weights are gone, not kept beside the new ones
         info = json.loads(client.post("/sdapi/v1/txt2img", json=PAYLOAD | {"steps": 1}).json()["info"])
         assert info["sd_model_name"] == "b"
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"steps": 151}, "steps 151"),
+        ({"batch_size": 9}, "batch_size 9"),
+        ({"batch_size": 2, "n_iter": 51}, "batch_size x n_iter 102"),
+        ({"width": 4096, "height": 2048}, "width x height"),
+        ({"prompt": "x" * 10_001}, "prompt length"),
+        ({"enable_hr": True, "hr_scale": 80, "denoising_strength": 0.5}, "hires size"),
+    ],
+)
+def test_server_limits_are_422_before_queueing_and_the_next_request_works(client, change, named):
+    worker = client.app.state.worker
+    response = client.post("/sdapi/v1/txt2img", json=PAYLOAD | change)
+    assert response.status_code == 422 and named in response.json()["detail"], response.text
+    assert "limit" in response.json()["detail"] and worker.current is None and worker.queue.empty()
+    assert client.post("/sdapi/v1/txt2img", json=PAYLOAD | {"steps": 1}).status_code == 200
+
+
+def test_xyz_cells_are_limited(client):
+    body = {
+        "payload": PAYLOAD,
+        "x": "steps=" + ",".join(["1"] * 11),
+        "y": "cfg_scale=" + ",".join(["2"] * 10),
+    }
+    response = client.post("/latentforge/v1/xyz", json=body)
+    assert response.status_code == 422 and "110 cells" in response.json()["detail"]

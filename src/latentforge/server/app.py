@@ -31,7 +31,14 @@ from latentforge.pipelines.xyz import parse_axis
 from latentforge.sampling.registry import SAMPLERS
 from latentforge.sampling.schedules import SCHEDULES
 from latentforge.server.jobs import Catalog, JobResult, QueueFullError, Worker
-from latentforge.server.payload import decode_image, encode_png, parameters, request_from_payload
+from latentforge.server.payload import (
+    Limits,
+    check_limits,
+    decode_image,
+    encode_png,
+    parameters,
+    request_from_payload,
+)
 
 # POST /sdapi/v1/options may change only these (A1111 lets a client set any option; we keep to the model).
 SETTABLE_OPTIONS = ("sd_model_checkpoint",)
@@ -140,8 +147,10 @@ def create_app(
     default_model: Path | None = None,
     token: str | None = None,
     queue_size: int = 8,
+    limits: Limits | None = None,
 ) -> FastAPI:
     """The server's app; `models_dir` None serves the embedded model (or `default_model`)."""
+    limits = limits or Limits()
     if models_dir is None and default_model is None:
         from latentforge.checkpoints.loading import default_model_path
 
@@ -188,6 +197,7 @@ def create_app(
         payload = await _json(request)
         try:
             mapped = await asyncio.to_thread(request_from_payload, payload, mode)
+            check_limits(mapped.request, limits)
             job = worker.submit(mapped.request)
         except ParameterError as error:
             return _error(422, "ParameterError", str(error))
@@ -405,6 +415,14 @@ def create_app(
         if not axes:
             return _error(422, "ParameterError", "x: give at least the X axis as FIELD=V1,V2,...")
         mapped = await asyncio.to_thread(request_from_payload, body.get("payload", {}), "txt2img")
+        check_limits(mapped.request, limits)
+        cells = 1
+        for axis in axes:
+            cells *= len(axis.values)
+        if cells > limits.max_images:
+            return _error(
+                422, "ParameterError", f"{cells} cells exceed this server's limit of {limits.max_images}"
+            )
         try:
             job = worker.submit(mapped.request, axes=tuple(axes))
         except QueueFullError as error:
