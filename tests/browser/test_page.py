@@ -171,6 +171,22 @@ def test_interrupt_a_long_job_keeps_the_finished_images(page):
     assert page.is_enabled("#generate")
 
 
+def test_skip_ends_one_batch_and_the_others_finish(page):
+    page.fill("#prompt", PROMPT)
+    _fill(page, **{"batch-count": "3", "steps": "40", "seed": "20"})
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('progress').value > 0", timeout=60000)
+    page.click("#skip")
+    page.wait_for_function("document.querySelectorAll('#gallery button').length === 3", timeout=120000)
+    assert "(1 batch skipped)" in page.inner_text("#status")
+    assert "interrupted" not in page.inner_text("#status")
+    seeds = []
+    for button in page.locator("#gallery button").all():
+        button.click()
+        seeds.append(page.inner_text("#infotext").split("Seed: ")[1].split(",")[0])
+    assert sorted(seeds) == ["20", "21", "22"]  # the skipped batch's image is kept, the others ran
+
+
 def test_paint_a_mask_and_inpaint(page, tmp_path):
     page.fill("#prompt", PROMPT)
     _fill(page, seed="5")

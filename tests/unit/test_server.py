@@ -422,7 +422,7 @@ def test_skip_ends_one_batch_and_keeps_the_others(models_dir, reference):
         release.set()
         result = job.future.result(60)
     expected = run(reference, request, progress=False)
-    assert len(result.images) == 3 and not result.interrupted and job.skipped == 1
+    assert len(result.images) == 3 and not result.interrupted and result.skipped == 1
     assert job.step == 1 + 6 + 6
     first = np.asarray(result.images[0].image.convert("RGB"), dtype=int)
     assert np.abs(first - np.asarray(expected[0].convert("RGB"), dtype=int)).max() > 0  # cut short

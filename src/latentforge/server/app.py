@@ -137,6 +137,7 @@ def _info(result: JobResult, warnings: list[str]) -> dict[str, Any]:
         "is_using_inpainting_conditioning": False,
         "version": "latentforge",
         "interrupted": result.interrupted,
+        "skipped": result.skipped,  # ours: batches ended early by /skip
         "warnings": warnings,
     }
 

@@ -129,6 +129,7 @@ class JobResult:
     warnings: list[str]
     interrupted: bool
     grids: list[Image.Image] = field(default_factory=list)  # an X/Y/Z plot's labelled grids
+    skipped: int = 0  # batches ended early by skip
 
 
 @dataclass
@@ -255,4 +256,4 @@ class Worker:
             for image in iter_images(model, job.request, callback=job.on_step, progress=False):
                 images.append(image)
                 job.images_done += 1
-        return JobResult(images, [str(w.message) for w in caught], job.interrupted)
+        return JobResult(images, [str(w.message) for w in caught], job.interrupted, skipped=job.skipped)

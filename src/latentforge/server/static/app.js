@@ -135,7 +135,8 @@ async function generate() {
     const texts = [...(result.grids || []).map(() => "X/Y plot grid"), ...info.infotexts];
     shown.forEach((image, i) => addResult(`data:image/png;base64,${image}`, texts[i] || ""));
     const warnings = result.warnings && result.warnings.length ? ` Warnings: ${result.warnings.join("; ")}` : "";
-    const stopped = info.interrupted ? " (interrupted)" : "";
+    const skipped = info.skipped ? ` (${info.skipped} batch${info.skipped > 1 ? "es" : ""} skipped)` : "";
+    const stopped = (info.interrupted ? " (interrupted)" : "") + skipped;
     say(`${result.images.length} image(s), seed ${state.lastSeed}${stopped}.${warnings}`);
   } catch (error) {
     say(error.message, true);
