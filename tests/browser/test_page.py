@@ -280,3 +280,18 @@ def test_png_info_reads_jpeg_and_webp(page, tmp_path, suffix):
     page.set_input_files("#png-file", str(path))
     page.wait_for_function("document.getElementById('png-text').textContent.includes('Seed: 42')")
     assert page.inner_text("#png-text") == text
+
+
+def test_token_field_sends_a_bearer_token(page):
+    page.evaluate("sessionStorage.setItem('latentforge-token', 'wrong')")  # overrides the browser's login
+    page.reload()
+    page.wait_for_function("document.getElementById('status').textContent.includes('401')")
+    assert page.get_attribute("#auth", "open") is not None  # the Token field opens by itself
+    page.fill("#token", TOKEN)
+    page.press("#token", "Enter")
+    page.wait_for_function("document.getElementById('status').textContent === 'ready'")
+    assert page.evaluate("sessionStorage.getItem('latentforge-token')") == TOKEN
+    page.fill("#prompt", PROMPT)
+    _fill(page)
+    page.press("#prompt", "Control+Enter")
+    page.wait_for_selector("#gallery button", timeout=60000)
