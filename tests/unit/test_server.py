@@ -242,9 +242,9 @@ def _blocked_worker(app):
     catalog, release = app.state.catalog, threading.Event()
     real = catalog.model
 
-    def waiting():
+    def waiting(*args, **kwargs):
         release.wait(30)
-        return real()
+        return real(*args, **kwargs)
 
     catalog.model = waiting
     return release, lambda: setattr(catalog, "model", real)
@@ -547,3 +547,20 @@ def test_xyz_cells_are_limited(client):
     }
     response = client.post("/latentforge/v1/xyz", json=body)
     assert response.status_code == 422 and "110 cells" in response.json()["detail"]
+
+
+def test_override_settings_model_is_used_for_that_request_only(models_dir, tmp_path):
+    import shutil
+
+    for name in ("a.safetensors", "b.safetensors"):
+        shutil.copy(models_dir / "tiny.safetensors", tmp_path / name)
+    with TestClient(create_app(models_dir=tmp_path), base_url=LOCAL) as client:
+        override = {"override_settings": {"sd_model_checkpoint": "b.safetensors"}}
+        body = client.post("/sdapi/v1/txt2img", json=PAYLOAD | {"steps": 1} | override).json()
+        assert json.loads(body["info"])["sd_model_name"] == "b" and body["warnings"] == []
+        body = client.post("/sdapi/v1/txt2img", json=PAYLOAD | {"steps": 1}).json()
+        assert json.loads(body["info"])["sd_model_name"] == "a"  # the selected model again, as A1111 restores
+        assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "a.safetensors"
+        bad = {"override_settings": {"sd_model_checkpoint": "../a.safetensors"}}
+        response = client.post("/sdapi/v1/txt2img", json=PAYLOAD | bad)
+        assert response.status_code == 422 and "a.safetensors, b.safetensors" in response.json()["detail"]

@@ -199,7 +199,8 @@ def create_app(
         try:
             mapped = await asyncio.to_thread(request_from_payload, payload, mode)
             check_limits(mapped.request, limits)
-            job = worker.submit(mapped.request)
+            use = catalog.find(mapped.checkpoint).title if mapped.checkpoint else ""
+            job = worker.submit(mapped.request, use_model=use)
         except ParameterError as error:
             return _error(422, "ParameterError", str(error))
         except QueueFullError as error:
@@ -425,7 +426,8 @@ def create_app(
                 422, "ParameterError", f"{cells} cells exceed this server's limit of {limits.max_images}"
             )
         try:
-            job = worker.submit(mapped.request, axes=tuple(axes))
+            use = catalog.find(mapped.checkpoint).title if mapped.checkpoint else ""
+            job = worker.submit(mapped.request, axes=tuple(axes), use_model=use)
         except QueueFullError as error:
             return _error(429, "QueueFull", str(error), {"Retry-After": str(RETRY_AFTER_S)})
         result = await asyncio.wrap_future(job.future)

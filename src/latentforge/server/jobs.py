@@ -106,10 +106,12 @@ class Catalog:
         with self.lock:
             self.selected = self.find(name).title
 
-    def model(self) -> StableDiffusion:
-        """The selected model, loaded once and kept until another is selected (the old one is released)."""
-        with self.lock:
-            name = self.selected
+    def model(self, name: str = "") -> StableDiffusion:
+        """The named (default: selected) model, loaded once and kept until another is asked for; the old
+        one is released first."""
+        if not name:
+            with self.lock:
+                name = self.selected
         if self.loaded is None or self.loaded[0] != name:
             self.release()  # drop the old weights before loading the new ones: never two in memory
             self.loaded = (name, load(self.find(name).path))
@@ -138,7 +140,8 @@ class Job:
 
     request: GenerationRequest | None
     axes: tuple[Axis, ...] = ()
-    checkpoint: str = ""
+    checkpoint: str = ""  # a switch job: the catalogue title to select
+    use_model: str = ""  # a generation with its own model (override_settings); "" = the selected one
     future: Future[JobResult] = field(default_factory=Future)
     created: float = field(default_factory=time.time)
     started: float = 0.0
@@ -230,20 +233,24 @@ class Worker:
                 self.current = None
                 job.model = job.latest = None  # a finished job holds no model or tensors (switch: memory)
 
-    def _switch(self, job: Job) -> JobResult:
-        """Load the named checkpoint now; the old model's memory (also the preview's hold) is released."""
-        if self.catalog.loaded is not None and self.catalog.loaded[0] != job.checkpoint:
+    def _model(self, name: str = "") -> StableDiffusion:
+        """The model a job needs; on a change the old one's memory (also the preview's hold) is released."""
+        wanted = name or self.catalog.selected
+        if self.catalog.loaded is not None and self.catalog.loaded[0] != wanted:
             self.projection = None
             self.catalog.release()
+        return self.catalog.model(wanted)
+
+    def _switch(self, job: Job) -> JobResult:
         self.catalog.select(job.checkpoint)
-        self.catalog.model()
+        self._model()
         return JobResult([], [], False)
 
     def _generate(self, job: Job) -> JobResult:
         if job.checkpoint:
             return self._switch(job)
         assert job.request is not None
-        model = job.model = self.catalog.model()
+        model = job.model = self._model(job.use_model)
         if job.axes:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")

@@ -281,6 +281,7 @@ class Mapped:
     request: GenerationRequest
     warnings: tuple[str, ...]
     send_images: bool
+    checkpoint: str = ""  # override_settings.sd_model_checkpoint: this request's model, by catalogue name
 
 
 def _unused(key: str, value: Any, default: Any) -> bool:
@@ -332,7 +333,7 @@ def request_from_payload(payload: Mapping[str, Any], mode: str) -> Mapped:
         top["sampler"] = _str("sampler_name", payload["sampler_name"])
     top.setdefault("sampler", table["sampler_index"].default)
     top.setdefault("steps", table["steps"].default)
-    warnings += _overrides(extras.get("override_settings"), top)
+    warnings += _overrides(extras.get("override_settings"), top, extras)
     sampler, _ = split_sampler_name(top["sampler"], top.get("schedule", "Automatic"))
     takes = get_sampler(sampler).options
     for name, value in options.items():
@@ -343,10 +344,10 @@ def request_from_payload(payload: Mapping[str, Any], mode: str) -> Mapped:
         elif name != "eta" and value != _NEUTRAL[name]:  # A1111 too ignores eta where a sampler has none
             warnings.append(f"{name}: sampler {sampler!r} does not use it; ignored")
     request = GenerationRequest(**top, **_parts(mode, payload, parts, extras, warnings))
-    return Mapped(request, tuple(warnings), extras.get("send_images", True))
+    return Mapped(request, tuple(warnings), extras.get("send_images", True), extras.get("checkpoint", ""))
 
 
-def _overrides(settings: Any, top: dict[str, Any]) -> list[str]:
+def _overrides(settings: Any, top: dict[str, Any], extras: dict[str, Any]) -> list[str]:
     if settings in (None, {}):
         return []
     if not isinstance(settings, Mapping):
@@ -356,6 +357,8 @@ def _overrides(settings: Any, top: dict[str, Any]) -> list[str]:
         if key in OVERRIDE_SETTINGS:
             target, read = OVERRIDE_SETTINGS[key]
             top[target] = read(f"override_settings.{key}", value)
+        elif key == "sd_model_checkpoint":  # a name, looked up in the catalogue by the server
+            extras["checkpoint"] = _str(f"override_settings.{key}", value)
         else:
             warnings.append(f"override_settings.{key}: not supported yet; ignored")
     return warnings
