@@ -12,6 +12,12 @@ case "$(uname -m)" in
 esac
 # pip warns once per package about this machine's local index folders; those lines are noise.
 pip_install() { .venv/bin/pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+# tests/browser drive Debian's chromium through Playwright; Playwright must never fetch a browser of its own.
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      chromium chromium-driver; } >/dev/null 2>&1 || echo "note: chromium could not be installed: tests/browser will skip" >&2
+fi
 pip_install $TORCH
 pip_install -e ".[test]"
 .venv/bin/ruff check src tests benchmarks

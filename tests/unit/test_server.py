@@ -28,6 +28,7 @@ from latentforge.server.app import create_app  # noqa: E402
 
 PAYLOAD = {"prompt": "a cat", "negative_prompt": "dog", "seed": 7, "steps": 3, "sampler_name": "Euler a"}
 PAYLOAD |= {"width": 32, "height": 32, "cfg_scale": 5}
+LOCAL = "http://127.0.0.1:7860"  # without a token only loopback Host names are served (DNS rebinding)
 REQUEST = GenerationRequest(
     prompt="a cat",
     negative_prompt="dog",
@@ -45,6 +46,10 @@ def models_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = StableDiffusion.from_family(TINY)
     folder = tmp_path_factory.mktemp("models")
+    for name in ("Lora/style/ink.safetensors", "Lora/detail.safetensors", "embeddings/easyneg.pt"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"")  # listed by name only; reading them is the adapters' business
+    (folder / "Lora" / "notes.txt").write_text("not a LoRA")
     save_single_file(
         folder / "tiny.safetensors",
         model.unet.state_dict(),
@@ -62,7 +67,7 @@ def reference(models_dir) -> StableDiffusion:
 
 @pytest.fixture(scope="module")
 def client(models_dir):
-    with TestClient(create_app(models_dir=models_dir, queue_size=2)) as client:
+    with TestClient(create_app(models_dir=models_dir, queue_size=2), base_url=LOCAL) as client:
         yield client
 
 
@@ -237,17 +242,17 @@ def _blocked_worker(app):
     catalog, release = app.state.catalog, threading.Event()
     real = catalog.model
 
-    def waiting():
+    def waiting(*args, **kwargs):
         release.wait(30)
-        return real()
+        return real(*args, **kwargs)
 
     catalog.model = waiting
     return release, lambda: setattr(catalog, "model", real)
 
 
-def test_full_queue_is_503(models_dir):
+def test_full_queue_is_429_with_retry_after(models_dir):
     app = create_app(models_dir=models_dir, queue_size=1)
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         release, restore = _blocked_worker(app)
         worker = app.state.worker
         running = worker.submit(REQUEST)
@@ -256,7 +261,7 @@ def test_full_queue_is_503(models_dir):
             time.sleep(0.01)
         waiting = worker.submit(REQUEST)  # fills the queue of one
         response = client.post("/sdapi/v1/txt2img", json=PAYLOAD)
-        assert response.status_code == 503 and response.headers["retry-after"]
+        assert response.status_code == 429 and int(response.headers["retry-after"]) > 0
         assert "queue is full" in response.json()["detail"]
         progress = client.get("/sdapi/v1/progress").json()
         assert progress["state"]["job_count"] == 2
@@ -272,7 +277,7 @@ def test_interrupt_keeps_the_finished_batches(client):
     results = {}
 
     def post():
-        results["response"] = client.post("/sdapi/v1/txt2img", json=PAYLOAD | {"steps": 2, "n_iter": 200})
+        results["response"] = client.post("/sdapi/v1/txt2img", json=PAYLOAD | {"steps": 2, "n_iter": 100})
 
     thread = threading.Thread(target=post)
     thread.start()
@@ -281,7 +286,7 @@ def test_interrupt_keeps_the_finished_batches(client):
         while not (worker.current and worker.current.images_done >= 1) and time.time() < deadline:
             time.sleep(0.01)
         progress = client.get("/sdapi/v1/progress").json()
-        assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] == 400
+        assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] == 200
         factor = TINY.vae.downsampling_factor
         assert _decode(progress["current_image"]).size == (32 // factor, 32 // factor)  # latent-size preview
         assert client.post("/sdapi/v1/interrupt").status_code == 200
@@ -289,19 +294,28 @@ def test_interrupt_keeps_the_finished_batches(client):
         worker.interrupt()
         thread.join(60)
     body = results["response"].json()
-    assert 1 <= len(body["images"]) < 200
+    assert 1 <= len(body["images"]) < 100
     assert json.loads(body["info"])["interrupted"] is True
 
 
 def test_token_guards_every_route(models_dir):
     with TestClient(create_app(models_dir=models_dir, token="ann:s3cret")) as client:
-        for method, path in (("get", "/sdapi/v1/samplers"), ("post", "/sdapi/v1/txt2img"), ("get", "/docs")):
-            assert getattr(client, method)(path).status_code == 401
+        routes = [("get", "/sdapi/v1/samplers"), ("post", "/sdapi/v1/txt2img"), ("get", "/docs")]
+        routes += [
+            ("get", "/"),
+            ("get", "/static/app.js"),
+            ("post", "/sdapi/v1/skip"),
+            ("get", "/sdapi/v1/loras"),
+        ]
+        for method, path in routes:
+            assert getattr(client, method)(path).status_code == 401, path
         assert client.get("/sdapi/v1/progress", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert client.get("/sdapi/v1/samplers", auth=("ann", "wrong")).status_code == 401
         assert client.get("/sdapi/v1/samplers", auth=("ann", "s3cret")).status_code == 200
         bearer = {"Authorization": "Bearer ann:s3cret"}
         assert client.get("/sdapi/v1/samplers", headers=bearer).status_code == 200
+        # with a token any Host name is served (behind a proxy), and the page with it
+        assert client.get("/static/app.js", headers=bearer | {"Host": "sd.example.org"}).status_code == 200
 
 
 def test_serve_refuses_bad_settings_with_one_error_line(capsys, tmp_path):
@@ -391,3 +405,162 @@ def test_docs_list_every_payload_field():
     text = (Path(__file__).resolve().parents[2] / "docs" / "server.md").read_text()
     missing = sorted({f.key for f in PAYLOAD_FIELDS if f"`{f.key}`" not in text})
     assert not missing, f"docs/server.md does not mention {missing}"
+
+
+def test_skip_ends_one_batch_and_keeps_the_others(models_dir, reference):
+    app = create_app(models_dir=models_dir)
+    with TestClient(app, base_url=LOCAL):
+        release, restore = _blocked_worker(app)
+        worker = app.state.worker
+        request = GenerationRequest(**{**REQUEST.__dict__, "steps": 6, "batch_count": 3})
+        job = worker.submit(request)
+        deadline = time.time() + 10
+        while worker.current is None and time.time() < deadline:
+            time.sleep(0.01)
+        worker.skip()  # before its first step: the first batch stops after one step
+        restore()
+        release.set()
+        result = job.future.result(60)
+    expected = run(reference, request, progress=False)
+    assert len(result.images) == 3 and not result.interrupted and result.skipped == 1
+    assert job.step == 1 + 6 + 6
+    first = np.asarray(result.images[0].image.convert("RGB"), dtype=int)
+    assert np.abs(first - np.asarray(expected[0].convert("RGB"), dtype=int)).max() > 0  # cut short
+    for got, want in zip(result.images[1:], expected[1:], strict=True):
+        _same_pixels(got.image, want)  # the later batches are untouched by the skip
+    assert [i.request.seed for i in result.images] == [7, 8, 9]
+
+
+def test_loras_embeddings_memory_and_refresh_routes(client):
+    loras = client.get("/sdapi/v1/loras").json()
+    assert [(lora["name"], lora["path"]) for lora in loras] == [
+        ("detail", "Lora/detail.safetensors"),
+        ("ink", "Lora/style/ink.safetensors"),
+    ]
+    embeddings = client.get("/sdapi/v1/embeddings").json()
+    assert list(embeddings["loaded"]) == ["easyneg"] and embeddings["skipped"] == {}
+    for route in ("refresh-loras", "refresh-embeddings", "refresh-checkpoints"):
+        assert client.post(f"/sdapi/v1/{route}").status_code == 200
+    memory = client.get("/sdapi/v1/memory").json()
+    assert 0 < memory["ram"]["used"] < memory["ram"]["total"]
+    assert "error" in memory["cuda"] or "system" in memory["cuda"]
+
+
+def test_host_and_origin_checks(client):
+    assert client.get("/sdapi/v1/samplers", headers={"Host": "rebound.example"}).status_code == 403
+    assert client.get("/sdapi/v1/samplers", headers={"Host": "localhost:7860"}).status_code == 200
+    foreign = client.post("/sdapi/v1/interrupt", headers={"Origin": "http://evil.example"})
+    assert foreign.status_code == 403 and "cross-origin" in foreign.json()["detail"]
+    assert client.post("/sdapi/v1/interrupt", headers={"Origin": LOCAL}).status_code == 200
+
+
+def test_page_is_served_and_calls_only_routes_that_exist(client):
+    import re
+
+    page = client.get("/")
+    assert page.status_code == 200 and 'src="static/app.js"' in page.text
+    script = client.get("/static/app.js")
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    assert client.get("/static/style.css").status_code == 200
+    called = set(re.findall(r"[\"`]((?:sdapi|latentforge)/v1/[a-z0-9-]+)", script.text))
+    listed = re.search(r"\[([^\]]*)\]\.map\(\(r\) => api\(`sdapi/v1/\$\{r\}`\)", script.text)
+    assert listed is not None
+    called |= {f"sdapi/v1/{name}" for name in re.findall(r'"([a-z-]+)"', listed.group(1))}
+    routes = {route.path.lstrip("/") for route in client.app.routes}
+    assert len(called) >= 12 and called <= routes, called - routes
+
+
+def test_xyz_route_makes_a_labelled_grid(client, reference):
+    body = {"payload": PAYLOAD, "x": "steps=1,2", "y": "cfg_scale=3,5"}
+    response = client.post("/latentforge/v1/xyz", json=body)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert len(result["grids"]) == 1 and len(result["images"]) == 4
+    grid = _decode(result["grids"][0])
+    assert grid.width > 2 * 32 and grid.height > 2 * 32  # the cells plus their labels
+    cell = GenerationRequest(**{**REQUEST.__dict__, "steps": 2, "cfg_scale": 3})
+    _same_pixels(_decode(result["images"][1]), run(reference, cell, progress=False)[0])
+    steps = [_decode(i).info["parameters"].split("Steps: ")[1].split(",")[0] for i in result["images"]]
+    assert steps == ["1", "2", "1", "2"]
+    bad = client.post("/latentforge/v1/xyz", json={"payload": PAYLOAD, "x": "nonsense=1"})
+    assert bad.status_code == 422 and "FIELD" in bad.json()["detail"]
+
+
+def test_model_switch_waits_for_the_running_job_and_releases_the_old_model(models_dir, tmp_path):
+    import gc
+    import shutil
+    import weakref
+
+    for name in ("a.safetensors", "b.safetensors"):
+        shutil.copy(models_dir / "tiny.safetensors", tmp_path / name)
+    app = create_app(models_dir=tmp_path)
+    with TestClient(app, base_url=LOCAL) as client:
+        assert client.post("/sdapi/v1/txt2img", json=PAYLOAD | {"steps": 1}).status_code == 200
+        old = weakref.ref(app.state.catalog.loaded[1])
+        release, restore = _blocked_worker(app)
+        running = app.state.worker.submit(REQUEST)
+        switched = {}
+        thread = threading.Thread(
+            target=lambda: switched.update(
+                r=client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "b"})
+            )
+        )
+        thread.start()
+        time.sleep(0.5)
+        assert thread.is_alive() and app.state.catalog.selected == "a.safetensors"  # waits for the job
+        restore()
+        release.set()
+        thread.join(60)
+        assert running.future.result(30).images[0].request.model == "a"
+        assert switched["r"].status_code == 200
+        assert app.state.catalog.loaded[0] == "b.safetensors"
+        gc.collect()
+        assert old() is None  # the old weights are gone, not kept beside the new ones
+        info = json.loads(client.post("/sdapi/v1/txt2img", json=PAYLOAD | {"steps": 1}).json()["info"])
+        assert info["sd_model_name"] == "b"
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"steps": 151}, "steps 151"),
+        ({"batch_size": 9}, "batch_size 9"),
+        ({"batch_size": 2, "n_iter": 51}, "batch_size x n_iter 102"),
+        ({"width": 4096, "height": 2048}, "width x height"),
+        ({"prompt": "x" * 10_001}, "prompt length"),
+        ({"enable_hr": True, "hr_scale": 80, "denoising_strength": 0.5}, "hires size"),
+    ],
+)
+def test_server_limits_are_422_before_queueing_and_the_next_request_works(client, change, named):
+    worker = client.app.state.worker
+    response = client.post("/sdapi/v1/txt2img", json=PAYLOAD | change)
+    assert response.status_code == 422 and named in response.json()["detail"], response.text
+    assert "limit" in response.json()["detail"] and worker.current is None and worker.queue.empty()
+    assert client.post("/sdapi/v1/txt2img", json=PAYLOAD | {"steps": 1}).status_code == 200
+
+
+def test_xyz_cells_are_limited(client):
+    body = {
+        "payload": PAYLOAD,
+        "x": "steps=" + ",".join(["1"] * 11),
+        "y": "cfg_scale=" + ",".join(["2"] * 10),
+    }
+    response = client.post("/latentforge/v1/xyz", json=body)
+    assert response.status_code == 422 and "110 cells" in response.json()["detail"]
+
+
+def test_override_settings_model_is_used_for_that_request_only(models_dir, tmp_path):
+    import shutil
+
+    for name in ("a.safetensors", "b.safetensors"):
+        shutil.copy(models_dir / "tiny.safetensors", tmp_path / name)
+    with TestClient(create_app(models_dir=tmp_path), base_url=LOCAL) as client:
+        override = {"override_settings": {"sd_model_checkpoint": "b.safetensors"}}
+        body = client.post("/sdapi/v1/txt2img", json=PAYLOAD | {"steps": 1} | override).json()
+        assert json.loads(body["info"])["sd_model_name"] == "b" and body["warnings"] == []
+        body = client.post("/sdapi/v1/txt2img", json=PAYLOAD | {"steps": 1}).json()
+        assert json.loads(body["info"])["sd_model_name"] == "a"  # the selected model again, as A1111 restores
+        assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "a.safetensors"
+        bad = {"override_settings": {"sd_model_checkpoint": "../a.safetensors"}}
+        response = client.post("/sdapi/v1/txt2img", json=PAYLOAD | bad)
+        assert response.status_code == 422 and "a.safetensors, b.safetensors" in response.json()["detail"]

@@ -29,7 +29,10 @@ from latentforge.sampling.denoisers import DiscreteDenoiser
 from latentforge.sampling.noise import BrownianNoiseSampler, NoiseSampler, generators
 from latentforge.sampling.registry import sampling_sigmas
 
-StepCallback = Callable[[Any], bool | None]
+StepCallback = Callable[[Any], bool | str | None]
+# A step callback's answer that ends the current batch's sampling early (its images are still decoded, as
+# A1111's "Skip") and goes on with the next batch; True stops after the current batch.
+SKIP = "skip"
 
 
 @dataclass
@@ -189,18 +192,22 @@ class Progress:
     """A tqdm bar over all sampling steps that forwards each step to the user's callback.
 
     `stopped` turns true when the callback returns True: the sampler returns early and the
-    pipeline stops after finishing the current batch.
+    pipeline stops after finishing the current batch. `skipping` (the callback returned `SKIP`) ends
+    only the current batch's sampling; the runner clears it before the next batch.
     """
 
     def __init__(self, total: int, callback: StepCallback | None, enabled: bool) -> None:
         self.bar = tqdm(total=total, disable=not enabled, desc="sampling", unit="step")
-        self.callback, self.stopped = callback, False
+        self.callback, self.stopped, self.skipping = callback, False, False
 
     def __call__(self, info: Any) -> bool:
         self.bar.update(1)
-        if self.callback is not None and self.callback(info):
+        answer = self.callback(info) if self.callback is not None else None
+        if answer == SKIP:
+            self.skipping = True
+        elif answer:
             self.stopped = True
-        return self.stopped
+        return self.stopped or self.skipping
 
     def close(self) -> None:
         self.bar.close()

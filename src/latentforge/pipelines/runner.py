@@ -71,7 +71,8 @@ def iter_images(
     """Generate what the request asks for, yielding each image as soon as its batch is decoded.
 
     `callback(StepInfo)` sees every sampling step; returning True stops after the current batch (an
-    interrupted hires run keeps its first-pass images, as A1111 does).
+    interrupted hires run keeps its first-pass images, as A1111 does), returning `SKIP` ends the
+    current batch early and goes on with the next.
     """
     resolved = resolve(request, model)
     r = resolved.request
@@ -94,7 +95,7 @@ def iter_images(
             )
             described = r
             if resolved.second is not None:
-                if bar.stopped:
+                if bar.stopped or bar.skipping:
                     described = replace(r, hires=None)
                 else:
                     latents = hires_pass(model, resolved, batch, latents, callback=bar)
@@ -102,6 +103,7 @@ def iter_images(
                 yield result if overlay is None else replace(result, image=overlay.apply(result.image))
             if bar.stopped:
                 break
+            bar.skipping = False  # a skip ends one batch only
     finally:
         if loras is not None:
             loras.undo()

@@ -10,28 +10,64 @@ import asyncio
 import base64
 import binascii
 import json
+import os
 import secrets
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 
 from latentforge.errors import LatentforgeError, ParameterError
 from latentforge.pipelines.infotext import parse_infotext, read_infotext
 from latentforge.pipelines.preview import latent_preview
 from latentforge.pipelines.request import UPSCALERS
+from latentforge.pipelines.xyz import parse_axis
 from latentforge.sampling.registry import SAMPLERS
 from latentforge.sampling.schedules import SCHEDULES
 from latentforge.server.jobs import Catalog, JobResult, QueueFullError, Worker
-from latentforge.server.payload import decode_image, encode_png, parameters, request_from_payload
+from latentforge.server.payload import (
+    Limits,
+    check_limits,
+    decode_image,
+    encode_png,
+    parameters,
+    request_from_payload,
+)
 
 # POST /sdapi/v1/options may change only these (A1111 lets a client set any option; we keep to the model).
 SETTABLE_OPTIONS = ("sd_model_checkpoint",)
 MAX_BODY_BYTES = 200 * 2**20  # a few base64 images; larger bodies get 413 before they are read
+RETRY_AFTER_S = 5  # told to clients that find the queue full (429)
+STATIC = Path(__file__).parent / "static"  # the web page: plain HTML/CSS/JS, no build step
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def _loopback(host: str) -> bool:
+    return host in LOOPBACK or host.startswith("127.")
+
+
+def _host_problem(request: Request, token: str | None) -> str | None:
+    """Why a request must be refused as DNS rebinding or cross-site (CSRF), or None.
+
+    Without a token only loopback Host names are served (a rebound domain sends its own name); a
+    state-changing request that names an Origin must come from the page's own origin.
+    """
+    host = request.headers.get("host", "")
+    name = urllib.parse.urlsplit(f"//{host}").hostname or ""
+    if not token and not _loopback(name):
+        return f"Host {host!r} is not a loopback name; serve with --token to be reached by other names"
+    origin = request.headers.get("origin")
+    unsafe = request.method not in SAFE_METHODS
+    if unsafe and origin is not None and urllib.parse.urlsplit(origin).netloc != host:
+        return f"cross-origin request from {origin!r} refused"
+    return None
 
 
 def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -101,6 +137,7 @@ def _info(result: JobResult, warnings: list[str]) -> dict[str, Any]:
         "is_using_inpainting_conditioning": False,
         "version": "latentforge",
         "interrupted": result.interrupted,
+        "skipped": result.skipped,  # ours: batches ended early by /skip
         "warnings": warnings,
     }
 
@@ -111,8 +148,10 @@ def create_app(
     default_model: Path | None = None,
     token: str | None = None,
     queue_size: int = 8,
+    limits: Limits | None = None,
 ) -> FastAPI:
     """The server's app; `models_dir` None serves the embedded model (or `default_model`)."""
+    limits = limits or Limits()
     if models_dir is None and default_model is None:
         from latentforge.checkpoints.loading import default_model_path
 
@@ -134,8 +173,12 @@ def create_app(
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        # every route: the API, /docs, /openapi.json, the page at / and its /static files
         if token and not _authorized(request.headers.get("authorization", ""), token):
             return _error(401, "Unauthorized", "missing or wrong token", {"WWW-Authenticate": "Basic"})
+        problem = _host_problem(request, token)
+        if problem is not None:
+            return _error(403, "Forbidden", problem)
         length = request.headers.get("content-length", "0")
         if not length.isdigit() or int(length) > MAX_BODY_BYTES:
             return _error(413, "PayloadTooLarge", f"the body exceeds {MAX_BODY_BYTES // 2**20} MiB")
@@ -155,11 +198,13 @@ def create_app(
         payload = await _json(request)
         try:
             mapped = await asyncio.to_thread(request_from_payload, payload, mode)
-            job = worker.submit(mapped.request)
+            check_limits(mapped.request, limits)
+            use = catalog.find(mapped.checkpoint).title if mapped.checkpoint else ""
+            job = worker.submit(mapped.request, use_model=use)
         except ParameterError as error:
             return _error(422, "ParameterError", str(error))
         except QueueFullError as error:
-            return _error(503, "QueueFull", str(error), {"Retry-After": "5"})
+            return _error(429, "QueueFull", str(error), {"Retry-After": str(RETRY_AFTER_S)})
         try:
             result = await asyncio.wrap_future(job.future)
         except ParameterError as error:
@@ -178,6 +223,12 @@ def create_app(
                 "warnings": warnings,
             }
         )
+
+    @app.get("/", include_in_schema=False)
+    def page() -> Response:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(request: Request) -> Response:
@@ -234,9 +285,48 @@ def create_app(
     def sd_vae() -> list[dict[str, Any]]:
         return []  # VAE files are not offered yet: each checkpoint decodes with its own VAE
 
+    @app.get("/sdapi/v1/loras")
+    def loras() -> list[dict[str, Any]]:
+        # A1111 (extensions-builtin/Lora): name (the tag's name), alias, path, metadata; our path is
+        # relative to the models folder (a server does not tell its file system)
+        root = catalog.models_dir
+        return [
+            {
+                "name": p.stem,
+                "alias": p.stem,
+                "path": str(p.relative_to(root)) if root else p.name,
+                "metadata": {},
+            }
+            for p in catalog.loras()
+        ]
+
+    @app.get("/sdapi/v1/embeddings")
+    def embeddings() -> dict[str, Any]:
+        # A1111's shape: {loaded: {name: {step, sd_checkpoint, sd_checkpoint_name, shape, vectors}}, skipped}
+        empty = {
+            "step": None,
+            "sd_checkpoint": None,
+            "sd_checkpoint_name": None,
+            "shape": None,
+            "vectors": None,
+        }
+        return {"loaded": {p.stem: dict(empty) for p in catalog.embeddings()}, "skipped": {}}
+
     @app.post("/sdapi/v1/refresh-checkpoints")
     def refresh_checkpoints() -> Response:
         return JSONResponse(None)  # the models folder is read on every listing: nothing is cached
+
+    @app.post("/sdapi/v1/refresh-loras")
+    def refresh_loras() -> Response:
+        return JSONResponse(None)  # Lora/ is read on every listing too
+
+    @app.post("/sdapi/v1/refresh-embeddings")
+    def refresh_embeddings() -> Response:
+        return JSONResponse(None)
+
+    @app.get("/sdapi/v1/memory")
+    def memory() -> dict[str, Any]:
+        return _memory()
 
     @app.get("/sdapi/v1/scripts")
     def scripts() -> dict[str, list[str]]:
@@ -258,7 +348,12 @@ def create_app(
             )
         if "sd_model_checkpoint" in body:
             name = body["sd_model_checkpoint"]
-            catalog.select(name if isinstance(name, str) else repr(name))
+            title = catalog.find(name if isinstance(name, str) else repr(name)).title
+            try:  # a queued switch: it waits for the running and queued jobs, then loads (A1111 blocks too)
+                job = worker.submit(None, checkpoint=title)
+            except QueueFullError as error:
+                return _error(429, "QueueFull", str(error), {"Retry-After": str(RETRY_AFTER_S)})
+            await asyncio.wrap_future(job.future)
         return JSONResponse(None)
 
     @app.get("/sdapi/v1/progress")
@@ -266,7 +361,7 @@ def create_app(
         job = worker.current
         pending = worker.queue.qsize()
         state = {
-            "skipped": False,
+            "skipped": bool(job and job.skipped),
             "interrupted": bool(job and job.interrupted),
             "stopping_generation": False,
             "job": "",
@@ -288,9 +383,9 @@ def create_app(
         elapsed = time.time() - job.started
         eta = elapsed / done - elapsed if done > 0 else 0.0
         image = None
-        latest = job.latest
-        if not skip_current_image and latest is not None:
-            preview = latent_preview(latest, worker.preview_projection())
+        latest, model = job.latest, job.model
+        if not skip_current_image and latest is not None and model is not None:
+            preview = latent_preview(latest, worker.preview_projection(model))
             image = encode_png(preview, None)
         return {
             "progress": done,
@@ -304,6 +399,50 @@ def create_app(
     def interrupt() -> Response:
         worker.interrupt()
         return JSONResponse(None)
+
+    @app.post("/sdapi/v1/skip")
+    def skip() -> Response:
+        worker.skip()
+        return JSONResponse(None)
+
+    @app.post("/latentforge/v1/xyz")
+    async def xyz(request: Request) -> Response:
+        """An X/Y/Z plot (not an A1111 route): {payload: txt2img fields, x, y, z: "FIELD=V1,V2"}."""
+        body = await _json(request)
+        if not isinstance(body, dict):
+            return _error(422, "ParameterError", "xyz: send {payload, x, y, z}")
+        axes = [
+            parse_axis(body[k]) for k in ("x", "y", "z") if isinstance(body.get(k), str) and body[k].strip()
+        ]
+        if not axes:
+            return _error(422, "ParameterError", "x: give at least the X axis as FIELD=V1,V2,...")
+        mapped = await asyncio.to_thread(request_from_payload, body.get("payload", {}), "txt2img")
+        check_limits(mapped.request, limits)
+        cells = 1
+        for axis in axes:
+            cells *= len(axis.values)
+        if cells > limits.max_images:
+            return _error(
+                422, "ParameterError", f"{cells} cells exceed this server's limit of {limits.max_images}"
+            )
+        try:
+            use = catalog.find(mapped.checkpoint).title if mapped.checkpoint else ""
+            job = worker.submit(mapped.request, axes=tuple(axes), use_model=use)
+        except QueueFullError as error:
+            return _error(429, "QueueFull", str(error), {"Retry-After": str(RETRY_AFTER_S)})
+        result = await asyncio.wrap_future(job.future)
+        encode = encode_png
+        grids = await asyncio.to_thread(lambda: [encode(g, None) for g in result.grids])
+        images = await asyncio.to_thread(lambda: [encode(i.image, i.infotext) for i in result.images])
+        warnings = [*mapped.warnings, *result.warnings]
+        return JSONResponse(
+            {
+                "grids": grids,
+                "images": images,
+                "info": json.dumps(_info(result, warnings)),
+                "warnings": warnings,
+            }
+        )
 
     @app.post("/sdapi/v1/png-info")
     async def png_info(request: Request) -> Response:
@@ -322,7 +461,25 @@ def create_app(
     return app
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+def _memory() -> dict[str, Any]:
+    """A1111's /memory: `ram` used = this process's resident memory; `cuda` or its error."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = os.sysconf("SC_PHYS_PAGES") * page
+    try:
+        with open("/proc/self/statm") as f:  # Linux; the second field is resident pages
+            used = int(f.read().split()[1]) * page
+    except OSError:
+        import resource
+
+        used = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak, where statm is missing
+    ram = {"free": total - used, "used": used, "total": total}
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"ram": ram, "cuda": {"error": "no CUDA device"}}
+    free, total_gpu = torch.cuda.mem_get_info()
+    system = {"free": free, "used": total_gpu - free, "total": total_gpu}
+    return {"ram": ram, "cuda": {"system": system, "active": {"current": torch.cuda.memory_allocated()}}}
 
 
 def serve(
@@ -336,7 +493,7 @@ def serve(
     """Run the app under uvicorn until interrupted; a non-loopback bind needs a token."""
     import uvicorn
 
-    if host not in LOOPBACK and not host.startswith("127.") and not token:
+    if not _loopback(host) and not token:
         raise ParameterError(f"--host {host} is reachable from other machines: also give --token")
     app = create_app(models_dir=models_dir, token=token, queue_size=queue_size)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,12 +1,13 @@
 """The model catalogue and the one generation worker: a bounded FIFO queue, one thread, one model loaded.
 
 The HTTP event loop only enqueues a job and awaits its future; the worker thread does all model work,
-so a long generation never blocks other routes (progress, interrupt). A model switch only names the
-next checkpoint: the worker loads it before its next job, so it waits for the running one.
+so a long generation never blocks other routes (progress, interrupt, skip). A model switch is a job of
+its own in the same queue: it waits for the jobs before it, drops the old weights, then loads the new.
 """
 
 from __future__ import annotations
 
+import gc
 import queue
 import threading
 import time
@@ -16,20 +17,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from PIL import Image
 from torch import Tensor
 
 from latentforge.errors import ParameterError
 from latentforge.model import StableDiffusion, load
-from latentforge.pipelines.generate import GeneratedImage, img2img_steps
+from latentforge.pipelines.generate import SKIP, GeneratedImage, img2img_steps
 from latentforge.pipelines.preview import latent_rgb_projection
 from latentforge.pipelines.request import GenerationRequest, resolve
 from latentforge.pipelines.runner import iter_images
+from latentforge.pipelines.xyz import Axis, xyz_plot
 
 CHECKPOINT_SUFFIXES = (".safetensors",)  # never pickle (.ckpt) from a folder a server exposes
+# A1111's folders inside the models folder (models/Lora, embeddings/); listed by file stem.
+LORA_FOLDER, LORA_SUFFIXES = "Lora", (".safetensors",)
+EMBEDDING_FOLDER, EMBEDDING_SUFFIXES = "embeddings", (".pt", ".bin", ".safetensors")
 
 
 class QueueFullError(Exception):
-    """The queue holds `queue_size` jobs already (HTTP 503)."""
+    """The queue holds `queue_size` jobs already (HTTP 429)."""
 
 
 @dataclass(frozen=True)
@@ -76,22 +83,46 @@ class Catalog:
         )
         raise ParameterError(f"sd_model_checkpoint {name!r} is not in the catalogue; valid: {valid}")
 
+    def _files(self, folder: str, suffixes: tuple[str, ...]) -> list[Path]:
+        root = self.models_dir / folder if self.models_dir is not None else None
+        if root is None or not root.is_dir():
+            return []
+        return sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
+
+    def loras(self) -> list[Path]:
+        """LoRA/LyCORIS files in `Lora/` (recursive, as A1111), named in a prompt tag by their stem."""
+        return self._files(LORA_FOLDER, LORA_SUFFIXES)
+
+    def embeddings(self) -> list[Path]:
+        """Textual-inversion files in `embeddings/`, used in a prompt by their stem."""
+        return self._files(EMBEDDING_FOLDER, EMBEDDING_SUFFIXES)
+
     def hash_of(self, checkpoint: Checkpoint) -> str | None:
         loaded = self.loaded
         return loaded[1].short_hash if loaded and loaded[0] == checkpoint.title else None
 
     def select(self, name: str) -> None:
+        """Make `name` the model of the next jobs (called by the worker, between jobs)."""
         with self.lock:
             self.selected = self.find(name).title
 
-    def model(self) -> StableDiffusion:
-        """The selected model, loaded once and kept until another is selected (the old one is released)."""
-        with self.lock:
-            name = self.selected
+    def model(self, name: str = "") -> StableDiffusion:
+        """The named (default: selected) model, loaded once and kept until another is asked for; the old
+        one is released first."""
+        if not name:
+            with self.lock:
+                name = self.selected
         if self.loaded is None or self.loaded[0] != name:
-            self.loaded = None  # drop the old weights before loading the new ones
+            self.release()  # drop the old weights before loading the new ones: never two in memory
             self.loaded = (name, load(self.find(name).path))
         return self.loaded[1]
+
+    def release(self) -> None:
+        """Forget the loaded model and return its memory (A1111: `unload_model_weights`, `torch_gc`)."""
+        self.loaded = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 @dataclass
@@ -99,11 +130,18 @@ class JobResult:
     images: list[GeneratedImage]
     warnings: list[str]
     interrupted: bool
+    grids: list[Image.Image] = field(default_factory=list)  # an X/Y/Z plot's labelled grids
+    skipped: int = 0  # batches ended early by skip
 
 
 @dataclass
 class Job:
-    request: GenerationRequest
+    """One queued unit of work: a generation, an X/Y/Z plot (`axes`) or a model switch (`checkpoint`)."""
+
+    request: GenerationRequest | None
+    axes: tuple[Axis, ...] = ()
+    checkpoint: str = ""  # a switch job: the catalogue title to select
+    use_model: str = ""  # a generation with its own model (override_settings); "" = the selected one
     future: Future[JobResult] = field(default_factory=Future)
     created: float = field(default_factory=time.time)
     started: float = 0.0
@@ -111,13 +149,20 @@ class Job:
     total_steps: int = 0
     images_done: int = 0
     interrupted: bool = False
+    skip_requested: bool = False
+    skipped: int = 0  # batches ended early by skip
     model: StableDiffusion | None = None
     latest: Any = None  # the last step's x0 estimate [B, C, h, w], for the live preview
 
-    def on_step(self, info: Any) -> bool:
+    def on_step(self, info: Any) -> bool | str:
         self.step += 1
         self.latest = info.denoised
-        return self.interrupted
+        if self.interrupted:
+            return True
+        if self.skip_requested:  # one skip ends the batch being sampled now, no later one
+            self.skip_requested, self.skipped = False, self.skipped + 1
+            return SKIP
+        return False
 
 
 def _total_steps(model: StableDiffusion, request: GenerationRequest) -> int:
@@ -142,8 +187,9 @@ class Worker:
         self.thread = threading.Thread(target=self._run, name="latentforge-generation", daemon=True)
         self.thread.start()
 
-    def submit(self, request: GenerationRequest) -> Job:
-        job = Job(request)
+    def submit(self, request: GenerationRequest | None, **kind: Any) -> Job:
+        """Queue a generation, or with `axes=` an X/Y/Z plot, or with `checkpoint=` a model switch."""
+        job = Job(request, **kind)
         try:
             self.queue.put_nowait(job)
         except queue.Full:
@@ -157,10 +203,14 @@ class Worker:
         if job is not None:
             job.interrupted = True
 
-    def preview_projection(self) -> Tensor:
-        """The latent -> RGB map of the model the running job uses (fitted once per model for other VAEs)."""
+    def skip(self) -> None:
+        """End the running job's current batch early (its images kept) and go on with the next one."""
         job = self.current
-        model = job.model if job is not None and job.model is not None else self.catalog.model()
+        if job is not None:
+            job.skip_requested = True
+
+    def preview_projection(self, model: StableDiffusion) -> Tensor:
+        """The latent -> RGB map of the running job's model (fitted once per model for other VAEs)."""
         if self.projection is None or self.projection[0] is not model:
             self.projection = (model, latent_rgb_projection(model))
         return self.projection[1]
@@ -181,9 +231,31 @@ class Worker:
                 job.future.set_exception(error)
             finally:
                 self.current = None
+                job.model = job.latest = None  # a finished job holds no model or tensors (switch: memory)
+
+    def _model(self, name: str = "") -> StableDiffusion:
+        """The model a job needs; on a change the old one's memory (also the preview's hold) is released."""
+        wanted = name or self.catalog.selected
+        if self.catalog.loaded is not None and self.catalog.loaded[0] != wanted:
+            self.projection = None
+            self.catalog.release()
+        return self.catalog.model(wanted)
+
+    def _switch(self, job: Job) -> JobResult:
+        self.catalog.select(job.checkpoint)
+        self._model()
+        return JobResult([], [], False)
 
     def _generate(self, job: Job) -> JobResult:
-        model = job.model = self.catalog.model()
+        if job.checkpoint:
+            return self._switch(job)
+        assert job.request is not None
+        model = job.model = self._model(job.use_model)
+        if job.axes:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                grids, images = xyz_plot(model, job.request, list(job.axes), progress=False)
+            return JobResult(images, [str(w.message) for w in caught], False, grids)
         images = []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -191,4 +263,4 @@ class Worker:
             for image in iter_images(model, job.request, callback=job.on_step, progress=False):
                 images.append(image)
                 job.images_done += 1
-        return JobResult(images, [str(w.message) for w in caught], job.interrupted)
+        return JobResult(images, [str(w.message) for w in caught], job.interrupted, skipped=job.skipped)

@@ -24,6 +24,44 @@ from latentforge.pipelines.request import MASKED_CONTENT, GenerationRequest, Hir
 from latentforge.sampling.registry import get_sampler, split_sampler_name
 
 MAX_IMAGE_BYTES = 64 * 1024 * 1024  # one decoded base64 image
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one HTTP request may ask for, checked before it is queued (422), below the library's own
+    limits (pipelines/request.py) so that one client cannot hold the server for hours. The defaults are
+    A1111's UI slider ends (steps 150, batch size 8, batch count 100, 2048 px per side)."""
+
+    max_pixels: int = 2048 * 2048  # width x height, also after hires
+    max_steps: int = 150
+    max_batch_size: int = 8
+    max_images: int = 100  # batch_size x n_iter
+    max_prompt_chars: int = 10_000
+
+
+def check_limits(request: GenerationRequest, limits: Limits) -> None:
+    """Refuse a request beyond the server's limits, naming the A1111 field."""
+    r = request
+    checks = [
+        ("steps", r.steps, limits.max_steps),
+        ("batch_size", r.batch_size, limits.max_batch_size),
+        ("batch_size x n_iter", r.batch_size * r.batch_count, limits.max_images),
+        ("prompt length", len(r.prompt), limits.max_prompt_chars),
+        ("negative_prompt length", len(r.negative_prompt), limits.max_prompt_chars),
+        ("width x height", r.width * r.height, limits.max_pixels),
+    ]
+    if r.hires is not None:
+        scale = r.hires.scale if not (r.hires.resize_width or r.hires.resize_height) else 1.0
+        pixels = max(r.hires.resize_width, r.width * scale) * max(r.hires.resize_height, r.height * scale)
+        checks += [
+            ("hires size", int(pixels), limits.max_pixels),
+            ("hr_second_pass_steps", r.hires.steps, limits.max_steps),
+        ]
+    for name, value, limit in checks:
+        if value > limit:
+            raise ParameterError(f"{name} {value} exceeds this server's limit of {limit}")
+
+
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
@@ -243,6 +281,7 @@ class Mapped:
     request: GenerationRequest
     warnings: tuple[str, ...]
     send_images: bool
+    checkpoint: str = ""  # override_settings.sd_model_checkpoint: this request's model, by catalogue name
 
 
 def _unused(key: str, value: Any, default: Any) -> bool:
@@ -294,7 +333,7 @@ def request_from_payload(payload: Mapping[str, Any], mode: str) -> Mapped:
         top["sampler"] = _str("sampler_name", payload["sampler_name"])
     top.setdefault("sampler", table["sampler_index"].default)
     top.setdefault("steps", table["steps"].default)
-    warnings += _overrides(extras.get("override_settings"), top)
+    warnings += _overrides(extras.get("override_settings"), top, extras)
     sampler, _ = split_sampler_name(top["sampler"], top.get("schedule", "Automatic"))
     takes = get_sampler(sampler).options
     for name, value in options.items():
@@ -305,10 +344,10 @@ def request_from_payload(payload: Mapping[str, Any], mode: str) -> Mapped:
         elif name != "eta" and value != _NEUTRAL[name]:  # A1111 too ignores eta where a sampler has none
             warnings.append(f"{name}: sampler {sampler!r} does not use it; ignored")
     request = GenerationRequest(**top, **_parts(mode, payload, parts, extras, warnings))
-    return Mapped(request, tuple(warnings), extras.get("send_images", True))
+    return Mapped(request, tuple(warnings), extras.get("send_images", True), extras.get("checkpoint", ""))
 
 
-def _overrides(settings: Any, top: dict[str, Any]) -> list[str]:
+def _overrides(settings: Any, top: dict[str, Any], extras: dict[str, Any]) -> list[str]:
     if settings in (None, {}):
         return []
     if not isinstance(settings, Mapping):
@@ -318,6 +357,8 @@ def _overrides(settings: Any, top: dict[str, Any]) -> list[str]:
         if key in OVERRIDE_SETTINGS:
             target, read = OVERRIDE_SETTINGS[key]
             top[target] = read(f"override_settings.{key}", value)
+        elif key == "sd_model_checkpoint":  # a name, looked up in the catalogue by the server
+            extras["checkpoint"] = _str(f"override_settings.{key}", value)
         else:
             warnings.append(f"override_settings.{key}: not supported yet; ignored")
     return warnings

@@ -1,0 +1,396 @@
+// latentforge page: plain JS over the server's A1111 routes (docs/server.md). No build step, no CDN.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { mode: "txt2img", busy: false, lastSeed: -1, selected: null, maskPainted: false, pngParams: null };
+
+// ---- requests: relative URLs (works behind a path prefix), optional bearer token from this tab only
+function authHeaders() {
+  const token = sessionStorage.getItem("latentforge-token");
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
+async function api(path, body) {
+  const options = { headers: { ...authHeaders() } };
+  if (body !== undefined) {
+    options.method = "POST";
+    options.headers["Content-Type"] = "application/json";
+    options.body = JSON.stringify(body);
+  }
+  const response = await fetch(path, options);
+  const data = await response.json().catch(() => null);
+  if (!response.ok) {
+    if (response.status === 401) $("auth").open = true;
+    const retry = response.headers.get("Retry-After");
+    const detail = (data && data.detail) || response.statusText;
+    throw new Error(`${response.status}: ${detail}${retry ? ` (retry in ${retry} s)` : ""}`);
+  }
+  return data;
+}
+
+function say(text, error = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", error);
+}
+
+function fillSelect(select, items, selected) {
+  select.replaceChildren(
+    ...items.map(([value, label]) => {
+      const option = new Option(label, value);
+      option.selected = value === selected;
+      return option;
+    }),
+  );
+}
+
+async function loadLists() {
+  const [samplers, schedulers, models, vaes, loras, options] = await Promise.all(
+    ["samplers", "schedulers", "sd-models", "sd-vae", "loras", "options"].map((r) => api(`sdapi/v1/${r}`)),
+  );
+  fillSelect($("sampler"), samplers.map((s) => [s.name, s.name]), "Euler a");
+  fillSelect($("schedule"), schedulers.map((s) => [s.label, s.label]), "Automatic");
+  fillSelect($("model"), models.map((m) => [m.title, m.model_name]), options.sd_model_checkpoint);
+  fillSelect($("vae"), [["Automatic", "Automatic"], ...vaes.map((v) => [v.model_name, v.model_name])], "Automatic");
+  fillSelect($("lora"), loras.map((l) => [l.name, l.alias || l.name]));
+  $("lora").disabled = $("insert-lora").disabled = loras.length === 0;
+  if (!loras.length) fillSelect($("lora"), [["", "none in Lora/"]]);
+}
+
+// ---- tabs
+function setMode(mode) {
+  state.mode = mode;
+  for (const tab of document.querySelectorAll("[role=tab]")) {
+    tab.setAttribute("aria-selected", String(tab.id === `tab-${mode}`));
+  }
+  $("generate-panel").hidden = mode === "pnginfo";
+  $("generate-panel").setAttribute("aria-labelledby", `tab-${mode}`);
+  $("pnginfo-panel").hidden = mode !== "pnginfo";
+  $("img2img-fields").hidden = mode !== "img2img";
+  $("xyz-fields").hidden = mode !== "xyz";
+  $("generate").textContent = mode === "xyz" ? "Run plot" : "Generate";
+}
+
+// ---- the A1111 payload from the form
+const num = (id) => Number($(id).value);
+
+function payload() {
+  const body = {
+    prompt: $("prompt").value,
+    negative_prompt: $("negative").value,
+    sampler_name: $("sampler").value,
+    scheduler: $("schedule").value,
+    steps: num("steps"),
+    cfg_scale: num("cfg"),
+    width: num("width"),
+    height: num("height"),
+    seed: num("seed"),
+    batch_size: num("batch-size"),
+    n_iter: num("batch-count"),
+  };
+  if ($("vae").value !== "Automatic") body.override_settings = { sd_vae: $("vae").value };
+  return body;
+}
+
+function img2imgFields(body) {
+  const init = $("init-image");
+  if (!init.src || $("canvas-box").hidden) throw new Error("img2img: choose an init image first");
+  body.init_images = [init.src];
+  body.denoising_strength = num("denoise");
+  if (state.maskPainted) {
+    body.mask = maskDataUrl();
+    body.mask_blur = num("mask-blur");
+    body.inpainting_fill = num("fill");
+    body.inpaint_full_res = $("full-res").value === "true";
+  }
+  return body;
+}
+
+// ---- generation, progress, interrupt/skip
+async function generate() {
+  if (state.busy) return;
+  let body, route;
+  try {
+    body = payload();
+    if (state.mode === "img2img") {
+      body = img2imgFields(body);
+      route = "sdapi/v1/img2img";
+    } else if (state.mode === "xyz") {
+      body = { payload: body, x: $("xyz-x").value, y: $("xyz-y").value };
+      route = "latentforge/v1/xyz";
+    } else {
+      route = "sdapi/v1/txt2img";
+    }
+  } catch (error) {
+    say(error.message, true);
+    return;
+  }
+  setBusy(true);
+  say("generating...");
+  const poller = setInterval(pollProgress, 500);
+  try {
+    const result = await api(route, body);
+    const info = JSON.parse(result.info);
+    if (info.all_seeds && info.all_seeds.length) state.lastSeed = info.all_seeds[0];
+    const shown = [...(result.grids || []), ...result.images];
+    const texts = [...(result.grids || []).map(() => "X/Y plot grid"), ...info.infotexts];
+    shown.forEach((image, i) => addResult(`data:image/png;base64,${image}`, texts[i] || ""));
+    const warnings = result.warnings && result.warnings.length ? ` Warnings: ${result.warnings.join("; ")}` : "";
+    const skipped = info.skipped ? ` (${info.skipped} batch${info.skipped > 1 ? "es" : ""} skipped)` : "";
+    const stopped = (info.interrupted ? " (interrupted)" : "") + skipped;
+    say(`${result.images.length} image(s), seed ${state.lastSeed}${stopped}.${warnings}`);
+  } catch (error) {
+    say(error.message, true);
+  } finally {
+    clearInterval(poller);
+    setBusy(false);
+  }
+}
+
+function setBusy(busy) {
+  state.busy = busy;
+  $("generate").disabled = busy;
+  $("interrupt").disabled = $("skip").disabled = !busy;
+  $("progress").value = 0;
+  $("progress-text").textContent = "";
+  $("preview").hidden = true;
+}
+
+async function pollProgress() {
+  try {
+    const p = await api("sdapi/v1/progress?skip_current_image=false");
+    if (!state.busy) return;
+    $("progress").value = p.progress;
+    const s = p.state;
+    const eta = p.eta_relative > 0 ? `, about ${p.eta_relative.toFixed(1)} s left` : "";
+    const queued = s.job_count > 1 ? `, ${s.job_count - 1} queued` : "";
+    $("progress-text").textContent = s.sampling_steps
+      ? `step ${s.sampling_step} of ${s.sampling_steps}${eta}${queued}`
+      : `waiting${queued}`;
+    if (p.current_image) {
+      $("preview").src = `data:image/png;base64,${p.current_image}`;
+      $("preview").hidden = false;
+    }
+  } catch (error) {
+    // progress is advisory: the generation request reports its own errors
+  }
+}
+
+// ---- gallery
+function addResult(src, infotext) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.setAttribute("role", "listitem");
+  button.setAttribute("aria-pressed", "false");
+  button.setAttribute("aria-label", `result ${$("gallery").children.length + 1}: ${infotext.slice(0, 60)}`);
+  const img = document.createElement("img");
+  img.src = src;
+  img.alt = "";
+  button.append(img);
+  button.addEventListener("click", () => select(button, src, infotext));
+  $("gallery").prepend(button);
+  select(button, src, infotext);
+}
+
+function select(button, src, infotext) {
+  for (const b of $("gallery").children) b.setAttribute("aria-pressed", String(b === button));
+  state.selected = { src, infotext };
+  $("selected").hidden = false;
+  $("selected-image").src = src;
+  $("infotext").textContent = infotext;
+  $("download").href = src;
+  $("use-seed").disabled = !/Seed: (-?\d+)/.test(infotext);
+}
+
+// ---- img2img: init image and the mask brush (white = repaint, A1111's convention)
+function setInit(src) {
+  const img = $("init-image");
+  img.onload = () => {
+    const canvas = $("mask");
+    canvas.width = img.naturalWidth;
+    canvas.height = img.naturalHeight;
+    clearMask();
+    $("canvas-box").hidden = false;
+    $("width").value = img.naturalWidth;
+    $("height").value = img.naturalHeight;
+  };
+  img.src = src;
+}
+
+function clearMask() {
+  const canvas = $("mask");
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  state.maskPainted = false;
+}
+
+function maskDataUrl() {
+  const source = $("mask");
+  const out = document.createElement("canvas");
+  out.width = source.width;
+  out.height = source.height;
+  const pixels = source.getContext("2d").getImageData(0, 0, source.width, source.height);
+  const d = pixels.data;
+  for (let i = 0; i < d.length; i += 4) {
+    const v = d[i + 3] > 0 ? 255 : 0;  // painted anywhere -> white
+    d[i] = d[i + 1] = d[i + 2] = v;
+    d[i + 3] = 255;
+  }
+  out.getContext("2d").putImageData(pixels, 0, 0);
+  return out.toDataURL("image/png");
+}
+
+function setupBrush() {
+  const canvas = $("mask");
+  let drawing = false;
+  let last = null;
+  const point = (event) => {
+    const r = canvas.getBoundingClientRect();
+    return [((event.clientX - r.left) * canvas.width) / r.width, ((event.clientY - r.top) * canvas.height) / r.height];
+  };
+  const paint = (event) => {
+    const ctx = canvas.getContext("2d");
+    const [x, y] = point(event);
+    const scale = canvas.width / canvas.getBoundingClientRect().width;
+    ctx.strokeStyle = ctx.fillStyle = "#ff3d6e";  // shown tinted; exported as white (alpha > 0)
+    ctx.lineWidth = num("brush") * scale;
+    ctx.lineCap = "round";
+    ctx.beginPath();
+    if (last) {
+      ctx.moveTo(...last);
+      ctx.lineTo(x, y);
+      ctx.stroke();
+    } else {
+      ctx.arc(x, y, ctx.lineWidth / 2, 0, 2 * Math.PI);
+      ctx.fill();
+    }
+    last = [x, y];
+    state.maskPainted = true;
+  };
+  canvas.addEventListener("pointerdown", (e) => {
+    drawing = true;
+    last = null;
+    canvas.setPointerCapture(e.pointerId);
+    paint(e);
+  });
+  canvas.addEventListener("pointermove", (e) => drawing && paint(e));
+  for (const end of ["pointerup", "pointercancel"]) canvas.addEventListener(end, () => { drawing = false; last = null; });
+}
+
+function readFile(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+// ---- PNG info (PNG/JPEG/WebP: the server reads the infotext chunk or EXIF)
+async function pngInfo(file) {
+  if (!file) return;
+  try {
+    const result = await api("sdapi/v1/png-info", { image: await readFile(file) });
+    $("png-text").textContent = result.info || "(no generation parameters in this image)";
+    state.pngParams = result.info ? result.parameters : null;
+    $("png-to-txt2img").disabled = !state.pngParams;
+  } catch (error) {
+    say(error.message, true);
+  }
+}
+
+function applyParameters(p) {
+  const set = (id, key) => { if (p[key] !== undefined) $(id).value = p[key]; };
+  set("prompt", "Prompt");
+  set("negative", "Negative prompt");
+  set("steps", "Steps");
+  set("cfg", "CFG scale");
+  set("seed", "Seed");
+  set("width", "Size-1");
+  set("height", "Size-2");
+  if (p.Sampler && [...$("sampler").options].some((o) => o.value === p.Sampler)) $("sampler").value = p.Sampler;
+  if (p["Schedule type"] && [...$("schedule").options].some((o) => o.value === p["Schedule type"])) {
+    $("schedule").value = p["Schedule type"];
+  }
+}
+
+// ---- wiring
+function wire() {
+  for (const mode of ["txt2img", "img2img", "xyz", "pnginfo"]) $(`tab-${mode}`).addEventListener("click", () => setMode(mode));
+  $("generate-panel").addEventListener("submit", (e) => { e.preventDefault(); generate(); });
+  document.addEventListener("keydown", (e) => {
+    if ((e.ctrlKey || e.metaKey) && e.key === "Enter" && state.mode !== "pnginfo") {
+      e.preventDefault();
+      $("generate-panel").requestSubmit();  // through the form's own checks (min/max), as a click
+    }
+  });
+  $("interrupt").addEventListener("click", () => api("sdapi/v1/interrupt", {}).catch((e) => say(e.message, true)));
+  $("skip").addEventListener("click", () => api("sdapi/v1/skip", {}).catch((e) => say(e.message, true)));
+  $("dice").addEventListener("click", () => { $("seed").value = -1; });
+  $("recycle").addEventListener("click", () => { $("seed").value = state.lastSeed; });
+  $("insert-lora").addEventListener("click", () => {
+    const box = $("prompt");
+    const tag = `<lora:${$("lora").value}:1>`;
+    const at = box.selectionEnd ?? box.value.length;
+    const before = box.value.slice(0, at);
+    const sep = before && !/[\s,]$/.test(before) ? ", " : "";
+    box.value = before + sep + tag + box.value.slice(at);
+    box.focus();
+    box.selectionStart = box.selectionEnd = at + sep.length + tag.length;
+  });
+  $("model").addEventListener("change", async () => {
+    const name = $("model").value;
+    say(`loading ${name} (after the running jobs)...`);
+    try {
+      await api("sdapi/v1/options", { sd_model_checkpoint: name });
+      say(`model ${name} loaded`);
+    } catch (error) {
+      say(error.message, true);
+    }
+  });
+  $("init-file").addEventListener("change", async (e) => e.target.files[0] && setInit(await readFile(e.target.files[0])));
+  $("clear-mask").addEventListener("click", clearMask);
+  $("to-img2img").addEventListener("click", () => {
+    if (!state.selected) return;
+    setInit(state.selected.src);
+    setMode("img2img");
+    $("tab-img2img").focus();
+  });
+  $("use-seed").addEventListener("click", () => {
+    const match = state.selected && /Seed: (-?\d+)/.exec(state.selected.infotext);
+    if (match) $("seed").value = match[1];
+  });
+  $("png-file").addEventListener("change", (e) => pngInfo(e.target.files[0]));
+  const drop = $("drop");
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    pngInfo(e.dataTransfer.files[0]);
+  });
+  drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") $("png-file").click(); });
+  $("png-to-txt2img").addEventListener("click", () => {
+    applyParameters(state.pngParams);
+    setMode("txt2img");
+    $("prompt").focus();
+  });
+  $("token-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    sessionStorage.setItem("latentforge-token", $("token").value);
+    $("auth").open = false;
+    start();
+  });
+  setupBrush();
+}
+
+async function start() {
+  try {
+    await loadLists();
+    say("ready");
+  } catch (error) {
+    say(`could not reach the server: ${error.message}`, true);
+  }
+}
+
+wire();
+setMode("txt2img");
+start();
