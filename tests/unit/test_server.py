@@ -20,11 +20,14 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from latentforge.api import run  # noqa: E402
+from latentforge.checkpoints.embeddings import write_embedding  # noqa: E402
+from latentforge.checkpoints.lora_writing import kohya_targets, save_kohya_lora  # noqa: E402
 from latentforge.checkpoints.single_file import save_single_file  # noqa: E402
 from latentforge.model import StableDiffusion, load  # noqa: E402
 from latentforge.models.families import TINY  # noqa: E402
 from latentforge.pipelines.request import GenerationRequest, Hires, InitImage, Inpaint  # noqa: E402
 from latentforge.server.app import create_app  # noqa: E402
+from references import random_lora_factors  # noqa: E402
 
 PAYLOAD = {"prompt": "a cat", "negative_prompt": "dog", "seed": 7, "steps": 3, "sampler_name": "Euler a"}
 PAYLOAD |= {"width": 32, "height": 32, "cfg_scale": 5}
@@ -46,9 +49,12 @@ def models_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = StableDiffusion.from_family(TINY)
     folder = tmp_path_factory.mktemp("models")
-    for name in ("Lora/style/ink.safetensors", "Lora/detail.safetensors", "embeddings/easyneg.pt"):
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_bytes(b"")  # listed by name only; reading them is the adapters' business
+    for name in ("Lora/style", "embeddings"):
+        (folder / name).mkdir(parents=True)
+    targets = kohya_targets(TINY)[:6]
+    for seed, name in enumerate(("Lora/style/ink.safetensors", "Lora/detail.safetensors")):
+        save_kohya_lora(folder / name, random_lora_factors(TINY, targets, seed=seed), TINY)
+    write_embedding(folder / "embeddings" / "easyneg.pt", "easyneg", torch.randn(2, TINY.text_encoder.width))
     (folder / "Lora" / "notes.txt").write_text("not a LoRA")
     save_single_file(
         folder / "tiny.safetensors",
@@ -437,8 +443,18 @@ def test_loras_embeddings_memory_and_refresh_routes(client):
         ("detail", "Lora/detail.safetensors"),
         ("ink", "Lora/style/ink.safetensors"),
     ]
+    client.post("/sdapi/v1/txt2img", json=PAYLOAD)  # loads the model, which reads embeddings/
     embeddings = client.get("/sdapi/v1/embeddings").json()
-    assert list(embeddings["loaded"]) == ["easyneg"] and embeddings["skipped"] == {}
+    assert embeddings["skipped"] == {}
+    assert embeddings["loaded"] == {
+        "easyneg": {
+            "step": None,
+            "sd_checkpoint": None,
+            "sd_checkpoint_name": None,
+            "shape": 32,
+            "vectors": 2,
+        }
+    }
     for route in ("refresh-loras", "refresh-embeddings", "refresh-checkpoints"):
         assert client.post(f"/sdapi/v1/{route}").status_code == 200
     memory = client.get("/sdapi/v1/memory").json()
@@ -564,3 +580,27 @@ def test_override_settings_model_is_used_for_that_request_only(models_dir, tmp_p
         bad = {"override_settings": {"sd_model_checkpoint": "../a.safetensors"}}
         response = client.post("/sdapi/v1/txt2img", json=PAYLOAD | bad)
         assert response.status_code == 422 and "a.safetensors, b.safetensors" in response.json()["detail"]
+
+
+def test_lora_tag_and_embedding_over_http(client, models_dir, reference):
+    tagged = load(models_dir / "tiny.safetensors")
+    """`<lora:>` tags and embedding words resolve in the server's models folder (A1111's Lora/, embeddings/)
+    and give the image the Python API gives with the same folders; the infotext names both hashes."""
+    prompt = "a cat <lora:ink:0.8> <lora:detail:0.5:0.3>"
+    response = client.post(
+        "/sdapi/v1/txt2img", json=PAYLOAD | {"prompt": prompt, "negative_prompt": "easyneg"}
+    )
+    assert response.status_code == 200, response.text
+    info = json.loads(response.json()["info"])["infotexts"][0]
+    assert 'Lora hashes: "ink: ' in info and ", detail: " in info and 'TI hashes: "easyneg: ' in info
+    tagged.use_folders(lora_dirs=[models_dir / "Lora"], embedding_dirs=[models_dir / "embeddings"])
+    request = GenerationRequest(**{**REQUEST.__dict__, "prompt": prompt, "negative_prompt": "easyneg"})
+    want = run(tagged, request)[0]
+    _same_pixels(_decode(response.json()["images"][0]), want)
+    plain = run(reference, REQUEST)[0]
+    assert np.abs(np.asarray(plain, float) - np.asarray(want, float)).max() > 0  # the tags did something
+
+
+def test_unknown_lora_tag_over_http_is_a_422(client):
+    response = client.post("/sdapi/v1/txt2img", json=PAYLOAD | {"prompt": "a cat <lora:nowhere:1>"})
+    assert response.status_code == 422 and "nowhere" in response.text

@@ -310,7 +310,21 @@ def create_app(
             "shape": None,
             "vectors": None,
         }
-        return {"loaded": {p.stem: dict(empty) for p in catalog.embeddings()}, "skipped": {}}
+        loaded = catalog.loaded[1].embeddings if catalog.loaded else {}
+        listing: dict[str, Any] = {"loaded": {}, "skipped": {}}
+        for path in catalog.embeddings():
+            e = loaded.get(path.stem)
+            if e is None:  # another family's (skipped on load) or no model loaded yet
+                listing["loaded" if not catalog.loaded else "skipped"][path.stem] = dict(empty)
+                continue
+            listing["loaded"][e.name] = {
+                "step": e.step,
+                "sd_checkpoint": e.checkpoint_hash,
+                "sd_checkpoint_name": e.checkpoint_name,
+                "shape": e.width,
+                "vectors": e.count,
+            }
+        return listing
 
     @app.post("/sdapi/v1/refresh-checkpoints")
     def refresh_checkpoints() -> Response:

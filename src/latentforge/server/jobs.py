@@ -114,8 +114,18 @@ class Catalog:
                 name = self.selected
         if self.loaded is None or self.loaded[0] != name:
             self.release()  # drop the old weights before loading the new ones: never two in memory
-            self.loaded = (name, load(self.find(name).path))
+            model = load(self.find(name).path)
+            self._use_folders(model)
+            self.loaded = (name, model)
         return self.loaded[1]
+
+    def _use_folders(self, model: StableDiffusion) -> None:
+        """Let `<lora:name>` tags and embedding words of requests find the models folder's files."""
+        if self.models_dir is None:
+            return
+        loras = [d for d in (self.models_dir / LORA_FOLDER,) if d.is_dir()]
+        embeddings = [d for d in (self.models_dir / EMBEDDING_FOLDER,) if d.is_dir()]
+        model.use_folders(lora_dirs=loras, embedding_dirs=embeddings)
 
     def release(self) -> None:
         """Forget the loaded model and return its memory (A1111: `unload_model_weights`, `torch_gc`)."""
