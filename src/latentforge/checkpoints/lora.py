@@ -201,7 +201,7 @@ def lora_short_hash(path: str | Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def _module_names(module: nn.Module) -> set[str]:
+def module_names(module: nn.Module) -> set[str]:
     return {name.rsplit(".", 1)[0] for name, _ in module.named_parameters() if "." in name}
 
 
@@ -250,7 +250,7 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
     return None
 
 
-def _family_hint(modules: Sequence[LoraModule]) -> str | None:
+def family_hint(modules: Sequence[LoraModule]) -> str | None:
     """Which family the file was trained for, from names and the cross-attention context width."""
     if any(m.component == "sdxl" for m in modules):
         return "SDXL"
@@ -267,7 +267,7 @@ def read_lora(path: str | Path, family: ModelFamily, text_encoder: nn.Module) ->
     """Read a LoRA/LyCORIS file onto our module names for `family` (refusing NaN/Inf and unknown kinds)."""
     path = Path(path)
     tensors, metadata = read_state_dict(path)
-    tables = _lookup_tables(family, _module_names(text_encoder))
+    tables = _lookup_tables(family, module_names(text_encoder))
     modules: dict[tuple[str, str], LoraModule] = {}
     unknown = []
     for key, tensor in tensors.items():
@@ -408,7 +408,7 @@ def _delta_shape(module: LoraModule, target: tuple[int, ...]) -> tuple[int, ...]
     return (out, cols // kernel, *target[2:])
 
 
-def _deltas(lora: LoraFile, modules: dict[str, nn.Module], unet_weight: float, te_weight: float) -> list:
+def lora_deltas(lora: LoraFile, modules: dict[str, nn.Module], unet_weight: float, te_weight: float) -> list:
     """`WeightDelta`s of one file; factors stay in the file until each delta is computed."""
     out = []
     params = {name: dict(module.named_parameters()) for name, module in modules.items()}
@@ -457,7 +457,7 @@ def apply_loras(
     deltas, reports = [], []
     for path, unet_weight, te_weight in loras:
         lora = read_lora(path, model.family, model.text_encoder)
-        hint = _family_hint(lora.modules)
+        hint = family_hint(lora.modules)
         if not lora.kinds:
             looks = f" (it looks like a {hint} LoRA)" if hint else ""
             raise UnknownArchitectureError(
@@ -465,7 +465,7 @@ def apply_loras(
                 f"none of its {len(lora.modules)} modules matches a {model.family.name!r} model{looks}: "
                 f"{', '.join(lora.unmatched[:8])}",
             )
-        file_deltas = _deltas(lora, modules, unet_weight, unet_weight if te_weight is None else te_weight)
+        file_deltas = lora_deltas(lora, modules, unet_weight, unet_weight if te_weight is None else te_weight)
         problems = check_deltas(modules, file_deltas)
         if problems:
             raise KeyMismatchError(

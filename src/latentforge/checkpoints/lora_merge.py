@@ -123,7 +123,7 @@ def _family_of(files: Sequence[Path], family: ModelFamily | None) -> ModelFamily
     if family is not None:
         return family
     text = _meta_modules(FAMILIES["sd1"])[lora.TEXT]
-    hints = {lora._family_hint(lora.read_lora(path, FAMILIES["sd1"], text).modules) for path in files}
+    hints = {lora.family_hint(lora.read_lora(path, FAMILIES["sd1"], text).modules) for path in files}
     named = {"SD1": "sd1", "SD2": "sd2"}
     if len(hints) == 1 and (hint := hints.pop()) in named:
         return FAMILIES[named[hint]]
@@ -261,7 +261,7 @@ def _dense_sum(
     total = None
     for module, strength, file in contributions:
         single = lora.LoraFile(file.path, file.family, [module], file.metadata)
-        for delta in lora._deltas(single, modules, strength, strength):
+        for delta in lora.lora_deltas(single, modules, strength, strength):
             update = delta.compute().float() * delta.strength
             total = update if total is None else total + update.reshape(total.shape)
     assert total is not None

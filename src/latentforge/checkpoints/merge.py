@@ -167,13 +167,13 @@ def lora_updates(
     for spec in loras:
         file = lora.read_lora(spec.path, family, modules[lora.TEXT])
         if not file.kinds:
-            hint = lora._family_hint(file.modules)
+            hint = lora.family_hint(file.modules)
             raise UnknownArchitectureError(
                 spec.path,
                 f"none of its {len(file.modules)} modules matches a {family.name!r} model"
                 + (f" (it looks like a {hint} LoRA)" if hint else ""),
             )
-        deltas = lora._deltas(file, modules, spec.unet, spec.unet if spec.te is None else spec.te)
+        deltas = lora.lora_deltas(file, modules, spec.unet, spec.unet if spec.te is None else spec.te)
         problems = check_deltas(modules, deltas)
         if problems:
             raise KeyMismatchError(spec.path, "LoRA", family.name, (), (), problems)
