@@ -8,7 +8,9 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from latentforge.api import from_png, img2img, inpaint, run, txt2img
+    from latentforge.checkpoints.controlnet import load_controlnet
     from latentforge.model import StableDiffusion, load
+    from latentforge.pipelines.controlnet import ControlNetUnit
     from latentforge.pipelines.request import GenerationRequest, Hires, InitImage, Inpaint
 
 _LAZY = {
@@ -23,8 +25,11 @@ _LAZY = {
     "Hires": "latentforge.pipelines.request",
     "InitImage": "latentforge.pipelines.request",
     "Inpaint": "latentforge.pipelines.request",
+    "load_controlnet": "latentforge.checkpoints.controlnet",
+    "ControlNetUnit": "latentforge.pipelines.controlnet",
 }
 __all__ = [
+    "ControlNetUnit",
     "GenerationRequest",
     "Hires",
     "InitImage",
@@ -34,6 +39,7 @@ __all__ = [
     "img2img",
     "inpaint",
     "load",
+    "load_controlnet",
     "run",
     "txt2img",
 ]
