@@ -629,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction", choices=["epsilon", "v", "x0"])
 
     p = add("train", cmd_train, "Train a CLIP, VAE or U-Net from a run config (resumes automatically).")
-    p.add_argument("task", choices=["clip", "vae", "unet"])
+    p.add_argument("task", choices=["clip", "vae", "unet", "controlnet"])
     p.add_argument("config", help="TOML run config")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-4 task_options.x=1")
     p.add_argument(
