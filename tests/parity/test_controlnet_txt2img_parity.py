@@ -139,3 +139,45 @@ def test_weight_zero_equals_no_controlnet(setup):
     with_unit, _ = _ours(ours, "Euler", sigmas, [unit])
     without, _ = _ours(ours, "Euler", sigmas, [])
     assert torch.equal(with_unit, without)
+
+
+def test_guidance_window_end_to_end(setup):
+    """start 1.0: no step k/n reaches it (k < n), so nothing changes; end 0: step 0 only, which does."""
+    ours, pipe, nets, images = setup
+    _, sigmas = _schedule(pipe, "Euler")
+    without, _ = _ours(ours, "Euler", sigmas, [])
+    never = ControlNetUnit(image=images[0], network=nets[0][0], guidance_start=1.0, guidance_end=1.0)
+    first = ControlNetUnit(image=images[0], network=nets[0][0], guidance_start=0.0, guidance_end=0.0)
+    assert torch.equal(_ours(ours, "Euler", sigmas, [never])[0], without)
+    assert not torch.equal(_ours(ours, "Euler", sigmas, [first])[0], without)
+
+
+def test_img2img_with_a_unit_matches_diffusers(setup):
+    """As test_img2img_parity: diffusers at strength 0.6 and ours at 0.5 run the last 6 of 10 sigmas."""
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
+
+    from latentforge.pipelines.request import InitImage
+
+    ours, pipe, nets, images = setup
+    _schedule(pipe, "Euler")
+    pipe.scheduler.set_timesteps(10)
+    sigmas = scheduler_sigmas("Euler", pipe.scheduler)
+    init_image = images[1]
+    unit = ControlNetUnit(image=images[0], network=nets[0][0], weight=0.9, resize_mode="Just Resize")
+    request = GenerationRequest(
+        prompt=PROMPT, negative_prompt=NEGATIVE, sampler="Euler", steps=10, cfg_scale=7.0, seed=SEED,
+        width=SIZE, height=SIZE, batch_size=2, init=InitImage((init_image,), 0.5),
+        sigmas=tuple(sigmas.tolist()), controlnet=(unit,),
+    )  # fmt: skip
+    latents = torch.stack([r.latents for r in run(ours, request, progress=False)])
+    control_pipe = StableDiffusionControlNetImg2ImgPipeline(**pipe.components, controlnet=nets[0][1])
+    control_pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        init = pipe.vae.encode(pipe.image_processor.preprocess(init_image)).latent_dist.mode()
+    reference = control_pipe(
+        [PROMPT] * 2, image=(init * pipe.vae.config.scaling_factor).expand(2, -1, -1, -1),
+        control_image=images[0], strength=0.6, negative_prompt=[NEGATIVE] * 2, num_inference_steps=10,
+        guidance_scale=7.0, controlnet_conditioning_scale=0.9, height=SIZE, width=SIZE,
+        generator=[torch.Generator().manual_seed(s) for s in (SEED, SEED + 1)], output_type="latent",
+    ).images  # fmt: skip
+    assert_close(latents, reference, tolerance=1e-4)

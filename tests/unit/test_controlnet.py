@@ -3,6 +3,7 @@ guidance-window rules, the A1111 infotext both ways, bad inputs, and the command
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -214,3 +215,67 @@ def test_cli_generates_with_two_units(tmp_path, tiny_checkpoint, capsys):
     assert 'ControlNet 1: "Module: none, Model: cn1 [' in info and "Weight: 0.5" in info
     loaded = load_controlnet(paths[0])
     assert loaded.model.config == _network().model.config
+
+
+def test_hires_and_inpaint_passes_use_their_own_hint_sizes(tiny_checkpoint, monkeypatch):
+    import latentforge
+    from latentforge.pipelines import controlnet as cn
+    from latentforge.pipelines import generate
+    from latentforge.pipelines.request import Hires, InitImage, Inpaint
+
+    model = latentforge.load(tiny_checkpoint)
+    calls = []
+    real = cn.prepare_units
+
+    def spy(units, width, height, *args, **kwargs):
+        calls.append((width, height, kwargs["hires"], kwargs["mask"] is not None))
+        return real(units, width, height, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "prepare_units", spy)
+    unit = ControlNetUnit(image=Image.fromarray(square(48)), network=_network(), module="canny")
+    hires = GenerationRequest(prompt="a", steps=2, width=32, height=32, seed=1, controlnet=(unit,),
+                              hires=Hires(scale=1.5, steps=1))  # fmt: skip
+    result = latentforge.run(model, hires, progress=False)
+    assert calls == [(32, 32, False, False), (48, 48, True, False)] and result[0].size == (48, 48)
+    assert (
+        "Hires upscale: 1.5" in result[0].info["parameters"]
+        and "ControlNet 0" in result[0].info["parameters"]
+    )
+    calls.clear()
+    picture, mask = Image.new("RGB", (32, 32), "gray"), Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    inpaint_unit = ControlNetUnit(image=picture, network=_network(), module="inpaint_only")
+    request = GenerationRequest(prompt="a", steps=2, seed=1, init=InitImage((picture,), 0.8),
+                                inpaint=Inpaint(mask=mask), controlnet=(inpaint_unit,))  # fmt: skip
+    assert latentforge.run(model, request, progress=False)[0].size == (32, 32)
+    assert calls == [(32, 32, False, True)]
+
+
+def test_units_from_an_infotext_are_dropped_with_a_warning_and_unknown_names_refused(tiny_checkpoint):
+    import latentforge
+    from latentforge.pipelines.request import resolve
+
+    model = latentforge.load(tiny_checkpoint)
+    described = GenerationRequest(prompt="a", controlnet=(ControlNetUnit(module="canny", model="x [1]"),))
+    with pytest.warns(UserWarning, match="ControlNet unit 0 .* left out"):
+        assert resolve(described, model).request.controlnet == ()
+    image = Image.new("RGB", (8, 8))
+    for bad, match in (
+        (ControlNetUnit(image=image), "no ControlNet is loaded"),
+        (
+            ControlNetUnit(image=image, network=_network(), control_mode="loud"),
+            "unknown ControlNet control mode",
+        ),
+        (
+            ControlNetUnit(image=image, network=_network(), resize_mode="zoom"),
+            "unknown ControlNet resize mode",
+        ),
+        (ControlNetUnit(image=image, network=_network(), weight=float("nan")), "weight must be a number"),
+        (ControlNetUnit(image=image, network=_network(), guidance_start=0.8, guidance_end=0.2), "is after"),
+        (ControlNetUnit(network=_network()), "no control image"),
+    ):
+        with pytest.raises(ParameterError, match=match):
+            resolve(GenerationRequest(prompt="a", controlnet=(bad,)), model)
+    sd2 = ControlNet(ControlNetModel(ControlNetConfig.for_base(replace(TINY.unet, context_dim=8), 2)), "sd2")
+    with pytest.raises(ParameterError, match="another model family"):
+        resolve(GenerationRequest(prompt="a", controlnet=(ControlNetUnit(image=image, network=sd2),)), model)
