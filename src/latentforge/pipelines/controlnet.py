@@ -27,6 +27,7 @@ from latentforge.checkpoints.controlnet import ControlNet
 from latentforge.data.images import to_rgb
 from latentforge.errors import ParameterError
 from latentforge.pipelines.preprocessors import get_preprocessor, run_preprocessor
+from latentforge.pipelines.prompt_guidance import step_of
 
 RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")  # the extension's ResizeMode values
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
@@ -78,7 +79,7 @@ def canonical(name: str, valid: tuple[str, ...], aliases: dict[str, int], what: 
 def check_unit(unit: ControlNetUnit, index: int, context_dim: int, latent_factor: int) -> ControlNetUnit:
     """Validate one unit before any work; returns it with canonical names and its model title."""
     where = f"ControlNet unit {index}"
-    get_preprocessor(unit.module)
+    spec = get_preprocessor(unit.module)
     if unit.network is None:
         raise ParameterError(
             f"{where} names model {unit.model or '(none)'!r} but no ControlNet is loaded for it: load it "
@@ -110,6 +111,9 @@ def check_unit(unit: ControlNetUnit, index: int, context_dim: int, latent_factor
         resize_mode=canonical(unit.resize_mode, RESIZE_MODES, _RESIZE_ALIASES, "resize mode"),
         control_mode=canonical(unit.control_mode, CONTROL_MODES, _MODE_ALIASES, "control mode"),
         processor_res=512 if unit.processor_res == -1 else unit.processor_res,
+        # the values used, as the extension writes them (-1 stays for modules without the slider)
+        threshold_a=spec.threshold_a[1] if spec.threshold_a and unit.threshold_a == -1 else unit.threshold_a,
+        threshold_b=spec.threshold_b[1] if spec.threshold_b and unit.threshold_b == -1 else unit.threshold_b,
         model=unit.network.title,
     )
 
@@ -289,8 +293,6 @@ def control_residuals(
 
 def controlled(denoiser: Any, units: Sequence[ActiveUnit], sigmas: Tensor, batch: int) -> Any:
     """`denoise(x, sigma, cond)` that hands the network the residuals of the units active at sigma's step."""
-    from latentforge.pipelines.prompt_guidance import step_of
-
     sigmas = sigmas.detach().float().cpu()
     steps = len(sigmas) - 1
 
