@@ -105,18 +105,15 @@ def main() -> None:
         f"{args.size} px, batch {args.batch}, {args.dtype}, {args.threads} thread(s), {args.repeats} repeats"
     )
     print(f"outputs agree to {float(error):.2e} relative (ControlNet + U-Net)")
-    print(
-        "| implementation | U-Net step s (CPU s) | + one ControlNet unit s (CPU s) | unit cost s |"
-        " unit / U-Net |"
-    )
+    print("| implementation | U-Net step, s | + one ControlNet unit, s | unit cost, s | unit / U-Net |")
     print("|---|---|---|---|---|")
-    for name in models:
+    for name in models:  # each cell: wall-clock (process CPU)
         base = [statistics.median(v) for v in zip(*times[(name, False)], strict=True)]
         both = [statistics.median(v) for v in zip(*times[(name, True)], strict=True)]
-        cost = both[0] - base[0]
+        cost = [b - a for a, b in zip(base, both, strict=True)]
         print(
-            f"| {name} | {base[0]:.2f} ({base[1]:.2f}) | {both[0]:.2f} ({both[1]:.2f}) | {cost:.2f} | "
-            f"{cost / base[0]:.2f} |"
+            f"| {name} | {base[0]:.2f} ({base[1]:.2f}) | {both[0]:.2f} ({both[1]:.2f}) | "
+            f"{cost[0]:.2f} ({cost[1]:.2f}) | {cost[0] / base[0]:.2f} ({cost[1] / base[1]:.2f}) |"
         )
 
 
