@@ -220,7 +220,6 @@ def test_cli_generates_with_two_units(tmp_path, tiny_checkpoint, capsys):
 def test_hires_and_inpaint_passes_use_their_own_hint_sizes(tiny_checkpoint, monkeypatch):
     import latentforge
     from latentforge.pipelines import controlnet as cn
-    from latentforge.pipelines import generate
     from latentforge.pipelines.request import Hires, InitImage, Inpaint
 
     model = latentforge.load(tiny_checkpoint)
@@ -228,15 +227,15 @@ def test_hires_and_inpaint_passes_use_their_own_hint_sizes(tiny_checkpoint, monk
     real = cn.prepare_units
 
     def spy(units, width, height, *args, **kwargs):
-        calls.append((width, height, kwargs["hires"], kwargs["mask"] is not None))
+        calls.append((width, height, kwargs["hires"], kwargs["mask"] is not None, kwargs["crop"]))
         return real(units, width, height, *args, **kwargs)
 
-    monkeypatch.setattr(generate, "prepare_units", spy)
+    monkeypatch.setattr(cn, "prepare_units", spy)
     unit = ControlNetUnit(image=Image.fromarray(square(48)), network=_network(), module="canny")
     hires = GenerationRequest(prompt="a", steps=2, width=32, height=32, seed=1, controlnet=(unit,),
                               hires=Hires(scale=1.5, steps=1))  # fmt: skip
     result = latentforge.run(model, hires, progress=False)
-    assert calls == [(32, 32, False, False), (48, 48, True, False)] and result[0].size == (48, 48)
+    assert calls == [(32, 32, False, False, None), (48, 48, True, False, None)] and result[0].size == (48, 48)
     assert (
         "Hires upscale: 1.5" in result[0].info["parameters"]
         and "ControlNet 0" in result[0].info["parameters"]
@@ -248,7 +247,11 @@ def test_hires_and_inpaint_passes_use_their_own_hint_sizes(tiny_checkpoint, monk
     request = GenerationRequest(prompt="a", steps=2, seed=1, init=InitImage((picture,), 0.8),
                                 inpaint=Inpaint(mask=mask), controlnet=(inpaint_unit,))  # fmt: skip
     assert latentforge.run(model, request, progress=False)[0].size == (32, 32)
-    assert calls == [(32, 32, False, True)]
+    assert calls == [(32, 32, False, True, None)]
+    calls.clear()  # "Only masked": the control image of the init image's size is cropped like it
+    only = replace(request, inpaint=Inpaint(mask=mask, only_masked=True, only_masked_padding=0, mask_blur=0))
+    assert latentforge.run(model, only, progress=False)[0].size == (32, 32)
+    assert calls == [(32, 32, False, True, ((32, 32), (8, 8, 24, 24)))]
 
 
 def test_units_from_an_infotext_are_dropped_with_a_warning_and_unknown_names_refused(tiny_checkpoint):

@@ -211,6 +211,21 @@ def build_hint(
     return hint
 
 
+def inpaint_crop(
+    init: Sequence[Image.Image], mask: Image.Image | None, blur: float, padding: int, width: int, height: int
+) -> tuple[tuple[int, int], tuple[int, int, int, int]] | None:
+    """The init image's size and the region "Inpaint area: Only masked" repaints (as `inpaint_source`)."""
+    from latentforge.pipelines.inpaint import blur_mask, crop_region, expand_to_ratio, mask_to_l  # imports us
+
+    if not init or mask is None:
+        return None
+    size = init[0].size
+    grey = mask_to_l(mask)
+    grey = grey if grey.size == size else grey.resize(size, Image.Resampling.LANCZOS)
+    region = crop_region(np.asarray(blur_mask(grey, blur)), padding)
+    return None if region is None else (size, expand_to_ratio(region, width, height, *size))
+
+
 @dataclass(frozen=True)
 class ActiveUnit:
     """A unit ready to run in one pass: its network, hint at the pass's size, and scales."""
@@ -237,21 +252,30 @@ def prepare_units(
     mask: Image.Image | None = None,
     seed: int = 0,
     hires: bool = False,
+    crop: tuple[tuple[int, int], tuple[int, int, int, int]] | None = None,
 ) -> list[ActiveUnit]:
-    """The units of a request at one pass's image size (the hires pass rebuilds them at its size)."""
+    """The units of a request at one pass's image size (the hires pass rebuilds them at its size).
+
+    `crop` ((width, height) of the init image, region) is the "Only masked" inpainting region: control images
+    of the init image's size are cropped to it, as the extension's `try_crop_image_with_a1111_mask`.
+    """
     prepared = []
     for unit in units:
-        assert unit.network is not None
-        blocks = len(unit.network.model.zero_convs) + 1
+        network, unit_mask = unit.network, mask
+        assert network is not None and unit.image is not None
+        if crop is not None and unit.image.size == crop[0]:
+            unit = replace(unit, image=unit.image.crop(crop[1]))
+            unit_mask = None if mask is None else mask.crop(crop[1])
+        blocks = len(network.model.zero_convs) + 1
         # hook.py forces soft weights for canny and mlsd in the hires pass ("significantly reduces artifacts")
         soft = unit.control_mode != "Balanced" or (
             hires and ("canny" in unit.module or "mlsd" in unit.module)
         )
-        hint = build_hint(unit, width, height, mask=mask, seed=seed).to(device, dtype)
-        cond_only = unit.control_mode == "ControlNet is more important" or unit.network.global_average_pooling
+        hint = build_hint(unit, width, height, mask=unit_mask, seed=seed).to(device, dtype)
+        cond_only = unit.control_mode == "ControlNet is more important" or network.global_average_pooling
         prepared.append(
             ActiveUnit(
-                unit.network,
+                network,
                 hint,
                 tuple(unit.soft_scales(blocks, soft)),
                 unit.guidance_start,
@@ -260,6 +284,21 @@ def prepare_units(
             )
         )
     return prepared
+
+
+def request_units(
+    request: Any, width: int, height: int, device: torch.device, dtype: torch.dtype, *, seed: int, hires: bool
+) -> list[ActiveUnit]:
+    """A resolved `GenerationRequest`'s units at one pass's size, with its inpainting mask and crop."""
+    part, crop = request.inpaint, None
+    mask = part.mask if part is not None else None
+    if part is not None and part.only_masked and request.init is not None:
+        crop = inpaint_crop(
+            request.init.images, mask, part.mask_blur, part.only_masked_padding, width, height
+        )
+    return prepare_units(
+        request.controlnet, width, height, device, dtype, mask=mask, seed=seed, hires=hires, crop=crop
+    )
 
 
 def control_residuals(

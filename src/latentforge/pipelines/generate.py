@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from latentforge.errors import NonFiniteError, ParameterError
 from latentforge.model import StableDiffusion
-from latentforge.pipelines.controlnet import controlled, prepare_units
+from latentforge.pipelines.controlnet import controlled, request_units
 from latentforge.pipelines.images import decode_latents, encode_images, tensor_to_pil
 from latentforge.pipelines.prompt_guidance import PromptConditioner
 from latentforge.pipelines.request import Batch, GenerationRequest, Pass, ResolvedRequest
@@ -169,17 +169,7 @@ def sample_latents(
 
     base: Any = denoiser
     if request.controlnet:  # hint images at this pass's size; the hires pass (exact_steps) rebuilds them
-        mask = request.inpaint.mask if request.inpaint is not None else None
-        units = prepare_units(
-            request.controlnet,
-            width,
-            height,
-            device,
-            model.dtype,
-            mask=mask,
-            seed=seeds[0],
-            hires=exact_steps,
-        )
+        units = request_units(request, width, height, device, model.dtype, seed=seeds[0], hires=exact_steps)
         base = controlled(denoiser, units, sigmas, len(seeds))
     conditioner = PromptConditioner(model, request.clip_skip or family.default_clip_skip, sampling.steps)
     guided = conditioner.denoiser(
