@@ -282,3 +282,12 @@ def test_units_from_an_infotext_are_dropped_with_a_warning_and_unknown_names_ref
     sd2 = ControlNet(ControlNetModel(ControlNetConfig.for_base(replace(TINY.unet, context_dim=8), 2)), "sd2")
     with pytest.raises(ParameterError, match="another model family"):
         resolve(GenerationRequest(prompt="a", controlnet=(ControlNetUnit(image=image, network=sd2),)), model)
+
+
+def test_a_controlnet_in_another_dtype_runs_with_a_bf16_model(tiny_checkpoint):
+    import latentforge
+
+    model = latentforge.load(tiny_checkpoint, dtype=torch.bfloat16)
+    unit = ControlNetUnit(image=Image.fromarray(square(32)), network=_network(), module="canny")  # float32
+    images = latentforge.txt2img(model, "a", steps=1, width=32, height=32, seed=0, controlnet=(unit,))
+    assert images[0].size == (32, 32)

@@ -314,9 +314,15 @@ def control_residuals(
         total: list[Tensor] | None = None
         for unit in active:
             rows = batch if unit.cond_only and x_in.shape[0] == 2 * batch else x_in.shape[0]
-            hint = unit.hint.expand(rows, -1, -1, -1)
-            outs = unit.network.model(x_in[:rows], t.expand(x_in.shape[0])[:rows], context[:rows], hint)
-            outs = [r * s for r, s in zip(outs, unit.scales, strict=True)]
+            weight = next(unit.network.model.parameters())  # a ControlNet loaded in another dtype still runs
+            inputs = (
+                x_in[:rows],
+                t.expand(x_in.shape[0])[:rows],
+                context[:rows],
+                unit.hint.expand(rows, -1, -1, -1),
+            )
+            outs = unit.network.model(*(v.to(weight.device, weight.dtype) for v in inputs))
+            outs = [(r * s).to(x_in.device, x_in.dtype) for r, s in zip(outs, unit.scales, strict=True)]
             if unit.network.global_average_pooling:
                 outs = [r.mean(dim=(2, 3), keepdim=True) for r in outs]
             if rows < x_in.shape[0]:  # the unconditional half gets no control
