@@ -211,21 +211,6 @@ def build_hint(
     return hint
 
 
-def inpaint_crop(
-    init: Sequence[Image.Image], mask: Image.Image | None, blur: float, padding: int, width: int, height: int
-) -> tuple[tuple[int, int], tuple[int, int, int, int]] | None:
-    """The init image's size and the region "Inpaint area: Only masked" repaints (as `inpaint_source`)."""
-    from latentforge.pipelines.inpaint import blur_mask, crop_region, expand_to_ratio, mask_to_l  # imports us
-
-    if not init or mask is None:
-        return None
-    size = init[0].size
-    grey = mask_to_l(mask)
-    grey = grey if grey.size == size else grey.resize(size, Image.Resampling.LANCZOS)
-    region = crop_region(np.asarray(blur_mask(grey, blur)), padding)
-    return None if region is None else (size, expand_to_ratio(region, width, height, *size))
-
-
 @dataclass(frozen=True)
 class ActiveUnit:
     """A unit ready to run in one pass: its network, hint at the pass's size, and scales."""
@@ -287,15 +272,19 @@ def prepare_units(
 
 
 def request_units(
-    request: Any, width: int, height: int, device: torch.device, dtype: torch.dtype, *, seed: int, hires: bool
+    request: Any,
+    width: int,
+    height: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    seed: int,
+    hires: bool,
+    crop: tuple[tuple[int, int], tuple[int, int, int, int]] | None = None,
 ) -> list[ActiveUnit]:
-    """A resolved `GenerationRequest`'s units at one pass's size, with its inpainting mask and crop."""
-    part, crop = request.inpaint, None
-    mask = part.mask if part is not None else None
-    if part is not None and part.only_masked and request.init is not None:
-        crop = inpaint_crop(
-            request.init.images, mask, part.mask_blur, part.only_masked_padding, width, height
-        )
+    """A resolved `GenerationRequest`'s units at one pass's size, with its inpainting mask and "Only masked"
+    region (`LatentSource.region`)."""
+    mask = request.inpaint.mask if request.inpaint is not None else None
     return prepare_units(
         request.controlnet, width, height, device, dtype, mask=mask, seed=seed, hires=hires, crop=crop
     )

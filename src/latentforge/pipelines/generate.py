@@ -53,6 +53,8 @@ class LatentSource:
     keep: Tensor | None = None  # [1|B, 1, h, w] 1 where the init latents are kept (A1111's `mask`)
     noise_mask: Tensor | None = None  # [1|B, 1, h, w] 1 where init starts from the image's seed noise
     concat: Tensor | None = None  # [1|B, 5, h, w] inpainting-model channels [mask, masked-image latents]
+    # "Only masked" inpainting: (init image size, region) the pass repaints, where ControlNet crops its images
+    region: tuple[tuple[int, int], tuple[int, int, int, int]] | None = None
 
 
 def model_alphas_cumprod(model: StableDiffusion) -> torch.Tensor:
@@ -169,7 +171,9 @@ def sample_latents(
 
     base: Any = denoiser
     if request.controlnet:  # hint images at this pass's size; the hires pass (exact_steps) rebuilds them
-        units = request_units(request, width, height, device, model.dtype, seed=seeds[0], hires=exact_steps)
+        region = None if source is None else source.region
+        units = request_units(request, width, height, device, model.dtype, seed=seeds[0], hires=exact_steps,
+                              crop=region)  # fmt: skip
         base = controlled(denoiser, units, sigmas, len(seeds))
     conditioner = PromptConditioner(model, request.clip_skip or family.default_clip_skip, sampling.steps)
     guided = conditioner.denoiser(
