@@ -8,8 +8,10 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from latentforge.api import extract_lora, from_png, img2img, inpaint, merge, merge_loras, run, txt2img
+    from latentforge.checkpoints.controlnet import load_controlnet
     from latentforge.checkpoints.embeddings import read_embedding, write_embedding
     from latentforge.model import StableDiffusion, load
+    from latentforge.pipelines.controlnet import ControlNetUnit
     from latentforge.pipelines.request import GenerationRequest, Hires, InitImage, Inpaint
 
 _LAZY = {
@@ -29,8 +31,11 @@ _LAZY = {
     "Inpaint": "latentforge.pipelines.request",
     "read_embedding": "latentforge.checkpoints.embeddings",
     "write_embedding": "latentforge.checkpoints.embeddings",
+    "load_controlnet": "latentforge.checkpoints.controlnet",
+    "ControlNetUnit": "latentforge.pipelines.controlnet",
 }
 __all__ = [
+    "ControlNetUnit",
     "GenerationRequest",
     "Hires",
     "InitImage",
@@ -41,9 +46,10 @@ __all__ = [
     "img2img",
     "inpaint",
     "load",
-    "read_embedding",
+    "load_controlnet",
     "merge",
     "merge_loras",
+    "read_embedding",
     "run",
     "txt2img",
     "write_embedding",

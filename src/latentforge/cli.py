@@ -297,6 +297,52 @@ def _vae_for(request: Any, args: argparse.Namespace, model_path: Path) -> str | 
     )
 
 
+# --control-X flag -> ControlNetUnit field; each given once (for all units) or once per --controlnet
+_CONTROL_FLAGS = {
+    "control_image": "image",
+    "control_module": "module",
+    "control_weight": "weight",
+    "control_start": "guidance_start",
+    "control_end": "guidance_end",
+    "control_mode": "control_mode",
+    "control_resize": "resize_mode",
+    "control_res": "processor_res",
+    "control_threshold_a": "threshold_a",
+    "control_threshold_b": "threshold_b",
+}
+
+
+def _controlnet_units(args: argparse.Namespace, model: Any) -> tuple[Any, ...]:
+    """One ControlNet unit per --controlnet, each --control-* flag given once (for all) or once per unit."""
+    from latentforge.checkpoints.controlnet import load_controlnet
+    from latentforge.data.images import load_image_rgb
+    from latentforge.pipelines.controlnet import ControlNetUnit
+    from latentforge.pipelines.request import DEFAULT_MAX_PIXELS
+
+    count = len(args.controlnet)
+    values: dict[str, list[Any]] = {}
+    for flag, name in _CONTROL_FLAGS.items():
+        given = getattr(args, flag) or []
+        if len(given) not in (0, 1, count):
+            raise ParameterError(f"--{flag.replace('_', '-')} is given {len(given)} times: give it once or "
+                                 f"once per --controlnet ({count})")  # fmt: skip
+        if given:
+            values[name] = given * count if len(given) == 1 else given
+    if "image" not in values:
+        raise ParameterError(
+            "--controlnet needs --control-image PATH (the image the control map is made from)"
+        )
+    units = []
+    for i, path in enumerate(args.controlnet):
+        fields = {name: v[i] for name, v in values.items()}
+        fields["image"] = load_image_rgb(fields["image"], max_pixels=DEFAULT_MAX_PIXELS)
+        network = load_controlnet(path, dtype=model.dtype, device=model.device)
+        units.append(
+            ControlNetUnit(network=network, pixel_perfect=bool(args.control_pixel_perfect), **fields)
+        )
+    return tuple(units)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -329,6 +375,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         use_ema=args.use_ema,
     )  # fmt: skip
     model.use_folders(lora_dirs=args.lora_dir, embedding_dirs=args.embeddings_dir, models_dir=args.models_dir)
+    if args.controlnet:
+        from dataclasses import replace
+
+        request = replace(request, controlnet=_controlnet_units(args, model))
     callback = _preview_writer(model, out, args.preview_every) if args.preview_every else None
     if axes:
         return _xyz(model, request, axes, out, args.format)
@@ -619,6 +669,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="VAE in tiles (default: only above 1536x1536 pixels)",
     )
+    p.add_argument(
+        "--controlnet", action="append", help="ControlNet file or diffusers folder (repeat: units)"
+    )
+    p.add_argument("--control-image", action="append", help="the image its control map is made from")
+    p.add_argument("--control-module", action="append", help="preprocessor: none (default), canny, ...")
+    p.add_argument("--control-weight", action="append", type=float, help="ControlNet weight in [0, 2] (1)")
+    p.add_argument("--control-start", action="append", type=float, help="guidance start, fraction of steps")
+    p.add_argument("--control-end", action="append", type=float, help="guidance end, fraction of steps")
+    p.add_argument("--control-mode", action="append", help="balanced (default), prompt, control")
+    p.add_argument("--control-resize", action="append", help="crop (default), resize, fill")
+    p.add_argument("--control-res", action="append", type=int, help="preprocessor resolution (512)")
+    p.add_argument("--control-threshold-a", action="append", type=float, help="module threshold A")
+    p.add_argument("--control-threshold-b", action="append", type=float, help="module threshold B")
+    p.add_argument("--control-pixel-perfect", action="store_true", help="preprocess at the output's size")
     p.add_argument("--preview-every", type=int, help="write OUT/preview.png every N steps")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--device", help="cpu, cuda, mps (default: cuda when available)")
@@ -732,7 +796,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     p = add("train", cmd_train, "Train a CLIP, VAE or U-Net from a run config (resumes automatically).")
-    p.add_argument("task", choices=["clip", "vae", "unet"])
+    p.add_argument("task", choices=["clip", "vae", "unet", "controlnet"])
     p.add_argument("config", help="TOML run config")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-4 task_options.x=1")
     p.add_argument(

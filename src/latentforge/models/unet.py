@@ -225,6 +225,56 @@ class TimestepEmbedSequential(nn.ModuleList):
         return x
 
 
+def embed_time(
+    time_embed: nn.Module, config: UNetConfig, x: torch.Tensor, timesteps: torch.Tensor | float
+) -> torch.Tensor:
+    """SiLU(time_embed(sinusoid(t))) [B, 4*base]: the leading SiLU of every ResBlock's emb_layers, once."""
+    batch = x.shape[0]
+    timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1)
+    if timesteps.numel() not in (1, batch):
+        raise ValueError(f"got {timesteps.numel()} timesteps for a batch of {batch}; pass 1 or {batch}")
+    t_emb = timestep_embedding(timesteps.expand(batch), config.model_channels).to(x.dtype)
+    return F.silu(time_embed(t_emb))
+
+
+def res_stage(config: UNetConfig, in_channels: int, width: int, level: int) -> list[nn.Module]:
+    """A ResBlock, plus a SpatialTransformer at the attention levels."""
+    layers: list[nn.Module] = [ResBlock(config, in_channels, width, 4 * config.model_channels)]
+    if level in config.attention_levels:
+        layers.append(SpatialTransformer(config, width))
+    return layers
+
+
+def build_encoder(
+    config: UNetConfig,
+) -> tuple[nn.Sequential, nn.ModuleList, TimestepEmbedSequential, list[int]]:
+    """The encoder half: `time_embed`, `input_blocks`, `middle_block` and each input block's output width.
+
+    Shared by the U-Net and the ControlNet (`models/controlnet.py`), whose copy of it has the same keys.
+    """
+    base = config.model_channels
+    widths = [base * m for m in config.channel_mult]
+    emb_dim = 4 * base
+    time_embed = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+    input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(config.in_channels, base, 3, padding=1))])
+    skip_widths = [base]
+    channels = base
+    for level, width in enumerate(widths):
+        for _ in range(config.num_res_blocks):
+            input_blocks.append(TimestepEmbedSequential(*res_stage(config, channels, width, level)))
+            channels = width
+            skip_widths.append(channels)
+        if level != len(widths) - 1:
+            input_blocks.append(TimestepEmbedSequential(Downsample(channels)))
+            skip_widths.append(channels)
+    middle_block = TimestepEmbedSequential(
+        ResBlock(config, channels, channels, emb_dim),
+        SpatialTransformer(config, channels),
+        ResBlock(config, channels, channels, emb_dim),
+    )
+    return time_embed, input_blocks, middle_block, skip_widths
+
+
 class UNetModel(nn.Module):
     """eps (or v) prediction: latent [B, in, H, W], timesteps [B], context [B, T, D] -> [B, out, H, W]."""
 
@@ -232,41 +282,14 @@ class UNetModel(nn.Module):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = False
-        base = config.model_channels
-        widths = [base * m for m in config.channel_mult]
-        emb_dim = 4 * base
-        self.time_embed = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-
-        def res_stage(in_channels: int, width: int, level: int) -> list[nn.Module]:
-            layers: list[nn.Module] = [ResBlock(config, in_channels, width, emb_dim)]
-            if level in config.attention_levels:
-                layers.append(SpatialTransformer(config, width))
-            return layers
-
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(config.in_channels, base, 3, padding=1))]
-        )
-        skip_widths = [base]
-        channels = base
-        for level, width in enumerate(widths):
-            for _ in range(config.num_res_blocks):
-                self.input_blocks.append(TimestepEmbedSequential(*res_stage(channels, width, level)))
-                channels = width
-                skip_widths.append(channels)
-            if level != len(widths) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(channels)))
-                skip_widths.append(channels)
-
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(config, channels, channels, emb_dim),
-            SpatialTransformer(config, channels),
-            ResBlock(config, channels, channels, emb_dim),
-        )
+        widths = [config.model_channels * m for m in config.channel_mult]
+        self.time_embed, self.input_blocks, self.middle_block, skip_widths = build_encoder(config)
+        channels = widths[-1]
 
         self.output_blocks = nn.ModuleList()
         for level in reversed(range(len(widths))):
             for i in range(config.num_res_blocks + 1):
-                layers = res_stage(channels + skip_widths.pop(), widths[level], level)
+                layers = res_stage(config, channels + skip_widths.pop(), widths[level], level)
                 channels = widths[level]
                 if level and i == config.num_res_blocks:
                     layers.append(Upsample(channels))
@@ -291,7 +314,11 @@ class UNetModel(nn.Module):
         return block(h, emb_act, context, upsample_size)
 
     def forward(
-        self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor | float,
+        context: torch.Tensor,
+        control: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Predict the network target (eps for SD 1.x) for a noisy latent.
 
@@ -300,16 +327,12 @@ class UNetModel(nn.Module):
                 (diffusers' `forward_upsample_size`), so images need only be multiples of the VAE factor.
             timesteps: [B] or a scalar (broadcast), integer or continuous in [0, 1000).
             context: text tokens [B, T, context_dim].
+            control: ControlNet residuals (`models/controlnet.py`), one per input block then the middle
+                block's, added to the skips and the middle block's output (cldm's ControlledUnetModel).
         Returns:
             [B, out_channels, H, W] in the dtype of x.
         """
-        batch = x.shape[0]
-        timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1)
-        if timesteps.numel() not in (1, batch):
-            raise ValueError(f"got {timesteps.numel()} timesteps for a batch of {batch}; pass 1 or {batch}")
-        timesteps = timesteps.expand(batch)
-        t_emb = timestep_embedding(timesteps, self.config.model_channels).to(x.dtype)
-        emb_act = F.silu(self.time_embed(t_emb))  # [B, 4*base]; the leading SiLU of every emb_layers
+        emb_act = embed_time(self.time_embed, self.config, x, timesteps)
 
         skips = []
         h = x
@@ -317,7 +340,12 @@ class UNetModel(nn.Module):
             h = self._run(block, h, emb_act, context)
             skips.append(h)
         h = self._run(self.middle_block, h, emb_act, context)
+        if control is not None:
+            h = h + control[-1]
         for block in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)  # [B, C + C_skip, H, W]
+            skip = skips.pop()
+            if control is not None:  # never in place: autograd may have saved the skip
+                skip = skip + control[len(skips)]
+            h = torch.cat([h, skip], dim=1)  # [B, C + C_skip, H, W]
             h = self._run(block, h, emb_act, context, skips[-1].shape[-2:] if skips else None)
         return self.out[2](_norm_silu(self.out[0], h))

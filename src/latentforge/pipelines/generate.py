@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from latentforge.errors import NonFiniteError, ParameterError
 from latentforge.model import StableDiffusion
+from latentforge.pipelines.controlnet import controlled, request_units
 from latentforge.pipelines.images import decode_latents, encode_images, tensor_to_pil
 from latentforge.pipelines.prompt_guidance import PromptConditioner
 from latentforge.pipelines.request import Batch, GenerationRequest, Pass, ResolvedRequest
@@ -55,6 +56,8 @@ class LatentSource:
     keep: Tensor | None = None  # [1|B, 1, h, w] 1 where the init latents are kept (A1111's `mask`)
     noise_mask: Tensor | None = None  # [1|B, 1, h, w] 1 where init starts from the image's seed noise
     concat: Tensor | None = None  # [1|B, 5, h, w] inpainting-model channels [mask, masked-image latents]
+    # "Only masked" inpainting: (init image size, region) the pass repaints, where ControlNet crops its images
+    region: tuple[tuple[int, int], tuple[int, int, int, int]] | None = None
 
 
 def model_alphas_cumprod(model: StableDiffusion) -> torch.Tensor:
@@ -66,11 +69,14 @@ def make_denoiser(model: StableDiffusion) -> DiscreteDenoiser:
     """The U-Net as `denoise(x, sigma, cond) -> x0`: float32 outside, the model's dtype inside."""
     unet = model.unet
 
-    def network(x_in: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    def network(x_in: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        dtype = model.dtype
+        context = cond["crossattn"].to(dtype)
+        control = cond.get("control")  # ControlNet residuals of the latent channels (pipelines/controlnet.py)
+        residuals = None if control is None else control(x_in.to(dtype), t.to(dtype), context)
         if "concat" in cond:  # inpainting models: [latents, mask, masked-image latents] as in LDM/diffusers
             x_in = torch.cat([x_in, cond["concat"].to(x_in)], dim=1)
-        dtype = model.dtype
-        return unet(x_in.to(dtype), t.to(dtype), cond["crossattn"].to(dtype)).float()
+        return unet(x_in.to(dtype), t.to(dtype), context, control=residuals).float()
 
     return DiscreteDenoiser(network, model_alphas_cumprod(model), model.family.prediction)
 
@@ -166,9 +172,15 @@ def sample_latents(
         keep = _expand(source.keep, len(seeds), device)
         x = init + noise * sigmas[0]
 
+    base: Any = denoiser
+    if request.controlnet:  # hint images at this pass's size; the hires pass (exact_steps) rebuilds them
+        region = None if source is None else source.region
+        units = request_units(request, width, height, device, model.dtype, seed=seeds[0], hires=exact_steps,
+                              crop=region)  # fmt: skip
+        base = controlled(denoiser, units, sigmas, len(seeds))
     conditioner = PromptConditioner(model, request.clip_skip or family.default_clip_skip, sampling.steps)
     guided = conditioner.denoiser(
-        denoiser,
+        base,
         list(batch.prompts),
         [request.negative_prompt] * len(seeds),
         sigmas,

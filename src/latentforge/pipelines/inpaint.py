@@ -234,5 +234,6 @@ def inpaint_source(model: StableDiffusion, request: GenerationRequest) -> tuple[
         keep=1 - repaint if part.latent_blend else None,
         noise_mask=repaint if part.masked_content == "latent noise" else None,
         concat=concat,
+        region=None if overlay.region is None else (image.size, overlay.region),
     )
     return source, overlay

@@ -21,6 +21,7 @@ from PIL import Image
 
 from latentforge.errors import ParameterError
 from latentforge.pipelines import adapters
+from latentforge.pipelines.controlnet import ControlNetUnit, check_unit
 from latentforge.pipelines.seeds import resolve_seed
 from latentforge.prompts.parser import parse_attention
 from latentforge.sampling.registry import (
@@ -111,6 +112,7 @@ class GenerationRequest:
     init: InitImage | None = None
     inpaint: Inpaint | None = None
     hires: Hires | None = None
+    controlnet: tuple[ControlNetUnit, ...] = ()  # ControlNet units, applied together in every pass
     model: str = ""  # the model's name and hash, VAE file and hash: filled in by `resolve`, checked there
     model_hash: str = ""
     vae: str = ""
@@ -323,6 +325,7 @@ def resolve(
         vae=vae_name,
         vae_hash=vae_hash,
         hires=_resolved_hires(r.hires, first, second),
+        controlnet=_resolved_units(r.controlnet, family),
     )
     batches = _with_adapters(model, resolved, request)
     lora_hashes, ti_hashes = adapters.lora_hashes(batches[0].loras), batches[0].ti_hashes[0]
@@ -350,6 +353,21 @@ def _with_adapters(
                 ti[p] = adapters.embedding_hashes(model, [p, r.negative_prompt], r.steps)
         out.append(replace(batch, loras=loras[first], ti_hashes=tuple(ti[p] for p in batch.prompts)))
     return tuple(out)
+
+
+def _resolved_units(units: Sequence[ControlNetUnit], family: ModelFamily) -> tuple[ControlNetUnit, ...]:
+    """Checked units; one with neither image nor network (read from an infotext) is dropped with a warning."""
+    kept = []
+    for i, unit in enumerate(units):
+        if unit.image is None and unit.network is None:
+            warnings.warn(
+                f"ControlNet unit {i} ({unit.module}, {unit.model or 'no model'}) has no control image or "
+                "loaded ControlNet, so it is left out: the image will differ",
+                stacklevel=3,
+            )
+            continue
+        kept.append(check_unit(unit, i, family.unet.context_dim, family.vae.downsampling_factor))
+    return tuple(kept)
 
 
 def _resolved_hires(hires: Hires | None, first: Pass, second: Pass | None) -> Hires | None:

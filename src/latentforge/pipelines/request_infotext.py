@@ -8,11 +8,13 @@ when its part exists and it is always written or differs from the field's defaul
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 from latentforge.errors import ParameterError
+from latentforge.pipelines.controlnet import ControlNetUnit
 from latentforge.pipelines.infotext import format_infotext, parse_infotext
 from latentforge.pipelines.request import GenerationRequest, Hires, InitImage, Inpaint
 from latentforge.sampling.registry import SAMPLERS, OptionValue, split_sampler_name
@@ -102,6 +104,48 @@ INFOTEXT_KEYS: tuple[InfotextKey, ...] = (
     InfotextKey("Lora hashes", "lora_hashes", str),
     InfotextKey("TI hashes", "ti_hashes", str),
 )
+# A ControlNet unit's value, `ControlNet N: "Module: canny, Model: name [hash], Weight: 1, ..."`: the inner
+# keys of sd-webui-controlnet's `ControlNetUnit.infotext_fields()` (`field_to_displaytext`, in this order).
+CONTROLNET_KEYS: tuple[InfotextKey, ...] = (
+    InfotextKey("Module", "module", str, always=True),
+    InfotextKey("Model", "model", str, always=True),
+    InfotextKey("Weight", "weight", float, always=True, format=_num),
+    InfotextKey("Resize Mode", "resize_mode", str, always=True),
+    InfotextKey("Processor Res", "processor_res", _int, always=True),
+    InfotextKey("Threshold A", "threshold_a", float, always=True, format=_num),
+    InfotextKey("Threshold B", "threshold_b", float, always=True, format=_num),
+    InfotextKey("Guidance Start", "guidance_start", float, always=True, format=_num),
+    InfotextKey("Guidance End", "guidance_end", float, always=True, format=_num),
+    InfotextKey("Pixel Perfect", "pixel_perfect", _bool, always=True),
+    InfotextKey("Control Mode", "control_mode", str, always=True),
+)
+_CONTROLNET_KEY = re.compile(r"ControlNet (\d+)$")
+
+
+def controlnet_to_infotext(unit: ControlNetUnit) -> str:
+    return ", ".join(f"{e.key}: {e.format(getattr(unit, e.field))}" for e in CONTROLNET_KEYS)
+
+
+def controlnet_from_infotext(key: str, text: str) -> ControlNetUnit | None:
+    """The unit of a `ControlNet N` value in the extension's current format; None for the pre-1.1.4 format."""
+    by_key = {e.key: e for e in CONTROLNET_KEYS}
+    values: dict[str, Any] = {}
+    for item in text.split(","):
+        name, sep, value = item.strip().partition(": ")
+        if not sep:
+            return None
+        entry = by_key.get(name)
+        if entry is None:  # Low Vram, Hr Option, Save Detected Map ...: nothing of ours
+            if name[:1].islower():  # "preprocessor: ..., starting/ending: (0, 1)": the old, unparsed format
+                return None
+            continue
+        try:
+            values[entry.field] = entry.parse(value)
+        except ValueError:
+            raise ParameterError(f"infotext key {key!r}: unreadable {name} {value!r}") from None
+    return ControlNetUnit(**values)
+
+
 # Keys A1111 writes with the same meaning as one above, read into that field.
 INFOTEXT_ALIASES = {"Eta DDIM": "Eta", "Eta noise seed delta": "ENSD", "Schedule": "Schedule type"}
 # Keys that describe how an image came out or which program wrote it, not what to generate.
@@ -148,6 +192,7 @@ def to_infotext(request: GenerationRequest, outcome: Mapping[str, Any] | None = 
             continue  # A1111 writes the scale or the resize target, not both
         if entry.always or entry.key == "Denoising strength" or value != _default(entry.field):
             values[entry.key] = entry.format(value)
+    values.update({f"ControlNet {i}": controlnet_to_infotext(u) for i, u in enumerate(request.controlnet)})
     values.update(request.extra)
     values.update({k: v for k, v in (outcome or {}).items() if v is not None})
     values["RNG"] = "CPU"  # our noise: A1111 reproduces it with its CPU generator
@@ -173,8 +218,14 @@ def from_infotext(text: str) -> ParsedInfotext:
     parts: dict[str, dict[str, Any]] = {}
     options: dict[str, OptionValue] = {}
     extra: dict[str, str] = {}
+    units: dict[int, ControlNetUnit] = {}
     for key, text_value in values.items():
         entry = by_key.get(key)
+        numbered = _CONTROLNET_KEY.match(key)
+        unit = controlnet_from_infotext(key, text_value) if numbered else None
+        if numbered and unit is not None:
+            units[int(numbered.group(1))] = unit
+            continue
         if entry is None:
             if key not in OUTPUT_KEYS:
                 extra[key] = text_value
@@ -205,7 +256,8 @@ def from_infotext(text: str) -> ParsedInfotext:
     if "sampler" in top:
         top["sampler"], top["schedule"] = _sampler_and_schedule(top["sampler"], values)
     built = {name: _PARTS[name](**values) for name, values in parts.items()}
-    request = GenerationRequest(**top, **built, sampler_options=options, extra=extra)
+    controlnet = tuple(units[i] for i in sorted(units))
+    request = GenerationRequest(**top, **built, controlnet=controlnet, sampler_options=options, extra=extra)
     return ParsedInfotext(request, tuple(extra), tuple(_notes(values)))
 
 

@@ -31,4 +31,15 @@ def _unet(config: RunConfig) -> TrainingTask:
     return make_unet_task(config)
 
 
-TASKS: dict[str, Callable[[RunConfig], TrainingTask]] = {"clip": _clip, "vae": _vae, "unet": _unet}
+def _controlnet(config: RunConfig) -> TrainingTask:
+    from latentforge.training.tasks.controlnet import make_controlnet_task
+
+    return make_controlnet_task(config)
+
+
+TASKS: dict[str, Callable[[RunConfig], TrainingTask]] = {
+    "clip": _clip,
+    "vae": _vae,
+    "unet": _unet,
+    "controlnet": _controlnet,
+}
