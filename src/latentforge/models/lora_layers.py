@@ -50,7 +50,12 @@ class LoRAAdapter(nn.Module):
         rank = spec.rank
         if isinstance(layer, nn.Conv2d):
             self.lora_down: nn.Module = nn.Conv2d(
-                layer.in_channels, rank, layer.kernel_size, layer.stride, layer.padding, bias=False
+                layer.in_channels,
+                rank,
+                layer.kernel_size,  # type: ignore[arg-type]
+                layer.stride,  # type: ignore[arg-type]
+                layer.padding,  # type: ignore[arg-type]
+                bias=False,
             )
             self.lora_up: nn.Module = nn.Conv2d(rank, layer.out_channels, 1, bias=False)
         else:
@@ -67,14 +72,14 @@ class LoRAAdapter(nn.Module):
 
     @property
     def scale(self) -> float:
-        return float(self.alpha) / self.rank
+        return float(self.alpha) / self.rank  # type: ignore[arg-type]
 
     def delta(self, x: torch.Tensor) -> torch.Tensor | None:
         """The adapter's contribution to the layer's output for input `x` (None: skipped this call)."""
         spec = self.spec
         if self.training and spec.module_dropout and float(torch.rand(())) < spec.module_dropout:
             return None
-        hidden = self.lora_down(x.to(self.lora_down.weight.dtype))
+        hidden = self.lora_down(x.to(self.lora_down.weight.dtype))  # type: ignore[arg-type]
         scale = self.scale
         if self.training and spec.dropout:
             hidden = F.dropout(hidden, p=spec.dropout)
