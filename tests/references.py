@@ -147,3 +147,18 @@ def build_pair(family, pipeline_cls: type, vocab: Path):  # noqa: ANN001, ANN201
     )
     pipe.set_progress_bar_config(disable=True)
     return ours, pipe
+
+
+def random_lora_factors(family, names, seed: int = 0, rank: int = 3) -> dict:  # noqa: ANN001
+    """Random factors of kohya's shapes for each module (conv: down [r, in, k, k], up [out, r, 1, 1])."""
+    from latentforge.checkpoints.lora_writing import LoraFactors, module_shapes
+
+    generator = torch.Generator().manual_seed(seed)
+    shapes = module_shapes(family)
+    out = {}
+    for name in names:
+        shape = shapes[name]
+        down = torch.randn(rank, *shape[1:], generator=generator) * 0.3
+        up = torch.randn(shape[0], rank, *(1,) * (len(shape) - 2), generator=generator) * 0.3
+        out[name] = LoraFactors(down, up, rank / 2)
+    return out
