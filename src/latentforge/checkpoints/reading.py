@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import pickle
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from io import RawIOBase
 from pathlib import Path
@@ -274,16 +274,16 @@ LIGHTNING_SAFE_GLOBALS: list[Callable[..., object] | tuple[Callable[..., object]
 ]
 
 
-def _read_torch(path: Path) -> StateDict:
-    """The tensors of a PyTorch pickle, copied out of the file's memory map.
+def load_torch_pickle(
+    path: Path, safe_globals: Sequence[Callable[..., object] | tuple[Callable[..., object], str]] = ()
+) -> object:
+    """The object of a PyTorch pickle through torch's weights-only unpickler (never running file code).
 
-    The zip format is mapped (`mmap=True`) so that tensors we skip are never read; every tensor we
-    return is then copied into memory of its own, so a later change to the file on disk cannot
-    crash the process with SIGBUS (issue 19) through a page still backed by the file.
+    `safe_globals` adds inert stand-ins for more harmless names (e.g. a pickled `ParameterDict`).
     """
     try:
-        with torch.serialization.safe_globals(LIGHTNING_SAFE_GLOBALS):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+        with torch.serialization.safe_globals([*LIGHTNING_SAFE_GLOBALS, *safe_globals]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
             path,
@@ -292,6 +292,16 @@ def _read_torch(path: Path) -> StateDict:
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError) as e:
         raise CorruptCheckpointError(path, f"unreadable PyTorch checkpoint ({e})") from None
+
+
+def _read_torch(path: Path) -> StateDict:
+    """The tensors of a PyTorch pickle, copied out of the file's memory map.
+
+    The zip format is mapped (`mmap=True`) so that tensors we skip are never read; every tensor we
+    return is then copied into memory of its own, so a later change to the file on disk cannot
+    crash the process with SIGBUS (issue 19) through a page still backed by the file.
+    """
+    obj = load_torch_pickle(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
