@@ -14,7 +14,9 @@ restores it exactly. Adapter names are kohya's (`lora_unet_<module with _ for .>
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from copy import deepcopy
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +71,11 @@ class LoRAAdapter(nn.Module):
         self.multiplier = 1.0
         dtype = layer.weight.dtype
         self.to(device=layer.weight.device, dtype=dtype if dtype.is_floating_point else None)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(down, up, alpha) as a LoRA file stores them (detached)."""
+        down, up = self.lora_down.weight, self.lora_up.weight
+        return down.detach(), up.detach(), float(self.alpha)  # type: ignore[union-attr,operator,arg-type]
 
     @property
     def scale(self) -> float:
@@ -160,6 +167,7 @@ class LoRANetwork(nn.Module):
         self._models = (unet, text_encoder)
         self.adapters = nn.ModuleDict()
         self._layers: dict[str, nn.Module] = {}
+        self.module_names: dict[str, tuple[str, str]] = {}  # adapter name -> (component, module name)
         for component, layers in (("unet", unet_layers), ("text_encoder", text_layers)):
             for module, layer in layers.items():
                 is_spatial = isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1)
@@ -167,6 +175,7 @@ class LoRANetwork(nn.Module):
                 name = kohya_name(component, module)
                 self.adapters[name] = adapter
                 self._layers[name] = layer
+                self.module_names[name] = (component, module)
         self._handles: list[RemovableHandle] = []
         self.attach()
 
@@ -201,6 +210,30 @@ class LoRANetwork(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    def __deepcopy__(self, memo: dict) -> LoRANetwork:
+        """A copy of the adapters (e.g. the EMA's) on the same models, detached: `swap` makes it live."""
+        copy = LoRANetwork.__new__(LoRANetwork)
+        nn.Module.__init__(copy)
+        copy._models = self._models
+        copy.adapters = deepcopy(self.adapters, memo)
+        copy._layers, copy.module_names, copy._handles = self._layers, dict(self.module_names), []
+        copy.train(self.training)
+        return copy
+
+    @contextmanager
+    def swap(self, other: LoRANetwork) -> Iterator[LoRANetwork]:
+        """Run `other` (adapters on the same layers, e.g. an EMA copy) instead of this network for a while."""
+        if other is self:
+            yield self
+            return
+        self.detach()
+        other.attach()
+        try:
+            yield other
+        finally:
+            other.detach()
+            self.attach()
 
     def set_multiplier(self, value: float) -> None:
         for adapter in self.adapters.values():

@@ -187,7 +187,16 @@ def set_aside(path: Path) -> Path:
 
 
 # Everything a run writes into run_dir; `archive_run` moves these away for an explicit restart.
-RUN_FILES = ("checkpoints", "log.csv", "config.toml", "samples", "tensorboard", "final.safetensors")
+RUN_FILES = (
+    "checkpoints",
+    "log.csv",
+    "config.toml",
+    "samples",
+    "tensorboard",
+    "final.safetensors",
+    "embeddings",
+    "class_images",
+)
 
 
 def archive_run(run_dir: str | os.PathLike) -> Path | None:

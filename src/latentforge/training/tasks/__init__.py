@@ -31,4 +31,22 @@ def _unet(config: RunConfig) -> TrainingTask:
     return make_unet_task(config)
 
 
-TASKS: dict[str, Callable[[RunConfig], TrainingTask]] = {"clip": _clip, "vae": _vae, "unet": _unet}
+def _lora(config: RunConfig) -> TrainingTask:
+    from latentforge.training.tasks.lora import make_lora_task
+
+    return make_lora_task(config)
+
+
+def _embedding(config: RunConfig) -> TrainingTask:
+    from latentforge.training.tasks.embedding import make_embedding_task
+
+    return make_embedding_task(config)
+
+
+TASKS: dict[str, Callable[[RunConfig], TrainingTask]] = {
+    "clip": _clip,
+    "vae": _vae,
+    "unet": _unet,
+    "lora": _lora,
+    "embedding": _embedding,
+}

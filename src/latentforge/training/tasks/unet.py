@@ -163,8 +163,10 @@ class UNetTask:
         seed: int = 0,
         device: str | torch.device = "cpu",
         progress: bool = True,
+        explicit: set[str] | None = None,
     ) -> None:
-        explicit = set(options or {}) if not isinstance(options, UNetTaskOptions) else set()
+        if explicit is None:
+            explicit = set(options or {}) if not isinstance(options, UNetTaskOptions) else set()
         if not isinstance(options, UNetTaskOptions):
             options = parse_options(UNetTaskOptions, options or {}, "unet")
         self.options, self.seed, self.progress = options, seed, progress
@@ -238,9 +240,13 @@ class UNetTask:
 
     @torch.no_grad()
     def _empty_prompt(self, name: str) -> torch.Tensor:
-        if not self._empty:
-            ids = self.tokenizer([""])
-            self._empty = {"input_ids": ids.cpu(), "hidden": self.encode_text(ids).float().cpu()}
+        # The states only when asked for: a text-encoder forward on first use would draw from the global RNG
+        # (adapter dropout) in whichever step first drops a caption, and a resumed run would draw elsewhere.
+        if name not in self._empty:
+            ids = self.tokenizer([""]).cpu()
+            self._empty = {"input_ids": ids} | (
+                {"hidden": self.encode_text(ids).float().cpu()} if name == "hidden" else {}
+            )
         return self._empty[name]
 
     def template_fields(self) -> dict[str, str]:
@@ -439,6 +445,8 @@ class UNetTask:
         if holdout is None:
             zs, contexts = [], []
             for batch in DataLoader(self.dataset("holdout"), batch_size=self.options.eval_batch_size):
+                # the captions training sees (template, token), drawn from a fixed generator
+                batch = self.prepare_captions(batch, torch.Generator().manual_seed(self.options.eval_seed))
                 z, c = self.latents_and_context(batch, None, text_encoder=text_encoder)
                 zs.append(z.cpu())
                 contexts.append(c.cpu())
