@@ -43,10 +43,17 @@ def _embedding(config: RunConfig) -> TrainingTask:
     return make_embedding_task(config)
 
 
+def _dreambooth(config: RunConfig) -> TrainingTask:
+    from latentforge.training.tasks.dreambooth import make_dreambooth_task
+
+    return make_dreambooth_task(config)
+
+
 TASKS: dict[str, Callable[[RunConfig], TrainingTask]] = {
     "clip": _clip,
     "vae": _vae,
     "unet": _unet,
     "lora": _lora,
     "embedding": _embedding,
+    "dreambooth": _dreambooth,
 }

@@ -73,8 +73,10 @@ class LoRATask(UNetTask):
         device: str | torch.device = "cpu",
         progress: bool = True,
         run: RunConfig | None = None,
+        explicit: set[str] | None = None,
     ) -> None:
-        explicit = set(options or {}) if not isinstance(options, LoRATaskOptions) else set()
+        if explicit is None:
+            explicit = set(options or {}) if not isinstance(options, LoRATaskOptions) else set()
         if not isinstance(options, LoRATaskOptions):
             options = parse_options(LoRATaskOptions, options or {}, self.name)
         self.lora = options
