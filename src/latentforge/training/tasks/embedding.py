@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from latentforge.checkpoints.embeddings import write_embedding
 from latentforge.errors import ConfigError
@@ -82,6 +83,28 @@ class EmbeddingVectors(nn.Module):
         return self._unet[0](x, timesteps, context)
 
 
+def insert_vectors(embedding: nn.Embedding, vectors: Callable[[], torch.Tensor]) -> list[RemovableHandle]:
+    """Hooks making id vocab_size + i look up row i of `vectors()` (ids past the vocabulary read row 0,
+    then are replaced): the new word's rows for the training step and the previews alike."""
+    vocab = embedding.num_embeddings
+    placeholder: dict[str, torch.Tensor] = {}
+
+    def before(_module: nn.Module, args: tuple) -> tuple:
+        ids = args[0]
+        mask = ids >= vocab
+        placeholder["mask"], placeholder["index"] = mask, (ids - vocab).masked_fill(~mask, 0)
+        return (ids.masked_fill(mask, 0),)
+
+    def after(_module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+        mask, index = placeholder.pop("mask"), placeholder.pop("index")
+        if not bool(mask.any()):
+            return output
+        rows = vectors().to(output.dtype)[index]  # [B, T, width]
+        return torch.where(mask[..., None], rows, output)
+
+    return [embedding.register_forward_pre_hook(before), embedding.register_forward_hook(after)]
+
+
 class EmbeddingTask(UNetTask):
     """Textual Inversion on a frozen model; see the module docstring."""
 
@@ -120,27 +143,8 @@ class EmbeddingTask(UNetTask):
         return init[torch.arange(self.ti.num_vectors) % len(init)]
 
     def _hook_token_embedding(self) -> None:
-        """Ids past the vocabulary look up row 0, then get the vectors (training step and previews)."""
         embedding = self.text_encoder.text_model.embeddings.token_embedding
-        vocab = embedding.num_embeddings
-        placeholder: dict[str, torch.Tensor] = {}
-
-        def before(_module: nn.Module, args: tuple) -> tuple:
-            ids = args[0]
-            mask = ids >= vocab
-            placeholder["index"] = (ids - vocab).clamp(0, self.ti.num_vectors - 1)
-            placeholder["mask"] = mask
-            return (ids.masked_fill(mask, 0),)
-
-        def after(_module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
-            mask, index = placeholder.pop("mask"), placeholder.pop("index")
-            if not bool(mask.any()):
-                return output
-            vectors = self._active.vectors.to(output.dtype)[index]  # [B, T, width]
-            return torch.where(mask[..., None], vectors, output)
-
-        embedding.register_forward_pre_hook(before)
-        embedding.register_forward_hook(after)
+        insert_vectors(embedding, lambda: self._active.vectors)
 
     def template_fields(self) -> dict[str, str]:
         return {"token": self.ti.token, "class_word": ""}
