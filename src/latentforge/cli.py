@@ -564,8 +564,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", help="standalone VAE to bake in")
     p.add_argument("--prediction", choices=["epsilon", "v", "x0"])
 
-    p = add("train", cmd_train, "Train a CLIP, VAE or U-Net from a run config (resumes automatically).")
-    p.add_argument("task", choices=["clip", "vae", "unet"])
+    p = add(
+        "train",
+        cmd_train,
+        "Train a CLIP, VAE or U-Net, or fine-tune (unet with init, lora, embedding, dreambooth) from a run "
+        "config (resumes automatically).",
+    )
+    p.add_argument("task", choices=["clip", "vae", "unet", "lora", "embedding", "dreambooth"])
     p.add_argument("config", help="TOML run config")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-4 task_options.x=1")
     p.add_argument(
