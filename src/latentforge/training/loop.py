@@ -100,10 +100,13 @@ def micro_batches(
 
     steps_per_epoch = len(epoch_order(0)) // batch
     if steps_per_epoch == 0:
-        where = "any aspect-ratio bucket of" if bucket_ids is not None else "the"
+        if bucket_ids is not None:
+            raise ConfigError(
+                f"batch_size = {batch} is more than any aspect-ratio bucket of the train dataset holds "
+                f"({size} items in all): lower it, add data, or set task_options.buckets = false"
+            )
         raise ConfigError(
-            f"batch_size = {batch} is more than {where} train dataset's items ({size} in all): "
-            "lower it or add data"
+            f"batch_size = {batch} is more than the train dataset's {size} items: lower it or add data"
         )
     share, micro = batch // world_size, batch // (world_size * config.grad_accum)
     epoch, first = divmod(start_step, steps_per_epoch)
