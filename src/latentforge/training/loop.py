@@ -271,7 +271,9 @@ def _train(task: TrainingTask, config: RunConfig, info: distributed.DistInfo) ->
     ddp_model = model
     if info.world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
-        ddp_model = DistributedDataParallel(model, device_ids=device_ids)
+        # A task whose step may leave parameters without gradients (LoRA module dropout) says so.
+        unused = bool(getattr(task, "may_skip_parameters", False))
+        ddp_model = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=unused)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16")
     batches = micro_batches(
         dataset,

@@ -91,6 +91,11 @@ class LoRATask(UNetTask):
         self._trainable = self.network
         self.text_grad = options.train_text_encoder
 
+    @property
+    def may_skip_parameters(self) -> bool:
+        """With module dropout a step may skip whole adapters (DDP must then look for unused parameters)."""
+        return self.lora.module_dropout > 0
+
     def _build_network(self) -> LoRANetwork:
         o = self.lora
         spec = LoRASpec(o.rank, o.alpha, o.dropout, o.rank_dropout, o.module_dropout)
