@@ -795,8 +795,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), help="dtype of the factors (default float32)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
-    p = add("train", cmd_train, "Train a CLIP, VAE or U-Net from a run config (resumes automatically).")
-    p.add_argument("task", choices=["clip", "vae", "unet", "controlnet"])
+    p = add(
+        "train",
+        cmd_train,
+        "Train a CLIP, VAE, U-Net or ControlNet, or fine-tune (unet with init, lora, embedding, dreambooth) "
+        "from a run config (resumes automatically).",
+    )
+    p.add_argument("task", choices=["clip", "vae", "unet", "controlnet", "lora", "embedding", "dreambooth"])
     p.add_argument("config", help="TOML run config")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-4 task_options.x=1")
     p.add_argument(

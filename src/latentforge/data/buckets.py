@@ -11,6 +11,7 @@ import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+import torch
 from torch.utils.data import Sampler
 
 
@@ -122,3 +123,25 @@ class BucketBatchSampler(Sampler[list[int]]):
         if batches and len(batches) < wanted:  # pad by cycling from the start
             batches = [batches[i % len(batches)] for i in range(wanted)]
         yield from batches[:wanted][self.rank :: self.world_size]
+
+
+def bucket_batch_order(
+    bucket_ids: Sequence[int], batch_size: int, generator: torch.Generator
+) -> torch.Tensor:
+    """An epoch's item order whose consecutive `batch_size` chunks each hold one bucket.
+
+    Each bucket's items are permuted and cut into full batches (a bucket's remainder waits for a later
+    epoch's permutation, as kohya drops it), then the batches are permuted: a pure function of the
+    generator, so the training loop's exact resume holds with buckets.
+    """
+    ids = torch.as_tensor(list(bucket_ids), dtype=torch.long)
+    batches: list[torch.Tensor] = []
+    for bucket in torch.unique(ids).tolist():
+        members = torch.nonzero(ids == bucket).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        full = len(members) // batch_size * batch_size
+        batches.extend(members[:full].split(batch_size))
+    if not batches:
+        return torch.empty(0, dtype=torch.long)
+    order = torch.randperm(len(batches), generator=generator)
+    return torch.cat([batches[i] for i in order.tolist()])

@@ -172,7 +172,11 @@ class SpatialTransformer(nn.Module):
         for block in self.transformer_blocks:
             h = block(h, context)
         # A 1x1 conv is a Linear over tokens: project, then add the residual straight into NCHW.
-        h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        if self.proj_out._forward_hooks:  # hooked (LoRA training, models/lora_layers.py): call the module
+            h = self.proj_out(h if self.use_linear else h.transpose(1, 2).reshape(batch, -1, height, width))
+            h = h if self.use_linear else h.flatten(2).transpose(1, 2).contiguous()  # NCHW -> [B, HW, C]
+        else:
+            h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)
         return x + h.view(batch, height, width, channels).permute(0, 3, 1, 2)  # x first: NCHW result
 
 

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from latentforge.data.buckets import bucket_batch_order
 from latentforge.errors import ConfigError, LatentforgeError, NonFiniteError
 from latentforge.training import checkpointing, distributed
 from latentforge.training.config import (
@@ -84,18 +85,33 @@ def micro_batches(
     collate_fn: Callable[[list[Any]], Any] | None = None,
     pin_memory: bool = False,
 ) -> Iterator[list[Any]]:
-    """For each step from `start_step` on, this rank's `grad_accum` micro-batches (remainders dropped)."""
+    """For each step from `start_step` on, this rank's `grad_accum` micro-batches (remainders dropped).
+
+    A dataset with `bucket_ids` (aspect-ratio buckets) is ordered so that every global batch is one bucket.
+    """
     size, batch = len(dataset), config.batch_size  # type: ignore[arg-type]
-    steps_per_epoch = size // batch
+    bucket_ids = getattr(dataset, "bucket_ids", None)
+
+    def epoch_order(epoch: int) -> torch.Tensor:
+        shuffle = torch.Generator().manual_seed(derived_seed(config.seed, "epoch", epoch))
+        if bucket_ids is None:
+            return torch.randperm(size, generator=shuffle)
+        return bucket_batch_order(bucket_ids, batch, shuffle)
+
+    steps_per_epoch = len(epoch_order(0)) // batch
     if steps_per_epoch == 0:
+        if bucket_ids is not None:
+            raise ConfigError(
+                f"batch_size = {batch} is more than any aspect-ratio bucket of the train dataset holds "
+                f"({size} items in all): lower it, add data, or set task_options.buckets = false"
+            )
         raise ConfigError(
             f"batch_size = {batch} is more than the train dataset's {size} items: lower it or add data"
         )
     share, micro = batch // world_size, batch // (world_size * config.grad_accum)
     epoch, first = divmod(start_step, steps_per_epoch)
     while True:
-        shuffle = torch.Generator().manual_seed(derived_seed(config.seed, "epoch", epoch))
-        order = torch.randperm(size, generator=shuffle)
+        order = epoch_order(epoch)
         # The global batch of step s is order[s*B:(s+1)*B]; this rank takes its contiguous share of it.
         starts = [s * batch + rank * share for s in range(first, steps_per_epoch)]
         indices = torch.cat([order[i : i + share] for i in starts]).tolist()
@@ -162,14 +178,26 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay only on weights with >= 2 dimensions (not on biases and norm scales)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+def make_optimizer(
+    model: nn.Module, config: RunConfig, groups: Sequence[Mapping[str, Any]] | None = None
+) -> torch.optim.AdamW:
+    """AdamW; weight decay only on weights with >= 2 dimensions (not on biases and norm scales).
+
+    `groups` (from a task's `param_groups`): parameter lists with an `lr_scale` each (U-Net and text
+    encoder at different learning rates); the default is one group of all parameters.
+    """
+    groups = groups if groups is not None else [{"params": list(model.parameters())}]
+    optimizer_groups = []
+    for group in groups:
+        params = [p for p in group["params"] if p.requires_grad]
+        scale = float(group.get("lr_scale", 1.0))
+        optimizer_groups += [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        for added in optimizer_groups[-2:]:
+            added["lr_scale"] = scale
+    return torch.optim.AdamW(optimizer_groups, lr=config.lr, betas=config.betas)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -227,7 +255,8 @@ def _train(task: TrainingTask, config: RunConfig, info: distributed.DistInfo) ->
     model = task.trainable().to(device).train()
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    optimizer = make_optimizer(model, config)
+    param_groups = getattr(task, "param_groups", None)
+    optimizer = make_optimizer(model, config, param_groups(model, config.lr) if param_groups else None)
     ema = EMA(model, config.ema_decay, config.ema_start) if config.ema_decay > 0 and main else None
     dataset = task.dataset("train")
     dataset_size = len(dataset)  # type: ignore[arg-type]
@@ -242,7 +271,9 @@ def _train(task: TrainingTask, config: RunConfig, info: distributed.DistInfo) ->
     ddp_model = model
     if info.world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
-        ddp_model = DistributedDataParallel(model, device_ids=device_ids)
+        # A task whose step may leave parameters without gradients (LoRA module dropout) says so.
+        unused = bool(getattr(task, "may_skip_parameters", False))
+        ddp_model = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=unused)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16")
     batches = micro_batches(
         dataset,
@@ -383,7 +414,7 @@ def _train_step(
     not finite (the step is then skipped; the caller counts it)."""
     lr = lr_at(step, config)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
     # DDP syncs gradients on the last micro-batch only.
     accum, device = config.grad_accum, info.device

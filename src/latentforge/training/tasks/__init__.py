@@ -37,9 +37,30 @@ def _controlnet(config: RunConfig) -> TrainingTask:
     return make_controlnet_task(config)
 
 
+def _lora(config: RunConfig) -> TrainingTask:
+    from latentforge.training.tasks.lora import make_lora_task
+
+    return make_lora_task(config)
+
+
+def _embedding(config: RunConfig) -> TrainingTask:
+    from latentforge.training.tasks.embedding import make_embedding_task
+
+    return make_embedding_task(config)
+
+
+def _dreambooth(config: RunConfig) -> TrainingTask:
+    from latentforge.training.tasks.dreambooth import make_dreambooth_task
+
+    return make_dreambooth_task(config)
+
+
 TASKS: dict[str, Callable[[RunConfig], TrainingTask]] = {
     "clip": _clip,
     "vae": _vae,
     "unet": _unet,
     "controlnet": _controlnet,
+    "lora": _lora,
+    "embedding": _embedding,
+    "dreambooth": _dreambooth,
 }

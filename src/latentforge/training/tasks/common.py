@@ -174,12 +174,21 @@ class ImageData:
     # Files that cannot be used (unreadable, no caption) stop the run, naming each, unless this is true:
     # then they are left out with a warning that lists them and their count.
     skip_unreadable: bool = False
+    # Aspect-ratio buckets for the train split (data/buckets.py): each image keeps its aspect ratio at about
+    # resolution**2 pixels, and a batch holds one bucket. Holdout images stay square.
+    buckets: bool = False
+    bucket_step: int | None = None  # default: 64 from resolution 256 on, else 8
+    min_bucket_side: int | None = None  # default: resolution // 2
+    max_bucket_side: int | None = None  # default: resolution * 2
 
     RANGES: ClassVar[dict[str, Range]] = {
         "resolution": AT_LEAST_ONE,
         "max_train_items": AT_LEAST_ONE,
         "max_holdout_items": AT_LEAST_ONE,
         "synthetic_items": AT_LEAST_ONE,
+        "bucket_step": AT_LEAST_ONE,
+        "min_bucket_side": AT_LEAST_ONE,
+        "max_bucket_side": AT_LEAST_ONE,
     }
 
 
@@ -239,10 +248,13 @@ class SyntheticShapes(Dataset):
 
 
 class PixelsAndCaption(Dataset):
-    """Keep only the collatable `pixels` and `caption` of another dataset's items."""
+    """Keep only the collatable `pixels` and `caption` of another dataset's items (and, with buckets, the
+    SDXL size conditioning `original_size` and `crop_top_left`, and `bucket_ids` for the loop's batching)."""
 
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
+    def __init__(self, dataset: Dataset, sizes: bool = False) -> None:
+        self.dataset, self.sizes = dataset, sizes
+        if sizes:
+            self.bucket_ids = list(dataset.bucket_ids)  # type: ignore[attr-defined]
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -254,7 +266,10 @@ class PixelsAndCaption(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.dataset[index]
-        return {"pixels": item["pixels"], "caption": item["caption"]}
+        kept = (
+            ("pixels", "caption", "original_size", "crop_top_left") if self.sizes else ("pixels", "caption")
+        )
+        return {key: item[key] for key in kept}
 
 
 def image_dataset(data: ImageData, split: str, seed: int = 0) -> Dataset:
@@ -276,18 +291,26 @@ def image_dataset(data: ImageData, split: str, seed: int = 0) -> Dataset:
                 f"{split} images folder not found; set `data` to a folder with train/ and holdout/ "
                 f'subfolders, or `{split}_data` to the folder itself, or data = "synthetic"',
             )
+        buckets = data.buckets and split == "train"
         folder = ImageFolderDataset(
             root,
             resolution=data.resolution,
+            buckets=buckets,
+            bucket_step=data.bucket_step,
+            min_bucket_side=data.min_bucket_side,
+            max_bucket_side=data.max_bucket_side,
             center_crop=data.center_crop if split == "train" else True,
             flip=data.flip if split == "train" else False,
             seed=seed,
             skip_unreadable=data.skip_unreadable,
         )
         _check_unusable(folder.report, data.skip_unreadable)
-        dataset = PixelsAndCaption(folder)
+        dataset = PixelsAndCaption(folder, sizes=buckets)
     if limit is not None and limit < len(dataset):  # type: ignore[arg-type]
+        bucket_ids = getattr(dataset, "bucket_ids", None)
         dataset = Subset(dataset, range(limit))
+        if bucket_ids is not None:
+            dataset.bucket_ids = bucket_ids[:limit]  # type: ignore[attr-defined]
     return dataset
 
 

@@ -13,6 +13,7 @@ the model family so `latentforge.load` and the pipelines use it.
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from latentforge.checkpoints.exports import load_text_encoder, load_vae
 from latentforge.checkpoints.hashing import weights_digest
 from latentforge.checkpoints.single_file import save_single_file
+from latentforge.data.captions import check_template, process_caption
 from latentforge.errors import ConfigError
 from latentforge.model import StableDiffusion
 from latentforge.model import load as load_checkpoint
@@ -105,6 +107,14 @@ class UNetTaskOptions(ImageData):
     sample_cfg: float = 5.0
     family_name: str = "custom"
     export_dtype: ExportDtype | None = None  # "float16" to halve the export; default: float32
+    # Fine-tuning the text encoder too (kohya's `train_text_encoder`), at its own learning rate.
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = None  # default: the run's lr
+    # Captions (data/captions.py): kohya's shuffle_caption / keep_tokens, and a template over {caption}
+    # (and {token}, {class} in DreamBooth), e.g. "an emoji of {caption}".
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    caption_template: str | None = None
 
     RANGES: ClassVar[dict[str, Range]] = ImageData.RANGES | {
         "clip_skip": AT_LEAST_ONE,
@@ -118,7 +128,19 @@ class UNetTaskOptions(ImageData):
         "eval_timesteps": Range(0, NUM_TIMESTEPS - 1),
         "eval_batch_size": AT_LEAST_ONE,
         "sample_steps": AT_LEAST_ONE,
+        "text_encoder_lr": POSITIVE,
     }
+
+
+class UNetWithText(nn.Module):
+    """The trainable module of a fine-tune that also trains the text encoder; `forward` runs the U-Net."""
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module) -> None:
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, timesteps, context)
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -141,8 +163,10 @@ class UNetTask:
         seed: int = 0,
         device: str | torch.device = "cpu",
         progress: bool = True,
+        explicit: set[str] | None = None,
     ) -> None:
-        explicit = set(options or {}) if not isinstance(options, UNetTaskOptions) else set()
+        if explicit is None:
+            explicit = set(options or {}) if not isinstance(options, UNetTaskOptions) else set()
         if not isinstance(options, UNetTaskOptions):
             options = parse_options(UNetTaskOptions, options or {}, "unet")
         self.options, self.seed, self.progress = options, seed, progress
@@ -157,12 +181,20 @@ class UNetTask:
         # Everything the model is (configs, prediction, schedule, latent scale, size, clip skip) is read from
         # this one family, which is also what `export` writes.
         self._family = family
+        _check_caption_options(options)
+        # Whether text states need gradients (the text encoder or adapters on it train).
+        self.text_grad = options.train_text_encoder
         self._latent_scale_known = options.init is not None or options.latent_scale is not None
         self.vae: AutoencoderKL = _freeze(vae).to(self.device)  # type: ignore[assignment]
         self.text_encoder: CLIPTextModel = _freeze(text_encoder).to(self.device)  # type: ignore[assignment]
         self.tokenizer = CLIPTokenizer.for_config(text_encoder.config)
         self.unet = unet
         self.unet.gradient_checkpointing = options.gradient_checkpointing
+        if options.train_text_encoder:
+            self.text_encoder.requires_grad_(True)
+            self._trainable: nn.Module = UNetWithText(self.unet, self.text_encoder)
+        else:
+            self._trainable = self.unet
         self.alphas_cumprod = family_alphas_cumprod(family)  # float64 [1000]
         self._datasets: dict[str, Dataset] = {}
         self._cache_hit: bool | None = None
@@ -179,18 +211,66 @@ class UNetTask:
     # ---------------------------------------------------------------------------------------------- encoders
 
     def trainable(self) -> nn.Module:
-        return self.unet
+        return self._trainable
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
+        """Optimizer groups with an `lr_scale` each (the loop multiplies its lr schedule by it)."""
+        inner = unwrap(model)
+        if not isinstance(inner, UNetWithText):
+            return [{"params": list(inner.parameters())}]
+        text_lr = self.options.text_encoder_lr or lr
+        return [
+            {"params": list(inner.unet.parameters())},
+            {"params": list(inner.text_encoder.parameters()), "lr_scale": text_lr / lr},
+        ]
+
+    def parts(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """(U-Net, text encoder) of a trainable as the loop hands it over (live, EMA copy, DDP-wrapped)."""
+        inner = unwrap(model)
+        if isinstance(inner, UNetWithText):
+            return inner.unet, inner.text_encoder
+        return inner, self.text_encoder
+
+    def encode_text(self, input_ids: torch.Tensor, text_encoder: nn.Module | None = None) -> torch.Tensor:
+        """Token ids [B, 77] -> text-encoder states [B, 77, width] (with clip skip); with gradients only
+        when the text encoder trains and grad mode is on."""
+        encoder = self.text_encoder if text_encoder is None else text_encoder
+        with torch.set_grad_enabled(self.text_grad and torch.is_grad_enabled()):
+            return encoder(input_ids.to(self.device), self._family.default_clip_skip)[0]
 
     @torch.no_grad()
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, 77] -> frozen text-encoder states [B, 77, width] (with clip skip)."""
-        return self.text_encoder(input_ids.to(self.device), self._family.default_clip_skip)[0]
-
     def _empty_prompt(self, name: str) -> torch.Tensor:
-        if not self._empty:
-            ids = self.tokenizer([""])
-            self._empty = {"input_ids": ids.cpu(), "hidden": self.encode_text(ids).float().cpu()}
+        # The states only when asked for: a text-encoder forward on first use would draw from the global RNG
+        # (adapter dropout) in whichever step first drops a caption, and a resumed run would draw elsewhere.
+        if name not in self._empty:
+            ids = self.tokenizer([""]).cpu()
+            self._empty = {"input_ids": ids} | (
+                {"hidden": self.encode_text(ids).float().cpu()} if name == "hidden" else {}
+            )
         return self._empty[name]
+
+    def template_fields(self) -> dict[str, str]:
+        """{token} and {class} of `caption_template` (DreamBooth's identifier and class word)."""
+        return {"token": "", "class_word": ""}
+
+    def prepare_captions(self, batch: Mapping[str, Any], generator: torch.Generator) -> Mapping[str, Any]:
+        """Shuffle tags and apply the template, drawing from the step's generator (exact on resume)."""
+        options = self.options
+        if "caption" not in batch or not (options.shuffle_caption or options.caption_template):
+            return batch
+        rng = random.Random(int(torch.randint(0, 2**62, (), generator=generator)))
+        captions = [
+            process_caption(
+                caption,
+                rng,
+                shuffle=options.shuffle_caption,
+                keep_tokens=options.keep_tokens,
+                template=options.caption_template,
+                **self.template_fields(),
+            )
+            for caption in batch["caption"]
+        ]
+        return {**batch, "caption": captions}
 
     @torch.no_grad()
     def _encode_batch(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -209,9 +289,10 @@ class UNetTask:
         return out
 
     def _build_cache(self, split: str, images: Dataset) -> Dataset:
-        if self.options.flip or not self.options.center_crop:
+        if self.options.flip or not self.options.center_crop or self.options.buckets:
             raise ConfigError(
-                "task_options.cache = true needs center_crop = true and flip = false (a cache holds one view)"
+                "task_options.cache = true needs center_crop = true, flip = false and buckets = false "
+                "(a cache holds one view of one size)"
             )
         key = cache_key(
             vae=weights_digest(self.vae),
@@ -259,18 +340,24 @@ class UNetTask:
         """Whether the training cache was found (True) or built (False); None before/without caching."""
         return self._cache_hit
 
-    @torch.no_grad()
     def latents_and_context(
-        self, batch: Mapping[str, Any], generator: torch.Generator | None, caption_dropout: float = 0.0
+        self,
+        batch: Mapping[str, Any],
+        generator: torch.Generator | None,
+        caption_dropout: float = 0.0,
+        text_encoder: nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scaled latents [B, C, h, w] and text states [B, 77, width] for a raw or cached batch."""
-        if "pixels" in batch:
-            batch = self._encode_batch(batch)
-        if "latent" in batch:
-            z = batch["latent"].to(self.device)
-        else:
-            posterior = DiagonalGaussian(torch.cat([batch["mean"], batch["logvar"]], dim=1).to(self.device))
-            z = posterior.sample(generator=generator) if generator is not None else posterior.mode()
+        """Scaled latents [B, C, h, w] and text states [B, 77, width] for a raw or cached batch (the text
+        states carry gradients when the text encoder trains)."""
+        with torch.no_grad():
+            if "pixels" in batch:
+                batch = self._encode_batch(batch)
+            if "latent" in batch:
+                z = batch["latent"].to(self.device)
+            else:
+                moments = torch.cat([batch["mean"], batch["logvar"]], dim=1).to(self.device)
+                posterior = DiagonalGaussian(moments)
+                z = posterior.sample(generator=generator) if generator is not None else posterior.mode()
         name = "hidden" if "hidden" in batch else "input_ids"
         cond = batch[name].to(self.device)
         if caption_dropout > 0:
@@ -278,7 +365,7 @@ class UNetTask:
             drop = torch.rand(len(cond), generator=generator, device=device).to(self.device) < caption_dropout
             empty = self._empty_prompt(name).to(cond.device, cond.dtype)
             cond = torch.where(drop.view(-1, *([1] * (cond.ndim - 1))), empty, cond)
-        context = cond.float() if name == "hidden" else self.encode_text(cond).float()
+        context = cond.float() if name == "hidden" else self.encode_text(cond, text_encoder).float()
         return z.float() * self.latent_scale, context
 
     @property
@@ -296,8 +383,9 @@ class UNetTask:
     def _measure_latent_scale(self, dataset: Dataset) -> float:
         count = min(self.options.latent_scale_items, len(dataset))  # type: ignore[arg-type]
         generator = torch.Generator("cpu").manual_seed(self.seed)
-        loader = DataLoader(
-            torch.utils.data.Subset(dataset, range(count)), batch_size=self.options.encode_batch_size
+        loader = DataLoader(  # one item at a time with buckets: their sizes differ
+            torch.utils.data.Subset(dataset, range(count)),
+            batch_size=1 if self.options.buckets else self.options.encode_batch_size,
         )
         total, total_sq, n = 0.0, 0.0, 0
         for batch in loader:
@@ -337,7 +425,9 @@ class UNetTask:
     def loss(
         self, model: nn.Module, batch: Mapping[str, Any], generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        z0, context = self.latents_and_context(batch, generator, self.options.caption_dropout)
+        batch = self.prepare_captions(batch, generator)
+        text_encoder = self.parts(model)[1]
+        z0, context = self.latents_and_context(batch, generator, self.options.caption_dropout, text_encoder)
         t = losses.sample_timesteps(len(z0), NUM_TIMESTEPS, generator).to(self.device)
         noise = losses.sample_noise(tuple(z0.shape), generator, self.options.noise_offset).to(self.device)
         mse, weights = self._loss_terms(model, z0, context, t, noise)
@@ -346,17 +436,25 @@ class UNetTask:
 
     # --------------------------------------------------------------------------------------------- evaluation
 
-    def _holdout_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Holdout latents (posterior mode) and text states, encoded once (the encoders are frozen)."""
-        if self._holdout is None:
+    def _holdout_batches(
+        self, text_encoder: nn.Module | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Holdout latents (posterior mode) and text states, encoded once while the text encoder is frozen
+        (with `text_encoder` each time when it trains)."""
+        holdout = self._holdout
+        if holdout is None:
             zs, contexts = [], []
             for batch in DataLoader(self.dataset("holdout"), batch_size=self.options.eval_batch_size):
-                z, c = self.latents_and_context(batch, None)
+                # the captions training sees (template, token), drawn from a fixed generator
+                batch = self.prepare_captions(batch, torch.Generator().manual_seed(self.options.eval_seed))
+                z, c = self.latents_and_context(batch, None, text_encoder=text_encoder)
                 zs.append(z.cpu())
                 contexts.append(c.cpu())
-            self._holdout = {"z": torch.cat(zs), "context": torch.cat(contexts)}
+            holdout = {"z": torch.cat(zs), "context": torch.cat(contexts)}
+            if not self.text_grad:
+                self._holdout = holdout
         size = self.options.eval_batch_size
-        z, c = self._holdout["z"], self._holdout["context"]
+        z, c = holdout["z"], holdout["context"]
         return [(z[i : i + size], c[i : i + size]) for i in range(0, len(z), size)]
 
     @torch.no_grad()
@@ -365,12 +463,13 @@ class UNetTask:
         unet = unwrap(model)
         was_training = unet.training
         unet.eval()
-        device = model_device(unet)
+        device = model_device(self.parts(model)[0])
         metrics: dict[str, float] = {}
+        batches = self._holdout_batches(self.parts(model)[1])
         for t_value in self.options.eval_timesteps:
             generator = torch.Generator("cpu").manual_seed(self.options.eval_seed + t_value)
             errors = []
-            for z0, context in self._holdout_batches():
+            for z0, context in batches:
                 noise = torch.randn(z0.shape, generator=generator).to(device)
                 t = torch.full((len(z0),), t_value, device=device, dtype=torch.long)
                 mse, _ = self._loss_terms(unet, z0.to(device), context.to(device), t, noise)
@@ -389,14 +488,15 @@ class UNetTask:
         )
         return [item["caption"] for item in items]
 
-    def pipeline_model(self, unet: nn.Module) -> StableDiffusion:
-        """The task's frozen encoders and `unet` as the bundle the generation pipelines take."""
+    def pipeline_model(self, model: nn.Module) -> StableDiffusion:
+        """The task's VAE, the trainable's U-Net and text encoder as the bundle the pipelines take."""
+        unet, text_encoder = self.parts(model)
         return StableDiffusion(
             family=self.family,
             tokenizer=self.tokenizer,
-            text_encoder=self.text_encoder,
+            text_encoder=text_encoder,  # type: ignore[arg-type]
             vae=self.vae,
-            unet=unwrap(unet),  # type: ignore[arg-type]
+            unet=unet,  # type: ignore[arg-type]
             name=self.family.name,
         )
 
@@ -427,12 +527,11 @@ class UNetTask:
 
     def export(self, model: nn.Module, path: Path) -> None:
         """One original-layout single file (U-Net, VAE, text encoder) with the family in its metadata."""
-        text_sd = {
-            k: v for k, v in self.text_encoder.state_dict().items() if not k.startswith("text_projection.")
-        }
+        unet, text_encoder = self.parts(model)
+        text_sd = {k: v for k, v in text_encoder.state_dict().items() if not k.startswith("text_projection.")}
         save_single_file(
             path,
-            unwrap(model).state_dict(),
+            unet.state_dict(),
             self.vae.state_dict(),
             text_sd,
             self.family,
@@ -449,6 +548,22 @@ def family_alphas_cumprod(family: ModelFamily) -> torch.Tensor:
     """abar_t [1000] (float64) of the family's beta schedule, as the pipelines compute it."""
     betas = schedules.betas(family.beta_schedule, NUM_TIMESTEPS, family.beta_start, family.beta_end)
     return schedules.alphas_cumprod(betas)
+
+
+def _check_caption_options(options: UNetTaskOptions) -> None:
+    """Caption options that need the caption text or a text encoder with gradients refuse a text cache."""
+    if options.caption_template is not None:
+        check_template(options.caption_template)
+    if options.cache and (options.shuffle_caption or options.caption_template):
+        raise ConfigError(
+            "task_options.shuffle_caption/caption_template need the caption text, which the latent cache "
+            "does not keep; set cache = false"
+        )
+    if options.train_text_encoder and options.cache and options.cache_text == "hidden":
+        raise ConfigError(
+            'task_options.train_text_encoder = true cannot use cache_text = "hidden" (the states change as '
+            'the text encoder trains); set cache_text = "ids"'
+        )
 
 
 def _frozen_encoders(options: UNetTaskOptions) -> tuple[AutoencoderKL, CLIPTextModel]:
@@ -539,7 +654,8 @@ def _from_checkpoint(
     if "family_name" in explicit:
         family = replace(family, name=options.family_name)
     _check_resolution(options.resolution, family.vae, family.unet)
-    return family, model.vae, model.text_encoder, model.unet
+    # `load` hands out inference models (eval mode, no gradients): the U-Net trains here.
+    return family, model.vae, model.text_encoder, model.unet.train().requires_grad_(True)
 
 
 def make_unet_task(config: RunConfig) -> UNetTask:
