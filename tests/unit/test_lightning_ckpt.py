@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from latentforge.checkpoints.errors import UnsafeCheckpointError
-from latentforge.checkpoints.reading import InertObject, read_state_dict
+from latentforge.checkpoints.reading import LIGHTNING_SAFE_GLOBALS, InertObject, read_state_dict
 
 
 def _lightning_modules() -> dict[str, types.ModuleType]:
@@ -72,9 +72,11 @@ def test_original_lightning_ckpt_loads(tmp_path, monkeypatch):
     assert metadata == {} and tensors.keys() == state_dict.keys()
     for key, value in state_dict.items():
         assert torch.equal(tensors[key], value)
-    assert (
-        torch.serialization.get_safe_globals() == allowed_before
-    )  # the allow-list does not outlive the load
+    # the allow-list does not outlive the load (compared by our entries: torch may register its own safe
+    # globals when a lazily imported module such as torch._dynamo first loads during the read)
+    after = torch.serialization.get_safe_globals()
+    assert all(entry not in after for entry in LIGHTNING_SAFE_GLOBALS if entry not in allowed_before)
+    assert all(entry in after for entry in allowed_before)
 
 
 def test_stand_ins_are_inert():
