@@ -42,8 +42,10 @@ UNSUPPORTED_UNET = ("addition_embed_type", "class_embed_type", "num_class_embeds
 def unet_config_from_diffusers(cfg: dict[str, Any]) -> UNetConfig:
     """`UNet2DConditionModel` config.json -> our `UNetConfig` (ValueError for what we do not build)."""
     unsupported = {k: cfg[k] for k in UNSUPPORTED_UNET if cfg.get(k) is not None}
-    if unsupported:
-        raise ValueError(f"unsupported U-Net options {unsupported} (SD 1.x/2.x U-Nets have none of these)")
+    text_time = unsupported.pop("addition_embed_type", None) == "text_time"  # SDXL's `vector`
+    if unsupported or (cfg.get("addition_embed_type") is not None and not text_time):
+        shown = unsupported or {"addition_embed_type": cfg.get("addition_embed_type")}
+        raise ValueError(f"unsupported U-Net options {shown} (SD 1.x/2.x/XL U-Nets have none of these)")
     widths = list(cfg["block_out_channels"])
     levels = [i for i, kind in enumerate(cfg["down_block_types"]) if kind.startswith("CrossAttn")]
     # diffusers' `attention_head_dim` historically holds the head *count* (an int for SD 1.x,
@@ -52,6 +54,15 @@ def unet_config_from_diffusers(cfg: dict[str, Any]) -> UNetConfig:
     heads = [heads] * len(widths) if isinstance(heads, int) else list(heads)
     head_widths = {widths[i] // heads[i] for i in levels}
     depth = cfg.get("transformer_layers_per_block", 1)
+    depths = [depth] * len(widths) if isinstance(depth, int) else list(depth)
+    # Depths at levels without attention mean nothing except the last level's (the middle block's); our
+    # canonical form is one `transformer_depth` when the used ones agree, else sgm's list with zeros.
+    used = {depths[i] for i in (*levels, len(widths) - 1)}
+    level_depths = (
+        ()
+        if len(used) == 1
+        else tuple(d if i in levels or i == len(widths) - 1 else 0 for i, d in enumerate(depths))
+    )
     if len(set(heads[i] for i in levels)) == 1:
         num_heads, head_dim = heads[levels[0]], None
     elif len(head_widths) == 1:
@@ -67,7 +78,10 @@ def unet_config_from_diffusers(cfg: dict[str, Any]) -> UNetConfig:
         attention_levels=tuple(levels),
         num_heads=num_heads,
         head_dim=head_dim,
-        transformer_depth=depth if isinstance(depth, int) else depth[0],
+        transformer_depth=used.pop() if not level_depths else 1,
+        level_depths=level_depths,
+        adm_in_channels=cfg["projection_class_embeddings_input_dim"] if text_time else 0,
+        vector_embed_dim=cfg["addition_time_embed_dim"] if text_time else 0,
         context_dim=cfg["cross_attention_dim"],
         use_linear_proj=bool(cfg.get("use_linear_projection", False)),
         norm_groups=cfg.get("norm_num_groups", 32),

@@ -152,6 +152,9 @@ def family_from_json(text: str) -> ModelFamily:
     data["unet"] = config_from_dict(UNetConfig, data["unet"])
     data["vae"] = config_from_dict(VAEConfig, data["vae"])
     data["text_encoder"] = config_from_dict(TextEncoderConfig, data["text_encoder"])
+    if data.get("text_encoder_2") is not None:
+        data["text_encoder_2"] = config_from_dict(TextEncoderConfig, data["text_encoder_2"])
+    data["vector_inputs"] = tuple(data.get("vector_inputs", ()))
     family = ModelFamily(**data)
     return FAMILIES.get(family.name) if FAMILIES.get(family.name) == family else family  # type: ignore[return-value]
 

@@ -102,12 +102,15 @@ class CLIPTextModel(nn.Module):
         if config.projection_dim is not None:
             self.text_projection = nn.Linear(config.width, config.projection_dim, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, clip_skip: int = 1, final_norm: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode token ids [B, T] (T <= max_length).
 
         Returns (hidden [B, T, width], pooled [B, projection_dim or width]). `clip_skip` N (A1111's
-        convention) takes the output of the layer N-1 before the last, then the final LayerNorm; the
-        pooled output always comes from the last layer, read at the first EOS token.
+        convention) takes the output of the layer N-1 before the last, then the final LayerNorm unless
+        `final_norm` is False (SDXL's `hidden_states[-N]`); the pooled output always comes from the last
+        layer, normed, read at the first EOS token.
         """
         num_layers = self.config.layers
         if not 1 <= clip_skip <= num_layers:
@@ -119,8 +122,8 @@ class CLIPTextModel(nn.Module):
             x = layer(x)
             if index == num_layers - clip_skip:
                 skipped = x
-        hidden = tm.final_layer_norm(skipped)
-        last = hidden if clip_skip == 1 else tm.final_layer_norm(x)
+        hidden = tm.final_layer_norm(skipped) if final_norm else skipped
+        last = hidden if clip_skip == 1 and final_norm else tm.final_layer_norm(x)
         pooled = last[torch.arange(last.shape[0], device=last.device), eos_positions(input_ids)]
         if self.text_projection is not None:
             pooled = self.text_projection(pooled)

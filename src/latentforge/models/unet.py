@@ -38,6 +38,13 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return F.pad(embedding, (0, 1)) if dim % 2 else embedding
 
 
+def vector_conditioning(pooled: torch.Tensor, numbers: torch.Tensor, dim: int) -> torch.Tensor:
+    """SDXL's `vector` (`label_emb` input): pooled text [B, P] then each number of [B, N] as `dim` Fourier
+    features (sgm's ConcatTimestepEmbedderND, diffusers' add_time_proj) -> [B, P + N * dim]."""
+    features = timestep_embedding(numbers.reshape(-1), dim).reshape(numbers.shape[0], -1)  # [B, N * dim]
+    return torch.cat([pooled.float(), features], dim=1).to(pooled.dtype)
+
+
 def _norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # GroupNorm saves its input, not its output, so the activation may overwrite the output.
     return F.silu(norm(x), inplace=True)
@@ -144,8 +151,9 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """GroupNorm, proj_in (1x1 conv, or Linear for SD 2.x), transformer blocks over H*W tokens, proj_out."""
 
-    def __init__(self, config: UNetConfig, channels: int) -> None:
+    def __init__(self, config: UNetConfig, channels: int, depth: int | None = None) -> None:
         super().__init__()
+        depth = config.transformer_depth if depth is None else depth
         heads, head_dim = config.heads_at(channels)
         inner = heads * head_dim
         self.use_linear = config.use_linear_proj
@@ -157,8 +165,7 @@ class SpatialTransformer(nn.Module):
             self.proj_in = nn.Conv2d(channels, inner, 1)
             self.proj_out = nn.Conv2d(inner, channels, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, config.context_dim, heads, head_dim)
-            for _ in range(config.transformer_depth)
+            BasicTransformerBlock(inner, config.context_dim, heads, head_dim) for _ in range(depth)
         )
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -236,11 +243,17 @@ class UNetModel(nn.Module):
         widths = [base * m for m in config.channel_mult]
         emb_dim = 4 * base
         self.time_embed = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if config.adm_in_channels:  # sgm's num_classes="sequential": the `vector` conditioning (SDXL)
+            self.label_emb = nn.Sequential(
+                nn.Sequential(
+                    nn.Linear(config.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+                )
+            )
 
         def res_stage(in_channels: int, width: int, level: int) -> list[nn.Module]:
             layers: list[nn.Module] = [ResBlock(config, in_channels, width, emb_dim)]
             if level in config.attention_levels:
-                layers.append(SpatialTransformer(config, width))
+                layers.append(SpatialTransformer(config, width, config.depth_at(level)))
             return layers
 
         self.input_blocks = nn.ModuleList(
@@ -259,7 +272,7 @@ class UNetModel(nn.Module):
 
         self.middle_block = TimestepEmbedSequential(
             ResBlock(config, channels, channels, emb_dim),
-            SpatialTransformer(config, channels),
+            SpatialTransformer(config, channels, config.depth_at(len(widths) - 1)),
             ResBlock(config, channels, channels, emb_dim),
         )
 
@@ -291,7 +304,11 @@ class UNetModel(nn.Module):
         return block(h, emb_act, context, upsample_size)
 
     def forward(
-        self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor | float,
+        context: torch.Tensor,
+        y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the network target (eps for SD 1.x) for a noisy latent.
 
@@ -300,6 +317,7 @@ class UNetModel(nn.Module):
                 (diffusers' `forward_upsample_size`), so images need only be multiples of the VAE factor.
             timesteps: [B] or a scalar (broadcast), integer or continuous in [0, 1000).
             context: text tokens [B, T, context_dim].
+            y: the `vector` conditioning [B, adm_in_channels] of models with `label_emb` (SDXL).
         Returns:
             [B, out_channels, H, W] in the dtype of x.
         """
@@ -309,7 +327,13 @@ class UNetModel(nn.Module):
             raise ValueError(f"got {timesteps.numel()} timesteps for a batch of {batch}; pass 1 or {batch}")
         timesteps = timesteps.expand(batch)
         t_emb = timestep_embedding(timesteps, self.config.model_channels).to(x.dtype)
-        emb_act = F.silu(self.time_embed(t_emb))  # [B, 4*base]; the leading SiLU of every emb_layers
+        emb = self.time_embed(t_emb)
+        if self.config.adm_in_channels:
+            if y is None or y.shape != (batch, self.config.adm_in_channels):
+                got = None if y is None else tuple(y.shape)
+                raise ValueError(f"this U-Net needs y [{batch}, {self.config.adm_in_channels}], got {got}")
+            emb = emb + self.label_emb(y.to(emb.dtype))
+        emb_act = F.silu(emb)  # [B, 4*base]; the leading SiLU of every emb_layers
 
         skips = []
         h = x
