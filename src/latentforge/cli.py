@@ -59,6 +59,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         bundle.text_encoder.state_dict(),
         bundle.family,
         dtype=_torch_dtype(args.dtype),
+        text_encoder_2=None if bundle.text_encoder_2 is None else bundle.text_encoder_2.state_dict(),
     )
     print(f"wrote {out} ({args.to}, family {bundle.family.name}, prediction {bundle.family.prediction})")
     return 0

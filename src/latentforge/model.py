@@ -31,6 +31,9 @@ class StableDiffusion:
     # "VAE hash" the first 10 hex digits of its SHA-256; None while the checkpoint's own VAE is in use.
     vae_name: str | None = None
     vae_hash: str | None = None
+    # SDXL base: the second text encoder (OpenCLIP bigG) and its tokenizer (pads with 0)
+    text_encoder_2: CLIPTextModel | None = None
+    tokenizer_2: CLIPTokenizer | None = None
 
     @classmethod
     def from_family(
@@ -46,6 +49,9 @@ class StableDiffusion:
                 unet=UNetModel(family.unet),
                 name=family.name,
             )
+            if family.text_encoder_2 is not None:
+                bundle.text_encoder_2 = CLIPTextModel(family.text_encoder_2)
+                bundle.tokenizer_2 = CLIPTokenizer.for_config(family.text_encoder_2)
         return bundle.to(dtype=dtype)
 
     @property
@@ -67,12 +73,17 @@ class StableDiffusion:
     def to(
         self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
     ) -> StableDiffusion:
-        for module in (self.text_encoder, self.vae, self.unet):
+        for module in self.modules():
             module.to(device=device, dtype=dtype)
         return self
 
+    def modules(self) -> list[torch.nn.Module]:
+        """The networks of the bundle (with the second text encoder of SDXL)."""
+        extra = [] if self.text_encoder_2 is None else [self.text_encoder_2]
+        return [self.text_encoder, *extra, self.vae, self.unet]
+
     def eval(self) -> StableDiffusion:
-        for module in (self.text_encoder, self.vae, self.unet):
+        for module in self.modules():
             module.eval().requires_grad_(False)
         return self
 
@@ -110,6 +121,8 @@ def load(
         unet=parts.unet,
         name=parts.name,
         short_hash=parts.short_hash,
+        text_encoder_2=parts.text_encoder_2,
+        tokenizer_2=None if (g := parts.family.text_encoder_2) is None else CLIPTokenizer.for_config(g),
     )
     if vae is not None:
         swap_vae(bundle, vae, compute_hash=compute_hash)
