@@ -14,7 +14,14 @@ from typing import Any
 
 from latentforge.errors import ParameterError
 from latentforge.pipelines.infotext import format_infotext, parse_infotext
-from latentforge.pipelines.request import GenerationRequest, Hires, InitImage, Inpaint
+from latentforge.pipelines.request import (
+    GenerationRequest,
+    Hires,
+    InitImage,
+    Inpaint,
+    Refiner,
+    SizeConditioning,
+)
 from latentforge.sampling.registry import SAMPLERS, OptionValue, split_sampler_name
 
 VERSION = "latentforge"
@@ -31,6 +38,11 @@ def _bool(text: str) -> bool:
     if text.lower() in ("false", "0", "no"):
         return False
     raise ValueError(f"not a boolean: {text!r}")
+
+
+def _pair(text: str) -> tuple[int, int]:
+    first, _, second = text.partition(",")
+    return int(first), int(second)
 
 
 def _int(text: str) -> int:
@@ -99,12 +111,39 @@ INFOTEXT_KEYS: tuple[InfotextKey, ...] = (
     InfotextKey("Hires upscaler", "hires.upscaler", str, always=True),
     InfotextKey("Hires sampler", "hires.sampler", str),
     InfotextKey("Tiled VAE", "tiled_vae", _bool),
+    # SDXL: A1111's refiner keys; the size conditioning under our own names (A1111 keeps it in settings)
+    InfotextKey("Refiner", "refiner.checkpoint", str, always=True),
+    InfotextKey("Refiner switch at", "refiner.switch_at", float, always=True, format=_num),
+    *(
+        InfotextKey(f"SDXL {label}", f"size_cond.{name}", _size, format=lambda s: f"{s[0]}x{s[1]}")
+        for label, name in (
+            ("original size", "original_size"),
+            ("target size", "target_size"),
+            ("negative original size", "negative_original_size"),
+            ("negative target size", "negative_target_size"),
+        )
+    ),
+    *(
+        InfotextKey(f"SDXL {label}", f"size_cond.{name}", _pair, format=lambda p: f"{p[0]},{p[1]}")
+        for label, name in (
+            ("crop top left", "crop_top_left"),
+            ("negative crop top left", "negative_crop_top_left"),
+        )
+    ),
+    InfotextKey("Aesthetic score", "size_cond.aesthetic_score", float, format=_num),
+    InfotextKey("Negative aesthetic score", "size_cond.negative_aesthetic_score", float, format=_num),
 )
 # Keys A1111 writes with the same meaning as one above, read into that field.
 INFOTEXT_ALIASES = {"Eta DDIM": "Eta", "Eta noise seed delta": "ENSD", "Schedule": "Schedule type"}
 # Keys that describe how an image came out or which program wrote it, not what to generate.
 OUTPUT_KEYS = ("Version", "RNG", "VAE decoded in fp32", "Tiled VAE decoded")
-_PARTS = {"init": InitImage, "inpaint": Inpaint, "hires": Hires}
+_PARTS = {
+    "init": InitImage,
+    "inpaint": Inpaint,
+    "hires": Hires,
+    "refiner": Refiner,
+    "size_cond": SizeConditioning,
+}
 
 
 def _get(request: GenerationRequest, path: str) -> Any:

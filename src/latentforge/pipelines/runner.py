@@ -65,13 +65,15 @@ def iter_images(
     *,
     callback: StepCallback | None = None,
     progress: bool = True,
+    refiner: StableDiffusion | None = None,
 ) -> Iterator[GeneratedImage]:
     """Generate what the request asks for, yielding each image as soon as its batch is decoded.
 
     `callback(StepInfo)` sees every sampling step; returning True stops after the current batch (an
-    interrupted hires run keeps its first-pass images, as A1111 does).
+    interrupted hires run keeps its first-pass images, as A1111 does). `refiner`: the SDXL refiner model
+    the request's `refiner` part switches to.
     """
-    resolved = resolve(request, model)
+    resolved = resolve(request, model, refiner=refiner)
     r = resolved.request
     source, overlay = _source(model, resolved)
     strength = r.init.denoising_strength if r.init is not None else 1.0
@@ -81,7 +83,14 @@ def iter_images(
     try:
         for batch in resolved.batches:
             latents = sample_latents(
-                model, r, resolved.first, batch, source=source, strength=strength, callback=bar
+                model,
+                r,
+                resolved.first,
+                batch,
+                source=source,
+                strength=strength,
+                callback=bar,
+                refiner=refiner,
             )
             described = r
             if resolved.second is not None:
@@ -103,6 +112,7 @@ def run(
     *,
     callback: StepCallback | None = None,
     progress: bool = True,
+    refiner: StableDiffusion | None = None,
 ) -> list[GeneratedImage]:
     """All images of a request (`list(iter_images(...))`)."""
-    return list(iter_images(model, request, callback=callback, progress=progress))
+    return list(iter_images(model, request, callback=callback, progress=progress, refiner=refiner))
