@@ -141,3 +141,22 @@ def test_cli_refiner_and_size_flags(models, tmp_path, capsys):
     # a refiner as the model says so, as one error line
     assert main(["generate", "a cat", "--model", refiner, "--steps", "2", "--out", str(out)]) == 2
     assert "is an SDXL refiner: it only refines" in capsys.readouterr().err
+
+
+def test_fp16_vae_swap_and_the_fp32_retry(models, tmp_path):
+    """A diffusers-layout VAE file (as madebyollin's sdxl-vae-fp16-fix ships) swaps in; one that overflows in
+    fp16 is decoded again in fp32 and the infotext records it (the existing NaN retry)."""
+    import latentforge
+    from latentforge.checkpoints import keymap_vae
+    from latentforge.checkpoints.writing import save_safetensors
+
+    model = models["tiny-sdxl"]
+    vae = {k: v.clone() for k, v in model.vae.state_dict().items()}
+    vae["decoder.conv_in.weight"] *= 3000  # weights fit fp16, its activations do not (65504); fp32 is fine
+    path = tmp_path / "sdxl_vae.safetensors"
+    save_safetensors(path, keymap_vae.ours_to_diffusers(vae, model.family.vae), {"format": "pt"})
+    loaded = latentforge.load(_save(model, tmp_path / "m.safetensors"), dtype=torch.float16, vae=path)
+    (result,) = run(loaded, replace(BASE, width=SIZE, height=SIZE, steps=2), progress=False)
+    assert "VAE: sdxl_vae.safetensors" in result.infotext
+    assert "VAE decoded in fp32: True" in result.infotext
+    assert np.asarray(result.image).std() > 0
