@@ -6,7 +6,8 @@ Usage: python benchmarks/sdxl.py [--family sdxl-base|sdxl-refiner|tiny-sdxl] [--
 Each implementation runs in a fresh subprocess that builds only its model directly in the dtype (on
 `meta`, then `to_empty` and a random normal fill, std 0.02; the two sides hold different random weights,
 which does not change the work), runs `--steps` U-Net forwards (CFG batch 2: cond and uncond, as a
-sampling step) under `torch.inference_mode`, and reports seconds per step and the peak RSS (VmHWM, the
+sampling step) under `torch.inference_mode`, and reports wall-clock and process CPU seconds per step
+(CPU seconds are steadier when other jobs share the cores) and the peak RSS (VmHWM, the
 kernel's high-water mark of resident memory) of the whole process: weights, activations and imports.
 Inputs: x [2, 4, s/8, s/8], t = 500, context [2, 77, context_dim], the `vector` [2, adm_in_channels].
 """
@@ -66,10 +67,10 @@ def child(kind: str, family_name: str, size: int, dtype_name: str, steps: int, t
     context = torch.randn(2, 77, config.context_dim, generator=generator).to(dtype)
     vector = torch.randn(2, config.adm_in_channels, generator=generator).to(dtype)
     t = torch.full((2,), 500.0)
-    times = []
+    times, cpu_times = [], []
     with torch.inference_mode():
         for _ in range(steps):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             if kind == "ours":
                 out = model(x, t, context, vector)
             else:  # diffusers splits the vector into pooled text and the numbers; the work is the same
@@ -79,6 +80,7 @@ def child(kind: str, family_name: str, size: int, dtype_name: str, steps: int, t
                 added = {"text_embeds": vector[:, :pooled_dim], "time_ids": torch.full((2, count), 1024.0)}
                 out = model(x, t, context, added_cond_kwargs=added).sample
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
     assert torch.isfinite(out.float()).all()
     return {
         "impl": kind,
@@ -88,6 +90,7 @@ def child(kind: str, family_name: str, size: int, dtype_name: str, steps: int, t
         "threads": threads,
         "build_s": round(built, 1),
         "s_per_step": [round(v, 2) for v in times],
+        "cpu_s_per_step": [round(v, 2) for v in cpu_times],  # steadier than wall-clock on a shared machine
         "peak_rss_mib": round(_peak_rss_mib()),
     }
 

@@ -96,3 +96,18 @@ def test_bad_sdxl_requests_say_what_to_do(models):
     assert resolve(GenerationRequest(init=InitImage()), refiner).request.mode == "img2img"
     with pytest.raises(ParameterError, match="crop top left must be a whole number"):
         resolve(GenerationRequest(size_cond=replace(FULL, crop_top_left=(-1, 0))), base)
+
+
+def test_batch_numbers_match_the_request_numbers():
+    from latentforge.pipelines.sdxl_conditioning import batch_numbers
+
+    cond, _ = size_numbers(FULL, 64, 64)
+    for family in (TINY_XL, TINY_XL_REFINER):
+        got = batch_numbers(
+            family,
+            torch.tensor([cond.original_size]),
+            torch.tensor([cond.crop_top_left]),
+            torch.tensor([cond.target_size]),
+            cond.aesthetic_score,
+        )
+        assert got[0].tolist() == cond.tensor(family).tolist()

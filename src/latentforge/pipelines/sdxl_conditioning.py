@@ -191,3 +191,21 @@ def size_numbers(
         sc.negative_aesthetic_score,
     )
     return cond, uncond
+
+
+def batch_numbers(
+    family: ModelFamily,
+    original_size: torch.Tensor,
+    crop_top_left: torch.Tensor,
+    target_size: torch.Tensor,
+    aesthetic_score: float = 6.0,
+) -> torch.Tensor:
+    """[B, N] numbers of a training batch ([B, 2] (h, w) sizes and (top, left) crops, as the bucketed data
+    records them) in the family's `vector_inputs` order; `vector_conditioning` turns them into the vector."""
+    columns = {
+        "original_size": original_size.float(),
+        "crop_top_left": crop_top_left.float(),
+        "target_size": target_size.float(),
+        "aesthetic_score": torch.full((len(original_size), 1), float(aesthetic_score)),
+    }
+    return torch.cat([columns[name] for name in family.vector_inputs], dim=1)
