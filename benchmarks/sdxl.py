@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/sdxl.py [--family sdxl-base|sdxl-refiner|tiny-sdxl] [--size 1024] [--threads 2]
        [--dtype bf16] [--steps 1]
+       python benchmarks/sdxl.py --family sdxl-base --write-checkpoint PATH  (then load_checkpoint.py)
 
 Each implementation runs in a fresh subprocess that builds only its model directly in the dtype (on
 `meta`, then `to_empty` and a random normal fill, std 0.02; the two sides hold different random weights,
@@ -95,6 +96,34 @@ def child(kind: str, family_name: str, size: int, dtype_name: str, steps: int, t
     }
 
 
+def write_checkpoint(path: Path, family_name: str, dtype: torch.dtype = torch.float16) -> Path:
+    """A random-weight single file of the family (sgm layout), built directly in `dtype`: for
+    `benchmarks/load_checkpoint.py --checkpoint PATH --cases ours-fp16,ours-bf16` (peak RSS of loading)."""
+    from latentforge.checkpoints.assembly import SkipInitOnMeta
+    from latentforge.checkpoints.single_file import save_single_file
+    from latentforge.model import StableDiffusion
+
+    family = get_family(family_name)
+    with SkipInitOnMeta():
+        bundle = StableDiffusion.from_family(family, dtype=dtype, device="meta")
+    generator = torch.Generator().manual_seed(0)
+    sds = {}
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(bundle, name)
+        if module is None:
+            continue
+        module = module.to_empty(device="cpu")
+        with torch.no_grad():
+            for tensor in module.state_dict().values():
+                tensor.copy_(torch.randn(tensor.shape, generator=generator).mul_(0.02))
+        sds[name] = module.state_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_single_file(
+        path, sds["unet"], sds["vae"], sds["text_encoder"], family, text_encoder_2=sds.get("text_encoder_2")
+    )
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="sdxl-base")
@@ -103,7 +132,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)  # the child
+    parser.add_argument("--write-checkpoint", type=Path, help="write a random fp16 single file and exit")
     args = parser.parse_args()
+    if args.write_checkpoint:
+        print(write_checkpoint(args.write_checkpoint, args.family))
+        return
     if args.impl:
         print(json.dumps(child(args.impl, args.family, args.size, args.dtype, args.steps, args.threads)))
         return
