@@ -480,33 +480,38 @@ def save_diffusers_folder(
     """Write a `StableDiffusionPipeline` folder: configs, tokenizer and weights in diffusers' names.
 
     The text encoder is a plain `CLIPTextModel`, as diffusers ships SD 2.x: a text projection (unused
-    by SD 1.x/2.x generation) is left out, so the pipeline loads with no unexpected keys.
+    by SD 1.x/2.x generation) is left out, so the pipeline loads with no unexpected keys. SDXL: a
+    `StableDiffusionXLPipeline` (the refiner: `...Img2ImgPipeline`) with bigG in `text_encoder_2/`.
     """
     root = Path(root)
-    if family.is_sdxl:
-        raise UnknownArchitectureError(
-            root,
-            f"writing {family.name} as a diffusers folder is not supported yet; convert to a single file",
-        )
+    if family.is_sdxl and family.text_encoder_2 is not None and text_encoder_2 is None:
+        raise ValueError(f"family {family.name} has a second text encoder: pass text_encoder_2")
     # written beside the target and renamed into place: a crash leaves no half model under `root`
     staging = root.with_name(f".{root.name}.{os.getpid()}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         write_diffusers_configs(family, staging)
-        text_config = staging / "text_encoder" / "config.json"
-        config = json.loads(text_config.read_text())
-        text_config.write_text(json.dumps({**config, "architectures": ["CLIPTextModel"]}, indent=2) + "\n")
-        write_tokenizer_files(staging / "tokenizer")
-        text = {
-            k.removeprefix("text_model."): v  # transformers 5 saves CLIPTextModel without `text_model.`
-            for k, v in text_encoder.items()
-            if not k.startswith("text_projection.")
-        }
         weights = {
             "unet/diffusion_pytorch_model.safetensors": keymap_unet.ours_to_diffusers(unet, family.unet),
             "vae/diffusion_pytorch_model.safetensors": keymap_vae.ours_to_diffusers(vae, family.vae),
-            "text_encoder/model.safetensors": text,
         }
+        if family.is_sdxl:  # bigG keeps its projection (the pooled output) and the `text_model.` level
+            bigg = text_encoder if family.text_encoder_2 is None else text_encoder_2
+            assert bigg is not None
+            weights["text_encoder_2/model.safetensors"] = bigg
+            write_tokenizer_files(staging / "tokenizer_2")
+        if not family.is_sdxl or family.text_encoder_2 is not None:
+            text_config = staging / "text_encoder" / "config.json"
+            config = json.loads(text_config.read_text())
+            text_config.write_text(
+                json.dumps({**config, "architectures": ["CLIPTextModel"]}, indent=2) + "\n"
+            )
+            write_tokenizer_files(staging / "tokenizer")
+            weights["text_encoder/model.safetensors"] = {
+                k.removeprefix("text_model."): v  # transformers 5 saves CLIPTextModel without `text_model.`
+                for k, v in text_encoder.items()
+                if not k.startswith("text_projection.")
+            }
         for name, tensors in weights.items():
             # transformers and diffusers refuse safetensors files without the "format" metadata key
             save_safetensors(staging / name, tensors, {"format": "pt"}, dtype=dtype)
