@@ -61,6 +61,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         bundle.text_encoder.state_dict(),
         bundle.family,
         dtype=_torch_dtype(args.dtype),
+        text_encoder_2=None if bundle.text_encoder_2 is None else bundle.text_encoder_2.state_dict(),
     )
     print(f"wrote {out} ({args.to}, family {bundle.family.name}, prediction {bundle.family.prediction})")
     return 0
@@ -169,6 +170,14 @@ def _parse_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"size must look like 512x512, got {text!r}") from None
 
 
+def _parse_pair(text: str) -> tuple[int, int]:
+    try:
+        first, second = (int(v) for v in text.split(","))
+        return first, second
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two whole numbers like 0,64, got {text!r}") from None
+
+
 def _parse_margins(text: str) -> tuple[int, int, int, int]:
     try:
         left, right, top, bottom = (int(v) for v in text.split(","))
@@ -197,6 +206,28 @@ class _Flags(argparse.Namespace):
 
     def __getattr__(self, name: str) -> Any:
         return None
+
+
+def _sdxl_parts(args: Any, request: Any) -> Any:
+    """SDXL flags: the refiner switch and the size conditioning parts of the request."""
+    from dataclasses import replace
+
+    from latentforge.pipelines.request import Refiner, SizeConditioning
+
+    if args.refiner or args.refiner_switch_at is not None:
+        part = request.refiner or Refiner()
+        switch = part.switch_at if args.refiner_switch_at is None else args.refiner_switch_at
+        request = replace(request, refiner=replace(part, switch_at=switch))
+    sizes = {
+        "original_size": args.original_size,
+        "crop_top_left": args.crop_top_left,
+        "target_size": args.target_size,
+        "negative_original_size": args.negative_original_size,
+    }
+    sizes = {k: v for k, v in sizes.items() if v is not None}
+    if sizes:
+        request = replace(request, size_cond=replace(request.size_cond or SizeConditioning(), **sizes))
+    return request
 
 
 def build_request(args: argparse.Namespace, base: Any = None) -> Any:
@@ -244,6 +275,7 @@ def build_request(args: argparse.Namespace, base: Any = None) -> Any:
     hires_given = {k: v for k, v in hires_given.items() if v is not None}
     if hires_given:
         request = replace(request, hires=replace(request.hires or Hires(), **hires_given))
+    request = _sdxl_parts(args, request)
     init_images = tuple(args.init_images or ())
     if init_images or request.init is not None:
         init = request.init or InitImage()
@@ -380,11 +412,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         request = replace(request, controlnet=_controlnet_units(args, model))
     callback = _preview_writer(model, out, args.preview_every) if args.preview_every else None
+    refiner = load(args.refiner, dtype=_torch_dtype(args.dtype), device=device) if args.refiner else None
     if axes:
         return _xyz(model, request, axes, out, args.format)
     written: list[Any] = []
     try:
-        for result in iter_images(model, request, callback=callback):
+        for result in iter_images(model, request, callback=callback, refiner=refiner):
             written.append(_save(out, result, args.format))
         if len(written) > 1 and args.grid:
             _save_grid(out, written, args.format)
@@ -663,6 +696,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hires-strength", type=float, help="hires fix: second-pass denoising strength (0.7)")
     p.add_argument("--hires-upscaler", help="hires fix: Latent (default), Lanczos, Latent (bicubic), ...")
     p.add_argument("--hires-sampler", help="hires fix: second-pass sampler (default: --sampler)")
+    p.add_argument("--refiner", metavar="MODEL", help="SDXL: continue sampling on this refiner model")
+    p.add_argument(
+        "--refiner-switch-at", type=float, help="SDXL: fraction of the timesteps before the refiner (0.8)"
+    )
+    p.add_argument("--original-size", type=_parse_size, help="SDXL size conditioning (default: --size)")
+    p.add_argument(
+        "--crop-top-left", type=_parse_pair, metavar="TOP,LEFT", help="SDXL crop conditioning (0,0)"
+    )
+    p.add_argument("--target-size", type=_parse_size, help="SDXL target size conditioning (default: --size)")
+    p.add_argument(
+        "--negative-original-size", type=_parse_size, help="SDXL: the negative prompt's original size"
+    )
     p.add_argument(
         "--tiled-vae",
         action=argparse.BooleanOptionalAction,

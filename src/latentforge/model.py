@@ -42,6 +42,9 @@ class StableDiffusion:
     lora_dirs: tuple[Path, ...] = ()
     embeddings: dict[str, Embedding] = field(default_factory=dict)
     lora_hashes: dict[Path, str] = field(default_factory=dict, repr=False)
+    # SDXL base: the second text encoder (OpenCLIP bigG) and its tokenizer (pads with 0)
+    text_encoder_2: CLIPTextModel | None = None
+    tokenizer_2: CLIPTokenizer | None = None
 
     @classmethod
     def from_family(
@@ -57,6 +60,9 @@ class StableDiffusion:
                 unet=UNetModel(family.unet),
                 name=family.name,
             )
+            if family.text_encoder_2 is not None:
+                bundle.text_encoder_2 = CLIPTextModel(family.text_encoder_2)
+                bundle.tokenizer_2 = CLIPTokenizer.for_config(family.text_encoder_2)
         return bundle.to(dtype=dtype)
 
     @property
@@ -78,12 +84,17 @@ class StableDiffusion:
     def to(
         self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
     ) -> StableDiffusion:
-        for module in (self.text_encoder, self.vae, self.unet):
+        for module in self.modules():
             module.to(device=device, dtype=dtype)
         return self
 
+    def modules(self) -> list[torch.nn.Module]:
+        """The networks of the bundle (with the second text encoder of SDXL)."""
+        extra = [] if self.text_encoder_2 is None else [self.text_encoder_2]
+        return [self.text_encoder, *extra, self.vae, self.unet]
+
     def eval(self) -> StableDiffusion:
-        for module in (self.text_encoder, self.vae, self.unet):
+        for module in self.modules():
             module.eval().requires_grad_(False)
         return self
 
@@ -183,6 +194,8 @@ def load(
         unet=parts.unet,
         name=parts.name,
         short_hash=parts.short_hash,
+        text_encoder_2=parts.text_encoder_2,
+        tokenizer_2=None if (g := parts.family.text_encoder_2) is None else CLIPTokenizer.for_config(g),
     )
     if vae is not None:
         swap_vae(bundle, vae, compute_hash=compute_hash)

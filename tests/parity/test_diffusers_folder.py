@@ -348,8 +348,9 @@ def test_missing_weights_and_non_model_folders(tmp_path):
         latentforge.load(tmp_path / "photos")
 
 
-def test_sdxl_unet_config_is_refused_clearly(tmp_path):
+def test_unsupported_addition_embedding_is_refused_clearly(tmp_path):
+    # SDXL's "text_time" is supported (tests/parity/test_sdxl_loading.py); Kandinsky's "image" is not
     configs = dict(SD15_CONFIGS)
-    configs["unet/config.json"] = {**configs["unet/config.json"], "addition_embed_type": "text_time"}
+    configs["unet/config.json"] = {**configs["unet/config.json"], "addition_embed_type": "image"}
     with pytest.raises(UnknownArchitectureError, match="addition_embed_type"):
         family_from_diffusers(_write_configs(tmp_path, configs))

@@ -26,6 +26,7 @@ class Components:
     unet: UNetModel
     name: str
     short_hash: str | None = None
+    text_encoder_2: CLIPTextModel | None = None  # SDXL base: OpenCLIP bigG
 
 
 class SkipInitOnMeta(TorchFunctionMode):
@@ -75,20 +76,26 @@ def assemble(
     *,
     dtype: torch.dtype,
     path: str | Path,
+    text_encoder_2: StateDict | None = None,
 ) -> Components:
-    """Build the three networks on `meta` and adopt the weights: no second copy is made."""
+    """Build the networks on `meta` and adopt the weights: no second copy is made."""
     with torch.device("meta"), SkipInitOnMeta():
         modules = {
             "unet": UNetModel(family.unet),
             "vae": AutoencoderKL(family.vae),
             "text_encoder": CLIPTextModel(family.text_encoder),
         }
-    for name, sd in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
-        load_into(modules[name], sd, component=name, family=family.name, path=path, dtype=dtype)
+        if family.text_encoder_2 is not None:
+            modules["text_encoder_2"] = CLIPTextModel(family.text_encoder_2)
+    state_dicts = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    for name, module in modules.items():
+        sd = state_dicts[name] or {}  # a missing second encoder is reported as missing keys
+        load_into(module, sd, component=name, family=family.name, path=path, dtype=dtype)
     return Components(
         family=family,
         text_encoder=modules["text_encoder"],  # type: ignore[arg-type]
         vae=modules["vae"],  # type: ignore[arg-type]
         unet=modules["unet"],  # type: ignore[arg-type]
         name=Path(path).stem,
+        text_encoder_2=modules.get("text_encoder_2"),  # type: ignore[arg-type]
     )

@@ -42,8 +42,10 @@ UNSUPPORTED_UNET = ("addition_embed_type", "class_embed_type", "num_class_embeds
 def unet_config_from_diffusers(cfg: dict[str, Any]) -> UNetConfig:
     """`UNet2DConditionModel` config.json -> our `UNetConfig` (ValueError for what we do not build)."""
     unsupported = {k: cfg[k] for k in UNSUPPORTED_UNET if cfg.get(k) is not None}
-    if unsupported:
-        raise ValueError(f"unsupported U-Net options {unsupported} (SD 1.x/2.x U-Nets have none of these)")
+    text_time = unsupported.pop("addition_embed_type", None) == "text_time"  # SDXL's `vector`
+    if unsupported or (cfg.get("addition_embed_type") is not None and not text_time):
+        shown = unsupported or {"addition_embed_type": cfg.get("addition_embed_type")}
+        raise ValueError(f"unsupported U-Net options {shown} (SD 1.x/2.x/XL U-Nets have none of these)")
     widths = list(cfg["block_out_channels"])
     levels = [i for i, kind in enumerate(cfg["down_block_types"]) if kind.startswith("CrossAttn")]
     # diffusers' `attention_head_dim` historically holds the head *count* (an int for SD 1.x,
@@ -52,6 +54,15 @@ def unet_config_from_diffusers(cfg: dict[str, Any]) -> UNetConfig:
     heads = [heads] * len(widths) if isinstance(heads, int) else list(heads)
     head_widths = {widths[i] // heads[i] for i in levels}
     depth = cfg.get("transformer_layers_per_block", 1)
+    depths = [depth] * len(widths) if isinstance(depth, int) else list(depth)
+    # Depths at levels without attention mean nothing except the last level's (the middle block's); our
+    # canonical form is one `transformer_depth` when the used ones agree, else sgm's list with zeros.
+    used = {depths[i] for i in (*levels, len(widths) - 1)}
+    level_depths = (
+        ()
+        if len(used) == 1
+        else tuple(d if i in levels or i == len(widths) - 1 else 0 for i, d in enumerate(depths))
+    )
     if len(set(heads[i] for i in levels)) == 1:
         num_heads, head_dim = heads[levels[0]], None
     elif len(head_widths) == 1:
@@ -67,7 +78,10 @@ def unet_config_from_diffusers(cfg: dict[str, Any]) -> UNetConfig:
         attention_levels=tuple(levels),
         num_heads=num_heads,
         head_dim=head_dim,
-        transformer_depth=depth if isinstance(depth, int) else depth[0],
+        transformer_depth=used.pop() if not level_depths else 1,
+        level_depths=level_depths,
+        adm_in_channels=cfg["projection_class_embeddings_input_dim"] if text_time else 0,
+        vector_embed_dim=cfg["addition_time_embed_dim"] if text_time else 0,
         context_dim=cfg["cross_attention_dim"],
         use_linear_proj=bool(cfg.get("use_linear_projection", False)),
         norm_groups=cfg.get("norm_num_groups", 32),
@@ -163,14 +177,14 @@ def text_encoder_from_diffusers(state_dict: StateDict) -> StateDict:
     return out
 
 
-def _pad_token(root: Path) -> int:
+def _pad_token(root: Path, tokenizer: str = "tokenizer") -> int:
     """OpenCLIP-style tokenizers (SD 2.x) pad with "!" (id 0), CLIP's with <|endoftext|>.
 
     transformers < 5 writes the pad token to special_tokens_map.json, transformers 5 only to
     tokenizer_config.json.
     """
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        file = root / "tokenizer" / name
+        file = root / tokenizer / name
         pad = _read_json(file, optional=True).get("pad_token")
         pad = pad.get("content") if isinstance(pad, dict) else pad
         if pad is not None:
@@ -197,17 +211,34 @@ def family_from_diffusers(root: Path, prediction: Prediction | None = None) -> M
     unet = _translated(root / "unet" / "config.json", lambda: unet_config_from_diffusers(unet_json))
     vae_json = _read_json(root / "vae" / "config.json")
     vae = _translated(root / "vae" / "config.json", lambda: vae_config_from_diffusers(vae_json))
-    text_json = _read_json(root / "text_encoder" / "config.json")
-    pad_token = _pad_token(root)
-    text = _translated(
-        root / "text_encoder" / "config.json", lambda: text_config_from_diffusers(text_json, pad_token)
-    )
+    texts = []
+    for folder, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        if not (root / folder).is_dir():
+            continue  # an SDXL refiner has text_encoder_2/ alone; SD 1.x/2.x text_encoder/ alone
+        text_json = _read_json(root / folder / "config.json")
+        pad_token = _pad_token(root, tokenizer)
+        texts.append(
+            _translated(
+                root / folder / "config.json",
+                lambda j=text_json, p=pad_token: text_config_from_diffusers(j, p),  # type: ignore[misc]
+            )
+        )
+    text, text_2 = texts[0], (texts[1] if len(texts) > 1 else None)
     schedule = _read_json(root / "scheduler" / "scheduler_config.json", optional=True)
     if prediction is None:
         prediction = PREDICTIONS.get(schedule.get("prediction_type", "epsilon"))
     sample_size = unet_json.get("sample_size")  # latent size; None in configs that leave it out
     size = sample_size * vae.downsampling_factor if isinstance(sample_size, int) else None
     same_networks = [f for f in FAMILIES.values() if (f.unet, f.vae) == (unet, vae)]
+    if unet.adm_in_channels:  # SDXL: the table entry or nothing (a custom SDXL has no `vector` recipe)
+        sdxl = [f for f in same_networks if (f.text_encoder, f.text_encoder_2) == (text, text_2)]
+        if not sdxl:
+            raise UnknownArchitectureError(
+                root,
+                f"an SDXL-style U-Net (addition_embed_type text_time) matching no SDXL family with these "
+                f"text encoders; known: {', '.join(f.name for f in FAMILIES.values() if f.is_sdxl)}",
+            )
+        return _pick(sdxl, prediction, size)
     exact = [f for f in same_networks if f.text_encoder == text]
     if exact:
         return _pick(exact, prediction, size)
@@ -247,6 +278,8 @@ def load_diffusers_folder(
 ) -> Components:
     """Build the family from the configs, read each component's weights (cast while reading), assemble."""
     missing = [f"{name}/" for name in COMPONENTS if not (root / name).is_dir()]
+    if missing == ["text_encoder/"] and (root / "text_encoder_2").is_dir():
+        missing = []  # the SDXL refiner: OpenCLIP bigG alone, as text_encoder_2/
     if len(missing) == len(COMPONENTS):
         raise UnknownArchitectureError(
             root, "a folder, but not a diffusers model (no unet/, vae/, text_encoder/)"
@@ -258,8 +291,10 @@ def load_diffusers_folder(
     family = family_from_diffusers(root, prediction)
     unet = keymap_unet.diffusers_to_ours(_read_weights(root / "unet", dtype), family.unet)
     vae = keymap_vae.diffusers_to_ours(_read_weights(root / "vae", dtype), family.vae)
-    text = text_encoder_from_diffusers(_read_weights(root / "text_encoder", dtype))
-    components = assemble(family, unet, vae, text, dtype=dtype, path=root)
+    folders = [f for f in ("text_encoder", "text_encoder_2") if (root / f).is_dir()]
+    texts = [text_encoder_from_diffusers(_read_weights(root / f, dtype)) for f in folders]
+    text_2 = texts[1] if len(texts) > 1 else None
+    components = assemble(family, unet, vae, texts[0], dtype=dtype, path=root, text_encoder_2=text_2)
     components.name = root.name
     return components
 
@@ -283,7 +318,7 @@ def diffusers_configs(family: ModelFamily) -> dict[str, dict[str, Any]]:
         k: list(v) if isinstance(v, tuple) else v
         for k, v in keymap_unet.diffusers_config(family.unet).items()
     }
-    return {
+    configs: dict[str, dict[str, Any]] = {
         "model_index.json": {
             "_class_name": "StableDiffusionPipeline",
             "feature_extractor": [None, None],
@@ -350,6 +385,64 @@ def diffusers_configs(family: ModelFamily) -> dict[str, dict[str, Any]]:
             "steps_offset": 1,
         },
     }
+    return _sdxl_configs(family, configs) if family.is_sdxl else configs
+
+
+def _sdxl_configs(family: ModelFamily, configs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """SDXL's folder: bigG in text_encoder_2/ (with tokenizer_2/); the refiner has no text_encoder/."""
+    out = dict(configs)
+    index = dict(out["model_index.json"])
+    index.pop("safety_checker")
+    index.pop("requires_safety_checker")
+    if family.text_encoder_2 is not None:
+        g = family.text_encoder_2
+        index |= {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True}
+    else:  # the refiner: its one encoder is the second one
+        g = family.text_encoder
+        for name in (
+            "text_encoder/config.json",
+            "tokenizer/special_tokens_map.json",
+            "tokenizer/tokenizer_config.json",
+        ):
+            out[name.replace("text_encoder/", "text_encoder_2/").replace("tokenizer/", "tokenizer_2/")] = (
+                out.pop(name)
+            )
+        index |= {"_class_name": "StableDiffusionXLImg2ImgPipeline", "requires_aesthetics_score": True}
+        index |= {"text_encoder": [None, None], "tokenizer": [None, None]}
+    pad = "!" if g.pad_token == 0 else "<|endoftext|>"
+    out["text_encoder_2/config.json"] = {
+        **configs["text_encoder/config.json"],
+        "architectures": ["CLIPTextModelWithProjection"],
+        **{k: v for k, v in _text_fields(g).items()},
+    }
+    out["tokenizer_2/special_tokens_map.json"] = {
+        **configs["tokenizer/special_tokens_map.json"],
+        "pad_token": pad,
+    }
+    out["tokenizer_2/tokenizer_config.json"] = {
+        **configs["tokenizer/tokenizer_config.json"],
+        "pad_token": pad,
+    }
+    index |= {
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    }
+    out["model_index.json"] = index
+    return out
+
+
+def _text_fields(text: TextEncoderConfig) -> dict[str, Any]:
+    return {
+        "vocab_size": text.vocab_size,
+        "max_position_embeddings": text.max_length,
+        "hidden_size": text.width,
+        "num_hidden_layers": text.layers,
+        "num_attention_heads": text.heads,
+        "intermediate_size": text.mlp_width,
+        "hidden_act": text.activation,
+        "projection_dim": text.projection_dim or text.width,
+        "pad_token_id": text.pad_token,
+    }
 
 
 def write_diffusers_configs(family: ModelFamily, root: str | Path) -> Path:
@@ -382,32 +475,43 @@ def save_diffusers_folder(
     family: ModelFamily,
     *,
     dtype: torch.dtype | None = None,
+    text_encoder_2: StateDict | None = None,
 ) -> Path:
     """Write a `StableDiffusionPipeline` folder: configs, tokenizer and weights in diffusers' names.
 
     The text encoder is a plain `CLIPTextModel`, as diffusers ships SD 2.x: a text projection (unused
-    by SD 1.x/2.x generation) is left out, so the pipeline loads with no unexpected keys.
+    by SD 1.x/2.x generation) is left out, so the pipeline loads with no unexpected keys. SDXL: a
+    `StableDiffusionXLPipeline` (the refiner: `...Img2ImgPipeline`) with bigG in `text_encoder_2/`.
     """
     root = Path(root)
+    if family.is_sdxl and family.text_encoder_2 is not None and text_encoder_2 is None:
+        raise ValueError(f"family {family.name} has a second text encoder: pass text_encoder_2")
     # written beside the target and renamed into place: a crash leaves no half model under `root`
     staging = root.with_name(f".{root.name}.{os.getpid()}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         write_diffusers_configs(family, staging)
-        text_config = staging / "text_encoder" / "config.json"
-        config = json.loads(text_config.read_text())
-        text_config.write_text(json.dumps({**config, "architectures": ["CLIPTextModel"]}, indent=2) + "\n")
-        write_tokenizer_files(staging / "tokenizer")
-        text = {
-            k.removeprefix("text_model."): v  # transformers 5 saves CLIPTextModel without `text_model.`
-            for k, v in text_encoder.items()
-            if not k.startswith("text_projection.")
-        }
         weights = {
             "unet/diffusion_pytorch_model.safetensors": keymap_unet.ours_to_diffusers(unet, family.unet),
             "vae/diffusion_pytorch_model.safetensors": keymap_vae.ours_to_diffusers(vae, family.vae),
-            "text_encoder/model.safetensors": text,
         }
+        if family.is_sdxl:  # bigG keeps its projection (the pooled output) and the `text_model.` level
+            bigg = text_encoder if family.text_encoder_2 is None else text_encoder_2
+            assert bigg is not None
+            weights["text_encoder_2/model.safetensors"] = bigg
+            write_tokenizer_files(staging / "tokenizer_2")
+        if not family.is_sdxl or family.text_encoder_2 is not None:
+            text_config = staging / "text_encoder" / "config.json"
+            config = json.loads(text_config.read_text())
+            text_config.write_text(
+                json.dumps({**config, "architectures": ["CLIPTextModel"]}, indent=2) + "\n"
+            )
+            write_tokenizer_files(staging / "tokenizer")
+            weights["text_encoder/model.safetensors"] = {
+                k.removeprefix("text_model."): v  # transformers 5 saves CLIPTextModel without `text_model.`
+                for k, v in text_encoder.items()
+                if not k.startswith("text_projection.")
+            }
         for name, tensors in weights.items():
             # transformers and diffusers refuse safetensors files without the "format" metadata key
             save_safetensors(staging / name, tensors, {"format": "pt"}, dtype=dtype)

@@ -58,12 +58,16 @@ def _transformer(theirs: str, ours: str, depth: int) -> list[tuple[str, str]]:
 
 def diffusers_key_map(config: UNetConfig) -> dict[str, str]:
     """Every parameter key of a diffusers `UNet2DConditionModel` of this config -> our key."""
-    base, blocks, depth = config.model_channels, config.num_res_blocks, config.transformer_depth
+    base, blocks = config.model_channels, config.num_res_blocks
     widths = [base * m for m in config.channel_mult]
     attention = set(config.attention_levels)
     pairs = _params("time_embedding.linear_1", "time_embed.0") + _params(
         "time_embedding.linear_2", "time_embed.2"
     )
+    if config.adm_in_channels:  # SDXL's `vector` MLP: diffusers' text_time add_embedding
+        pairs += _params("add_embedding.linear_1", "label_emb.0.0") + _params(
+            "add_embedding.linear_2", "label_emb.0.2"
+        )
     pairs += (
         _params("conv_in", "input_blocks.0.0")
         + _params("conv_norm_out", "out.0")
@@ -76,7 +80,9 @@ def diffusers_key_map(config: UNetConfig) -> dict[str, str]:
             theirs = f"down_blocks.{level}"
             pairs += _resblock(f"{theirs}.resnets.{j}", f"input_blocks.{index}.0", channels != width)
             if level in attention:
-                pairs += _transformer(f"{theirs}.attentions.{j}", f"input_blocks.{index}.1", depth)
+                pairs += _transformer(
+                    f"{theirs}.attentions.{j}", f"input_blocks.{index}.1", config.depth_at(level)
+                )
             channels = width
             skip_widths.append(channels)
             index += 1
@@ -86,7 +92,7 @@ def diffusers_key_map(config: UNetConfig) -> dict[str, str]:
             index += 1
 
     pairs += _resblock("mid_block.resnets.0", "middle_block.0", False)
-    pairs += _transformer("mid_block.attentions.0", "middle_block.1", depth)
+    pairs += _transformer("mid_block.attentions.0", "middle_block.1", config.depth_at(len(widths) - 1))
     pairs += _resblock("mid_block.resnets.1", "middle_block.2", False)
 
     for i, level in enumerate(reversed(range(len(widths)))):
@@ -97,7 +103,7 @@ def diffusers_key_map(config: UNetConfig) -> dict[str, str]:
             channels = widths[level]
             pairs += _resblock(f"{theirs}.resnets.{j}", f"{ours}.0", in_channels != channels)
             if level in attention:
-                pairs += _transformer(f"{theirs}.attentions.{j}", f"{ours}.1", depth)
+                pairs += _transformer(f"{theirs}.attentions.{j}", f"{ours}.1", config.depth_at(level))
         if level:
             # `ours` is the level's last output block; the upsampler follows its ResBlock [+ transformer]
             pairs += _params(f"{theirs}.upsamplers.0.conv", f"{ours}.{2 if level in attention else 1}.conv")
@@ -141,6 +147,14 @@ def diffusers_config(config: UNetConfig) -> dict[str, object]:
     attention = set(config.attention_levels)
     down = tuple("CrossAttnDownBlock2D" if i in attention else "DownBlock2D" for i in levels)
     up = tuple("CrossAttnUpBlock2D" if i in attention else "UpBlock2D" for i in reversed(levels))
+    depths = tuple(config.depth_at(level) for level in levels)
+    vector: dict[str, object] = {}
+    if config.adm_in_channels:  # SDXL: pooled text + Fourier-embedded numbers ("text_time")
+        vector = {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": config.vector_embed_dim,
+            "projection_class_embeddings_input_dim": config.adm_in_channels,
+        }
     return {
         "in_channels": config.in_channels,
         "out_channels": config.out_channels,
@@ -151,9 +165,10 @@ def diffusers_config(config: UNetConfig) -> dict[str, object]:
         # diffusers' historical name: this holds the head *count* per level
         "attention_head_dim": tuple(config.heads_at(w)[0] for w in widths),
         "cross_attention_dim": config.context_dim,
-        "transformer_layers_per_block": config.transformer_depth,
+        "transformer_layers_per_block": depths if config.level_depths else config.transformer_depth,
         "use_linear_projection": config.use_linear_proj,
         "norm_num_groups": config.norm_groups,
         "flip_sin_to_cos": True,
         "freq_shift": 0,
+        **vector,
     }

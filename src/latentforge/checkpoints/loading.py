@@ -76,15 +76,31 @@ def read_components(
     del state_dict
     candidates = detect_families(parts, metadata, path)
     family = _with_prediction(candidates, prediction) if prediction is not None else candidates[0]
-    text_sd = text_encoder_from_single_file(
-        parts.pop("text_encoder"), parts["text_layout"], family.text_encoder
+    text_sd = _text_encoder(parts, "", family, path)
+    # SDXL base: OpenCLIP bigG, `conditioner.embedders.1.model.`
+    text_2 = _text_encoder(parts, "_2", family, path) if family.text_encoder_2 is not None else None
+    components = assemble(
+        family, parts.pop("unet"), parts.pop("vae"), text_sd, dtype=dtype, path=path, text_encoder_2=text_2
     )
-    components = assemble(family, parts.pop("unet"), parts.pop("vae"), text_sd, dtype=dtype, path=path)
     if prediction is None and len({c.prediction for c in candidates}) > 1:
         # same shapes, different targets (sd2 / sd2-v): run the U-Net once to tell (see prediction_probe)
         components.family = _with_prediction(candidates, probe_prediction(components.unet, family))
     components.short_hash = a1111_short_hash(path) if compute_hash else None
     return components
+
+
+def _text_encoder(parts: dict, suffix: str, family: ModelFamily, path: Path) -> dict:
+    """Text encoder `suffix` ("" or "_2") of a split single file in our keys; layout errors name the file."""
+    config = family.text_encoder if not suffix else family.text_encoder_2
+    assert config is not None
+    try:
+        return text_encoder_from_single_file(
+            parts.pop(f"text_encoder{suffix}"), parts[f"text_layout{suffix}"], config
+        )
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(
+            path, f"text_encoder{suffix} does not match family {family.name!r}: {e.args[0]}"
+        ) from None
 
 
 def _with_prediction(candidates: list[ModelFamily], prediction: Prediction) -> ModelFamily:

@@ -2,7 +2,9 @@
 
 Layout (CompVis/Stability `LatentDiffusion`): `model.diffusion_model.*` (U-Net), `first_stage_model.*`
 (VAE), `cond_stage_model.transformer.*` (SD1, transformers layout) or `cond_stage_model.model.*`
-(SD2, OpenCLIP layout). EMA weights (`model_ema.*`, dots removed from the names) and the diffusion
+(SD2, OpenCLIP layout); SDXL (Stability `sgm`) has `conditioner.embedders.N.transformer.*` /
+`.model.*` instead (base: 0 = CLIP ViT-L, 1 = OpenCLIP bigG; refiner: 0 = bigG).
+EMA weights (`model_ema.*`, dots removed from the names) and the diffusion
 buffers (`betas`, `alphas_cumprod`, ...) are ignored unless `use_ema=True`.
 """
 
@@ -28,6 +30,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIXES = {"hf": "cond_stage_model.transformer.", "openclip": "cond_stage_model.model."}
 EMA_PREFIX = "model_ema."
+SDXL_TEXT_PREFIX = "conditioner.embedders."
+SDXL_TEXT_LAYOUTS = {"transformer.": "hf", "model.": "openclip"}
 
 # Training-time buffers of LatentDiffusion and keys older exporters left behind: never weights.
 IGNORED_KEYS = frozenset(
@@ -48,6 +52,7 @@ IGNORED_KEYS = frozenset(
         "logvar",
         "cond_stage_model.transformer.text_model.embeddings.position_ids",
         "cond_stage_model.transformer.embeddings.position_ids",
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
     }
 )
 IGNORED_PREFIXES = ("first_stage_model.loss.",)
@@ -65,8 +70,17 @@ def is_weight_key(key: str, *, use_ema: bool = False) -> bool:
 
 
 def split_components(state_dict: Mapping[str, torch.Tensor], *, use_ema: bool = False) -> dict[str, Any]:
-    """Split an original-layout state dict into {"unet", "vae", "text_encoder", "text_layout", "rest"}."""
-    parts: dict[str, Any] = {"unet": {}, "vae": {}, "text_encoder": {}, "text_layout": None, "rest": []}
+    """Split an original-layout state dict into {"unet", "vae", "text_encoder", "text_layout", "rest"}
+    (SDXL: also "text_encoder_2", "text_layout_2")."""
+    parts: dict[str, Any] = {
+        "unet": {},
+        "vae": {},
+        "text_encoder": {},
+        "text_layout": None,
+        "text_encoder_2": {},
+        "text_layout_2": None,
+        "rest": [],
+    }
     for key, tensor in state_dict.items():
         if key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES) or key.startswith(EMA_PREFIX):
             continue
@@ -82,11 +96,29 @@ def split_components(state_dict: Mapping[str, torch.Tensor], *, use_ema: bool = 
         elif key.startswith(TEXT_PREFIXES["openclip"]):
             parts["text_encoder"][key[len(TEXT_PREFIXES["openclip"]) :]] = tensor
             parts["text_layout"] = "openclip"
+        elif key.startswith(SDXL_TEXT_PREFIX) and _split_sdxl_text(parts, key, tensor):
+            pass
         else:
             parts["rest"].append(key)
     if use_ema:
         parts["unet"] = _ema_unet(state_dict, parts["unet"])
     return parts
+
+
+def _split_sdxl_text(parts: dict[str, Any], key: str, tensor: torch.Tensor) -> bool:
+    """`conditioner.embedders.N.{transformer,model}.rest` -> text encoder N + 1 (False: not a text key)."""
+    index, _, rest = key[len(SDXL_TEXT_PREFIX) :].partition(".")
+    suffix = "" if index == "0" else "_2" if index == "1" else None
+    layout = next((v for k, v in SDXL_TEXT_LAYOUTS.items() if rest.startswith(k)), None)
+    if suffix is None or layout is None:
+        return False
+    name = rest.partition(".")[2]
+    if layout == "hf" and not name.startswith("text_model."):
+        name = f"text_model.{name}"
+    parts[f"text_encoder{suffix}"][name] = tensor
+    parts[f"text_layout{suffix}"] = layout
+    parts["sgm"] = True
+    return True
 
 
 def _ema_unet(state_dict: Mapping[str, torch.Tensor], unet: StateDict) -> StateDict:
@@ -113,30 +145,43 @@ def detect_families(
                 path, f"unreadable {METADATA_FAMILY!r} metadata ({detail})"
             ) from None
     unet = parts["unet"]
+    # the first input block with a transformer: 1 for SD 1.x/2.x, 4 for SDXL (no attention at level 0)
+    first = next((i for i in range(1, 13) if f"input_blocks.{i}.1.proj_in.weight" in unet), 1)
     try:
         found = {
             "in_channels": unet["input_blocks.0.0.weight"].shape[1],
             "model_channels": unet["input_blocks.0.0.weight"].shape[0],
-            "context_dim": unet["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],
-            "use_linear_proj": unet["input_blocks.1.1.proj_in.weight"].ndim == 2,
+            "context_dim": unet[f"input_blocks.{first}.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],
+            "use_linear_proj": unet[f"input_blocks.{first}.1.proj_in.weight"].ndim == 2,
+            "adm_in_channels": unet["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in unet else 0,
         }
     except KeyError as e:
         components = [c for c in ("unet", "vae", "text_encoder") if parts[c]]
         raise UnknownArchitectureError(
             path,
-            f"not an SD 1.x/2.x checkpoint (no {e.args[0]!r} in the U-Net); "
+            f"not an SD 1.x/2.x/XL checkpoint (no {e.args[0]!r} in the U-Net); "
             f"components found: {components or 'none'}; other keys: {parts['rest'][:5]}",
         ) from None
+    if not parts.get("sgm") and parts.get("text_layout") is None and "label_emb.0.0.weight" in unet:
+        # an SDXL U-Net whose text encoders are missing: say which keys the file should have
+        raise UnknownArchitectureError(
+            path,
+            "an SDXL U-Net without its text encoders (no conditioner.embedders.* keys); load a full "
+            "SDXL checkpoint, or a diffusers folder with text_encoder/ and text_encoder_2/",
+        )
     matches = [
         family
         for family in FAMILIES.values()
         if family.text_layout == parts["text_layout"]
+        and family.is_sdxl == bool(parts.get("sgm"))
+        and (family.text_encoder_2 is None) == (not parts.get("text_encoder_2"))
         and all(getattr(family.unet, k) == v for k, v in found.items())
     ]
     if not matches:
         raise UnknownArchitectureError(
             path,
-            f"no model family matches U-Net {found} with text encoder layout {parts['text_layout']!r}; "
+            f"no model family matches U-Net {found} with text encoder layout {parts['text_layout']!r}"
+            f"{' and a second text encoder' if parts.get('text_encoder_2') else ''}; "
             f"known families: {', '.join(FAMILIES)}",
         )
     return matches
@@ -152,6 +197,9 @@ def family_from_json(text: str) -> ModelFamily:
     data["unet"] = config_from_dict(UNetConfig, data["unet"])
     data["vae"] = config_from_dict(VAEConfig, data["vae"])
     data["text_encoder"] = config_from_dict(TextEncoderConfig, data["text_encoder"])
+    if data.get("text_encoder_2") is not None:
+        data["text_encoder_2"] = config_from_dict(TextEncoderConfig, data["text_encoder_2"])
+    data["vector_inputs"] = tuple(data.get("vector_inputs", ()))
     family = ModelFamily(**data)
     return FAMILIES.get(family.name) if FAMILIES.get(family.name) == family else family  # type: ignore[return-value]
 
@@ -160,15 +208,32 @@ def text_encoder_from_single_file(text_sd: StateDict, layout: str, config: TextE
     return keymap_text.openclip_to_ours(text_sd, config) if layout == "openclip" else text_sd
 
 
+def sdxl_text_prefix(index: int, layout: str) -> str:
+    """`conditioner.embedders.N.transformer.` (hf) or `.model.` (openclip)."""
+    return f"{SDXL_TEXT_PREFIX}{index}.{'transformer' if layout == 'hf' else 'model'}."
+
+
 def to_single_file_state_dict(
-    unet: StateDict, vae: StateDict, text_encoder: StateDict, family: ModelFamily
+    unet: StateDict,
+    vae: StateDict,
+    text_encoder: StateDict,
+    family: ModelFamily,
+    text_encoder_2: StateDict | None = None,
 ) -> StateDict:
     """Our component state dicts -> the original single-file layout of the family."""
     if family.text_layout == "openclip":
         text_encoder = keymap_text.ours_to_openclip(text_encoder, family.text_encoder)
-    text_prefix = TEXT_PREFIXES[family.text_layout]
+    texts = [(TEXT_PREFIXES[family.text_layout], text_encoder)]
+    if family.is_sdxl:
+        texts = [(sdxl_text_prefix(0, family.text_layout), text_encoder)]
+        if family.text_encoder_2 is not None:
+            if text_encoder_2 is None:
+                raise ValueError(f"family {family.name} has a second text encoder: pass text_encoder_2")
+            # sgm's FrozenOpenCLIPEmbedder2 keeps open_clip's logit_scale: written so sgm loads strictly
+            g = keymap_text.ours_to_openclip(text_encoder_2, family.text_encoder_2)
+            texts.append((sdxl_text_prefix(1, "openclip"), g))
     out: StateDict = {}
-    for prefix, sd in ((UNET_PREFIX, unet), (VAE_PREFIX, vae), (text_prefix, text_encoder)):
+    for prefix, sd in ((UNET_PREFIX, unet), (VAE_PREFIX, vae), *texts):
         out.update({prefix + k: v for k, v in sd.items()})
     return out
 
@@ -182,8 +247,9 @@ def save_single_file(
     *,
     dtype: torch.dtype | None = None,
     extra_metadata: Mapping[str, str] | None = None,
+    text_encoder_2: StateDict | None = None,
 ) -> None:
     """Write an original-layout `.safetensors` with the family in its metadata (atomic rename)."""
-    tensors = to_single_file_state_dict(unet, vae, text_encoder, family)
+    tensors = to_single_file_state_dict(unet, vae, text_encoder, family, text_encoder_2)
     metadata = {METADATA_FAMILY: family_to_json(family), **(extra_metadata or {})}
     save_safetensors(path, tensors, metadata, dtype=dtype)

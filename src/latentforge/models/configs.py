@@ -54,6 +54,10 @@ class UNetConfig:
     `attention_levels` lists the resolution levels (0 = full latent size) that carry a
     SpatialTransformer; the original config calls these `attention_resolutions` (1, 2, 4 -> 0, 1, 2).
     Heads are given either as a count (`num_heads`, SD 1.x) or as a width (`head_dim`, SD 2.x).
+    `level_depths` gives a transformer depth per level (SDXL's (0, 2, 10); the middle block takes the last
+    level's, as sgm's `transformer_depth_middle`); empty means `transformer_depth` everywhere.
+    `adm_in_channels` > 0 adds sgm's `label_emb` (SDXL's `vector`: pooled text plus numbers, each through
+    `vector_embed_dim` Fourier features) to the time embedding.
     """
 
     in_channels: int = 4
@@ -68,6 +72,13 @@ class UNetConfig:
     context_dim: int = 32
     use_linear_proj: bool = False
     norm_groups: int = 32
+    level_depths: tuple[int, ...] = ()
+    adm_in_channels: int = 0
+    vector_embed_dim: int = 0
+
+    def depth_at(self, level: int) -> int:
+        """Transformer blocks per SpatialTransformer at a level (the middle block: the last level)."""
+        return self.level_depths[level] if self.level_depths else self.transformer_depth
 
     def heads_at(self, channels: int) -> tuple[int, int]:
         """(heads, head width) of the attention layers at a given channel width."""

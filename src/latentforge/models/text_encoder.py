@@ -104,14 +104,19 @@ class CLIPTextModel(nn.Module):
             self.text_projection = nn.Linear(config.width, config.projection_dim, bias=False)
 
     def forward(
-        self, input_ids: torch.Tensor, clip_skip: int = 1, token_embeds: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        clip_skip: int = 1,
+        token_embeds: torch.Tensor | None = None,
+        final_norm: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode token ids [B, T] (T <= max_length); `token_embeds` [B, T, width] replaces their token
         embeddings (textual inversion), the ids still locate the EOS.
 
         Returns (hidden [B, T, width], pooled [B, projection_dim or width]). `clip_skip` N (A1111's
-        convention) takes the output of the layer N-1 before the last, then the final LayerNorm; the
-        pooled output always comes from the last layer, read at the first EOS token.
+        convention) takes the output of the layer N-1 before the last, then the final LayerNorm unless
+        `final_norm` is False (SDXL's `hidden_states[-N]`); the pooled output always comes from the last
+        layer, normed, read at the first EOS token.
         """
         num_layers = self.config.layers
         if not 1 <= clip_skip <= num_layers:
@@ -123,8 +128,8 @@ class CLIPTextModel(nn.Module):
             x = layer(x)
             if index == num_layers - clip_skip:
                 skipped = x
-        hidden = tm.final_layer_norm(skipped)
-        last = hidden if clip_skip == 1 else tm.final_layer_norm(x)
+        hidden = tm.final_layer_norm(skipped) if final_norm else skipped
+        last = hidden if clip_skip == 1 and final_norm else tm.final_layer_norm(x)
         pooled = last[torch.arange(last.shape[0], device=last.device), eos_positions(input_ids)]
         if self.text_projection is not None:
             pooled = self.text_projection(pooled)

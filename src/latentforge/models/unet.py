@@ -38,6 +38,13 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return F.pad(embedding, (0, 1)) if dim % 2 else embedding
 
 
+def vector_conditioning(pooled: torch.Tensor, numbers: torch.Tensor, dim: int) -> torch.Tensor:
+    """SDXL's `vector` (`label_emb` input): pooled text [B, P] then each number of [B, N] as `dim` Fourier
+    features (sgm's ConcatTimestepEmbedderND, diffusers' add_time_proj) -> [B, P + N * dim]."""
+    features = timestep_embedding(numbers.reshape(-1), dim).reshape(numbers.shape[0], -1)  # [B, N * dim]
+    return torch.cat([pooled.float(), features], dim=1).to(pooled.dtype)
+
+
 def _norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # GroupNorm saves its input, not its output, so the activation may overwrite the output.
     return F.silu(norm(x), inplace=True)
@@ -144,8 +151,9 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """GroupNorm, proj_in (1x1 conv, or Linear for SD 2.x), transformer blocks over H*W tokens, proj_out."""
 
-    def __init__(self, config: UNetConfig, channels: int) -> None:
+    def __init__(self, config: UNetConfig, channels: int, depth: int | None = None) -> None:
         super().__init__()
+        depth = config.transformer_depth if depth is None else depth
         heads, head_dim = config.heads_at(channels)
         inner = heads * head_dim
         self.use_linear = config.use_linear_proj
@@ -157,8 +165,7 @@ class SpatialTransformer(nn.Module):
             self.proj_in = nn.Conv2d(channels, inner, 1)
             self.proj_out = nn.Conv2d(inner, channels, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, config.context_dim, heads, head_dim)
-            for _ in range(config.transformer_depth)
+            BasicTransformerBlock(inner, config.context_dim, heads, head_dim) for _ in range(depth)
         )
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -230,22 +237,34 @@ class TimestepEmbedSequential(nn.ModuleList):
 
 
 def embed_time(
-    time_embed: nn.Module, config: UNetConfig, x: torch.Tensor, timesteps: torch.Tensor | float
+    time_embed: nn.Module,
+    config: UNetConfig,
+    x: torch.Tensor,
+    timesteps: torch.Tensor | float,
+    label_emb: nn.Module | None = None,
+    y: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SiLU(time_embed(sinusoid(t))) [B, 4*base]: the leading SiLU of every ResBlock's emb_layers, once."""
+    """SiLU(time_embed(sinusoid(t)) [+ label_emb(y)]) [B, 4*base]: the leading SiLU of every ResBlock's
+    emb_layers, once; `y` is SDXL's `vector` conditioning for configs with `adm_in_channels`."""
     batch = x.shape[0]
     timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1)
     if timesteps.numel() not in (1, batch):
         raise ValueError(f"got {timesteps.numel()} timesteps for a batch of {batch}; pass 1 or {batch}")
     t_emb = timestep_embedding(timesteps.expand(batch), config.model_channels).to(x.dtype)
-    return F.silu(time_embed(t_emb))
+    emb = time_embed(t_emb)
+    if config.adm_in_channels:
+        if label_emb is None or y is None or y.shape != (batch, config.adm_in_channels):
+            got = None if y is None else tuple(y.shape)
+            raise ValueError(f"this U-Net needs y [{batch}, {config.adm_in_channels}], got {got}")
+        emb = emb + label_emb(y.to(emb.dtype))
+    return F.silu(emb)
 
 
 def res_stage(config: UNetConfig, in_channels: int, width: int, level: int) -> list[nn.Module]:
     """A ResBlock, plus a SpatialTransformer at the attention levels."""
     layers: list[nn.Module] = [ResBlock(config, in_channels, width, 4 * config.model_channels)]
     if level in config.attention_levels:
-        layers.append(SpatialTransformer(config, width))
+        layers.append(SpatialTransformer(config, width, config.depth_at(level)))
     return layers
 
 
@@ -273,7 +292,7 @@ def build_encoder(
             skip_widths.append(channels)
     middle_block = TimestepEmbedSequential(
         ResBlock(config, channels, channels, emb_dim),
-        SpatialTransformer(config, channels),
+        SpatialTransformer(config, channels, config.depth_at(len(widths) - 1)),
         ResBlock(config, channels, channels, emb_dim),
     )
     return time_embed, input_blocks, middle_block, skip_widths
@@ -288,6 +307,13 @@ class UNetModel(nn.Module):
         self.gradient_checkpointing = False
         widths = [config.model_channels * m for m in config.channel_mult]
         self.time_embed, self.input_blocks, self.middle_block, skip_widths = build_encoder(config)
+        if config.adm_in_channels:  # sgm's num_classes="sequential": the `vector` conditioning (SDXL)
+            emb_dim = 4 * config.model_channels
+            self.label_emb = nn.Sequential(
+                nn.Sequential(
+                    nn.Linear(config.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+                )
+            )
         channels = widths[-1]
 
         self.output_blocks = nn.ModuleList()
@@ -322,6 +348,7 @@ class UNetModel(nn.Module):
         x: torch.Tensor,
         timesteps: torch.Tensor | float,
         context: torch.Tensor,
+        y: torch.Tensor | None = None,
         control: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Predict the network target (eps for SD 1.x) for a noisy latent.
@@ -331,12 +358,13 @@ class UNetModel(nn.Module):
                 (diffusers' `forward_upsample_size`), so images need only be multiples of the VAE factor.
             timesteps: [B] or a scalar (broadcast), integer or continuous in [0, 1000).
             context: text tokens [B, T, context_dim].
+            y: the `vector` conditioning [B, adm_in_channels] of models with `label_emb` (SDXL).
             control: ControlNet residuals (`models/controlnet.py`), one per input block then the middle
                 block's, added to the skips and the middle block's output (cldm's ControlledUnetModel).
         Returns:
             [B, out_channels, H, W] in the dtype of x.
         """
-        emb_act = embed_time(self.time_embed, self.config, x, timesteps)
+        emb_act = embed_time(self.time_embed, self.config, x, timesteps, getattr(self, "label_emb", None), y)
 
         skips = []
         h = x

@@ -23,6 +23,7 @@ from latentforge.pipelines.images import decode_latents, encode_images, tensor_t
 from latentforge.pipelines.prompt_guidance import PromptConditioner
 from latentforge.pipelines.request import Batch, GenerationRequest, Pass, ResolvedRequest
 from latentforge.pipelines.request_infotext import to_infotext
+from latentforge.pipelines.sdxl_conditioning import SDXLConditioner, refiner_switch, size_numbers
 from latentforge.pipelines.seeds import request_noise
 from latentforge.sampling import schedules
 from latentforge.sampling.common import Denoiser
@@ -76,7 +77,9 @@ def make_denoiser(model: StableDiffusion) -> DiscreteDenoiser:
         residuals = None if control is None else control(x_in.to(dtype), t.to(dtype), context)
         if "concat" in cond:  # inpainting models: [latents, mask, masked-image latents] as in LDM/diffusers
             x_in = torch.cat([x_in, cond["concat"].to(x_in)], dim=1)
-        return unet(x_in.to(dtype), t.to(dtype), context, control=residuals).float()
+        vector = cond.get("vector")  # SDXL's pooled text + size numbers
+        y = None if vector is None else vector.to(dtype)
+        return unet(x_in.to(dtype), t.to(dtype), context, y, control=residuals).float()
 
     return DiscreteDenoiser(network, model_alphas_cumprod(model), model.family.prediction)
 
@@ -127,12 +130,14 @@ def sample_latents(
     strength: float = 1.0,
     callback: StepCallback | None = None,
     exact_steps: bool = False,
+    refiner: StableDiffusion | None = None,
 ) -> Tensor:
     """One batch: seeded noise -> (noised init) -> guided, blended denoiser -> sampler -> [B, C, h, w].
 
     `request` is resolved; `size` (default the request's) is the pass's image size. With a `source`, the
     pass is img2img at `strength`: it cuts the tail of the schedule (A1111's step accounting, `exact_steps`
-    for the hires pass). `request.sigmas` overrides the full schedule.
+    for the hires pass). `request.sigmas` overrides the full schedule. With a `refiner` (SDXL) the sampler
+    continues on it from `request.refiner.switch_at`.
     """
     family = model.family
     spec = sampling.sampler
@@ -178,16 +183,10 @@ def sample_latents(
         units = request_units(request, width, height, device, model.dtype, seed=seeds[0], hires=exact_steps,
                               crop=region)  # fmt: skip
         base = controlled(denoiser, units, sigmas, len(seeds))
-    conditioner = PromptConditioner(model, request.clip_skip or family.default_clip_skip, sampling.steps)
-    guided = conditioner.denoiser(
-        base,
-        list(batch.prompts),
-        [request.negative_prompt] * len(seeds),
-        sigmas,
-        request.cfg_scale,
-        request.cfg_rescale,
-        extra=None if concat is None else {"concat": concat},
-    )
+    guided = _guided(model, request, sampling, batch, sigmas, concat, (width, height), base)
+    if refiner is not None and request.refiner is not None:  # A1111's refiner: one sampler, two models
+        refined = _guided(refiner, request, sampling, batch, sigmas, concat, (width, height))
+        guided = refiner_switch(guided, refined, denoiser.sigmas, request.refiner.switch_at)
     if init is not None and keep is not None:  # keep is only set together with init
         guided = blend_known(guided, init, keep)
     inputs = {"model_sigmas": denoiser.sigmas}
@@ -198,6 +197,37 @@ def sample_latents(
     if init is not None and keep is not None:
         latents = latents * (1 - keep) + init * keep
     return latents
+
+
+def _guided(
+    model: StableDiffusion,
+    request: GenerationRequest,
+    sampling: Pass,
+    batch: Batch,
+    sigmas: Tensor,
+    concat: Tensor | None,
+    size: tuple[int, int],
+    denoiser: Any = None,
+) -> Denoiser:
+    """The prompts' guided denoiser on `model` (SDXL: with its `vector` for this pass's size)."""
+    family = model.family
+    clip_skip = request.clip_skip or family.default_clip_skip
+    conditioner: PromptConditioner | SDXLConditioner
+    if family.is_sdxl:
+        numbers = size_numbers(request.size_cond, *size)
+        conditioner = SDXLConditioner(model, clip_skip, sampling.steps, numbers)
+    else:
+        conditioner = PromptConditioner(model, clip_skip, sampling.steps)
+    takes_concat = concat is not None and family.unet.in_channels == 9
+    return conditioner.denoiser(
+        denoiser or make_denoiser(model),
+        list(batch.prompts),
+        [request.negative_prompt] * len(batch.seeds),
+        sigmas,
+        request.cfg_scale,
+        request.cfg_rescale,
+        extra={"concat": concat} if takes_concat and concat is not None else None,
+    )
 
 
 class Progress:

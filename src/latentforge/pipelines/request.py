@@ -86,6 +86,31 @@ class Hires:
 
 
 @dataclass(frozen=True)
+class SizeConditioning:
+    """SDXL's size/crop conditioning (`vector`), sizes as (width, height); (0, 0): the pass's image size,
+    and a negative (0, 0) the positive's (A1111 and diffusers defaults; ComfyUI's CLIPTextEncodeSDXL sets
+    each). The aesthetic scores condition the refiner (A1111's defaults 6 and 2.5)."""
+
+    original_size: tuple[int, int] = (0, 0)
+    crop_top_left: tuple[int, int] = (0, 0)  # (top, left), as sgm's crop_coords_top_left
+    target_size: tuple[int, int] = (0, 0)
+    negative_original_size: tuple[int, int] = (0, 0)
+    negative_crop_top_left: tuple[int, int] | None = None  # None: the positive's
+    negative_target_size: tuple[int, int] = (0, 0)
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+
+
+@dataclass(frozen=True)
+class Refiner:
+    """A1111's SDXL refiner: the same sampler continues on the refiner model from `switch_at` (the
+    fraction of the model's timesteps done). `checkpoint` is A1111's "name [hash]", filled by `resolve`."""
+
+    checkpoint: str = ""
+    switch_at: float = 0.8
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     prompt: str = ""
     negative_prompt: str = ""
@@ -113,6 +138,8 @@ class GenerationRequest:
     inpaint: Inpaint | None = None
     hires: Hires | None = None
     controlnet: tuple[ControlNetUnit, ...] = ()  # ControlNet units, applied together in every pass
+    size_cond: SizeConditioning | None = None  # SDXL only; None: the defaults
+    refiner: Refiner | None = None  # SDXL only; the refiner model is passed to the runner
     model: str = ""  # the model's name and hash, VAE file and hash: filled in by `resolve`, checked there
     model_hash: str = ""
     vae: str = ""
@@ -237,7 +264,11 @@ def _split_options(
 
 
 def resolve(
-    request: GenerationRequest, model: StableDiffusion, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    request: GenerationRequest,
+    model: StableDiffusion,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    refiner: StableDiffusion | None = None,
 ) -> ResolvedRequest:
     """Validate before any work, fill in the family's defaults, draw seeds, look the samplers up once."""
     family = model.family
@@ -297,6 +328,7 @@ def resolve(
         _check_hires(r.hires, family, width, height, max_pixels)
     if r.sigmas and (len(r.sigmas) < 2 or any(not math.isfinite(s) or s < 0 for s in r.sigmas)):
         raise ParameterError("sigmas must be at least two finite, non-negative numbers")
+    _check_sdxl(r, family, refiner)
     seed = resolve_seed(r.seed)
     subseed = resolve_seed(r.subseed) if r.subseed_strength > 0 else r.subseed
     if r.model_hash and model.short_hash and r.model_hash != model.short_hash:
@@ -326,6 +358,7 @@ def resolve(
         vae_hash=vae_hash,
         hires=_resolved_hires(r.hires, first, second),
         controlnet=_resolved_units(r.controlnet, family),
+        refiner=_resolved_refiner(r.refiner, refiner),  # None without a refiner model
     )
     batches = _with_adapters(model, resolved, request)
     lora_hashes, ti_hashes = adapters.lora_hashes(batches[0].loras), batches[0].ti_hashes[0]
@@ -368,6 +401,47 @@ def _resolved_units(units: Sequence[ControlNetUnit], family: ModelFamily) -> tup
             continue
         kept.append(check_unit(unit, i, family.unet.context_dim, family.vae.downsampling_factor))
     return tuple(kept)
+
+
+def _check_sdxl(r: GenerationRequest, family: ModelFamily, refiner: StableDiffusion | None) -> None:
+    """SDXL parts only on SDXL models; a refiner only refines."""
+    if family.is_refiner and r.init is None:
+        raise ParameterError(
+            f"{family.name} is an SDXL refiner: it only refines (img2img, or after a base model); load an "
+            "SDXL base model and pass this one as the refiner (--refiner MODEL)"
+        )
+    if r.size_cond is not None:
+        if not family.is_sdxl:
+            raise ParameterError(f"size conditioning is for SDXL models; {family.name} has none")
+        for name in ("original_size", "crop_top_left", "target_size", "negative_original_size"):
+            for value in getattr(r.size_cond, name):
+                _whole(name.replace("_", " "), value, 0, MAX_SIDE)
+        _finite("aesthetic score", r.size_cond.aesthetic_score)
+        _finite("negative aesthetic score", r.size_cond.negative_aesthetic_score)
+    if r.refiner is None and refiner is not None:
+        raise ParameterError("the request has a refiner model but no refiner part: pass both or neither")
+    if r.refiner is not None and refiner is None:  # e.g. an A1111 infotext: as a model hash mismatch
+        warnings.warn(
+            f"the request names refiner {r.refiner.checkpoint or '(unnamed)'}; none is loaded (--refiner "
+            "MODEL), so the image is made without it and will differ",
+            stacklevel=3,
+        )
+    if r.refiner is not None and refiner is not None:
+        _finite("refiner switch at", r.refiner.switch_at, 0, 1)
+        if not (family.is_sdxl and refiner.family.is_sdxl):
+            raise ParameterError(
+                f"a refiner continues an SDXL model on another SDXL model; got {family.name} and "
+                f"{refiner.family.name}"
+            )
+        if r.hires is not None:
+            raise ParameterError("the refiner with the hires fix is not supported yet: use one of them")
+
+
+def _resolved_refiner(part: Refiner | None, refiner: StableDiffusion | None) -> Refiner | None:
+    if part is None or refiner is None:
+        return None
+    label = f"{refiner.name} [{refiner.short_hash}]" if refiner.short_hash else refiner.name
+    return replace(part, checkpoint=label)
 
 
 def _resolved_hires(hires: Hires | None, first: Pass, second: Pass | None) -> Hires | None:

@@ -16,7 +16,14 @@ from typing import Any
 from latentforge.errors import ParameterError
 from latentforge.pipelines.controlnet import ControlNetUnit
 from latentforge.pipelines.infotext import format_infotext, parse_infotext
-from latentforge.pipelines.request import GenerationRequest, Hires, InitImage, Inpaint
+from latentforge.pipelines.request import (
+    GenerationRequest,
+    Hires,
+    InitImage,
+    Inpaint,
+    Refiner,
+    SizeConditioning,
+)
 from latentforge.sampling.registry import SAMPLERS, OptionValue, split_sampler_name
 
 VERSION = "latentforge"
@@ -33,6 +40,11 @@ def _bool(text: str) -> bool:
     if text.lower() in ("false", "0", "no"):
         return False
     raise ValueError(f"not a boolean: {text!r}")
+
+
+def _pair(text: str) -> tuple[int, int]:
+    first, _, second = text.partition(",")
+    return int(first), int(second)
 
 
 def _int(text: str) -> int:
@@ -103,6 +115,27 @@ INFOTEXT_KEYS: tuple[InfotextKey, ...] = (
     InfotextKey("Tiled VAE", "tiled_vae", _bool),
     InfotextKey("Lora hashes", "lora_hashes", str),
     InfotextKey("TI hashes", "ti_hashes", str),
+    # SDXL: A1111's refiner keys; the size conditioning under our own names (A1111 keeps it in settings)
+    InfotextKey("Refiner", "refiner.checkpoint", str, always=True),
+    InfotextKey("Refiner switch at", "refiner.switch_at", float, always=True, format=_num),
+    *(
+        InfotextKey(f"SDXL {label}", f"size_cond.{name}", _size, format=lambda s: f"{s[0]}x{s[1]}")
+        for label, name in (
+            ("original size", "original_size"),
+            ("target size", "target_size"),
+            ("negative original size", "negative_original_size"),
+            ("negative target size", "negative_target_size"),
+        )
+    ),
+    *(
+        InfotextKey(f"SDXL {label}", f"size_cond.{name}", _pair, format=lambda p: f"{p[0]},{p[1]}")
+        for label, name in (
+            ("crop top left", "crop_top_left"),
+            ("negative crop top left", "negative_crop_top_left"),
+        )
+    ),
+    InfotextKey("Aesthetic score", "size_cond.aesthetic_score", float, format=_num),
+    InfotextKey("Negative aesthetic score", "size_cond.negative_aesthetic_score", float, format=_num),
 )
 # A ControlNet unit's value, `ControlNet N: "Module: canny, Model: name [hash], Weight: 1, ..."`: the inner
 # keys of sd-webui-controlnet's `ControlNetUnit.infotext_fields()` (`field_to_displaytext`, in this order).
@@ -150,7 +183,13 @@ def controlnet_from_infotext(key: str, text: str) -> ControlNetUnit | None:
 INFOTEXT_ALIASES = {"Eta DDIM": "Eta", "Eta noise seed delta": "ENSD", "Schedule": "Schedule type"}
 # Keys that describe how an image came out or which program wrote it, not what to generate.
 OUTPUT_KEYS = ("Version", "RNG", "VAE decoded in fp32", "Tiled VAE decoded")
-_PARTS = {"init": InitImage, "inpaint": Inpaint, "hires": Hires}
+_PARTS = {
+    "init": InitImage,
+    "inpaint": Inpaint,
+    "hires": Hires,
+    "refiner": Refiner,
+    "size_cond": SizeConditioning,
+}
 
 
 def _get(request: GenerationRequest, path: str) -> Any:

@@ -67,14 +67,16 @@ def iter_images(
     *,
     callback: StepCallback | None = None,
     progress: bool = True,
+    refiner: StableDiffusion | None = None,
 ) -> Iterator[GeneratedImage]:
     """Generate what the request asks for, yielding each image as soon as its batch is decoded.
 
     `callback(StepInfo)` sees every sampling step; returning True stops after the current batch (an
     interrupted hires run keeps its first-pass images, as A1111 does), returning `SKIP` ends the
-    current batch early and goes on with the next.
+    current batch early and goes on with the next. `refiner`: the SDXL refiner model the request's
+    `refiner` part switches to.
     """
-    resolved = resolve(request, model)
+    resolved = resolve(request, model, refiner=refiner)
     r = resolved.request
     source, overlay = _source(model, resolved)
     strength = r.init.denoising_strength if r.init is not None else 1.0
@@ -91,7 +93,14 @@ def iter_images(
                     loras = None
                 loras, applied = _apply_batch_loras(model, batch), batch.loras
             latents = sample_latents(
-                model, r, resolved.first, batch, source=source, strength=strength, callback=bar
+                model,
+                r,
+                resolved.first,
+                batch,
+                source=source,
+                strength=strength,
+                callback=bar,
+                refiner=refiner,
             )
             described = r
             if resolved.second is not None:
@@ -123,6 +132,7 @@ def run(
     *,
     callback: StepCallback | None = None,
     progress: bool = True,
+    refiner: StableDiffusion | None = None,
 ) -> list[GeneratedImage]:
     """All images of a request (`list(iter_images(...))`)."""
-    return list(iter_images(model, request, callback=callback, progress=progress))
+    return list(iter_images(model, request, callback=callback, progress=progress, refiner=refiner))

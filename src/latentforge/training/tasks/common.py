@@ -103,11 +103,10 @@ def _typed(key: str, value: Any, hint: Any) -> Any:
 
 
 def _model_config_ranges(config: Any) -> dict[str, Range]:
-    """Architecture numbers are sizes and counts (>= 1), except indices and token ids (>= 0)."""
-    return {
-        f.name: Range() if f.name in ("attention_levels", "pad_token") else AT_LEAST_ONE
-        for f in dataclasses.fields(config)
-    }
+    """Architecture numbers are sizes and counts (>= 1), except indices and token ids (>= 0) and SDXL's
+    fields where 0 means absent (no `label_emb`, no attention at a level)."""
+    zero_ok = ("attention_levels", "pad_token", "level_depths", "adm_in_channels", "vector_embed_dim")
+    return {f.name: Range() if f.name in zero_ok else AT_LEAST_ONE for f in dataclasses.fields(config)}
 
 
 def _attention_width_problem(config: Any) -> str | None:

@@ -637,6 +637,11 @@ def _from_checkpoint(
         )
     model = load_checkpoint(options.init, dtype=torch.float32, compute_hash=False)  # type: ignore[arg-type]
     family = model.family
+    if family.is_sdxl:  # this task feeds the U-Net crossattn only; SDXL also needs its `vector` (issue 21)
+        raise ConfigError(
+            f"task_options.init = {options.init!r} is an SDXL model ({family.name}); the U-Net task does not "
+            "train SDXL yet (its size/crop `vector` conditioning); use an SD 1.x/2.x model"
+        )
     kept = {
         "prediction": family.prediction,
         "beta_schedule": family.beta_schedule,

@@ -1,0 +1,211 @@
+"""SDXL conditioning as A1111 builds it (`modules/sd_models_xl.py`, sgm's GeneralConditioner).
+
+`crossattn`: the prompt through each text encoder with A1111's weighting and 75-token chunking, each at
+its penultimate layer without the final LayerNorm, concatenated along channels (768 + 1280 = 2048; the
+refiner: bigG alone, 1280). `vector`: the pooled, projected bigG output of the prompt's first chunk, then
+the family's numbers (original size, crop top-left, target size as (h, w) pairs; or the refiner's
+aesthetic score), each as 256 Fourier features. An all-empty negative prompt is all zeros (A1111's
+`force_zero_negative_prompt`, diffusers' `force_zeros_for_empty_prompt`); size numbers stay.
+Clip skip applies to CLIP-L only, as A1111 with its "Clip skip SDXL" option; bigG is always penultimate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from latentforge.model import StableDiffusion
+from latentforge.models.families import ModelFamily
+from latentforge.models.text_encoder import CLIPTextModel
+from latentforge.models.unet import vector_conditioning
+from latentforge.pipelines.prompt_guidance import pad_tokens, step_of
+from latentforge.pipelines.request import SizeConditioning
+from latentforge.prompts.conditioning import encode_prompts, tokenize_weighted
+from latentforge.prompts.parser import prompt_schedules
+from latentforge.sampling.common import ConditionedDenoiser, Denoiser
+from latentforge.sampling.guidance import CFGDenoiser
+
+SDXL_PENULTIMATE = 2  # sgm: layer "penultimate" (bigG), layer_idx 11 of 12 (CLIP-L)
+SDXL_ENTRY = tuple[int, torch.Tensor, torch.Tensor]  # (end_step, crossattn [T, C], pooled [P])
+
+
+@dataclass(frozen=True)
+class SizeNumbers:
+    """The numbers of one side (cond or uncond) of SDXL's `vector`, as sgm orders them."""
+
+    original_size: tuple[int, int]  # (height, width)
+    crop_top_left: tuple[int, int]  # (top, left)
+    target_size: tuple[int, int]  # (height, width)
+    aesthetic_score: float
+
+    def tensor(self, family: ModelFamily) -> torch.Tensor:
+        """[N]: the family's `vector_inputs` in order (6 for the base, 5 for the refiner)."""
+        values: list[float] = []
+        for name in family.vector_inputs:
+            value = getattr(self, name)
+            values += [float(v) for v in value] if isinstance(value, tuple) else [float(value)]
+        return torch.tensor(values)
+
+
+class _Tower(nn.Module):
+    """One SDXL text encoder as A1111 runs it (penultimate, no final LayerNorm); keeps each row's pooled
+    output so the prompt's first chunk can give the `vector` its pooled part. Made per encoding call."""
+
+    def __init__(self, encoder: CLIPTextModel, clip_skip: int) -> None:
+        super().__init__()
+        self.encoder, self.clip_skip = encoder, clip_skip
+        self.pooled: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, pooled = self.encoder(input_ids, clip_skip=self.clip_skip, final_norm=False)
+        for row, vector in zip(input_ids.tolist(), pooled, strict=True):
+            self.pooled[tuple(row)] = vector
+        return hidden, pooled
+
+
+def _encoders(model: StableDiffusion, clip_skip: int) -> list[tuple[_Tower, Any]]:
+    """(tower, tokenizer) of each encoder; the last one (bigG) gives the pooled output."""
+    if model.text_encoder_2 is None:  # the refiner: bigG alone
+        return [(_Tower(model.text_encoder, SDXL_PENULTIMATE), model.tokenizer)]
+    return [
+        (_Tower(model.text_encoder, clip_skip), model.tokenizer),
+        (_Tower(model.text_encoder_2, SDXL_PENULTIMATE), model.tokenizer_2),
+    ]
+
+
+@torch.inference_mode()
+def sdxl_schedules(
+    model: StableDiffusion, prompts: Sequence[str], steps: int, clip_skip: int
+) -> list[list[SDXL_ENTRY]]:
+    """Per prompt, its prompt-editing schedule of (end_step, crossattn [T, C], pooled [P])."""
+    by_prompt = {p: prompt_schedules(p, steps) for p in dict.fromkeys(prompts)}
+    texts = list(dict.fromkeys(text for schedule in by_prompt.values() for _, text in schedule))
+    encoders = _encoders(model, clip_skip)
+    chunks = max(len(tokenize_weighted(tok, text)) for _, tok in encoders for text in texts)
+    hidden = [encode_prompts(tower, tok, texts, chunks=chunks) for tower, tok in encoders]
+    crossattn = torch.cat(hidden, dim=-1)  # [len(texts), 77 * chunks, sum of widths]
+    tower_g, tok_g = encoders[-1]
+    pooled = [tower_g.pooled[tokenize_weighted(tok_g, text)[0].tokens] for text in texts]
+    entry = {text: (crossattn[i], pooled[i]) for i, text in enumerate(texts)}
+    return [[(end, *entry[text]) for end, text in by_prompt[p]] for p in prompts]
+
+
+def sdxl_at_step(schedules: Sequence[list[SDXL_ENTRY]], step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's (crossattn [B, T, C], pooled [B, P]) at a step; shorter conds repeat their last token."""
+    picked = [next((e for e in s if step <= e[0]), s[-1]) for s in schedules]
+    length = max(e[1].shape[0] for e in picked)
+    crossattn = torch.stack([torch.cat([e[1], e[1][-1:].expand(length - e[1].shape[0], -1)]) for e in picked])
+    return crossattn, torch.stack([e[2] for e in picked])
+
+
+class SDXLConditioner:
+    """`PromptConditioner` for SDXL: guided denoisers whose cond holds `crossattn` and `vector`."""
+
+    def __init__(
+        self, model: StableDiffusion, clip_skip: int, steps: int, numbers: tuple[SizeNumbers, SizeNumbers]
+    ) -> None:
+        self.model, self.clip_skip, self.steps, self.numbers = model, clip_skip, steps, numbers
+
+    def denoiser(
+        self,
+        base: ConditionedDenoiser,
+        prompts: list[str],
+        negative_prompts: list[str],
+        sigmas: torch.Tensor,
+        scale: float,
+        rescale: float = 0.0,
+        extra: Mapping[str, torch.Tensor] | None = None,
+    ) -> Denoiser:
+        """`denoise(x, sigma)`: the prompts' conditioning at each step, CFG against the negatives."""
+        m, family = self.model, self.model.family
+        dim = family.unet.vector_embed_dim
+        cond_schedules = sdxl_schedules(m, prompts, self.steps, self.clip_skip)
+        zero_uncond = all(p == "" for p in negative_prompts)
+        uncond_schedules = None
+        if scale != 1:
+            uncond_schedules = sdxl_schedules(m, negative_prompts, self.steps, self.clip_skip)
+        empty = sdxl_schedules(m, [""], 1, self.clip_skip)[0][0][1][None]  # [1, 77, C]: pads chunk counts
+        cond_numbers, uncond_numbers = (n.tensor(family)[None] for n in self.numbers)
+        sigmas = sigmas.detach().float().cpu()
+        extra = dict(extra or {})
+
+        def side(schedules: list[list[SDXL_ENTRY]], step: int, numbers: torch.Tensor, zero: bool):
+            crossattn, pooled = sdxl_at_step(schedules, step)
+            if zero:  # A1111's force_zero_negative_prompt: the text parts are zeros, the numbers stay
+                crossattn, pooled = torch.zeros_like(crossattn), torch.zeros_like(pooled)
+            vector = vector_conditioning(pooled.float(), numbers.expand(pooled.shape[0], -1), dim)
+            return crossattn, vector
+
+        def guided(x: torch.Tensor, sigma: Any) -> torch.Tensor:
+            step = step_of(sigma, sigmas)
+            c, c_vec = side(cond_schedules, step, cond_numbers, False)
+            if uncond_schedules is None:
+                return base(x, sigma, {"crossattn": c, "vector": c_vec, **extra})
+            u, u_vec = side(uncond_schedules, step, uncond_numbers, zero_uncond)
+            c, u = pad_tokens(c, u, empty)
+            cfg = CFGDenoiser(base, {"crossattn": u, "vector": u_vec, **extra}, scale, rescale)
+            return cfg(x, sigma, {"crossattn": c, "vector": c_vec, **extra})
+
+        return guided
+
+
+def refiner_switch(
+    base: Denoiser, refiner: Denoiser, model_sigmas: torch.Tensor, switch_at: float
+) -> Denoiser:
+    """A1111's refiner (`sd_samplers_common.apply_refiner`): the same sampler continues on the refiner
+    once (999 - t) / 1000 >= switch_at, t the model timestep nearest the sigma; the switch is one-way."""
+    switched = False
+    model_sigmas = model_sigmas.double().cpu()
+
+    def denoise(x: torch.Tensor, sigma: Any) -> torch.Tensor:
+        nonlocal switched
+        if not switched:
+            value = float(torch.as_tensor(sigma).max())
+            t = int(torch.argmin((model_sigmas - value).abs()))
+            switched = (999 - t) / 1000 >= switch_at
+        return (refiner if switched else base)(x, sigma)
+
+    return denoise
+
+
+def size_numbers(
+    size_cond: SizeConditioning | None, width: int, height: int
+) -> tuple[SizeNumbers, SizeNumbers]:
+    """(cond, uncond) numbers of a pass at width x height: unset sizes are the image's (A1111), unset
+    negative ones the positive's (diffusers' negative_original_size etc.)."""
+    sc = size_cond or SizeConditioning()
+
+    def hw(size: tuple[int, int], default: tuple[int, int]) -> tuple[int, int]:
+        return (size[1], size[0]) if any(size) else default  # (width, height) -> sgm's (h, w)
+
+    original, target = hw(sc.original_size, (height, width)), hw(sc.target_size, (height, width))
+    cond = SizeNumbers(original, sc.crop_top_left, target, sc.aesthetic_score)
+    uncond = SizeNumbers(
+        hw(sc.negative_original_size, original),
+        sc.crop_top_left if sc.negative_crop_top_left is None else sc.negative_crop_top_left,
+        hw(sc.negative_target_size, target),
+        sc.negative_aesthetic_score,
+    )
+    return cond, uncond
+
+
+def batch_numbers(
+    family: ModelFamily,
+    original_size: torch.Tensor,
+    crop_top_left: torch.Tensor,
+    target_size: torch.Tensor,
+    aesthetic_score: float = 6.0,
+) -> torch.Tensor:
+    """[B, N] numbers of a training batch ([B, 2] (h, w) sizes and (top, left) crops, as the bucketed data
+    records them) in the family's `vector_inputs` order; `vector_conditioning` turns them into the vector."""
+    columns = {
+        "original_size": original_size.float(),
+        "crop_top_left": crop_top_left.float(),
+        "target_size": target_size.float(),
+        "aesthetic_score": torch.full((len(original_size), 1), float(aesthetic_score)),
+    }
+    return torch.cat([columns[name] for name in family.vector_inputs], dim=1)
