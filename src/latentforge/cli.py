@@ -129,6 +129,9 @@ def build_request(args: argparse.Namespace, base: Any = None) -> Any:
         "eta": args.eta,
         "eta_noise_seed_delta": args.ensd,
         "tiled_vae": args.tiled_vae,
+        "s_min_uncond": args.ngms,
+        "s_min_uncond_all": args.ngms_all_steps,
+        "cfg_cutoff": args.cfg_cutoff,
     }
     request = replace(request, **{k: v for k, v in given.items() if v is not None})
     if args.sampler_option:
@@ -522,6 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="VAE in tiles (default: only above 1536x1536 pixels)",
     )
     p.add_argument("--preview-every", type=int, help="write OUT/preview.png every N steps")
+    p.add_argument(
+        "--ngms", type=float, help="skip the negative prompt below this sigma (A1111's NGMS; 0 off)"
+    )
+    p.add_argument(
+        "--ngms-all-steps", action="store_true", default=None, help="NGMS on every step, not every other"
+    )
+    p.add_argument("--cfg-cutoff", type=float, help="fraction of steps with CFG, cond only after (1 = all)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--device", help="cpu, cuda, mps (default: cuda when available)")
     p.add_argument("--out", default="outputs", help="output folder (files are never overwritten)")

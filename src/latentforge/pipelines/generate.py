@@ -26,6 +26,7 @@ from latentforge.pipelines.seeds import request_noise
 from latentforge.sampling import schedules
 from latentforge.sampling.common import Denoiser
 from latentforge.sampling.denoisers import DiscreteDenoiser
+from latentforge.sampling.guidance import CFGTruncation
 from latentforge.sampling.noise import BrownianNoiseSampler, NoiseSampler, generators
 from latentforge.sampling.registry import sampling_sigmas
 
@@ -172,6 +173,7 @@ def sample_latents(
         request.cfg_scale,
         request.cfg_rescale,
         extra=None if concat is None else {"concat": concat},
+        truncation=CFGTruncation(request.s_min_uncond, request.s_min_uncond_all, request.cfg_cutoff),
     )
     if init is not None and keep is not None:  # keep is only set together with init
         guided = blend_known(guided, init, keep)

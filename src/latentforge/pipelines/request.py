@@ -115,6 +115,10 @@ class GenerationRequest:
     vae: str = ""
     vae_hash: str = ""
     extra: Mapping[str, str] = field(default_factory=dict)  # infotext keys no field holds, kept verbatim
+    # Speed options (docs/performance.md); every default is the exact path.
+    s_min_uncond: float = 0.0  # A1111's NGMS: below this sigma skip the uncond pass on every other call
+    s_min_uncond_all: bool = False  # A1111's "NGMS all steps": ... on every call
+    cfg_cutoff: float = 1.0  # fraction of steps with CFG, cond only after (diffusers' SDCFGCutoffCallback)
 
     def use_tiled_vae(self, width: int, height: int) -> bool:
         """Whether the VAE runs in tiles for an image of this size."""
@@ -235,6 +239,8 @@ def resolve(
     _whole("steps", r.steps, 1, MAX_STEPS)
     _finite("CFG scale", r.cfg_scale)
     _finite("CFG rescale", r.cfg_rescale, 0, 1)
+    _finite("NGMS (s_min_uncond)", r.s_min_uncond, 0)
+    _finite("CFG cutoff", r.cfg_cutoff, 0, 1)
     _finite("variation seed strength", r.subseed_strength, 0, 1)
     _whole("batch size", r.batch_size, 1, MAX_BATCH)
     _whole("batch count", r.batch_count, 1, MAX_IMAGES)

@@ -99,6 +99,9 @@ INFOTEXT_KEYS: tuple[InfotextKey, ...] = (
     InfotextKey("Hires upscaler", "hires.upscaler", str, always=True),
     InfotextKey("Hires sampler", "hires.sampler", str),
     InfotextKey("Tiled VAE", "tiled_vae", _bool),
+    InfotextKey("NGMS", "s_min_uncond", float, format=_num),
+    InfotextKey("NGMS all steps", "s_min_uncond_all", _bool),
+    InfotextKey("CFG cutoff", "cfg_cutoff", float, format=_num),
 )
 # Keys A1111 writes with the same meaning as one above, read into that field.
 INFOTEXT_ALIASES = {"Eta DDIM": "Eta", "Eta noise seed delta": "ENSD", "Schedule": "Schedule type"}
