@@ -132,6 +132,7 @@ def build_request(args: argparse.Namespace, base: Any = None) -> Any:
         "s_min_uncond": args.ngms,
         "s_min_uncond_all": args.ngms_all_steps,
         "cfg_cutoff": args.cfg_cutoff,
+        "fast_decode": args.fast_decode,
     }
     request = replace(request, **{k: v for k, v in given.items() if v is not None})
     if args.sampler_option:
@@ -234,7 +235,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         model_path, dtype=_torch_dtype(args.dtype), device=device, vae=vae, prediction=args.prediction,
         use_ema=args.use_ema,
     )  # fmt: skip
-    callback = _preview_writer(model, out, args.preview_every) if args.preview_every else None
+    if args.taesd:
+        from latentforge.checkpoints.taesd import read_taesd
+
+        variant = "taesdxl" if "xl" in model.family.name else "taesd"
+        model.taesd = read_taesd(args.taesd, variant=variant, dtype=_torch_dtype(args.dtype)).to(model.device)
+    if args.preview == "taesd" and model.taesd is None:
+        raise ParameterError(
+            "--preview taesd needs --taesd DIR (taesd_decoder.pth from github.com/madebyollin/taesd)"
+        )
+    callback = _preview_writer(model, out, args.preview_every, args.preview) if args.preview_every else None
     if axes:
         return _xyz(model, request, axes, out, args.format)
     written: list[Any] = []
@@ -292,15 +302,18 @@ def _save_grid(out: Path, written: list[Any], format: str) -> None:
     print(path)
 
 
-def _preview_writer(model, out: Path, every: int):  # noqa: ANN202 (torch types imported lazily)
+def _preview_writer(model, out: Path, every: int, kind: str = "cheap"):  # noqa: ANN202 (lazy torch types)
     """A step callback that writes out/preview.png from the current x0 estimate every `every` steps."""
-    from latentforge.pipelines.preview import latent_preview, latent_rgb_projection
+    from latentforge.pipelines.preview import latent_preview, latent_rgb_projection, taesd_preview
 
-    projection = latent_rgb_projection(model)
+    projection = latent_rgb_projection(model) if kind == "cheap" else None
 
     def write(info) -> None:  # noqa: ANN001
         if (info.i + 1) % every == 0:
-            latent_preview(info.denoised, projection).save(out / "preview.png")
+            if projection is None:
+                taesd_preview(info.denoised, model.taesd).save(out / "preview.png")
+            else:
+                latent_preview(info.denoised, projection).save(out / "preview.png")
 
     return write
 
@@ -532,6 +545,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--ngms-all-steps", action="store_true", default=None, help="NGMS on every step, not every other"
     )
     p.add_argument("--cfg-cutoff", type=float, help="fraction of steps with CFG, cond only after (1 = all)")
+    p.add_argument(
+        "--preview", choices=["cheap", "taesd"], default="cheap", help="preview decoder (taesd needs --taesd)"
+    )
+    p.add_argument(
+        "--taesd", help="folder (or file) with taesd_decoder.pth [+ encoder]: previews, --fast-decode"
+    )
+    p.add_argument(
+        "--fast-decode",
+        action="store_true",
+        default=None,
+        help="decode the final image with TAESD (needs --taesd)",
+    )
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--device", help="cpu, cuda, mps (default: cuda when available)")
     p.add_argument("--out", default="outputs", help="output folder (files are never overwritten)")

@@ -10,6 +10,7 @@ import torch
 from latentforge.checkpoints.hashing import a1111_short_hash
 from latentforge.checkpoints.loading import read_components, read_vae
 from latentforge.models.families import ModelFamily, Prediction
+from latentforge.models.taesd import TinyAutoencoder
 from latentforge.models.text_encoder import CLIPTextModel
 from latentforge.models.tokenizer import CLIPTokenizer
 from latentforge.models.unet import UNetModel
@@ -31,6 +32,7 @@ class StableDiffusion:
     # "VAE hash" the first 10 hex digits of its SHA-256; None while the checkpoint's own VAE is in use.
     vae_name: str | None = None
     vae_hash: str | None = None
+    taesd: TinyAutoencoder | None = None  # optional tiny decoder: live previews and `fast_decode` (perf)
 
     @classmethod
     def from_family(

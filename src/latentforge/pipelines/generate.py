@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from latentforge.errors import NonFiniteError, ParameterError
 from latentforge.model import StableDiffusion
-from latentforge.pipelines.images import decode_latents, encode_images, tensor_to_pil
+from latentforge.pipelines.images import decode_latents, decode_latents_fast, encode_images, tensor_to_pil
 from latentforge.pipelines.prompt_guidance import PromptConditioner
 from latentforge.pipelines.request import Batch, GenerationRequest, Pass, ResolvedRequest
 from latentforge.pipelines.request_infotext import to_infotext
@@ -226,8 +226,11 @@ def decode_results(
     width, height = latents.shape[-1] * f, latents.shape[-2] * f
     if not torch.isfinite(latents).all():
         raise NonFiniteError(f"sampling gave NaN/Inf latents (seeds {list(batch.seeds)}): {_cause(model)}")
-    tiled = base.use_tiled_vae(width, height)
-    pixels, retried = decode_latents(model, latents, tiled=tiled)
+    tiled = base.use_tiled_vae(width, height) and not base.fast_decode
+    if base.fast_decode:
+        pixels, retried = decode_latents_fast(model, latents), False
+    else:
+        pixels, retried = decode_latents(model, latents, tiled=tiled)
     if not torch.isfinite(pixels).all():
         raise NonFiniteError(f"the VAE decoded NaN/Inf pixels (seeds {list(batch.seeds)}): {_cause(model)}")
     results = []

@@ -119,6 +119,7 @@ class GenerationRequest:
     s_min_uncond: float = 0.0  # A1111's NGMS: below this sigma skip the uncond pass on every other call
     s_min_uncond_all: bool = False  # A1111's "NGMS all steps": ... on every call
     cfg_cutoff: float = 1.0  # fraction of steps with CFG, cond only after (diffusers' SDCFGCutoffCallback)
+    fast_decode: bool = False  # decode with the model's TAESD instead of its VAE
 
     def use_tiled_vae(self, width: int, height: int) -> bool:
         """Whether the VAE runs in tiles for an image of this size."""
@@ -241,6 +242,11 @@ def resolve(
     _finite("CFG rescale", r.cfg_rescale, 0, 1)
     _finite("NGMS (s_min_uncond)", r.s_min_uncond, 0)
     _finite("CFG cutoff", r.cfg_cutoff, 0, 1)
+    if r.fast_decode and model.taesd is None:
+        raise ParameterError(
+            "fast decode needs TAESD weights: pass --taesd DIR holding taesd_decoder.pth (taesdxl_ for SDXL) "
+            "from github.com/madebyollin/taesd, or set model.taesd = checkpoints.taesd.read_taesd(DIR)"
+        )
     _finite("variation seed strength", r.subseed_strength, 0, 1)
     _whole("batch size", r.batch_size, 1, MAX_BATCH)
     _whole("batch count", r.batch_count, 1, MAX_IMAGES)

@@ -102,6 +102,7 @@ INFOTEXT_KEYS: tuple[InfotextKey, ...] = (
     InfotextKey("NGMS", "s_min_uncond", float, format=_num),
     InfotextKey("NGMS all steps", "s_min_uncond_all", _bool),
     InfotextKey("CFG cutoff", "cfg_cutoff", float, format=_num),
+    InfotextKey("Fast decode", "fast_decode", _bool),
 )
 # Keys A1111 writes with the same meaning as one above, read into that field.
 INFOTEXT_ALIASES = {"Eta DDIM": "Eta", "Eta noise seed delta": "ENSD", "Schedule": "Schedule type"}
