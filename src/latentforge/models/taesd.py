@@ -100,3 +100,7 @@ class TinyAutoencoder(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decoder(latents).mul(2).sub(1)  # TAESD gives [0, 1]
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        """`decode` (what training calls through DDP)."""
+        return self.decode(latents)

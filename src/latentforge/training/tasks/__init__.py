@@ -31,4 +31,15 @@ def _unet(config: RunConfig) -> TrainingTask:
     return make_unet_task(config)
 
 
-TASKS: dict[str, Callable[[RunConfig], TrainingTask]] = {"clip": _clip, "vae": _vae, "unet": _unet}
+def _taesd(config: RunConfig) -> TrainingTask:
+    from latentforge.training.tasks.taesd import make_taesd_task
+
+    return make_taesd_task(config)
+
+
+TASKS: dict[str, Callable[[RunConfig], TrainingTask]] = {
+    "clip": _clip,
+    "vae": _vae,
+    "unet": _unet,
+    "taesd": _taesd,
+}
