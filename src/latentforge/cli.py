@@ -133,6 +133,9 @@ def build_request(args: argparse.Namespace, base: Any = None) -> Any:
         "s_min_uncond_all": args.ngms_all_steps,
         "cfg_cutoff": args.cfg_cutoff,
         "fast_decode": args.fast_decode,
+        "token_merging_ratio": args.tome,
+        "token_merging_max_downsample": args.tome_max_downsample,
+        "token_merging_random": args.tome_random,
     }
     request = replace(request, **{k: v for k, v in given.items() if v is not None})
     if args.sampler_option:
@@ -547,6 +550,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-cutoff", type=float, help="fraction of steps with CFG, cond only after (1 = all)")
     p.add_argument(
         "--preview", choices=["cheap", "taesd"], default="cheap", help="preview decoder (taesd needs --taesd)"
+    )
+    p.add_argument("--tome", type=float, help="ToMe: merge this fraction of self-attention tokens (0-0.75)")
+    p.add_argument(
+        "--tome-max-downsample", type=int, help="ToMe in blocks downsampled at most 1, 2, 4, 8x (1)"
+    )
+    p.add_argument(
+        "--tome-random",
+        action="store_true",
+        default=None,
+        help="ToMe: random dst tokens (seeded by the image)",
     )
     p.add_argument(
         "--taesd", help="folder (or file) with taesd_decoder.pth [+ encoder]: previews, --fast-decode"

@@ -77,7 +77,16 @@ REQUESTS = {
     "unknown keys": replace(
         BASE, extra={"Lora hashes": "cat: 0123abcd", "ADetailer model": "face_yolov8n.pt"}
     ),
-    "speed options": replace(BASE, s_min_uncond=1.5, s_min_uncond_all=True, cfg_cutoff=0.8, fast_decode=True),
+    "speed options": replace(
+        BASE,
+        s_min_uncond=1.5,
+        s_min_uncond_all=True,
+        cfg_cutoff=0.8,
+        fast_decode=True,
+        token_merging_ratio=0.5,
+        token_merging_max_downsample=2,
+        token_merging_random=True,
+    ),
     "multi-line prompts": replace(BASE, prompt="line one,\nline two: (x:1.2)", negative_prompt="a\nb"),
 }
 

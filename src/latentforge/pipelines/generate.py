@@ -8,6 +8,7 @@ txt2img, img2img, inpainting and the hires fix differ only in the `LatentSource`
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -18,6 +19,8 @@ from tqdm.auto import tqdm
 
 from latentforge.errors import NonFiniteError, ParameterError
 from latentforge.model import StableDiffusion
+from latentforge.models.attention import TokenMerging
+from latentforge.models.token_merging import apply_token_merging
 from latentforge.pipelines.images import decode_latents, decode_latents_fast, encode_images, tensor_to_pil
 from latentforge.pipelines.prompt_guidance import PromptConditioner
 from latentforge.pipelines.request import Batch, GenerationRequest, Pass, ResolvedRequest
@@ -179,7 +182,7 @@ def sample_latents(
         guided = blend_known(guided, init, keep)
     inputs = {"model_sigmas": denoiser.sigmas}
     options = {**sampling.options, **{name: inputs[name] for name in spec.needs}}
-    with torch.inference_mode():
+    with torch.inference_mode(), _token_merging(model, request, seeds[0]):
         noise_source = _noise_source(spec.noise, seeds, shape, sigmas, model, request.eta_noise_seed_delta)
         latents = spec.function(guided, x, sigmas, callback=callback, noise=noise_source, **options)
     if init is not None and keep is not None:
@@ -253,6 +256,19 @@ def _cause(model: StableDiffusion) -> str:
         "the weights are finite, so the request overflowed: check prompt weights such as (word:1e30), the "
         f"CFG scale and sampler options; in {model.dtype} try --dtype fp32. Nothing was saved"
     )
+
+
+def _token_merging(model: StableDiffusion, request: GenerationRequest, seed: int) -> AbstractContextManager:
+    """ToMe on the U-Net for one sampling pass (undone after it), or nothing at ratio 0."""
+    if request.token_merging_ratio == 0:
+        return nullcontext()
+    settings = TokenMerging(
+        request.token_merging_ratio,
+        request.token_merging_max_downsample,
+        use_rand=request.token_merging_random,
+    )
+    generator = torch.Generator().manual_seed(seed) if settings.use_rand else None
+    return apply_token_merging(model.unet, settings, generator)
 
 
 def _noise_source(

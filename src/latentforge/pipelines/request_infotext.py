@@ -103,6 +103,9 @@ INFOTEXT_KEYS: tuple[InfotextKey, ...] = (
     InfotextKey("NGMS all steps", "s_min_uncond_all", _bool),
     InfotextKey("CFG cutoff", "cfg_cutoff", float, format=_num),
     InfotextKey("Fast decode", "fast_decode", _bool),
+    InfotextKey("Token merging ratio", "token_merging_ratio", float, format=_num),
+    InfotextKey("Token merging max downsample", "token_merging_max_downsample", int),
+    InfotextKey("Token merging random", "token_merging_random", _bool),
 )
 # Keys A1111 writes with the same meaning as one above, read into that field.
 INFOTEXT_ALIASES = {"Eta DDIM": "Eta", "Eta noise seed delta": "ENSD", "Schedule": "Schedule type"}
