@@ -238,6 +238,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         model_path, dtype=_torch_dtype(args.dtype), device=device, vae=vae, prediction=args.prediction,
         use_ema=args.use_ema,
     )  # fmt: skip
+    if args.int8:
+        from latentforge.models.quantize import quantize_int8
+
+        quantize_int8(model.unet)  # one-way: weights kept as int8, dequantized per layer call
     if args.taesd:
         from latentforge.checkpoints.taesd import read_taesd
 
@@ -550,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-cutoff", type=float, help="fraction of steps with CFG, cond only after (1 = all)")
     p.add_argument(
         "--preview", choices=["cheap", "taesd"], default="cheap", help="preview decoder (taesd needs --taesd)"
+    )
+    p.add_argument(
+        "--int8", action="store_true", help="hold the U-Net's weights as int8 (about half of bf16's memory)"
     )
     p.add_argument("--tome", type=float, help="ToMe: merge this fraction of self-attention tokens (0-0.75)")
     p.add_argument(
