@@ -2,10 +2,20 @@
 
 An SD1.5-size model with random weights (the same weights on both sides: diffusers' are converted
 from ours through the key maps), 512x512, 20 steps of DPM++ 2M with Karras sigmas, CFG 7, batch 1.
-Each (implementation, dtype) runs in its own subprocess so peak RSS is its own; the peak is reset
+Each (implementation, dtype, case) runs in its own subprocess so peak RSS is its own; the peak is reset
 (`/proc/self/clear_refs`) after the model is built, so "peak" is weights + inference, not set-up.
 
     python benchmarks/txt2img.py --dtypes fp32,bf16 --size 512 --steps 20
+
+Cases (`--cases`, the speed options of docs/performance.md, each against diffusers' equivalent):
+    plain     the above
+    cutoff    + CFG cut-off 0.5 (ours `cfg_cutoff`; diffusers' SDCFGCutoffCallback, cutoff_step_ratio 0.5)
+    tome      + ToMe ratio 0.5, max downsample 1 (ours; diffusers + tomesd.apply_patch)
+    lcm-taesd LCM sampler, 4 steps, CFG 1, decoded by TAESD (random full-size weights on both sides;
+              diffusers' LCMScheduler + AutoencoderTiny)
+`--run-steps K` samples only K steps and scales: seconds(N steps) = total - sampling + sum over the N
+steps of the measured time of a step of that kind (guided or cond-only), so short runs give the N-step
+number (the step time of a U-Net is constant across steps).
 """
 
 from __future__ import annotations
@@ -48,35 +58,94 @@ def build_ours(dtype):  # noqa: ANN201
     return model.eval()
 
 
+PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry"
+CUTOFF, TOME = 0.5, 0.5
+CASES = ("plain", "cutoff", "tome", "lcm-taesd")
+
+
+def case_steps(case: str, steps: int) -> tuple[int, list[bool]]:
+    """(steps, guided flag per step) of a case at `steps` steps (LCM: always 4, unguided)."""
+    if case == "lcm-taesd":
+        return 4, [False] * 4
+    if case == "cutoff":  # diffusers' SDCFGCutoffCallback: steps after int(n * ratio) are unguided
+        return steps, [i <= int(steps * CUTOFF) for i in range(steps)]
+    return steps, [True] * steps
+
+
+def scaled_seconds(
+    total: float, marks: list[float], start: float, guided: list[bool], full: list[bool]
+) -> float:
+    """Seconds of the full run from a short one: fixed part + the median step time of each kind."""
+    durations = [b - a for a, b in zip([start, *marks[:-1]], marks, strict=True)]
+    kinds: dict[bool, list[float]] = {True: [], False: []}
+    for i, (d, kind) in enumerate(zip(durations, guided, strict=True)):
+        if i > 0 or len(durations) == 1:  # the first interval also holds the set-up before sampling
+            kinds[kind].append(d)
+    median = {k: sorted(v)[len(v) // 2] for k, v in kinds.items() if v}
+    fixed = total - sum(median.get(k, median.get(not k, 0.0)) for k in guided)
+    return fixed + sum(median.get(k, median.get(not k, 0.0)) for k in full)
+
+
+def clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def scaled(
+    start: tuple[float, float], end: tuple[float, float], marks: list[tuple[float, float]], short: list[bool],
+    full: list[bool],
+) -> dict:  # fmt: skip
+    """Wall and CPU seconds of the full run (CPU time: all threads; robust to other load on the machine)."""
+    out: dict = {"run_steps": len(short)}
+    for j, name in ((0, "seconds"), (1, "cpu_seconds")):
+        times = [m[j] for m in marks]
+        out[name] = scaled_seconds(end[j] - start[j], times, start[j], short, full)
+        out["measured_" + name] = end[j] - start[j]
+    return out
+
+
 def run_ours(args: argparse.Namespace, dtype) -> dict:  # noqa: ANN001
+    import torch
+
+    from latentforge.models.taesd import TAESD, TinyAutoencoder
     from latentforge.pipelines.request import GenerationRequest
     from latentforge.pipelines.runner import run
 
     model = build_ours(dtype)
+    n, full = case_steps(args.case, args.steps)
+    k, short = case_steps(args.case, min(args.run_steps or n, n))
+    options: dict = {"sampler": "DPM++ 2M", "schedule": "Karras", "cfg_scale": 7.0}
+    if args.case == "cutoff":
+        options["cfg_cutoff"] = CUTOFF
+    if args.case == "tome":
+        options["token_merging_ratio"] = TOME
+    if args.case == "lcm-taesd":
+        torch.manual_seed(0)
+        model.taesd = TinyAutoencoder(TAESD, encoder=False).to(dtype).eval()
+        options = {"sampler": "LCM", "schedule": "Automatic", "cfg_scale": 1.0, "fast_decode": True}
     params = GenerationRequest(
-        prompt="a photograph of an astronaut riding a horse",
-        negative_prompt="blurry",
-        steps=args.steps,
-        sampler="DPM++ 2M",
-        schedule="Karras",
-        cfg_scale=7.0,
-        seed=1,
-        width=args.size,
-        height=args.size,
+        prompt=PROMPT, negative_prompt=NEGATIVE, steps=k, seed=1, width=args.size, height=args.size, **options
     )
     run(model, GenerationRequest(prompt="warm-up", steps=1, width=64, height=64), progress=False)
     reset_peak()
-    start = time.perf_counter()
-    run(model, params, progress=False)
-    return {"seconds": time.perf_counter() - start}
+    marks: list[tuple[float, float]] = []
+    start = clocks()
+    run(model, params, progress=False, callback=lambda info: marks.append(clocks()) and None)
+    return scaled(start, clocks(), marks, short, full)
 
 
 def run_diffusers(args: argparse.Namespace, dtype) -> dict:  # noqa: ANN001
     import tempfile
 
     import torch
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import (
+        AutoencoderKL,
+        AutoencoderTiny,
+        DPMSolverMultistepScheduler,
+        LCMScheduler,
+        StableDiffusionPipeline,
+    )
     from diffusers import UNet2DConditionModel as DUNet
+    from diffusers.callbacks import SDCFGCutoffCallback
     from transformers import CLIPTextModel, CLIPTokenizer
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -90,9 +159,14 @@ def run_diffusers(args: argparse.Namespace, dtype) -> dict:  # noqa: ANN001
     text = CLIPTextModel(transformers_text_config(SD1.text_encoder)).to(dtype)
     folder = write_hf_clip_vocab(Path(tempfile.mkdtemp()))
     tokenizer = CLIPTokenizer.from_pretrained(str(folder), model_max_length=77, pad_token="<|endoftext|>")
-    scheduler = DPMSolverMultistepScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", use_karras_sigmas=True
-    )
+    betas = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+    scheduler = DPMSolverMultistepScheduler(**betas, use_karras_sigmas=True)
+    n, full = case_steps(args.case, args.steps)
+    k, short = case_steps(args.case, min(args.run_steps or n, n))
+    guidance = 7.0
+    if args.case == "lcm-taesd":
+        scheduler, guidance = LCMScheduler(**betas), 1.0
+        vae = AutoencoderTiny().to(dtype)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text,
@@ -105,19 +179,32 @@ def run_diffusers(args: argparse.Namespace, dtype) -> dict:  # noqa: ANN001
     )
     pipe.set_progress_bar_config(disable=True)
     pipe("warm-up", num_inference_steps=1, height=64, width=64)
+    if args.case == "tome":
+        import tomesd
+
+        tomesd.apply_patch(pipe, ratio=TOME)
+    cutoff = SDCFGCutoffCallback(cutoff_step_ratio=CUTOFF) if args.case == "cutoff" else None
+    marks: list[tuple[float, float]] = []
+
+    def on_step_end(pipeline, i, t, kwargs):  # noqa: ANN001, ANN202
+        marks.append(clocks())
+        return cutoff(pipeline, i, t, kwargs) if cutoff is not None else kwargs
+
     reset_peak()
-    start = time.perf_counter()
+    start = (time.perf_counter(), time.process_time())
     with torch.inference_mode():
         pipe(
-            "a photograph of an astronaut riding a horse",
-            negative_prompt="blurry",
-            num_inference_steps=args.steps,
-            guidance_scale=7.0,
+            PROMPT,
+            negative_prompt=NEGATIVE,
+            num_inference_steps=k,
+            guidance_scale=guidance,
             height=args.size,
             width=args.size,
             generator=torch.Generator().manual_seed(1),
+            callback_on_step_end=on_step_end,
+            callback_on_step_end_tensor_inputs=["prompt_embeds"],
         )
-    return {"seconds": time.perf_counter() - start}
+    return scaled(start, clocks(), marks, short, full)
 
 
 def child(args: argparse.Namespace) -> None:
@@ -126,7 +213,7 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, DTYPES[args.dtype])
     result = (run_ours if args.impl == "ours" else run_diffusers)(args, dtype)
-    result.update(peak_mib=rss_mib("VmHWM"), impl=args.impl, dtype=args.dtype)
+    result.update(peak_mib=rss_mib("VmHWM"), impl=args.impl, dtype=args.dtype, case=args.case)
     print("RESULT " + json.dumps(result))
 
 
@@ -138,6 +225,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cases", default="plain", help=f"comma-separated subset of {', '.join(CASES)}")
+    parser.add_argument(
+        "--run-steps", type=int, default=0, help="sample only this many steps and scale (0: all)"
+    )
+    parser.add_argument("--case", default="plain", help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -145,38 +237,35 @@ def main() -> None:
         child(args)
         return
     rows = []
-    for dtype in args.dtypes.split(","):
-        for impl in ("ours", "diffusers"):
-            command = [
-                sys.executable,
-                __file__,
-                "--impl",
-                impl,
-                "--dtype",
-                dtype,
-                "--size",
-                str(args.size),
-                "--steps",
-                str(args.steps),
-                "--threads",
-                str(args.threads),
-            ]
-            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-            rows.append(json.loads(out.split("RESULT ", 1)[1]))
-            print(rows[-1], flush=True)
-    print("\n| dtype | impl | seconds | s/step | peak RSS GiB |\n|---|---|---|---|---|")
+    for case in args.cases.split(","):
+        for dtype in args.dtypes.split(","):
+            for impl in ("ours", "diffusers"):
+                command = [sys.executable, __file__, "--impl", impl, "--dtype", dtype, "--case", case]
+                command += [
+                    "--size",
+                    str(args.size),
+                    "--steps",
+                    str(args.steps),
+                    "--threads",
+                    str(args.threads),
+                ]
+                command += ["--run-steps", str(args.run_steps)]
+                out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+                rows.append(json.loads(out.split("RESULT ", 1)[1]))
+                print(rows[-1], flush=True)
+    print(
+        "\n| case | dtype | impl | steps | seconds | CPU s | peak RSS GiB | steps run | ours/diffusers CPU |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(
-            f"| {r['dtype']} | {r['impl']} | {r['seconds']:.1f} | {r['seconds'] / args.steps:.2f} | "
-            f"{r['peak_mib'] / 1024:.2f} |"
+        theirs = next(
+            x for x in rows if (x["case"], x["dtype"], x["impl"]) == (r["case"], r["dtype"], "diffusers")
         )
-    for dtype in args.dtypes.split(","):
-        ours, theirs = (
-            next(r for r in rows if r["dtype"] == dtype and r["impl"] == i) for i in ("ours", "diffusers")
-        )
+        steps = case_steps(r["case"], args.steps)[0]
         print(
-            f"{dtype}: time ours/diffusers {ours['seconds'] / theirs['seconds']:.2f}, "
-            f"peak ours/diffusers {ours['peak_mib'] / theirs['peak_mib']:.2f}"
+            f"| {r['case']} | {r['dtype']} | {r['impl']} | {steps} | {r['seconds']:.1f} | "
+            f"{r['cpu_seconds']:.1f} | {r['peak_mib'] / 1024:.2f} | {r['run_steps']} | "
+            f"{r['cpu_seconds'] / theirs['cpu_seconds']:.2f} |"
         )
 
 

@@ -257,6 +257,13 @@ def build_request(args: argparse.Namespace, base: Any = None) -> Any:
         "eta": args.eta,
         "eta_noise_seed_delta": args.ensd,
         "tiled_vae": args.tiled_vae,
+        "s_min_uncond": args.ngms,
+        "s_min_uncond_all": args.ngms_all_steps,
+        "cfg_cutoff": args.cfg_cutoff,
+        "fast_decode": args.fast_decode,
+        "token_merging_ratio": args.tome,
+        "token_merging_max_downsample": args.tome_max_downsample,
+        "token_merging_random": args.tome_random,
     }
     request = replace(request, **{k: v for k, v in given.items() if v is not None})
     if args.sampler_option:
@@ -411,7 +418,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         request = replace(request, controlnet=_controlnet_units(args, model))
-    callback = _preview_writer(model, out, args.preview_every) if args.preview_every else None
+    if args.int8:
+        from latentforge.models.quantize import quantize_int8
+
+        quantize_int8(model.unet)  # one-way: weights kept as int8, dequantized per layer call
+    if args.taesd:
+        from latentforge.checkpoints.taesd import read_taesd
+
+        variant = "taesdxl" if model.family.is_sdxl else "taesd"
+        model.taesd = read_taesd(args.taesd, variant=variant, dtype=_torch_dtype(args.dtype)).to(model.device)
+    if args.preview == "taesd" and model.taesd is None:
+        raise ParameterError(
+            "--preview taesd needs --taesd DIR (taesd_decoder.pth from github.com/madebyollin/taesd)"
+        )
+    callback = _preview_writer(model, out, args.preview_every, args.preview) if args.preview_every else None
     refiner = load(args.refiner, dtype=_torch_dtype(args.dtype), device=device) if args.refiner else None
     if axes:
         return _xyz(model, request, axes, out, args.format)
@@ -470,15 +490,18 @@ def _save_grid(out: Path, written: list[Any], format: str) -> None:
     print(path)
 
 
-def _preview_writer(model, out: Path, every: int):  # noqa: ANN202 (torch types imported lazily)
+def _preview_writer(model, out: Path, every: int, kind: str = "cheap"):  # noqa: ANN202 (lazy torch types)
     """A step callback that writes out/preview.png from the current x0 estimate every `every` steps."""
-    from latentforge.pipelines.preview import latent_preview, latent_rgb_projection
+    from latentforge.pipelines.preview import latent_preview, latent_rgb_projection, taesd_preview
 
-    projection = latent_rgb_projection(model)
+    projection = latent_rgb_projection(model) if kind == "cheap" else None
 
     def write(info) -> None:  # noqa: ANN001
         if (info.i + 1) % every == 0:
-            latent_preview(info.denoised, projection).save(out / "preview.png")
+            if projection is None:
+                taesd_preview(info.denoised, model.taesd).save(out / "preview.png")
+            else:
+                latent_preview(info.denoised, projection).save(out / "preview.png")
 
     return write
 
@@ -729,6 +752,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control-threshold-b", action="append", type=float, help="module threshold B")
     p.add_argument("--control-pixel-perfect", action="store_true", help="preprocess at the output's size")
     p.add_argument("--preview-every", type=int, help="write OUT/preview.png every N steps")
+    p.add_argument(
+        "--ngms", type=float, help="skip the negative prompt below this sigma (A1111's NGMS; 0 off)"
+    )
+    p.add_argument(
+        "--ngms-all-steps", action="store_true", default=None, help="NGMS on every step, not every other"
+    )
+    p.add_argument("--cfg-cutoff", type=float, help="fraction of steps with CFG, cond only after (1 = all)")
+    p.add_argument(
+        "--preview", choices=["cheap", "taesd"], default="cheap", help="preview decoder (taesd needs --taesd)"
+    )
+    p.add_argument(
+        "--int8", action="store_true", help="hold the U-Net's weights as int8 (about half of bf16's memory)"
+    )
+    p.add_argument("--tome", type=float, help="ToMe: merge this fraction of self-attention tokens (0-0.75)")
+    p.add_argument(
+        "--tome-max-downsample", type=int, help="ToMe in blocks downsampled at most 1, 2, 4, 8x (1)"
+    )
+    p.add_argument(
+        "--tome-random",
+        action="store_true",
+        default=None,
+        help="ToMe: random dst tokens (seeded by the image)",
+    )
+    p.add_argument(
+        "--taesd", help="folder (or file) with taesd_decoder.pth [+ encoder]: previews, --fast-decode"
+    )
+    p.add_argument(
+        "--fast-decode",
+        action="store_true",
+        default=None,
+        help="decode the final image with TAESD (needs --taesd)",
+    )
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--device", help="cpu, cuda, mps (default: cuda when available)")
     p.add_argument("--out", default="outputs", help="output folder (files are never overwritten)")
@@ -846,7 +901,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Train a CLIP, VAE, U-Net or ControlNet, or fine-tune (unet with init, lora, embedding, dreambooth) "
         "from a run config (resumes automatically).",
     )
-    p.add_argument("task", choices=["clip", "vae", "unet", "controlnet", "lora", "embedding", "dreambooth"])
+    p.add_argument(
+        "task", choices=["clip", "vae", "unet", "controlnet", "lora", "embedding", "dreambooth", "taesd"]
+    )
     p.add_argument("config", help="TOML run config")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-4 task_options.x=1")
     p.add_argument(

@@ -16,6 +16,7 @@ from latentforge.checkpoints.loading import read_components, read_vae
 from latentforge.checkpoints.lora import LoraHandle, apply_loras
 from latentforge.errors import ParameterError
 from latentforge.models.families import ModelFamily, Prediction
+from latentforge.models.taesd import TinyAutoencoder
 from latentforge.models.text_encoder import CLIPTextModel
 from latentforge.models.tokenizer import CLIPTokenizer
 from latentforge.models.unet import UNetModel
@@ -45,6 +46,7 @@ class StableDiffusion:
     # SDXL base: the second text encoder (OpenCLIP bigG) and its tokenizer (pads with 0)
     text_encoder_2: CLIPTextModel | None = None
     tokenizer_2: CLIPTokenizer | None = None
+    taesd: TinyAutoencoder | None = None  # optional tiny decoder: live previews and `fast_decode` (perf)
 
     @classmethod
     def from_family(

@@ -44,6 +44,9 @@ def single(model: StableDiffusion, request: GenerationRequest) -> GenerationRequ
     if request.vae:  # a model whose VAE was swapped for the one the request names
         model = copy.copy(model)
         model.vae_name, model.vae_hash = request.vae, request.vae_hash
+    if request.fast_decode:  # a model with a TAESD (any module: resolve only checks it is there)
+        model = copy.copy(model)
+        model.taesd = torch.nn.Module()  # type: ignore[assignment]
     resolved = resolve(request, model)
     return resolved.image_request(resolved.batches[0], 0)
 
@@ -74,6 +77,16 @@ REQUESTS = {
     "cfg rescale, tiled": replace(BASE, cfg_rescale=0.7, tiled_vae=True),
     "unknown keys": replace(
         BASE, extra={"ADetailer confidence": "0.3", "ADetailer model": "face_yolov8n.pt"}
+    ),
+    "speed options": replace(
+        BASE,
+        s_min_uncond=1.5,
+        s_min_uncond_all=True,
+        cfg_cutoff=0.8,
+        fast_decode=True,
+        token_merging_ratio=0.5,
+        token_merging_max_downsample=2,
+        token_merging_random=True,
     ),
     "multi-line prompts": replace(BASE, prompt="line one,\nline two: (x:1.2)", negative_prompt="a\nb"),
 }

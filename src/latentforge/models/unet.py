@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from latentforge.models.attention import multi_head_attention
+from latentforge.models.attention import MergePlanner, multi_head_attention
 from latentforge.models.configs import UNetConfig
 
 NORM_EPS = 1e-5  # ResBlocks and `out.0` (openaimodel's GroupNorm32)
@@ -132,10 +132,15 @@ class BasicTransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.norm3 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.token_merging: MergePlanner | None = None  # ToMe, set by models.token_merging (perf)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # Each branch ends in a Linear whose output nothing saved: add the residual into it in place.
-        h = self.attn1(self.norm1(x))
+        if self.token_merging is None:
+            h = self.attn1(self.norm1(x))
+        else:  # self-attention over merged tokens (ToMe for SD: merge_attn only, as tomesd's default)
+            merge, unmerge = self.token_merging.plan(x)
+            h = unmerge(self.attn1(merge(self.norm1(x))))
         h += x
         x = self.attn2(self.norm2(h), context)
         x += h

@@ -8,6 +8,7 @@ txt2img, img2img, inpainting and the hires fix differ only in the `LatentSource`
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -18,8 +19,10 @@ from tqdm.auto import tqdm
 
 from latentforge.errors import NonFiniteError, ParameterError
 from latentforge.model import StableDiffusion
+from latentforge.models.attention import TokenMerging
+from latentforge.models.token_merging import apply_token_merging
 from latentforge.pipelines.controlnet import controlled, request_units
-from latentforge.pipelines.images import decode_latents, encode_images, tensor_to_pil
+from latentforge.pipelines.images import decode_latents, decode_latents_fast, encode_images, tensor_to_pil
 from latentforge.pipelines.prompt_guidance import PromptConditioner
 from latentforge.pipelines.request import Batch, GenerationRequest, Pass, ResolvedRequest
 from latentforge.pipelines.request_infotext import to_infotext
@@ -28,6 +31,7 @@ from latentforge.pipelines.seeds import request_noise
 from latentforge.sampling import schedules
 from latentforge.sampling.common import Denoiser
 from latentforge.sampling.denoisers import DiscreteDenoiser
+from latentforge.sampling.guidance import CFGTruncation
 from latentforge.sampling.noise import BrownianNoiseSampler, NoiseSampler, generators
 from latentforge.sampling.registry import sampling_sigmas
 
@@ -191,7 +195,7 @@ def sample_latents(
         guided = blend_known(guided, init, keep)
     inputs = {"model_sigmas": denoiser.sigmas}
     options = {**sampling.options, **{name: inputs[name] for name in spec.needs}}
-    with torch.inference_mode():
+    with torch.inference_mode(), _token_merging(model, request, seeds[0]):
         noise_source = _noise_source(spec.noise, seeds, shape, sigmas, model, request.eta_noise_seed_delta)
         latents = spec.function(guided, x, sigmas, callback=callback, noise=noise_source, **options)
     if init is not None and keep is not None:
@@ -227,6 +231,7 @@ def _guided(
         request.cfg_scale,
         request.cfg_rescale,
         extra={"concat": concat} if takes_concat and concat is not None else None,
+        truncation=CFGTruncation(request.s_min_uncond, request.s_min_uncond_all, request.cfg_cutoff),
     )
 
 
@@ -273,8 +278,11 @@ def decode_results(
     width, height = latents.shape[-1] * f, latents.shape[-2] * f
     if not torch.isfinite(latents).all():
         raise NonFiniteError(f"sampling gave NaN/Inf latents (seeds {list(batch.seeds)}): {_cause(model)}")
-    tiled = base.use_tiled_vae(width, height)
-    pixels, retried = decode_latents(model, latents, tiled=tiled)
+    tiled = base.use_tiled_vae(width, height) and not base.fast_decode
+    if base.fast_decode:
+        pixels, retried = decode_latents_fast(model, latents), False
+    else:
+        pixels, retried = decode_latents(model, latents, tiled=tiled)
     if not torch.isfinite(pixels).all():
         raise NonFiniteError(f"the VAE decoded NaN/Inf pixels (seeds {list(batch.seeds)}): {_cause(model)}")
     results = []
@@ -297,6 +305,19 @@ def _cause(model: StableDiffusion) -> str:
         "the weights are finite, so the request overflowed: check prompt weights such as (word:1e30), the "
         f"CFG scale and sampler options; in {model.dtype} try --dtype fp32. Nothing was saved"
     )
+
+
+def _token_merging(model: StableDiffusion, request: GenerationRequest, seed: int) -> AbstractContextManager:
+    """ToMe on the U-Net for one sampling pass (undone after it), or nothing at ratio 0."""
+    if request.token_merging_ratio == 0:
+        return nullcontext()
+    settings = TokenMerging(
+        request.token_merging_ratio,
+        request.token_merging_max_downsample,
+        use_rand=request.token_merging_random,
+    )
+    generator = torch.Generator().manual_seed(seed) if settings.use_rand else None
+    return apply_token_merging(model.unet, settings, generator)
 
 
 def _noise_source(

@@ -64,3 +64,12 @@ def decode_latents(
         return decode(torch.float32), True
     finally:
         model.vae.to(dtype)
+
+
+@torch.inference_mode()
+def decode_latents_fast(model: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> pixels in [-1, 1] through the model's TAESD (it decodes the scaled latents)."""
+    if model.taesd is None:
+        raise ValueError("the model has no TAESD: set model.taesd = checkpoints.taesd.read_taesd(folder)")
+    parameter = next(model.taesd.parameters())
+    return model.taesd.decode(latents.to(parameter.device, parameter.dtype)).float()

@@ -18,6 +18,7 @@ from torch import Tensor
 from latentforge.model import StableDiffusion
 from latentforge.models.configs import VAEConfig
 from latentforge.models.families import SD_VAE
+from latentforge.models.taesd import TinyAutoencoder
 from latentforge.pipelines.images import encode_images
 
 _SD_CHEAP = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
@@ -55,4 +56,14 @@ def latent_preview(latents: Tensor, projection: Tensor) -> Image.Image:
     z = z.detach().float().cpu()
     rgb = torch.einsum("chw,cr->rhw", z, projection[:-1].float()) + projection[-1].float()[:, None, None]
     array = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+@torch.inference_mode()
+def taesd_preview(latents: Tensor, taesd: TinyAutoencoder) -> Image.Image:
+    """A full-size preview of latents [C, h, w] (or the first of [B, C, h, w]) through TAESD's decoder."""
+    z = latents[:1] if latents.ndim == 4 else latents[None]
+    parameter = next(taesd.parameters())
+    pixels = taesd.decode(z.detach().to(parameter.device, parameter.dtype)).float()[0].cpu()
+    array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(np.ascontiguousarray(array))

@@ -16,7 +16,7 @@ from latentforge.model import StableDiffusion
 from latentforge.prompts.conditioning import conditioning_at_step, encode_prompts, scheduled_conditioning
 from latentforge.prompts.extra_networks import strip_extra_networks
 from latentforge.sampling.common import ConditionedDenoiser, Denoiser
-from latentforge.sampling.guidance import CFGDenoiser
+from latentforge.sampling.guidance import CFGDenoiser, CFGTruncation
 
 
 def step_of(sigma: torch.Tensor | float, sigmas: torch.Tensor) -> int:
@@ -64,10 +64,12 @@ class PromptConditioner:
         scale: float,
         rescale: float = 0.0,
         extra: Mapping[str, torch.Tensor] | None = None,
+        truncation: CFGTruncation | None = None,
     ) -> Denoiser:
         """`denoise(x, sigma)`: the prompts' conditioning at each step, CFG against the negatives.
 
-        `extra` holds conditioning shared by cond and uncond (e.g. the inpainting `concat` channels).
+        `extra` holds conditioning shared by cond and uncond (e.g. the inpainting `concat` channels);
+        `truncation` says which evaluations skip the unconditional pass.
         """
         cond_schedules = self._schedules(prompts)
         uncond_schedules = self._schedules(negative_prompts) if scale != 1 else None
@@ -76,11 +78,16 @@ class PromptConditioner:
             empty = encode_prompts(m.text_encoder, m.tokenizer, [""], clip_skip=self.clip_skip)
         sigmas = sigmas.detach().float().cpu()
         extra = dict(extra or {})
+        calls = [0]  # guided evaluations so far (A1111's CFGDenoiser.step), for CFG truncation
 
         def guided(x: torch.Tensor, sigma: Any) -> torch.Tensor:
             step = step_of(sigma, sigmas)
             c = conditioning_at_step(cond_schedules, step)
-            if uncond_schedules is None:
+            call, calls[0] = calls[0], calls[0] + 1
+            skip = truncation is not None and truncation.skips(
+                float(torch.as_tensor(sigma).reshape(-1)[0]), call, step, len(sigmas) - 1
+            )
+            if uncond_schedules is None or skip:
                 return base(x, sigma, {"crossattn": c, **extra})
             u = conditioning_at_step(uncond_schedules, step)
             c, u = pad_tokens(c, u, empty)

@@ -147,6 +147,14 @@ class GenerationRequest:
     lora_hashes: str = ""  # A1111's "Lora hashes"/"TI hashes" ("name: hash, ..."): filled in by `resolve`
     ti_hashes: str = ""
     extra: Mapping[str, str] = field(default_factory=dict)  # infotext keys no field holds, kept verbatim
+    # Speed options (docs/performance.md); every default is the exact path.
+    s_min_uncond: float = 0.0  # A1111's NGMS: below this sigma skip the uncond pass on every other call
+    s_min_uncond_all: bool = False  # A1111's "NGMS all steps": ... on every call
+    cfg_cutoff: float = 1.0  # fraction of steps with CFG, cond only after (diffusers' SDCFGCutoffCallback)
+    fast_decode: bool = False  # decode with the model's TAESD instead of its VAE
+    token_merging_ratio: float = 0.0  # ToMe for SD in the self-attention (A1111's "Token merging ratio")
+    token_merging_max_downsample: int = 1  # blocks at most this many times downsampled (1, 2, 4, 8)
+    token_merging_random: bool = False  # random dst tokens (tomesd's use_rand), drawn from the batch's seed
 
     def use_tiled_vae(self, width: int, height: int) -> bool:
         """Whether the VAE runs in tiles for an image of this size."""
@@ -276,6 +284,18 @@ def resolve(
     _whole("steps", r.steps, 1, MAX_STEPS)
     _finite("CFG scale", r.cfg_scale)
     _finite("CFG rescale", r.cfg_rescale, 0, 1)
+    _finite("NGMS (s_min_uncond)", r.s_min_uncond, 0)
+    _finite("CFG cutoff", r.cfg_cutoff, 0, 1)
+    _finite("token merging ratio", r.token_merging_ratio, 0, 0.75)  # 1 - 1/(sx*sy): every src merged
+    if r.token_merging_max_downsample not in (1, 2, 4, 8):
+        raise ParameterError(
+            f"token merging max downsample must be 1, 2, 4 or 8, got {r.token_merging_max_downsample!r}"
+        )
+    if r.fast_decode and model.taesd is None:
+        raise ParameterError(
+            "fast decode needs TAESD weights: pass --taesd DIR holding taesd_decoder.pth (taesdxl_ for SDXL) "
+            "from github.com/madebyollin/taesd, or set model.taesd = checkpoints.taesd.read_taesd(DIR)"
+        )
     _finite("variation seed strength", r.subseed_strength, 0, 1)
     _whole("batch size", r.batch_size, 1, MAX_BATCH)
     _whole("batch count", r.batch_count, 1, MAX_IMAGES)

@@ -136,6 +136,13 @@ INFOTEXT_KEYS: tuple[InfotextKey, ...] = (
     ),
     InfotextKey("Aesthetic score", "size_cond.aesthetic_score", float, format=_num),
     InfotextKey("Negative aesthetic score", "size_cond.negative_aesthetic_score", float, format=_num),
+    InfotextKey("NGMS", "s_min_uncond", float, format=_num),
+    InfotextKey("NGMS all steps", "s_min_uncond_all", _bool),
+    InfotextKey("CFG cutoff", "cfg_cutoff", float, format=_num),
+    InfotextKey("Fast decode", "fast_decode", _bool),
+    InfotextKey("Token merging ratio", "token_merging_ratio", float, format=_num),
+    InfotextKey("Token merging max downsample", "token_merging_max_downsample", int),
+    InfotextKey("Token merging random", "token_merging_random", _bool),
 )
 # A ControlNet unit's value, `ControlNet N: "Module: canny, Model: name [hash], Weight: 1, ..."`: the inner
 # keys of sd-webui-controlnet's `ControlNetUnit.infotext_fields()` (`field_to_displaytext`, in this order).

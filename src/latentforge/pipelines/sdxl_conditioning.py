@@ -27,7 +27,7 @@ from latentforge.pipelines.request import SizeConditioning
 from latentforge.prompts.conditioning import encode_prompts, tokenize_weighted
 from latentforge.prompts.parser import prompt_schedules
 from latentforge.sampling.common import ConditionedDenoiser, Denoiser
-from latentforge.sampling.guidance import CFGDenoiser
+from latentforge.sampling.guidance import CFGDenoiser, CFGTruncation
 
 SDXL_PENULTIMATE = 2  # sgm: layer "penultimate" (bigG), layer_idx 11 of 12 (CLIP-L)
 SDXL_ENTRY = tuple[int, torch.Tensor, torch.Tensor]  # (end_step, crossattn [T, C], pooled [P])
@@ -119,8 +119,10 @@ class SDXLConditioner:
         scale: float,
         rescale: float = 0.0,
         extra: Mapping[str, torch.Tensor] | None = None,
+        truncation: CFGTruncation | None = None,
     ) -> Denoiser:
-        """`denoise(x, sigma)`: the prompts' conditioning at each step, CFG against the negatives."""
+        """`denoise(x, sigma)`: the prompts' conditioning at each step, CFG against the negatives
+        (`truncation`: which evaluations skip the unconditional pass, as in `PromptConditioner`)."""
         m, family = self.model, self.model.family
         dim = family.unet.vector_embed_dim
         cond_schedules = sdxl_schedules(m, prompts, self.steps, self.clip_skip)
@@ -132,6 +134,7 @@ class SDXLConditioner:
         cond_numbers, uncond_numbers = (n.tensor(family)[None] for n in self.numbers)
         sigmas = sigmas.detach().float().cpu()
         extra = dict(extra or {})
+        calls = [0]  # guided evaluations so far (A1111's CFGDenoiser.step), for CFG truncation
 
         def side(schedules: list[list[SDXL_ENTRY]], step: int, numbers: torch.Tensor, zero: bool):
             crossattn, pooled = sdxl_at_step(schedules, step)
@@ -143,7 +146,11 @@ class SDXLConditioner:
         def guided(x: torch.Tensor, sigma: Any) -> torch.Tensor:
             step = step_of(sigma, sigmas)
             c, c_vec = side(cond_schedules, step, cond_numbers, False)
-            if uncond_schedules is None:
+            call, calls[0] = calls[0], calls[0] + 1
+            skip = truncation is not None and truncation.skips(
+                float(torch.as_tensor(sigma).reshape(-1)[0]), call, step, len(sigmas) - 1
+            )
+            if uncond_schedules is None or skip:
                 return base(x, sigma, {"crossattn": c, "vector": c_vec, **extra})
             u, u_vec = side(uncond_schedules, step, uncond_numbers, zero_uncond)
             c, u = pad_tokens(c, u, empty)

@@ -8,17 +8,24 @@ Guidance on x0 equals guidance on eps (eps = (x - x0) / sigma is affine in x0 wi
 in A1111's CFGDenoiser. The rescale is computed on x0 here (std over each image); the paper computes it on
 the v prediction and diffusers' ``rescale_noise_cfg`` on the raw network output (eps or v), so phi > 0 gives
 close but not identical results to those.
+
+CFG truncation (`CFGTruncation`) skips the unconditional half of the batch on some evaluations; such an
+evaluation returns D_c (guidance scale 1), halving its cost. Two rules, either may fire:
+    NGMS      sigma < min_sigma on every other evaluation (or all, `every_call`): A1111's "negative guidance
+              minimum sigma" (s_min_uncond, modules/sd_samplers_cfg_denoiser.py, PR 9177)
+    cutoff    step index > int(steps * cutoff): diffusers' SDCFGCutoffCallback (cutoff_step_ratio)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["CFGDenoiser", "cfg_denoiser", "concat_cond"]
+__all__ = ["CFGDenoiser", "CFGTruncation", "cfg_denoiser", "concat_cond"]
 
 Denoiser = Callable[[Tensor, Tensor, Any], Tensor]  # the model seam: x0 = denoise(x, sigma, cond)
 
@@ -47,6 +54,28 @@ def concat_cond(cond: Any, uncond: Any) -> Any:
     raise TypeError(
         f"cannot batch cond of type {type(cond).__name__} with uncond of type {type(uncond).__name__}"
     )
+
+
+@dataclass(frozen=True)
+class CFGTruncation:
+    """Which guided evaluations skip the unconditional pass; the defaults never skip (the exact path)."""
+
+    min_sigma: float = 0.0  # A1111's NGMS: 0 = off
+    every_call: bool = (
+        False  # A1111's "NGMS all steps": below min_sigma skip every evaluation, not every other
+    )
+    cutoff: float = 1.0  # fraction of the steps that are guided; 1 = all
+
+    def skips(self, sigma: float, call: int, step: int, steps: int) -> bool:
+        """Whether evaluation number `call` (from 0), at `sigma` in step `step` of `steps`, runs cond only."""
+        # A1111 counts denoiser calls (self.step), so Heun's second evaluation counts too; odd calls skip.
+        if 0 < sigma < self.min_sigma and (self.every_call or call % 2 == 1):
+            return True
+        return self.cutoff < 1 and step > int(steps * self.cutoff)
+
+    @property
+    def active(self) -> bool:
+        return self.min_sigma > 0 or self.cutoff < 1
 
 
 def _per_image(value: float | Tensor, like: Tensor) -> Tensor:

@@ -55,6 +55,12 @@ def _dreambooth(config: RunConfig) -> TrainingTask:
     return make_dreambooth_task(config)
 
 
+def _taesd(config: RunConfig) -> TrainingTask:
+    from latentforge.training.tasks.taesd import make_taesd_task
+
+    return make_taesd_task(config)
+
+
 TASKS: dict[str, Callable[[RunConfig], TrainingTask]] = {
     "clip": _clip,
     "vae": _vae,
@@ -63,4 +69,5 @@ TASKS: dict[str, Callable[[RunConfig], TrainingTask]] = {
     "lora": _lora,
     "embedding": _embedding,
     "dreambooth": _dreambooth,
+    "taesd": _taesd,
 }
