@@ -27,6 +27,7 @@ from latentforge.models.controlnet import ControlNetConfig, ControlNetModel  # n
 from latentforge.models.families import TINY  # noqa: E402
 from latentforge.pipelines.controlnet import ControlNetUnit  # noqa: E402
 from latentforge.pipelines.preprocessors import PREPROCESSORS, run_preprocessor  # noqa: E402
+from latentforge.pipelines.request import InitImage  # noqa: E402
 from latentforge.server.app import create_app  # noqa: E402
 
 
@@ -203,3 +204,56 @@ def test_webuiapi_controlnet_unit_against_uvicorn(models_dir):
     finally:
         server.should_exit = True
         thread.join(20)
+
+
+def test_networks_are_loaded_once_and_released_on_a_model_switch(models_dir, tmp_path, monkeypatch):
+    import shutil
+    import weakref
+
+    import latentforge.server.jobs as jobs
+
+    for name in ("a.safetensors", "b.safetensors"):
+        shutil.copy(models_dir / "tiny.safetensors", tmp_path / name)
+    shutil.copytree(models_dir / "ControlNet", tmp_path / "ControlNet")
+    loads = []
+    monkeypatch.setattr(
+        jobs, "load_controlnet", lambda path, **kw: loads.append(path) or load_controlnet(path, **kw)
+    )
+    app = create_app(models_dir=tmp_path)
+    with TestClient(app, base_url=LOCAL) as client:
+        for _ in range(2):
+            assert client.post("/sdapi/v1/txt2img", json=_with_units(UNIT)).status_code == 200
+        assert loads == [tmp_path / "ControlNet" / "cn_edges.safetensors"]  # cached by file
+        network = weakref.ref(app.state.worker.networks[loads[0]])
+        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "b"}).status_code == 200
+        import gc
+
+        gc.collect()
+        assert app.state.worker.networks == {} and network() is None
+
+
+def test_img2img_unit_without_image_uses_the_init_image(client, models_dir):
+    init = _square().rotate(45)
+    payload = {**_with_units({**UNIT, "image": ""}), "init_images": [_png(init)], "denoising_strength": 0.6}
+    response = client.post("/sdapi/v1/img2img", json=payload)
+    assert response.status_code == 200, response.text
+    network = load_controlnet(models_dir / "ControlNet" / "cn_edges.safetensors")
+    unit = ControlNetUnit(
+        image=init, network=network, module="canny", weight=0.5, resize_mode="Just Resize",
+        control_mode="My prompt is more important",
+    )  # fmt: skip
+    request = replace(REQUEST, init=InitImage((init,), 0.6), controlnet=(unit,))
+    _same_pixels(
+        _decode(response.json()["images"][0]), run(load(models_dir / "tiny.safetensors"), request)[0]
+    )
+
+
+def test_controlnet_routes_need_the_token(models_dir):
+    with TestClient(create_app(models_dir=models_dir, token="t0ken"), base_url=LOCAL) as client:
+        for method, path in [("get", "/controlnet/model_list"), ("get", "/controlnet/module_list"),
+                             ("get", "/controlnet/version"), ("post", "/controlnet/detect")]:  # fmt: skip
+            assert getattr(client, method)(path).status_code == 401, path
+        bearer = {"Authorization": "Bearer t0ken"}
+        assert client.get("/controlnet/version", headers=bearer).status_code == 200
+        cross = bearer | {"Origin": "http://evil.example"}
+        assert client.post("/controlnet/detect", json={}, headers=cross).status_code == 403
