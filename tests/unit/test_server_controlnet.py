@@ -111,15 +111,15 @@ def test_disabled_unit_is_no_unit_and_unused_fields_are_reported(client):
     assert off["images"] == plain["images"] and off["warnings"] == []
     # webuiapi's payload shape: script key "ControlNet", the image as {image, mask}, hr_option left at Both
     odd = {**UNIT, "weight": 0.0, "image": {"image": UNIT["image"], "mask": None}, "hr_option": "Both"}
-    odd |= {"resize_mode": "Crop and Resize", "foo": 1, "save_detected_map": False}
+    odd |= {"resize_mode": "Crop and Resize", "foo": 1, "low_vram": True, "hr_option": "High res only"}
     body = client.post(
         "/sdapi/v1/txt2img", json={**PAYLOAD, "alwayson_scripts": {"ControlNet": {"args": [odd]}}}
     ).json()
     # weight 0 adds nothing (the pipeline's own guarantee); the infotext still names the unit
     _same_pixels(_decode(body["images"][0]), _decode(plain["images"][0]))
     assert body["warnings"] == [
+        "alwayson_scripts.ControlNet.args[0].hr_option: accepted but not supported; ignored",
         "alwayson_scripts.ControlNet.args[0].foo: not a ControlNet unit field; ignored",
-        "alwayson_scripts.ControlNet.args[0].save_detected_map: accepted but not supported; ignored",
     ]
 
 
@@ -128,6 +128,8 @@ def test_disabled_unit_is_no_unit_and_unused_fields_are_reported(client):
     [
         ({"model": "nope"}, "'nope' is not in the catalogue; valid: cn_edges ["),
         ({"model": "../ControlNet/cn_edges.safetensors"}, "not a path"),
+        ({"model": "C:\\models\\cn_edges.pth"}, "not a path"),
+        ({"model": ".."}, "not a path"),
         ({"model": "None"}, "args[0].model: name a ControlNet"),
         ({"module": "depth_midas"}, "needs a downloaded annotator model"),
         ({"module": "sobel?"}, "unknown ControlNet module"),

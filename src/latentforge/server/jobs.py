@@ -110,7 +110,7 @@ class Catalog:
 
     def find_controlnet(self, name: str, where: str = "model") -> Path:
         """A ControlNet by "name [hash]", name or hash; a path-like name is refused, not looked up."""
-        if "/" in name or "\\" in name or ".." in name:
+        if "/" in name or "\\" in name or name.startswith("."):
             raise ParameterError(
                 f"{where} {name!r}: give a ControlNet's name from /controlnet/model_list, not a path"
             )

@@ -427,11 +427,13 @@ _UNIT_FIELDS: dict[str, Callable[[str, Any], Any]] = {
 # Accepted and not used: the extension's defaults; a unit that sets another value gets a warning.
 _UNIT_IGNORED: dict[str, Any] = {
     "enabled": True,
-    "low_vram": False,  # memory handling of the extension; nothing to do here
+    "low_vram": ...,  # the extension's memory handling: no effect on the image (`...`: never reported)
     "hr_option": "Both",
-    "save_detected_map": True,
+    # the detected maps are not appended to `images` (as with the extension's control_net_no_detectmap
+    # option): /controlnet/detect returns them
+    "save_detected_map": ...,
     "guessmode": None,  # pre-1.1 name of control_mode
-    "is_ui": False,
+    "is_ui": ...,
     "input_mode": "simple",
     "batch_images": "",
     "output_dir": "",
@@ -532,7 +534,8 @@ def _unit(
             default = _UNIT_IGNORED[field_name]
             if field_name == "mask" and isinstance(unit.get("image"), Mapping):
                 value = unit["image"].get("mask")
-            if field_name != "enabled" and value != default and value not in (None, "", [], {}):
+            unset = value in (default, None, "", [], {}) or default is ...
+            if field_name != "enabled" and not unset:
                 warnings.append(f"{where}: accepted but not supported; ignored")
         else:
             warnings.append(f"{where}: not a ControlNet unit field; ignored")
