@@ -264,12 +264,18 @@ class Worker:
                 continue
             self.current, job.started = job, time.time()
             try:
-                job.future.set_result(self._generate(job))
+                result = self._generate(job)
             except Exception as error:  # handed to the waiting request, which maps it to an HTTP error
+                self._finish(job)
                 job.future.set_exception(error)
-            finally:
-                self.current = None
-                job.model = job.latest = None  # a finished job holds no model or tensors (switch: memory)
+            else:
+                self._finish(job)
+                job.future.set_result(result)
+
+    def _finish(self, job: Job) -> None:
+        """Done before the waiting request wakes: /progress after a response never shows this job."""
+        self.current = None
+        job.model = job.latest = None  # a finished job holds no model or tensors (switch: memory)
 
     def _model(self, name: str = "") -> StableDiffusion:
         """The model a job needs; on a change the old one's memory (also the preview's hold) is released."""
