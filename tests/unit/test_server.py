@@ -198,10 +198,16 @@ def test_oversized_body_is_413_before_reading(client):
 def test_unused_fields_are_reported_not_dropped(client):
     payload = PAYLOAD | {"steps": 1, "restore_faces": True, "styles": ["x"], "frobnicate": 1, "tiling": False}
     payload |= {"override_settings": {"CLIP_stop_at_last_layers": 2, "sd_vae": "x"}}
-    payload |= {"alwayson_scripts": {"ControlNet": {"args": [{"enabled": True}]}}}
+    payload |= {"alwayson_scripts": {"ADetailer": {"args": [True, {"ad_model": "face_yolov8n.pt"}]}}}
     body = client.post("/sdapi/v1/txt2img", json=payload).json()
     joined = "\n".join(body["warnings"])
-    for key in ("restore_faces", "styles", "frobnicate", "override_settings.sd_vae", "alwayson_scripts"):
+    for key in (
+        "restore_faces",
+        "styles",
+        "frobnicate",
+        "override_settings.sd_vae",
+        "alwayson_scripts.ADetailer",
+    ):
         assert key in joined
     assert "tiling" not in joined  # at A1111's meaning of "off"
     assert "Clip skip: 2" in _decode(body["images"][0]).info["parameters"]
@@ -223,7 +229,7 @@ def test_lists_options_and_model_selection(client):
     upscalers = [u["name"] for u in client.get("/sdapi/v1/upscalers").json()]
     assert "Latent" in upscalers and "Lanczos" in upscalers
     assert client.get("/sdapi/v1/sd-vae").json() == []
-    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
     response = client.post("/sdapi/v1/options", json={"samples_save": False})
     assert response.status_code == 422 and "sd_model_checkpoint" in response.json()["detail"]
 

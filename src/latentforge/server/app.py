@@ -22,11 +22,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
 
 from latentforge.errors import LatentforgeError, ParameterError
 from latentforge.pipelines.infotext import parse_infotext, read_infotext
+from latentforge.pipelines.preprocessors import PREPROCESSORS, get_preprocessor, run_preprocessor
 from latentforge.pipelines.preview import latent_preview
-from latentforge.pipelines.request import UPSCALERS
+from latentforge.pipelines.request import UPSCALERS, GenerationRequest
 from latentforge.pipelines.xyz import parse_axis
 from latentforge.sampling.registry import SAMPLERS
 from latentforge.sampling.schedules import SCHEDULES
@@ -194,13 +196,20 @@ def create_app(
         # a bug of ours: its type and message, the traceback only in the server's log (uvicorn prints it)
         return _error(500, type(error).__name__, f"internal error: {error}")
 
+    def controlnet_files(request: GenerationRequest) -> tuple[Path, ...]:
+        """Each ControlNet unit's file in the catalogue (422 before queueing for an unknown or path name)."""
+        return tuple(
+            catalog.find_controlnet(u.model, f"alwayson_scripts.controlnet.args[{i}].model")
+            for i, u in enumerate(request.controlnet)
+        )
+
     async def generate(request: Request, mode: str) -> Response:
         payload = await _json(request)
         try:
             mapped = await asyncio.to_thread(request_from_payload, payload, mode)
             check_limits(mapped.request, limits)
             use = catalog.find(mapped.checkpoint).title if mapped.checkpoint else ""
-            job = worker.submit(mapped.request, use_model=use)
+            job = worker.submit(mapped.request, use_model=use, controlnets=controlnet_files(mapped.request))
         except ParameterError as error:
             return _error(422, "ParameterError", str(error))
         except QueueFullError as error:
@@ -344,7 +353,33 @@ def create_app(
 
     @app.get("/sdapi/v1/scripts")
     def scripts() -> dict[str, list[str]]:
-        return {"txt2img": [], "img2img": []}  # none yet; clients probe it for ControlNet/ADetailer
+        # A1111 lists script titles in lower case; clients probe it for ControlNet (webuiapi: "controlnet")
+        return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+
+    # sd-webui-controlnet's routes (scripts/api.py), over the models folder's ControlNet/ and our modules
+    @app.get("/controlnet/version")
+    def controlnet_version() -> dict[str, int]:
+        return {"version": CONTROLNET_API_VERSION}
+
+    @app.get("/controlnet/model_list")
+    def controlnet_model_list(update: bool = True) -> dict[str, list[str]]:
+        return {"model_list": [catalog.controlnet_title(p) for p in catalog.controlnets()]}
+
+    @app.get("/controlnet/module_list")
+    def controlnet_module_list(alias_names: bool = False) -> dict[str, Any]:
+        return {"module_list": list(PREPROCESSORS), "module_detail": _module_detail()}
+
+    @app.get("/controlnet/settings")
+    def controlnet_settings() -> dict[str, int]:
+        return {"control_net_unit_count": CONTROLNET_UNITS}
+
+    @app.post("/controlnet/detect")
+    async def controlnet_detect(request: Request) -> Response:
+        body = await _json(request)
+        if not isinstance(body, dict):
+            return _error(422, "ParameterError", "detect: send a JSON object")
+        images = await asyncio.to_thread(_detect, body)
+        return JSONResponse({"images": images, "info": "Success"})
 
     @app.get("/sdapi/v1/options")
     def get_options() -> dict[str, Any]:
@@ -441,7 +476,8 @@ def create_app(
             )
         try:
             use = catalog.find(mapped.checkpoint).title if mapped.checkpoint else ""
-            job = worker.submit(mapped.request, axes=tuple(axes), use_model=use)
+            files = controlnet_files(mapped.request)
+            job = worker.submit(mapped.request, axes=tuple(axes), use_model=use, controlnets=files)
         except QueueFullError as error:
             return _error(429, "QueueFull", str(error), {"Retry-After": str(RETRY_AFTER_S)})
         result = await asyncio.wrap_future(job.future)
@@ -473,6 +509,67 @@ def create_app(
         return JSONResponse({"info": text, "items": {"parameters": text, **items}, "parameters": params})
 
     return app
+
+
+CONTROLNET_API_VERSION = 2  # sd-webui-controlnet's external_code.get_api_version()
+CONTROLNET_UNITS = 3  # its default "Multi-ControlNet: max models" setting; we take any number of units
+_DETECT_KEYS = (
+    "controlnet_module",
+    "controlnet_input_images",
+    "controlnet_processor_res",
+    "controlnet_threshold_a",
+    "controlnet_threshold_b",
+    "controlnet_masks",
+    "low_vram",
+)
+
+
+def _module_detail() -> dict[str, Any]:
+    """The extension's `module_detail`: model_free, and the sliders (resolution, thresholds) with defaults."""
+    detail = {}
+    for name, spec in PREPROCESSORS.items():
+        sliders: list[dict[str, Any]] = []
+        if name != "none":
+            sliders.append(
+                {"name": "Preprocessor Resolution", "value": 512, "min": 64, "max": 2048, "step": 8}
+            )
+        for slot in (spec.threshold_a, spec.threshold_b):
+            if slot is not None:
+                sliders.append({"name": slot[0], "value": slot[1]})
+        detail[name] = {"model_free": True, "sliders": sliders}
+    return detail
+
+
+def _detect(body: dict[str, Any]) -> list[str]:
+    """/controlnet/detect: each base64 image through one module, the maps as base64 PNGs."""
+    import numpy as np
+
+    from latentforge.server.payload import _float, _int, _str
+
+    unknown = sorted(set(body) - set(_DETECT_KEYS))
+    if unknown:
+        raise ParameterError(f"detect: unknown fields {unknown}; valid: {', '.join(_DETECT_KEYS)}")
+    module = _str("controlnet_module", body.get("controlnet_module", "none"))
+    spec = get_preprocessor(module)
+    if spec.needs_mask:
+        raise ParameterError(
+            f"controlnet_module {module!r}: its map is made from the request's inpainting mask"
+        )
+    images = body.get("controlnet_input_images", [])
+    if not isinstance(images, list) or not images:
+        raise ParameterError("controlnet_input_images: give a non-empty list of base64 images")
+    res = _int("controlnet_processor_res", body.get("controlnet_processor_res", -1))
+    res = 512 if res == -1 else res
+    if not 64 <= res <= 4096:
+        raise ParameterError(f"controlnet_processor_res must be in [64, 4096] (or -1), got {res}")
+    a = _float("controlnet_threshold_a", body.get("controlnet_threshold_a", -1))
+    b = _float("controlnet_threshold_b", body.get("controlnet_threshold_b", -1))
+    out = []
+    for i, value in enumerate(images):
+        image = np.asarray(decode_image(f"controlnet_input_images[{i}]", value).convert("RGB"))
+        detected = run_preprocessor(module, image, res, a, b, rng=np.random.default_rng(0))
+        out.append(encode_png(Image.fromarray(detected), None))
+    return out
 
 
 def _memory() -> dict[str, Any]:

@@ -13,7 +13,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from latentforge.checkpoints.controlnet import ControlNet, a1111_controlnet_hash, load_controlnet
 from latentforge.errors import ParameterError
 from latentforge.model import StableDiffusion, load
 from latentforge.pipelines.generate import SKIP, GeneratedImage, img2img_steps
@@ -33,6 +34,9 @@ CHECKPOINT_SUFFIXES = (".safetensors",)  # never pickle (.ckpt) from a folder a 
 # A1111's folders inside the models folder (models/Lora, embeddings/); listed by file stem.
 LORA_FOLDER, LORA_SUFFIXES = "Lora", (".safetensors",)
 EMBEDDING_FOLDER, EMBEDDING_SUFFIXES = "embeddings", (".pt", ".bin", ".safetensors")
+# sd-webui-controlnet's folder (models/ControlNet). lllyasviel's files are .pth: read by the restricted
+# unpickler (checkpoints/reading.py), which builds tensors only and never runs code from the file.
+CONTROLNET_FOLDER, CONTROLNET_SUFFIXES = "ControlNet", (".safetensors", ".pth")
 
 
 class QueueFullError(Exception):
@@ -97,6 +101,28 @@ class Catalog:
         """Textual-inversion files in `embeddings/`, used in a prompt by their stem."""
         return self._files(EMBEDDING_FOLDER, EMBEDDING_SUFFIXES)
 
+    def controlnets(self) -> list[Path]:
+        """ControlNet files in `ControlNet/` (recursive), offered as "name [hash]" (the extension's)."""
+        return self._files(CONTROLNET_FOLDER, CONTROLNET_SUFFIXES)
+
+    def controlnet_title(self, path: Path) -> str:
+        return f"{path.stem} [{a1111_controlnet_hash(path)}]"
+
+    def find_controlnet(self, name: str, where: str = "model") -> Path:
+        """A ControlNet by "name [hash]", name or hash; a path-like name is refused, not looked up."""
+        if "/" in name or "\\" in name or name.startswith("."):
+            raise ParameterError(
+                f"{where} {name!r}: give a ControlNet's name from /controlnet/model_list, not a path"
+            )
+        for path in self.controlnets():
+            title = self.controlnet_title(path)
+            if name in (title, path.stem, path.name, title[len(path.stem) + 2 : -1]):
+                return path
+        valid = ", ".join(self.controlnet_title(p) for p in self.controlnets()) or (
+            f"none (the models folder has no {CONTROLNET_FOLDER}/ with .safetensors or .pth files)"
+        )
+        raise ParameterError(f"{where}: ControlNet {name!r} is not in the catalogue; valid: {valid}")
+
     def hash_of(self, checkpoint: Checkpoint) -> str | None:
         loaded = self.loaded
         return loaded[1].short_hash if loaded and loaded[0] == checkpoint.title else None
@@ -152,6 +178,7 @@ class Job:
     axes: tuple[Axis, ...] = ()
     checkpoint: str = ""  # a switch job: the catalogue title to select
     use_model: str = ""  # a generation with its own model (override_settings); "" = the selected one
+    controlnets: tuple[Path, ...] = ()  # the file of each of `request.controlnet`'s units, in order
     future: Future[JobResult] = field(default_factory=Future)
     created: float = field(default_factory=time.time)
     started: float = 0.0
@@ -194,6 +221,7 @@ class Worker:
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self.current: Job | None = None
         self.projection: tuple[StableDiffusion, Tensor] | None = None
+        self.networks: dict[Path, ControlNet] = {}  # loaded ControlNets, for the loaded model's dtype/device
         self.thread = threading.Thread(target=self._run, name="latentforge-generation", daemon=True)
         self.thread.start()
 
@@ -236,20 +264,38 @@ class Worker:
                 continue
             self.current, job.started = job, time.time()
             try:
-                job.future.set_result(self._generate(job))
+                result = self._generate(job)
             except Exception as error:  # handed to the waiting request, which maps it to an HTTP error
+                self._finish(job)
                 job.future.set_exception(error)
-            finally:
-                self.current = None
-                job.model = job.latest = None  # a finished job holds no model or tensors (switch: memory)
+            else:
+                self._finish(job)
+                job.future.set_result(result)
+
+    def _finish(self, job: Job) -> None:
+        """Done before the waiting request wakes: /progress after a response never shows this job."""
+        self.current = None
+        job.model = job.latest = None  # a finished job holds no model or tensors (switch: memory)
 
     def _model(self, name: str = "") -> StableDiffusion:
         """The model a job needs; on a change the old one's memory (also the preview's hold) is released."""
         wanted = name or self.catalog.selected
         if self.catalog.loaded is not None and self.catalog.loaded[0] != wanted:
             self.projection = None
+            self.networks.clear()  # another model (maybe another family): its ControlNets go too
             self.catalog.release()
         return self.catalog.model(wanted)
+
+    def _with_networks(
+        self, model: StableDiffusion, request: GenerationRequest, paths: tuple[Path, ...]
+    ) -> GenerationRequest:
+        """The request with each unit's ControlNet loaded (once per file, kept until the model changes)."""
+        units = []
+        for unit, path in zip(request.controlnet, paths, strict=True):
+            if path not in self.networks:
+                self.networks[path] = load_controlnet(path, dtype=model.dtype, device=model.device)
+            units.append(replace(unit, network=self.networks[path]))
+        return replace(request, controlnet=tuple(units))
 
     def _switch(self, job: Job) -> JobResult:
         self.catalog.select(job.checkpoint)
@@ -261,6 +307,8 @@ class Worker:
             return self._switch(job)
         assert job.request is not None
         model = job.model = self._model(job.use_model)
+        if job.controlnets:
+            job.request = self._with_networks(model, job.request, job.controlnets)
         if job.axes:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")

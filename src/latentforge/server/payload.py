@@ -20,6 +20,8 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from latentforge.errors import ParameterError
+from latentforge.pipelines.controlnet import CONTROL_MODES, RESIZE_MODES, ControlNetUnit, canonical
+from latentforge.pipelines.preprocessors import get_preprocessor
 from latentforge.pipelines.request import MASKED_CONTENT, GenerationRequest, Hires, InitImage, Inpaint
 from latentforge.sampling.registry import get_sampler, split_sampler_name
 
@@ -215,6 +217,7 @@ PAYLOAD_FIELDS: tuple[PayloadField, ...] = (
     PayloadField("inpainting_mask_invert", 0, "mask_invert", _I, _IMG),
     PayloadField("override_settings", {}, "override_settings"),
     PayloadField("send_images", True, "send_images", _B),
+    PayloadField("alwayson_scripts", {}, "alwayson_scripts"),  # ControlNet units; other scripts reported
     # Accepted, not used (yet): reported in `warnings` when they differ from A1111's default.
     *(
         PayloadField(key, default)
@@ -237,7 +240,6 @@ PAYLOAD_FIELDS: tuple[PayloadField, ...] = (
             ("script_name", None),
             ("script_args", []),
             ("save_images", False),
-            ("alwayson_scripts", {}),
             ("infotext", None),
         )
     ),
@@ -285,16 +287,11 @@ class Mapped:
 
 
 def _unused(key: str, value: Any, default: Any) -> bool:
-    """A1111's "left at default": equal, empty, or (alwayson_scripts) only disabled scripts."""
+    """A1111's "left at default": equal, empty, or (seed resize) not positive."""
     if value == default or value is False or value in (None, [], {}, ""):
         return False
-    if key.startswith("seed_resize_from_") and value in (0, -1):  # A1111 resizes the seed only when > 0
-        return False
-    if key == "alwayson_scripts" and isinstance(value, Mapping):
-        return any(
-            isinstance(s, Mapping) and s.get("args") not in ([], [False], None) for s in value.values()
-        )
-    return True
+    # A1111 resizes the seed only when > 0
+    return not (key.startswith("seed_resize_from_") and value in (0, -1))
 
 
 def request_from_payload(payload: Mapping[str, Any], mode: str) -> Mapped:
@@ -316,7 +313,7 @@ def request_from_payload(payload: Mapping[str, Any], mode: str) -> Mapped:
                 warnings.append(f"{key}: accepted but not supported yet; ignored")
             continue
         if value is None or entry.read is None:
-            if entry.target == "override_settings":
+            if entry.target in ("override_settings", "alwayson_scripts"):
                 extras[key] = value
             continue
         read = entry.read(key, value)
@@ -334,6 +331,10 @@ def request_from_payload(payload: Mapping[str, Any], mode: str) -> Mapped:
     top.setdefault("sampler", table["sampler_index"].default)
     top.setdefault("steps", table["steps"].default)
     warnings += _overrides(extras.get("override_settings"), top, extras)
+    units, unit_warnings = controlnet_units(extras.get("alwayson_scripts"), mode, parts["init"])
+    warnings += unit_warnings
+    if units:
+        top["controlnet"] = units
     sampler, _ = split_sampler_name(top["sampler"], top.get("schedule", "Automatic"))
     takes = get_sampler(sampler).options
     for name, value in options.items():
@@ -407,3 +408,141 @@ def parameters(payload: Mapping[str, Any], mode: str) -> dict[str, Any]:
         if key in merged:
             merged[key] = None
     return merged
+
+
+# sd-webui-controlnet's API unit (internal_controlnet/external_code.py `ControlNetUnit`): field -> reader.
+# Images are read separately (`image`, `input_image`, or {image, mask}); `model` is a catalogue name that
+# the server turns into a file of the models folder's ControlNet/ (never a path).
+_UNIT_FIELDS: dict[str, Callable[[str, Any], Any]] = {
+    "module": _str,
+    "model": _str,
+    "weight": _float,
+    "processor_res": _int,
+    "threshold_a": _float,
+    "threshold_b": _float,
+    "guidance_start": _float,
+    "guidance_end": _float,
+    "pixel_perfect": _bool,
+}
+# Accepted and not used: the extension's defaults; a unit that sets another value gets a warning.
+_UNIT_IGNORED: dict[str, Any] = {
+    "enabled": True,
+    "low_vram": ...,  # the extension's memory handling: no effect on the image (`...`: never reported)
+    "hr_option": "Both",
+    # the detected maps are not appended to `images` (as with the extension's control_net_no_detectmap
+    # option): /controlnet/detect returns them
+    "save_detected_map": ...,
+    "guessmode": None,  # pre-1.1 name of control_mode
+    "is_ui": ...,
+    "input_mode": "simple",
+    "batch_images": "",
+    "output_dir": "",
+    "loopback": False,
+    "use_preview_as_input": False,
+    "generated_image": None,
+    "mask": None,  # read with the image below
+    "mask_image": None,
+    "advanced_weighting": None,
+    "union_control_type": "Unknown",
+    "inpaint_crop_input_image": False,
+    "effective_region_mask": None,
+    "ipadapter_input": None,
+    "pulid_mode": "Fidelity",
+    "animatediff_batch": False,
+    "batch_modifiers": [],
+    "batch_image_files": [],
+    "batch_keyframe_idx": None,
+}
+# The names, and the old ones the extension still reads (its ResizeMode enum's aliases).
+_RESIZE_NAMES = {n.lower(): i for i, n in enumerate(RESIZE_MODES)}
+_RESIZE_NAMES |= {"inner fit (scale to fit)": 1, "outer fit (shrink to fit)": 2, "envelope (outer fit)": 2}
+_RESIZE_NAMES["scale to fit (inner fit)"] = 1
+_MODE_NAMES = {n.lower(): i for i, n in enumerate(CONTROL_MODES)}
+
+
+def _choice(key: str, value: Any, valid: tuple[str, ...], aliases: dict[str, int], what: str) -> str:
+    """An int index (the extension's enums' int values) or a name, as the canonical name."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value < len(valid):
+            raise ParameterError(f"{key} must be 0-{len(valid) - 1} ({', '.join(valid)}), got {value!r}")
+        return valid[value]
+    try:
+        return canonical(_str(key, value), valid, aliases, what)
+    except ParameterError as error:
+        raise ParameterError(f"{key}: {error}") from None
+
+
+def _unit_image(key: str, unit: Mapping[str, Any], mode: str, init: Mapping[str, Any]) -> Image.Image:
+    """A unit's control image: `image` or `input_image`, base64 or {image, mask}; img2img falls back to the
+    init image (as the extension does when a unit has none)."""
+    value = unit.get("image") or unit.get("input_image")
+    if isinstance(value, Mapping):
+        value = value.get("image")
+    if value:
+        return decode_image(f"{key}.image", value)
+    if mode == "img2img" and init.get("images"):
+        return init["images"][0]
+    raise ParameterError(f"{key}: an enabled ControlNet unit needs an `image` (base64) in txt2img")
+
+
+def controlnet_units(
+    scripts: Any, mode: str, init: Mapping[str, Any]
+) -> tuple[tuple[ControlNetUnit, ...], list[str]]:
+    """The enabled units of `alwayson_scripts.controlnet.args` (disabled ones skipped), and warnings for
+    other scripts and for unit fields we accept without using."""
+    if scripts in (None, {}):
+        return (), []
+    if not isinstance(scripts, Mapping):
+        raise ParameterError("alwayson_scripts must be an object {script name: {args: [...]}}")
+    warnings, units = [], []
+    for name, script in scripts.items():
+        args = script.get("args") if isinstance(script, Mapping) else script
+        if str(name).lower() != "controlnet":  # A1111 matches script titles case-insensitively
+            if args not in ([], [False], None, False):
+                warnings.append(f"alwayson_scripts.{name}: not supported; ignored")
+            continue
+        if not isinstance(args, list):
+            raise ParameterError(f"alwayson_scripts.{name}.args must be a list of ControlNet units")
+        for i, unit in enumerate(args):
+            key = f"alwayson_scripts.{name}.args[{i}]"
+            if unit in (None, False):
+                continue
+            if not isinstance(unit, Mapping):
+                raise ParameterError(f"{key} must be a ControlNet unit object, got {type(unit).__name__}")
+            if not _bool(f"{key}.enabled", unit.get("enabled", True)):
+                continue
+            units.append(_unit(key, unit, mode, init, warnings))
+    return tuple(units), warnings
+
+
+def _unit(
+    key: str, unit: Mapping[str, Any], mode: str, init: Mapping[str, Any], warnings: list[str]
+) -> ControlNetUnit:
+    values: dict[str, Any] = {}
+    for field_name, value in unit.items():
+        where = f"{key}.{field_name}"
+        if field_name in _UNIT_FIELDS:
+            if value is not None:
+                values[field_name] = _UNIT_FIELDS[field_name](where, value)
+        elif field_name == "resize_mode":
+            values[field_name] = _choice(where, value, RESIZE_MODES, _RESIZE_NAMES, "resize mode")
+        elif field_name == "control_mode":
+            values[field_name] = _choice(where, value, CONTROL_MODES, _MODE_NAMES, "control mode")
+        elif field_name in ("image", "input_image"):
+            continue
+        elif field_name in _UNIT_IGNORED:
+            default = _UNIT_IGNORED[field_name]
+            if field_name == "mask" and isinstance(unit.get("image"), Mapping):
+                value = unit["image"].get("mask")
+            unset = value in (default, None, "", [], {}) or default is ...
+            if field_name != "enabled" and not unset:
+                warnings.append(f"{where}: accepted but not supported; ignored")
+        else:
+            warnings.append(f"{where}: not a ControlNet unit field; ignored")
+    if isinstance(unit.get("image"), Mapping) and unit["image"].get("mask") and "mask" not in unit:
+        warnings.append(f"{key}.image.mask: a unit's own mask is not supported; ignored")
+    model = values.get("model", "None")
+    if model in ("", "None", "none"):
+        raise ParameterError(f"{key}.model: name a ControlNet of GET /controlnet/model_list")
+    get_preprocessor(values.get("module", "none"))  # an unknown module: 422 before queueing
+    return ControlNetUnit(image=_unit_image(key, unit, mode, init), **values)
