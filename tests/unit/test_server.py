@@ -610,3 +610,56 @@ def test_lora_tag_and_embedding_over_http(client, models_dir, reference):
 def test_unknown_lora_tag_over_http_is_a_422(client):
     response = client.post("/sdapi/v1/txt2img", json=PAYLOAD | {"prompt": "a cat <lora:nowhere:1>"})
     assert response.status_code == 422 and "nowhere" in response.text
+
+
+def test_internal_progress_follows_each_task_by_its_force_task_id(client):
+    """A1111's per-task progress: the running job active with a step count and preview, a queued one
+    with how many wait before it, finished ones completed, unknown ids said to be unknown."""
+    worker = client.app.state.worker
+    results: dict[str, object] = {}
+
+    def post(task: str, n_iter: int) -> None:
+        payload = PAYLOAD | {"steps": 2, "n_iter": n_iter, "force_task_id": task}
+        results[task] = client.post("/sdapi/v1/txt2img", json=payload)
+
+    def poll(task: str) -> dict:
+        return client.post("/internal/progress", json={"id_task": task, "live_preview": True}).json()
+
+    long = threading.Thread(target=post, args=("task(long)", 100))
+    long.start()
+    try:
+        deadline = time.time() + 30
+        while not (worker.current and worker.current.images_done >= 1) and time.time() < deadline:
+            time.sleep(0.01)
+        short = threading.Thread(target=post, args=("task(short)", 1))
+        short.start()
+        while "task(short)" not in worker.tasks and time.time() < deadline:
+            time.sleep(0.01)
+        running, queued = poll("task(long)"), poll("task(short)")
+        assert running["active"] and not running["queued"] and 0 < running["progress"] < 1
+        assert running["live_preview"].startswith("data:image/png;base64,")
+        assert queued["queued"] and not queued["active"] and queued["textinfo"] == "In queue: 0 ahead"
+    finally:
+        worker.interrupt()
+        long.join(60)
+    short.join(60)
+    assert all(results[t].status_code == 200 for t in ("task(long)", "task(short)"))
+    assert poll("task(long)")["completed"] and poll("task(short)")["completed"]
+    assert poll("task(nobody)") | {"textinfo": None} == {
+        "active": False,
+        "queued": False,
+        "completed": False,
+        "progress": None,
+        "eta": None,
+        "live_preview": None,
+        "id_live_preview": -1,
+        "textinfo": None,
+    }
+
+
+def test_s_min_uncond_is_a1111s_ngms(client, reference):
+    response = client.post("/sdapi/v1/txt2img", json=PAYLOAD | {"s_min_uncond": 5.0})
+    info = json.loads(response.json()["info"])
+    assert "NGMS: 5" in info["infotexts"][0] and not response.json()["warnings"]
+    want = run(reference, GenerationRequest(**{**REQUEST.__dict__, "s_min_uncond": 5.0}))[0]
+    _same_pixels(_decode(response.json()["images"][0]), want)

@@ -209,7 +209,12 @@ def create_app(
             mapped = await asyncio.to_thread(request_from_payload, payload, mode)
             check_limits(mapped.request, limits)
             use = catalog.find(mapped.checkpoint).title if mapped.checkpoint else ""
-            job = worker.submit(mapped.request, use_model=use, controlnets=controlnet_files(mapped.request))
+            job = worker.submit(
+                mapped.request,
+                use_model=use,
+                controlnets=controlnet_files(mapped.request),
+                task_id=mapped.task_id,
+            )
         except ParameterError as error:
             return _error(422, "ParameterError", str(error))
         except QueueFullError as error:
@@ -442,6 +447,40 @@ def create_app(
             "state": state,
             "current_image": image,
             "textinfo": None,
+        }
+
+    @app.post("/internal/progress")
+    async def task_progress(request: Request) -> dict[str, Any]:
+        """A1111's per-task progress (modules/progress.py): any queued, running or recent job by the
+        `force_task_id` its request carried; `textinfo` says how many jobs wait before a queued one."""
+        body = await _json(request)
+        task_id = body.get("id_task") if isinstance(body, dict) else None
+        job = worker.tasks.get(task_id) if isinstance(task_id, str) else None
+        reply: dict[str, Any] = {"active": False, "queued": False, "completed": False, "progress": None}
+        reply |= {"eta": None, "live_preview": None, "id_live_preview": -1, "textinfo": None}
+        if job is None:
+            return reply | {"textinfo": "Unknown task"}
+        if job.future.done():
+            return reply | {"completed": True, "progress": 1.0, "textinfo": "Done"}
+        ahead = worker.ahead_of(job)
+        if ahead is not None:
+            return reply | {"queued": True, "textinfo": f"In queue: {ahead} ahead"}
+        done = min(job.step / job.total_steps, 1.0) if job.total_steps else 0.0
+        elapsed = time.time() - job.started
+        eta = elapsed / done - elapsed if done > 0 else None
+        preview = None
+        latest, model = job.latest, job.model
+        if body.get("live_preview", True) and latest is not None and model is not None:
+            preview = "data:image/png;base64," + encode_png(
+                latent_preview(latest, worker.preview_projection(model)), None
+            )
+        return reply | {
+            "active": True,
+            "progress": done,
+            "eta": eta,
+            "live_preview": preview,
+            "id_live_preview": job.step,
+            "textinfo": f"Step {job.step} of {job.total_steps}",
         }
 
     @app.post("/sdapi/v1/interrupt")

@@ -179,6 +179,7 @@ class Job:
     checkpoint: str = ""  # a switch job: the catalogue title to select
     use_model: str = ""  # a generation with its own model (override_settings); "" = the selected one
     controlnets: tuple[Path, ...] = ()  # the file of each of `request.controlnet`'s units, in order
+    task_id: str = ""  # the client's id (A1111's force_task_id), for `POST /internal/progress`
     future: Future[JobResult] = field(default_factory=Future)
     created: float = field(default_factory=time.time)
     started: float = 0.0
@@ -213,6 +214,9 @@ def _total_steps(model: StableDiffusion, request: GenerationRequest) -> int:
     return len(resolved.batches) * (first + second)
 
 
+TASKS_KEPT = 256  # task ids remembered for `POST /internal/progress` (finished jobs included)
+
+
 class Worker:
     """One thread runs jobs one at a time from a bounded FIFO queue."""
 
@@ -222,6 +226,7 @@ class Worker:
         self.current: Job | None = None
         self.projection: tuple[StableDiffusion, Tensor] | None = None
         self.networks: dict[Path, ControlNet] = {}  # loaded ControlNets, for the loaded model's dtype/device
+        self.tasks: dict[str, Job] = {}  # jobs by client task id, the newest TASKS_KEPT (insertion order)
         self.thread = threading.Thread(target=self._run, name="latentforge-generation", daemon=True)
         self.thread.start()
 
@@ -234,7 +239,18 @@ class Worker:
             raise QueueFullError(
                 f"the queue is full ({self.queue.maxsize} jobs waiting); retry later"
             ) from None
+        if job.task_id:
+            self.tasks.pop(job.task_id, None)
+            self.tasks[job.task_id] = job
+            while len(self.tasks) > TASKS_KEPT:  # finished ones are forgotten oldest first
+                del self.tasks[next(iter(self.tasks))]
         return job
+
+    def ahead_of(self, job: Job) -> int | None:
+        """How many queued jobs run before `job`, or None when it is not waiting."""
+        with self.queue.mutex:
+            waiting = list(self.queue.queue)
+        return waiting.index(job) if job in waiting else None
 
     def interrupt(self) -> None:
         job = self.current

@@ -198,6 +198,7 @@ PAYLOAD_FIELDS: tuple[PayloadField, ...] = (
     PayloadField("s_tmin", 0.0, "sampler_options.s_tmin", _F),
     PayloadField("s_tmax", 0.0, "sampler_options.s_tmax", _F),  # 0: infinity, as A1111
     PayloadField("s_noise", 1.0, "sampler_options.s_noise", _F),
+    PayloadField("s_min_uncond", 0.0, "s_min_uncond", _F),  # A1111's NGMS (docs/performance.md)
     PayloadField("denoising_strength", None, "init.denoising_strength", _F, _IMG),
     PayloadField("denoising_strength", None, "hires.denoising_strength", _F, _TXT),
     PayloadField("enable_hr", False, "enable_hr", _B, _TXT),
@@ -217,7 +218,10 @@ PAYLOAD_FIELDS: tuple[PayloadField, ...] = (
     PayloadField("inpainting_mask_invert", 0, "mask_invert", _I, _IMG),
     PayloadField("override_settings", {}, "override_settings"),
     PayloadField("send_images", True, "send_images", _B),
-    PayloadField("alwayson_scripts", {}, "alwayson_scripts"),  # ControlNet units; other scripts reported
+    PayloadField("alwayson_scripts", {}, "alwayson_scripts"),
+    PayloadField(
+        "force_task_id", None, "task_id", _S
+    ),  # the id `POST /internal/progress` polls  # ControlNet units; other scripts reported
     # Accepted, not used (yet): reported in `warnings` when they differ from A1111's default.
     *(
         PayloadField(key, default)
@@ -229,14 +233,12 @@ PAYLOAD_FIELDS: tuple[PayloadField, ...] = (
             ("tiling", None),
             ("do_not_save_samples", False),
             ("do_not_save_grid", False),
-            ("s_min_uncond", 0.0),
             ("override_settings_restore_afterwards", True),
             ("refiner_checkpoint", None),
             ("refiner_switch_at", None),
             ("disable_extra_networks", False),
             ("firstpass_image", None),
             ("comments", {}),
-            ("force_task_id", None),
             ("script_name", None),
             ("script_args", []),
             ("save_images", False),
@@ -284,6 +286,7 @@ class Mapped:
     warnings: tuple[str, ...]
     send_images: bool
     checkpoint: str = ""  # override_settings.sd_model_checkpoint: this request's model, by catalogue name
+    task_id: str = ""  # force_task_id: the client's id for this job's progress
 
 
 def _unused(key: str, value: Any, default: Any) -> bool:
@@ -345,7 +348,13 @@ def request_from_payload(payload: Mapping[str, Any], mode: str) -> Mapped:
         elif name != "eta" and value != _NEUTRAL[name]:  # A1111 too ignores eta where a sampler has none
             warnings.append(f"{name}: sampler {sampler!r} does not use it; ignored")
     request = GenerationRequest(**top, **_parts(mode, payload, parts, extras, warnings))
-    return Mapped(request, tuple(warnings), extras.get("send_images", True), extras.get("checkpoint", ""))
+    return Mapped(
+        request,
+        tuple(warnings),
+        extras.get("send_images", True),
+        extras.get("checkpoint", ""),
+        extras.get("task_id", ""),
+    )
 
 
 def _overrides(settings: Any, top: dict[str, Any], extras: dict[str, Any]) -> list[str]:
