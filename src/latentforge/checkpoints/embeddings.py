@@ -13,8 +13,6 @@ The name used in prompts is the file stem (A1111); the stored `name` is kept as 
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +22,7 @@ import torch
 from latentforge.checkpoints.errors import CorruptCheckpointError, UnknownArchitectureError
 from latentforge.checkpoints.hashing import sha256_file
 from latentforge.checkpoints.reading import InertObject, load_torch_pickle, read_state_dict, sniff
-from latentforge.checkpoints.writing import save_safetensors
+from latentforge.checkpoints.writing import atomic_path, save_safetensors
 
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
 # Text-encoder widths -> the family an embedding of that width was trained for (SDXL: clip_l + clip_g).
@@ -172,15 +170,8 @@ def write_embedding(
         "sd_checkpoint": checkpoint_hash,
         "sd_checkpoint_name": checkpoint_name,
     }
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(data, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
     return path
 
 

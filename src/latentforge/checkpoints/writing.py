@@ -10,7 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -36,17 +36,25 @@ def save_safetensors(
 ) -> Path:
     """Write `tensors` (cast to `dtype`) and `metadata` to `path` atomically; returns `path`."""
     path = Path(path)
-    # the pid keeps two processes exporting to one name from writing into each other's temporary file
+    with atomic_path(path) as tmp:
+        save_file(tensors_to_save(tensors, dtype), str(tmp), metadata=dict(metadata or {}))
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` to write to; on success it is fsynced and renamed onto `path`
+    (all or nothing), on error removed, so a failed or interrupted write never leaves half a file."""
+    # the pid keeps two processes writing one name from writing into each other's temporary file
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(tensors_to_save(tensors, dtype), str(tmp), metadata=dict(metadata or {}))
+        yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-    return path
 
 
 # safetensors' dtype names (the inverse of the reader's table)
@@ -90,27 +98,19 @@ def save_safetensors_streamed(
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes so the data stays aligned
     digest = hashlib.sha256()
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
 
-            def write(data: bytes | memoryview) -> None:
-                digest.update(data)
-                f.write(data)
+        def write(data: bytes | memoryview) -> None:
+            digest.update(data)
+            f.write(data)
 
-            write(len(text).to_bytes(8, "little") + text)
-            for name, dtype, shape in entries:
-                tensor = produce(name)
-                if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-                    raise ValueError(
-                        f"{name}: produced {tensor.dtype} {list(tensor.shape)}, declared {dtype} {shape}"
-                    )
-                flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-                write(flat.numpy().data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        write(len(text).to_bytes(8, "little") + text)
+        for name, dtype, shape in entries:
+            tensor = produce(name)
+            if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                raise ValueError(
+                    f"{name}: produced {tensor.dtype} {list(tensor.shape)}, declared {dtype} {shape}"
+                )
+            flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            write(flat.numpy().data)
     return digest.hexdigest()
