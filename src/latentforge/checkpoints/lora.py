@@ -269,15 +269,19 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
     return None
 
 
-def family_hint(modules: Sequence[LoraModule]) -> str | None:
-    """Which family the file was trained for, from the cross-attention context width, else from names."""
-    width = None
+def _context_width(modules: Sequence[LoraModule]) -> int | None:
+    """The cross-attention context width a file's `attn2.to_k`/`to_v` factors take (None: no such module)."""
     for m in modules:
-        if width is None and "attn2" in m.source and ("to_k" in m.source or "to_v" in m.source):
+        if "attn2" in m.source and ("to_k" in m.source or "to_v" in m.source):
             for name in ("lora_down.weight", "hada_w1_b", "lokr_w2", "lokr_w2_b", "diff"):
                 if name in m.factors:
-                    width = m.factors[name].shape[-1]
-                    break
+                    return int(m.factors[name].shape[-1])
+    return None
+
+
+def family_hint(modules: Sequence[LoraModule]) -> str | None:
+    """Which family the file was trained for, from the cross-attention context width, else from names."""
+    width = _context_width(modules)
     if width in _CONTEXT_FAMILIES:
         return _CONTEXT_FAMILIES[width]
     if any(m.component in (TEXT1, TEXT2) for m in modules):
@@ -508,7 +512,9 @@ def apply_loras(
     for path, unet_weight, te_weight in loras:
         lora = read_lora(path, model.family, model.text_encoder, model.text_encoder_2)
         hint = family_hint(lora.modules)
-        if hint is not None and hint in _CONTEXT_FAMILIES.values() and hint != label:
+        # the refiner's bigG is `lora_te2_` too: only a U-Net context width tells a base LoRA from its own
+        by_names = label == "SDXL refiner" and _context_width(lora.modules) is None
+        if hint is not None and hint in _CONTEXT_FAMILIES.values() and hint != label and not by_names:
             raise LoraFamilyError(lora.path, hint, label, model.family.name)
         if not lora.kinds:
             looks = f" (it looks like a {hint} LoRA)" if hint else ""
