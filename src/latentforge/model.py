@@ -148,11 +148,22 @@ class StableDiffusion:
         One trained for another text-encoder width (an SD2 embedding on SD1) is refused naming its family.
         """
         embedding = read_embedding(path, name)
-        width = self.family.text_encoder.width
-        if embedding.width != width:
+        # SDXL: `clip_l` feeds CLIP-L and `clip_g` bigG (the refiner's only encoder), as A1111's sd_hijack
+        f = self.family
+        if f.is_sdxl:
+            parts = {"clip_l": f.text_encoder, "clip_g": f.text_encoder_2} if f.text_encoder_2 else {}
+            parts = parts or {"clip_g": f.text_encoder}
+            have = {p: embedding.sdxl[p].shape for p in parts if p in embedding.sdxl}
+            fits = len(have) == len(parts) and all(have[p][-1] == c.width for p, c in parts.items())
+            fits = fits and len({shape[0] for shape in have.values()}) == 1
+            takes = " + ".join(f"{p} width {c.width}" for p, c in parts.items())
+        else:
+            fits = not embedding.sdxl and embedding.width == f.text_encoder.width
+            takes = f"width {f.text_encoder.width}"
+        if not fits:
             raise ParameterError(
                 f"embedding {embedding.name!r} ({path}) is for {embedding.family} (width {embedding.width}); "
-                f"this {self.family.name} model's text encoder takes width {width}"
+                f"this {f.name} model's text encoders take {takes}"
             )
         if embedding.count > self.tokenizer.max_length - 2:
             raise ParameterError(

@@ -2,9 +2,11 @@
 
 Layouts (module names resolved through the generated U-Net key map and our text-encoder names, both
 dotted and with kohya's `.` -> `_`):
-- kohya sd-scripts / LyCORIS: `lora_unet_<module>.<factor>`, `lora_te_<module>.<factor>` (SDXL's
-  `lora_te1_`/`lora_te2_` are recognised and reported as SDXL);
-- diffusers/PEFT: `unet.<module>.lora_A.weight` / `lora_B`, `text_encoder.<module>...`, the older
+- kohya sd-scripts / LyCORIS: `lora_unet_<module>.<factor>`, `lora_te_<module>.<factor>`; SDXL files name
+  the U-Net in sgm's original spelling (`input_blocks_4_1_...`, sd-scripts' `sdxl_original_unet.py`) and
+  the encoders `lora_te1_` (CLIP-L) / `lora_te2_` (bigG; transformers names, as `sdxl_model_util` converts);
+- diffusers/PEFT: `unet.<module>.lora_A.weight` / `lora_B`, `text_encoder.<module>...` (and SDXL's
+  `text_encoder_2.`), the older
   `.lora.down`/`.lora.up`, `.lora_linear_layer.down` and attention-processor `processor.to_q_lora.down`.
 Update `dW` per module, with `s = alpha / r` (1 without alpha) (kohya `networks/lora.py`, LyCORIS `modules/`):
 - LoRA / LoCon: `s * up @ down` (conv: down [r, in, k, k], up [out, r, 1, 1]); with `lora_mid` (Tucker)
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 from latentforge.checkpoints.errors import (
+    CheckpointError,
     CorruptCheckpointError,
     KeyMismatchError,
     UnknownArchitectureError,
@@ -41,7 +44,10 @@ from latentforge.errors import ParameterError
 from latentforge.models.families import ModelFamily
 from latentforge.models.patches import PatchHandle, WeightDelta, check_deltas, patch_weights
 
-UNET, TEXT = "unet", "text_encoder"
+UNET, TEXT, TEXT2 = "unet", "text_encoder", "text_encoder_2"
+TEXT1 = (
+    "te1"  # kohya's `lora_te1_`: SDXL's CLIP-L, never an SD1/SD2 text encoder (A1111 maps it only on SDXL)
+)
 
 # kohya / LyCORIS factor names (after the module name and a dot); canonical names used below.
 _FACTORS = (
@@ -88,8 +94,10 @@ _DIFFUSERS_FACTORS = (
     (".alpha", "alpha"),
 )
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
-_KOHYA_PREFIXES = (("lora_unet_", UNET), ("lora_te_", TEXT), ("lora_te1_", "sdxl"), ("lora_te2_", "sdxl"))
-_DIFFUSERS_PREFIXES = (("unet.", UNET), ("text_encoder.", TEXT), ("text_encoder_2.", "sdxl"))
+_KOHYA_PREFIXES = (("lora_unet_", UNET), ("lora_te_", TEXT), ("lora_te1_", TEXT1), ("lora_te2_", TEXT2))
+_DIFFUSERS_PREFIXES = (("unet.", UNET), ("text_encoder.", TEXT), ("text_encoder_2.", TEXT2))
+# Model families by cross-attention context width (what `family_hint` and the family check compare).
+_CONTEXT_FAMILIES = {768: "SD1", 1024: "SD2", 2048: "SDXL", 1280: "SDXL refiner"}
 _TEXT_ROOTS = ("text_model.", "encoder.layers.")
 _UNET_ROOTS = ("down_blocks", "mid_block", "up_blocks", "input_blocks", "middle_block", "output_blocks")
 
@@ -103,16 +111,19 @@ class HasModels(Protocol):
     def unet(self) -> nn.Module: ...
     @property
     def text_encoder(self) -> nn.Module: ...
+    @property
+    def text_encoder_2(self) -> nn.Module | None: ...
 
 
 @dataclass
 class LoraModule:
     """The factors of one patched module, and where it lands in our model (None: matches nothing)."""
 
-    component: str  # "unet", "text_encoder" or "sdxl" (a component SD1/SD2 do not have)
+    component: str  # as the file names it: "unet", "text_encoder", "te1" (kohya SDXL) or "text_encoder_2"
     source: str  # the module name as the file spells it
     factors: dict[str, torch.Tensor] = field(default_factory=dict)
     target: str | None = None  # our module name
+    into: str = ""  # the model component it lands in ("unet", "text_encoder", "text_encoder_2")
 
     @property
     def kind(self) -> str:
@@ -205,16 +216,24 @@ def module_names(module: nn.Module) -> set[str]:
     return {name.rsplit(".", 1)[0] for name, _ in module.named_parameters() if "." in name}
 
 
-def _lookup_tables(family: ModelFamily, text_modules: set[str]) -> dict[str, dict[str, str]]:
-    """Spelling -> our module name, per component: diffusers and our names, dotted and underscored."""
+def _lookup_tables(
+    family: ModelFamily, text_modules: set[str], text_modules_2: set[str] | None = None
+) -> dict[str, dict[str, str]]:
+    """Spelling -> our module name, per model component: diffusers and our names, dotted and underscored."""
     unet: dict[str, str] = {}
     for theirs, ours in diffusers_key_map(family.unet).items():
         for name in (theirs.rsplit(".", 1)[0], ours.rsplit(".", 1)[0]):
             unet[name] = ours.rsplit(".", 1)[0]
+
     # transformers 5 and some PEFT files drop the `text_model.` level of the CLIP names
-    text = {spelling: name for name in text_modules for spelling in (name, name.removeprefix("text_model."))}
+    def text(names: set[str]) -> dict[str, str]:
+        return {spelling: name for name in names for spelling in (name, name.removeprefix("text_model."))}
+
+    components = [(UNET, unet), (TEXT, text(text_modules))]
+    if text_modules_2 is not None:
+        components.append((TEXT2, text(text_modules_2)))
     tables = {}
-    for component, dotted in ((UNET, unet), (TEXT, text)):
+    for component, dotted in components:
         table = dict(dotted)
         for name, ours in dotted.items():
             underscored = name.replace(".", "_")
@@ -250,24 +269,55 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
     return None
 
 
-def family_hint(modules: Sequence[LoraModule]) -> str | None:
-    """Which family the file was trained for, from names and the cross-attention context width."""
-    if any(m.component == "sdxl" for m in modules):
-        return "SDXL"
+def _context_width(modules: Sequence[LoraModule]) -> int | None:
+    """The cross-attention context width a file's `attn2.to_k`/`to_v` factors take (None: no such module)."""
     for m in modules:
         if "attn2" in m.source and ("to_k" in m.source or "to_v" in m.source):
             for name in ("lora_down.weight", "hada_w1_b", "lokr_w2", "lokr_w2_b", "diff"):
                 if name in m.factors:
-                    width = m.factors[name].shape[-1]
-                    return {768: "SD1", 1024: "SD2", 2048: "SDXL"}.get(width, f"context width {width}")
+                    return int(m.factors[name].shape[-1])
     return None
 
 
-def read_lora(path: str | Path, family: ModelFamily, text_encoder: nn.Module) -> LoraFile:
-    """Read a LoRA/LyCORIS file onto our module names for `family` (refusing NaN/Inf and unknown kinds)."""
+def family_hint(modules: Sequence[LoraModule]) -> str | None:
+    """Which family the file was trained for, from the cross-attention context width, else from names."""
+    width = _context_width(modules)
+    if width in _CONTEXT_FAMILIES:
+        return _CONTEXT_FAMILIES[width]
+    if any(m.component in (TEXT1, TEXT2) for m in modules):
+        return "SDXL"
+    return None if width is None else f"context width {width}"
+
+
+def family_label(family: ModelFamily) -> str:
+    """The family as `family_hint` names files' families ("SD1", "SDXL", ...; else the table's name)."""
+    label = _CONTEXT_FAMILIES.get(family.unet.context_dim)
+    if family.is_sdxl:
+        return "SDXL refiner" if family.is_refiner else "SDXL"
+    return label if label in ("SD1", "SD2") else family.name
+
+
+def _model_component(family: ModelFamily, component: str) -> str | None:
+    """The model component a file's component lands in: `lora_te1_` only on SDXL base (CLIP-L, which
+    `text_encoder.` and `lora_te_` also name there), bigG (`lora_te2_`) is the refiner's only encoder."""
+    if component == UNET:
+        return UNET
+    if not family.is_sdxl:
+        return TEXT if component == TEXT else None
+    if family.is_refiner:
+        return TEXT if component == TEXT2 else None
+    return {TEXT1: TEXT, TEXT: TEXT, TEXT2: TEXT2}.get(component)
+
+
+def read_lora(
+    path: str | Path, family: ModelFamily, text_encoder: nn.Module, text_encoder_2: nn.Module | None = None
+) -> LoraFile:
+    """Read a LoRA/LyCORIS file onto our module names for `family` (refusing NaN/Inf and unknown kinds);
+    `text_encoder_2` is SDXL base's bigG."""
     path = Path(path)
     tensors, metadata = read_state_dict(path)
-    tables = _lookup_tables(family, module_names(text_encoder))
+    names_2 = module_names(text_encoder_2) if text_encoder_2 is not None else None
+    tables = _lookup_tables(family, module_names(text_encoder), names_2)
     modules: dict[tuple[str, str], LoraModule] = {}
     unknown = []
     for key, tensor in tensors.items():
@@ -292,8 +342,9 @@ def read_lora(path: str | Path, family: ModelFamily, text_encoder: nn.Module) ->
             path, f"{len(unknown)} keys are in no LoRA/LyCORIS layout we read: {', '.join(unknown[:8])}"
         )
     for module in modules.values():
-        if module.component in tables:
-            module.target = tables[module.component].get(module.source)
+        into = _model_component(family, module.component)
+        if into is not None and into in tables:
+            module.into, module.target = into, tables[into].get(module.source)
         _check_complete(path, module)
     return LoraFile(path, family.name, list(modules.values()), metadata)
 
@@ -415,17 +466,17 @@ def lora_deltas(lora: LoraFile, modules: dict[str, nn.Module], unet_weight: floa
     for module in lora.modules:
         if module.target is None:
             continue
-        strength = unet_weight if module.component == UNET else te_weight
-        component_params = params[module.component]
+        strength = unet_weight if module.into == UNET else te_weight
+        component_params = params[module.into]
         if "diff_b" in module.factors:  # a bias update, of a full module or next to a low-rank weight update
             bias = module.factors["diff_b"]
             name = f"{module.target}.bias"
-            out.append(WeightDelta(module.component, name, tuple(bias.shape), bias.float, strength))
+            out.append(WeightDelta(module.into, name, tuple(bias.shape), bias.float, strength))
         if module.kind == "full":
             if "diff" in module.factors:
                 diff = module.factors["diff"]
                 name = f"{module.target}.weight"
-                out.append(WeightDelta(module.component, name, tuple(diff.shape), diff.float, strength))
+                out.append(WeightDelta(module.into, name, tuple(diff.shape), diff.float, strength))
             continue
         name = f"{module.target}.weight"
         parameter = component_params.get(name)
@@ -438,7 +489,7 @@ def lora_deltas(lora: LoraFile, modules: dict[str, nn.Module], unet_weight: floa
             factors = {k: v.float() for k, v in module.factors.items()}
             return build(factors, shape) * scale
 
-        out.append(WeightDelta(module.component, name, shape, compute, strength))
+        out.append(WeightDelta(module.into, name, shape, compute, strength))
     return out
 
 
@@ -454,10 +505,17 @@ def apply_loras(
     that match nothing are listed in each report and in a warning. `bake=True` keeps no undo data.
     """
     modules = {UNET: model.unet, TEXT: model.text_encoder}
+    if model.text_encoder_2 is not None:
+        modules[TEXT2] = model.text_encoder_2
+    label = family_label(model.family)
     deltas, reports = [], []
     for path, unet_weight, te_weight in loras:
-        lora = read_lora(path, model.family, model.text_encoder)
+        lora = read_lora(path, model.family, model.text_encoder, model.text_encoder_2)
         hint = family_hint(lora.modules)
+        # the refiner's bigG is `lora_te2_` too: only a U-Net context width tells a base LoRA from its own
+        by_names = label == "SDXL refiner" and _context_width(lora.modules) is None
+        if hint is not None and hint in _CONTEXT_FAMILIES.values() and hint != label and not by_names:
+            raise LoraFamilyError(lora.path, hint, label, model.family.name)
         if not lora.kinds:
             looks = f" (it looks like a {hint} LoRA)" if hint else ""
             raise UnknownArchitectureError(
@@ -483,6 +541,19 @@ def apply_loras(
 
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
+
+
+class LoraFamilyError(KeyMismatchError):
+    """A LoRA trained for another family (an SD1 LoRA on SDXL, an SDXL one on SD1): nothing is applied."""
+
+    def __init__(self, path: str | Path, file_family: str, model_family: str, name: str) -> None:
+        self.missing, self.unexpected, self.wrong_shape = [], [], []
+        CheckpointError.__init__(
+            self,
+            path,
+            f"this is an {file_family} LoRA and the model is {model_family} ({name!r}); its weights do not "
+            f"fit, the model was not changed: use a LoRA trained for {model_family}",
+        )
 
 
 class UnknownLoraError(ParameterError):

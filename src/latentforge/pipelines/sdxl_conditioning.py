@@ -7,6 +7,9 @@ the family's numbers (original size, crop top-left, target size as (h, w) pairs;
 aesthetic score), each as 256 Fourier features. An all-empty negative prompt is all zeros (A1111's
 `force_zero_negative_prompt`, diffusers' `force_zeros_for_empty_prompt`); size numbers stay.
 Clip skip applies to CLIP-L only, as A1111 with its "Clip skip SDXL" option; bigG is always penultimate.
+Textual inversion: an embedding's `clip_l` vectors go into CLIP-L and its `clip_g` ones into bigG at the
+same token positions (A1111's `sd_hijack_clip` per embedder, `textual_inversion_key`); the refiner takes
+`clip_g` alone.
 """
 
 from __future__ import annotations
@@ -24,7 +27,14 @@ from latentforge.models.text_encoder import CLIPTextModel
 from latentforge.models.unet import vector_conditioning
 from latentforge.pipelines.prompt_guidance import pad_tokens, step_of
 from latentforge.pipelines.request import SizeConditioning
-from latentforge.prompts.conditioning import encode_prompts, tokenize_weighted
+from latentforge.prompts.conditioning import (
+    Chunk,
+    EmbeddingVocabulary,
+    _token_embeds,
+    encode_prompts,
+    tokenize_weighted,
+)
+from latentforge.prompts.extra_networks import strip_extra_networks
 from latentforge.prompts.parser import prompt_schedules
 from latentforge.sampling.common import ConditionedDenoiser, Denoiser
 from latentforge.sampling.guidance import CFGDenoiser, CFGTruncation
@@ -58,38 +68,71 @@ class _Tower(nn.Module):
     def __init__(self, encoder: CLIPTextModel, clip_skip: int) -> None:
         super().__init__()
         self.encoder, self.clip_skip = encoder, clip_skip
+        self.text_model = encoder.text_model  # where textual inversion looks up the token embeddings
         self.pooled: dict[tuple[int, ...], torch.Tensor] = {}
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, pooled = self.encoder(input_ids, clip_skip=self.clip_skip, final_norm=False)
-        for row, vector in zip(input_ids.tolist(), pooled, strict=True):
-            self.pooled[tuple(row)] = vector
+    def forward(
+        self, input_ids: torch.Tensor, clip_skip: int = 1, token_embeds: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, pooled = self.encoder(
+            input_ids, clip_skip=self.clip_skip, token_embeds=token_embeds, final_norm=False
+        )
+        if token_embeds is None:  # rows with embeddings share placeholder ids: `_pooled` encodes those
+            for row, vector in zip(input_ids.tolist(), pooled, strict=True):
+                self.pooled[tuple(row)] = vector
         return hidden, pooled
 
 
-def _encoders(model: StableDiffusion, clip_skip: int) -> list[tuple[_Tower, Any]]:
-    """(tower, tokenizer) of each encoder; the last one (bigG) gives the pooled output."""
+def _encoders(model: StableDiffusion, clip_skip: int) -> list[tuple[_Tower, Any, dict[str, torch.Tensor]]]:
+    """(tower, tokenizer, embedding vectors by name) of each encoder; the last one (bigG) gives the pooled
+    output. Embeddings without the encoder's part (`load_embedding` refuses those) are left out."""
+
+    def vectors(part: str) -> dict[str, torch.Tensor]:
+        return {name: e.sdxl[part] for name, e in model.embeddings.items() if part in e.sdxl}
+
     if model.text_encoder_2 is None:  # the refiner: bigG alone
-        return [(_Tower(model.text_encoder, SDXL_PENULTIMATE), model.tokenizer)]
+        return [(_Tower(model.text_encoder, SDXL_PENULTIMATE), model.tokenizer, vectors("clip_g"))]
     return [
-        (_Tower(model.text_encoder, clip_skip), model.tokenizer),
-        (_Tower(model.text_encoder_2, SDXL_PENULTIMATE), model.tokenizer_2),
+        (_Tower(model.text_encoder, clip_skip), model.tokenizer, vectors("clip_l")),
+        (_Tower(model.text_encoder_2, SDXL_PENULTIMATE), model.tokenizer_2, vectors("clip_g")),
     ]
+
+
+def _vocabulary(tokenizer: Any, embeddings: Mapping[str, torch.Tensor]) -> EmbeddingVocabulary | None:
+    return EmbeddingVocabulary(tokenizer, {k: len(v) for k, v in embeddings.items()}) if embeddings else None
+
+
+def _pooled(tower: _Tower, chunk: Chunk, embeddings: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The pooled bigG output of a prompt's first chunk (encoded again when it holds embeddings)."""
+    if not chunk.fixes:
+        return tower.pooled[chunk.tokens]
+    device = next(tower.encoder.parameters()).device
+    input_ids = torch.tensor([chunk.tokens], device=device)
+    token_embeds = _token_embeds(tower.encoder, input_ids, [chunk.fixes], embeddings)
+    return tower(input_ids, token_embeds=token_embeds)[1][0]
 
 
 @torch.inference_mode()
 def sdxl_schedules(
     model: StableDiffusion, prompts: Sequence[str], steps: int, clip_skip: int
 ) -> list[list[SDXL_ENTRY]]:
-    """Per prompt, its prompt-editing schedule of (end_step, crossattn [T, C], pooled [P])."""
-    by_prompt = {p: prompt_schedules(p, steps) for p in dict.fromkeys(prompts)}
+    """Per prompt, its prompt-editing schedule of (end_step, crossattn [T, C], pooled [P]); extra-network
+    tags (`<lora:...>`, applied by the runner) are removed from the text first, as for SD1."""
+    by_prompt = {p: prompt_schedules(strip_extra_networks(p), steps) for p in dict.fromkeys(prompts)}
     texts = list(dict.fromkeys(text for schedule in by_prompt.values() for _, text in schedule))
     encoders = _encoders(model, clip_skip)
-    chunks = max(len(tokenize_weighted(tok, text)) for _, tok in encoders for text in texts)
-    hidden = [encode_prompts(tower, tok, texts, chunks=chunks) for tower, tok in encoders]
+    chunks = max(
+        len(tokenize_weighted(tok, text, embeddings=_vocabulary(tok, emb)))
+        for _, tok, emb in encoders
+        for text in texts
+    )
+    hidden = [
+        encode_prompts(tower, tok, texts, chunks=chunks, embeddings=emb) for tower, tok, emb in encoders
+    ]
     crossattn = torch.cat(hidden, dim=-1)  # [len(texts), 77 * chunks, sum of widths]
-    tower_g, tok_g = encoders[-1]
-    pooled = [tower_g.pooled[tokenize_weighted(tok_g, text)[0].tokens] for text in texts]
+    tower_g, tok_g, emb_g = encoders[-1]
+    vocabulary_g = _vocabulary(tok_g, emb_g)
+    pooled = [_pooled(tower_g, tokenize_weighted(tok_g, t, embeddings=vocabulary_g)[0], emb_g) for t in texts]
     entry = {text: (crossattn[i], pooled[i]) for i, text in enumerate(texts)}
     return [[(end, *entry[text]) for end, text in by_prompt[p]] for p in prompts]
 
