@@ -94,6 +94,16 @@ def _eval(f: dict[str, Path], generated: Path, *extra: str) -> list[str]:
     return ["eval", "--generated", str(generated), "--reference", str(f["ref"]), *extra]
 
 
+def _sd15_lora(f: dict[str, Path]) -> Path:
+    """A folder with a kohya LoRA for SD 1.x's 768-wide cross-attention context (not the tiny model's)."""
+    folder = f["root"] / "loras"
+    folder.mkdir(exist_ok=True)
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    tensors = {f"{name}.lora_down.weight": torch.zeros(4, 768), f"{name}.lora_up.weight": torch.zeros(320, 4)}
+    save_file({**tensors, f"{name}.alpha": torch.tensor(4.0)}, str(folder / "sd15.safetensors"))
+    return folder
+
+
 def _generate(f: dict[str, Path], model: str, *extra: str) -> list[str]:
     return [
         "generate",
@@ -128,6 +138,8 @@ CASES: dict[str, Callable[[dict[str, Path]], list[str]]] = {
     "EmojiDatasetError": lambda f: ["data", "emoji", str(f["notempty"])],
     "UnknownLoraError": lambda f: ["generate", "a <lora:missing:1>", "--model", str(f["tiny"]), "--steps",
                                    "1", "--out", str(f["root"] / "out"), "--lora-dir", str(f["gen"])],
+    "LoraFamilyError": lambda f: ["generate", "a <lora:sd15:1>", "--model", str(f["tiny"]), "--steps", "1",
+                                  "--out", str(f["root"] / "out"), "--lora-dir", str(_sd15_lora(f))],
     "MergeMismatchError": lambda f: [
         "merge", str(f["tiny"]), str(f["sd2"]), "-o", str(f["root"] / "merged.safetensors")
     ],

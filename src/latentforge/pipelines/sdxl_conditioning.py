@@ -30,7 +30,7 @@ from latentforge.pipelines.request import SizeConditioning
 from latentforge.prompts.conditioning import (
     Chunk,
     EmbeddingVocabulary,
-    _token_embeds,
+    embeds_with_vectors,
     encode_prompts,
     tokenize_weighted,
 )
@@ -108,7 +108,7 @@ def _pooled(tower: _Tower, chunk: Chunk, embeddings: Mapping[str, torch.Tensor])
         return tower.pooled[chunk.tokens]
     device = next(tower.encoder.parameters()).device
     input_ids = torch.tensor([chunk.tokens], device=device)
-    token_embeds = _token_embeds(tower.encoder, input_ids, [chunk.fixes], embeddings)
+    token_embeds = embeds_with_vectors(tower.encoder, input_ids, [chunk.fixes], embeddings)
     return tower(input_ids, token_embeds=token_embeds)[1][0]
 
 

@@ -178,7 +178,7 @@ def encode_chunks(
     index = [unique.setdefault((chunk.tokens, chunk.fixes), len(unique)) for chunk in chunks]
     input_ids = torch.tensor([t for t, _ in unique], dtype=torch.long, device=_device_of(text_encoder))
     if any(fixes for _, fixes in unique):
-        token_embeds = _token_embeds(text_encoder, input_ids, [f for _, f in unique], embeddings or {})
+        token_embeds = embeds_with_vectors(text_encoder, input_ids, [f for _, f in unique], embeddings or {})
         hidden, _pooled = text_encoder(input_ids, clip_skip=clip_skip, token_embeds=token_embeds)
     else:
         hidden, _pooled = text_encoder(input_ids, clip_skip=clip_skip)  # [U, 77, C]
@@ -194,7 +194,7 @@ def encode_chunks(
     return z.to(hidden.dtype)
 
 
-def _token_embeds(
+def embeds_with_vectors(
     text_encoder: nn.Module,
     input_ids: torch.Tensor,
     row_fixes: Sequence[tuple[tuple[int, str], ...]],
