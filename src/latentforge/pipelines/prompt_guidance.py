@@ -78,16 +78,12 @@ class PromptConditioner:
             empty = encode_prompts(m.text_encoder, m.tokenizer, [""], clip_skip=self.clip_skip)
         sigmas = sigmas.detach().float().cpu()
         extra = dict(extra or {})
-        calls = [0]  # guided evaluations so far (A1111's CFGDenoiser.step), for CFG truncation
+        skip = (truncation or CFGTruncation()).counter(len(sigmas) - 1)
 
         def guided(x: torch.Tensor, sigma: Any) -> torch.Tensor:
             step = step_of(sigma, sigmas)
             c = conditioning_at_step(cond_schedules, step)
-            call, calls[0] = calls[0], calls[0] + 1
-            skip = truncation is not None and truncation.skips(
-                float(torch.as_tensor(sigma).reshape(-1)[0]), call, step, len(sigmas) - 1
-            )
-            if uncond_schedules is None or skip:
+            if uncond_schedules is None or skip(sigma, step):
                 return base(x, sigma, {"crossattn": c, **extra})
             u = conditioning_at_step(uncond_schedules, step)
             c, u = pad_tokens(c, u, empty)

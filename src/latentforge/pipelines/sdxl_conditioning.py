@@ -177,7 +177,7 @@ class SDXLConditioner:
         cond_numbers, uncond_numbers = (n.tensor(family)[None] for n in self.numbers)
         sigmas = sigmas.detach().float().cpu()
         extra = dict(extra or {})
-        calls = [0]  # guided evaluations so far (A1111's CFGDenoiser.step), for CFG truncation
+        skip = (truncation or CFGTruncation()).counter(len(sigmas) - 1)
 
         def side(schedules: list[list[SDXL_ENTRY]], step: int, numbers: torch.Tensor, zero: bool):
             crossattn, pooled = sdxl_at_step(schedules, step)
@@ -189,11 +189,7 @@ class SDXLConditioner:
         def guided(x: torch.Tensor, sigma: Any) -> torch.Tensor:
             step = step_of(sigma, sigmas)
             c, c_vec = side(cond_schedules, step, cond_numbers, False)
-            call, calls[0] = calls[0], calls[0] + 1
-            skip = truncation is not None and truncation.skips(
-                float(torch.as_tensor(sigma).reshape(-1)[0]), call, step, len(sigmas) - 1
-            )
-            if uncond_schedules is None or skip:
+            if uncond_schedules is None or skip(sigma, step):
                 return base(x, sigma, {"crossattn": c, "vector": c_vec, **extra})
             u, u_vec = side(uncond_schedules, step, uncond_numbers, zero_uncond)
             c, u = pad_tokens(c, u, empty)

@@ -77,6 +77,17 @@ class CFGTruncation:
     def active(self) -> bool:
         return self.min_sigma > 0 or self.cutoff < 1
 
+    def counter(self, steps: int) -> Callable[[Tensor | float, int], bool]:
+        """`skip(sigma, step)` for one sampling run of `steps` steps, counting its calls as A1111's
+        CFGDenoiser counts `self.step` (so a conditioner need not keep the count itself)."""
+        calls = [0]
+
+        def skip(sigma: Tensor | float, step: int) -> bool:
+            call, calls[0] = calls[0], calls[0] + 1
+            return self.skips(float(torch.as_tensor(sigma).reshape(-1)[0]), call, step, steps)
+
+        return skip
+
 
 def _per_image(value: float | Tensor, like: Tensor) -> Tensor:
     value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
