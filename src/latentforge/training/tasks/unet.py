@@ -140,8 +140,10 @@ class UNetWithText(nn.Module):
         super().__init__()
         self.unet, self.text_encoder = unet, text_encoder
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, timesteps, context)
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.unet(x, timesteps, context, y=y)  # y: SDXL's vector
 
 
 def _freeze(module: nn.Module) -> nn.Module:
