@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import latentforge
@@ -14,6 +15,7 @@ from latentforge.checkpoints.single_file import save_single_file
 from latentforge.errors import ConfigError
 from latentforge.model import StableDiffusion
 from latentforge.models.families import TINY_XL, TINY_XL_REFINER
+from latentforge.models.unet import vector_conditioning
 from latentforge.pipelines.request import GenerationRequest, SizeConditioning
 from latentforge.pipelines.runner import iter_images
 from latentforge.pipelines.sdxl_conditioning import SDXLConditioner, size_numbers
@@ -162,3 +164,24 @@ def test_refiner_and_sdxl_text_encoder_training_are_refused(tmp_path, xl_checkpo
         UNetTask({**DATA, "init": str(xl_checkpoint), "train_text_encoder": True}, progress=False)
     with pytest.raises(ConfigError, match="does not train SDXL adapters"):
         LoRATask({**DATA, "init": str(xl_checkpoint)}, progress=False)
+
+
+def test_bucketed_data_feeds_each_images_original_size_and_crop(tmp_path, xl_checkpoint):
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for i, (w, h) in enumerate([(96, 40), (40, 96)]):
+        Image.new("RGB", (w, h), "red").save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("red")
+    options = {**DATA, "data": "folder", "train_data": str(folder), "holdout_data": str(folder)}
+    task = UNetTask({**options, "init": str(xl_checkpoint), "buckets": True}, progress=False)
+    item = task.dataset("train")[0]
+    assert item["original_size"].tolist() == [40, 96]  # (h, w) of the file, not of the bucket crop
+    batch = {k: (v[None] if isinstance(v, torch.Tensor) else [v]) for k, v in item.items()}
+    _, _, vector = task.latents_and_cond(batch, None)
+    h, w = item["pixels"].shape[-2:]
+    numbers = torch.tensor([[40.0, 96.0, *item["crop_top_left"].tolist(), h, w]])
+    pooled_width = TINY_XL.text_encoder_2.projection_dim
+    want = vector_conditioning(vector[:, :pooled_width], numbers, TINY_XL.unet.vector_embed_dim)
+    torch.testing.assert_close(vector, want)
+    _, _, fallback = task.latents_and_cond({"pixels": batch["pixels"], "caption": batch["caption"]}, None)
+    assert not torch.allclose(fallback, vector)

@@ -426,9 +426,9 @@ class UNetTask:
     def _sdxl_cond(
         self, batch: Mapping[str, Any], z: torch.Tensor, generator: torch.Generator | None, dropout: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """crossattn [B, 77, 2048] and `vector` of an encoded SDXL batch. Caption dropout follows sgm's
-        GeneralConditioner (`ucg_rate` without `legacy_ucg_value`): a dropped caption's text embeddings and
-        pooled output are zeros, its size numbers stay; generation's empty negative prompt is zeros too."""
+        """crossattn [B, 77, 2048] and `vector` of an encoded SDXL batch. Caption dropout zeroes a dropped
+        caption's text embeddings and pooled output as sgm's `ucg_rate` does (one draw for both encoders,
+        as generation's all-zero empty negative prompt); its size numbers stay."""
         if "hidden" in batch:
             context, pooled = batch["hidden"].to(self.device).float(), batch["pooled"].to(self.device).float()
         else:
