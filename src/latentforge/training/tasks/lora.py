@@ -85,6 +85,13 @@ class LoRATask(UNetTask):
         super().__init__(
             replace(options, train_text_encoder=False), seed, device, progress, explicit=explicit
         )
+        if self._family.is_sdxl:
+            # The kohya writer names U-Net modules SD1-style (down_blocks_*) and labels the file sd_v1, while
+            # kohya's SDXL LoRAs use sgm names (input_blocks_*); an SDXL export would not apply (issue 21).
+            raise ConfigError(
+                f"task_options.init = {options.init!r} is an SDXL model ({self._family.name}); `train "
+                f"{self.name}` does not train SDXL adapters yet; use `train unet` (full fine-tuning)"
+            )
         self.run = run
         self.unet.requires_grad_(False)
         self.network = self._build_network()

@@ -36,10 +36,11 @@ from latentforge.models.configs import TextEncoderConfig, UNetConfig, VAEConfig
 from latentforge.models.families import ModelFamily
 from latentforge.models.text_encoder import CLIPTextModel
 from latentforge.models.tokenizer import CLIPTokenizer
-from latentforge.models.unet import UNetModel
+from latentforge.models.unet import UNetModel, vector_conditioning
 from latentforge.models.vae import AutoencoderKL, DiagonalGaussian
 from latentforge.pipelines.request import GenerationRequest
 from latentforge.pipelines.runner import iter_images
+from latentforge.pipelines.sdxl_conditioning import SDXL_PENULTIMATE, batch_numbers
 from latentforge.sampling import schedules
 from latentforge.training import losses
 from latentforge.training.config import AT_LEAST_ONE, FRACTION, POSITIVE, Range, RunConfig
@@ -139,8 +140,10 @@ class UNetWithText(nn.Module):
         super().__init__()
         self.unet, self.text_encoder = unet, text_encoder
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, timesteps, context)
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.unet(x, timesteps, context, y=y)  # y: SDXL's vector
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -172,8 +175,9 @@ class UNetTask:
         self.options, self.seed, self.progress = options, seed, progress
         self.device = torch.device(device)
         torch.manual_seed(seed)
+        text_encoder_2: CLIPTextModel | None = None
         if options.init is not None:
-            family, vae, text_encoder, unet = _from_checkpoint(options, explicit)
+            family, vae, text_encoder, unet, text_encoder_2 = _from_checkpoint(options, explicit)
         else:
             vae, text_encoder = _frozen_encoders(options)
             family = _new_family(options, vae.config, text_encoder.config)
@@ -188,6 +192,12 @@ class UNetTask:
         self.vae: AutoencoderKL = _freeze(vae).to(self.device)  # type: ignore[assignment]
         self.text_encoder: CLIPTextModel = _freeze(text_encoder).to(self.device)  # type: ignore[assignment]
         self.tokenizer = CLIPTokenizer.for_config(text_encoder.config)
+        # SDXL's second (bigG) encoder, frozen: its penultimate states and pooled output (issue 21).
+        self.text_encoder_2: CLIPTextModel | None = None
+        self.tokenizer_2: CLIPTokenizer | None = None
+        if text_encoder_2 is not None:
+            self.text_encoder_2 = _freeze(text_encoder_2).to(self.device)  # type: ignore[assignment]
+            self.tokenizer_2 = CLIPTokenizer.for_config(text_encoder_2.config)
         self.unet = unet
         self.unet.gradient_checkpointing = options.gradient_checkpointing
         if options.train_text_encoder:
@@ -239,6 +249,21 @@ class UNetTask:
             return encoder(input_ids.to(self.device), self._family.default_clip_skip)[0]
 
     @torch.no_grad()
+    def encode_sdxl(
+        self, input_ids: torch.Tensor, input_ids_2: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL text as generation builds it (`pipelines/sdxl_conditioning.py`): CLIP-L at the family's clip
+        skip and bigG at its penultimate layer, both without the final LayerNorm, concatenated [B, 77, 2048];
+        and bigG's pooled, projected output [B, P]."""
+        assert self.text_encoder_2 is not None
+        skip = self._family.default_clip_skip
+        hidden_l = self.text_encoder(input_ids.to(self.device), skip, final_norm=False)[0]
+        hidden_g, pooled = self.text_encoder_2(
+            input_ids_2.to(self.device), SDXL_PENULTIMATE, final_norm=False
+        )
+        return torch.cat([hidden_l, hidden_g], dim=-1), pooled
+
+    @torch.no_grad()
     def _empty_prompt(self, name: str) -> torch.Tensor:
         # The states only when asked for: a text-encoder forward on first use would draw from the global RNG
         # (adapter dropout) in whichever step first drops a caption, and a resumed run would draw elsewhere.
@@ -282,6 +307,14 @@ class UNetTask:
             out.update(mean=posterior.mean.float(), logvar=posterior.logvar.float())
         else:
             out["latent"] = posterior.mode().float()
+        if self.tokenizer_2 is not None:  # SDXL: both encoders' text, and the size/crop numbers
+            ids_2 = self.tokenizer_2(list(batch["caption"]))
+            out.update(_sizes(batch))
+            if self.options.cache_text == "hidden":
+                out["hidden"], out["pooled"] = (t.float() for t in self.encode_sdxl(ids, ids_2))
+            else:
+                out.update(input_ids=ids, input_ids_2=ids_2)
+            return out
         if self.options.cache_text == "hidden":
             out["hidden"] = self.encode_text(ids).float()
         else:
@@ -302,6 +335,10 @@ class UNetTask:
             sample_posterior=self.options.sample_posterior,
             cache_text=self.options.cache_text,
             clip_skip=self._family.default_clip_skip if self.options.cache_text == "hidden" else None,
+            # SDXL only, so SD caches keep their keys
+            **(
+                {} if self.text_encoder_2 is None else {"text_encoder_2": weights_digest(self.text_encoder_2)}
+            ),
         )
         cache = LatentCache(self.options.cache_dir or _default_cache_dir(), key)
         # Every rank asks for "train" (rank 0 writes, the others then read); only rank 0 evaluates.
@@ -348,7 +385,22 @@ class UNetTask:
         text_encoder: nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled latents [B, C, h, w] and text states [B, 77, width] for a raw or cached batch (the text
-        states carry gradients when the text encoder trains)."""
+        states carry gradients when the text encoder trains); SD 1.x/2.x only (SDXL: `latents_and_cond`)."""
+        if self._family.is_sdxl:
+            raise ConfigError(
+                f"task_options.init is an SDXL model ({self._family.name}); only the unet task trains SDXL"
+            )
+        z, context, _ = self.latents_and_cond(batch, generator, caption_dropout, text_encoder)
+        return z, context
+
+    def latents_and_cond(
+        self,
+        batch: Mapping[str, Any],
+        generator: torch.Generator | None,
+        caption_dropout: float = 0.0,
+        text_encoder: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Scaled latents, text states and (SDXL) the `vector` [B, adm_in_channels], else None."""
         with torch.no_grad():
             if "pixels" in batch:
                 batch = self._encode_batch(batch)
@@ -358,6 +410,9 @@ class UNetTask:
                 moments = torch.cat([batch["mean"], batch["logvar"]], dim=1).to(self.device)
                 posterior = DiagonalGaussian(moments)
                 z = posterior.sample(generator=generator) if generator is not None else posterior.mode()
+        if self._family.is_sdxl:
+            context, vector = self._sdxl_cond(batch, z, generator, caption_dropout)
+            return z.float() * self.latent_scale, context, vector
         name = "hidden" if "hidden" in batch else "input_ids"
         cond = batch[name].to(self.device)
         if caption_dropout > 0:
@@ -366,7 +421,28 @@ class UNetTask:
             empty = self._empty_prompt(name).to(cond.device, cond.dtype)
             cond = torch.where(drop.view(-1, *([1] * (cond.ndim - 1))), empty, cond)
         context = cond.float() if name == "hidden" else self.encode_text(cond, text_encoder).float()
-        return z.float() * self.latent_scale, context
+        return z.float() * self.latent_scale, context, None
+
+    def _sdxl_cond(
+        self, batch: Mapping[str, Any], z: torch.Tensor, generator: torch.Generator | None, dropout: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """crossattn [B, 77, 2048] and `vector` of an encoded SDXL batch. Caption dropout zeroes a dropped
+        caption's text embeddings and pooled output as sgm's `ucg_rate` does (one draw for both encoders,
+        as generation's all-zero empty negative prompt); its size numbers stay."""
+        if "hidden" in batch:
+            context, pooled = batch["hidden"].to(self.device).float(), batch["pooled"].to(self.device).float()
+        else:
+            context, pooled = (t.float() for t in self.encode_sdxl(batch["input_ids"], batch["input_ids_2"]))
+        if dropout > 0:
+            device = generator.device if generator is not None else torch.device("cpu")
+            keep = (torch.rand(len(context), generator=generator, device=device) >= dropout).to(self.device)
+            context, pooled = context * keep[:, None, None], pooled * keep[:, None]
+        # target size: the training crop itself, from the latent's shape (cache rows keep no pixels)
+        factor = self._family.vae.downsampling_factor
+        target = torch.tensor([[z.shape[-2] * factor, z.shape[-1] * factor]]).expand(len(z), -1)
+        numbers = batch_numbers(self._family, batch["original_size"], batch["crop_top_left"], target)
+        vector = vector_conditioning(pooled, numbers.to(self.device), self._family.unet.vector_embed_dim)
+        return context, vector
 
     @property
     def latent_scale(self) -> float:
@@ -407,12 +483,18 @@ class UNetTask:
     # ---------------------------------------------------------------------------------------------- training
 
     def _loss_terms(
-        self, model: nn.Module, z0: torch.Tensor, context: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+        self,
+        model: nn.Module,
+        z0: torch.Tensor,
+        context: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        vector: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample MSE [B] in the prediction space, and the Min-SNR weights [B] (ones without it)."""
         abar = self.alphas_cumprod.to(z0.device)[t]  # [B] float64
         z_t = losses.add_noise(z0, noise, abar)
-        pred = model(z_t, t, context)
+        pred = model(z_t, t, context) if vector is None else model(z_t, t, context, y=vector)
         target = losses.diffusion_target(self._family.prediction, z0, noise, abar)
         mse = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
         if self.options.min_snr_gamma is None:
@@ -427,10 +509,12 @@ class UNetTask:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         batch = self.prepare_captions(batch, generator)
         text_encoder = self.parts(model)[1]
-        z0, context = self.latents_and_context(batch, generator, self.options.caption_dropout, text_encoder)
+        z0, context, vector = self.latents_and_cond(
+            batch, generator, self.options.caption_dropout, text_encoder
+        )
         t = losses.sample_timesteps(len(z0), NUM_TIMESTEPS, generator).to(self.device)
         noise = losses.sample_noise(tuple(z0.shape), generator, self.options.noise_offset).to(self.device)
-        mse, weights = self._loss_terms(model, z0, context, t, noise)
+        mse, weights = self._loss_terms(model, z0, context, t, noise, vector)
         loss = (mse * weights).mean()
         return loss, {"loss": loss.item(), "mse": mse.mean().item()}
 
@@ -438,24 +522,30 @@ class UNetTask:
 
     def _holdout_batches(
         self, text_encoder: nn.Module | None = None
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Holdout latents (posterior mode) and text states, encoded once while the text encoder is frozen
-        (with `text_encoder` each time when it trains)."""
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Holdout latents (posterior mode), text states and SDXL vectors, encoded once while the text
+        encoder is frozen (with `text_encoder` each time when it trains)."""
         holdout = self._holdout
         if holdout is None:
-            zs, contexts = [], []
+            zs, contexts, vectors = [], [], []
             for batch in DataLoader(self.dataset("holdout"), batch_size=self.options.eval_batch_size):
                 # the captions training sees (template, token), drawn from a fixed generator
                 batch = self.prepare_captions(batch, torch.Generator().manual_seed(self.options.eval_seed))
-                z, c = self.latents_and_context(batch, None, text_encoder=text_encoder)
+                z, c, v = self.latents_and_cond(batch, None, text_encoder=text_encoder)
                 zs.append(z.cpu())
                 contexts.append(c.cpu())
+                vectors += [] if v is None else [v.cpu()]
             holdout = {"z": torch.cat(zs), "context": torch.cat(contexts)}
+            if vectors:
+                holdout["vector"] = torch.cat(vectors)
             if not self.text_grad:
                 self._holdout = holdout
         size = self.options.eval_batch_size
-        z, c = holdout["z"], holdout["context"]
-        return [(z[i : i + size], c[i : i + size]) for i in range(0, len(z), size)]
+        z, c, v = holdout["z"], holdout["context"], holdout.get("vector")
+        return [
+            (z[i : i + size], c[i : i + size], None if v is None else v[i : i + size])
+            for i in range(0, len(z), size)
+        ]
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -469,10 +559,11 @@ class UNetTask:
         for t_value in self.options.eval_timesteps:
             generator = torch.Generator("cpu").manual_seed(self.options.eval_seed + t_value)
             errors = []
-            for z0, context in batches:
+            for z0, context, vector in batches:
                 noise = torch.randn(z0.shape, generator=generator).to(device)
                 t = torch.full((len(z0),), t_value, device=device, dtype=torch.long)
-                mse, _ = self._loss_terms(unet, z0.to(device), context.to(device), t, noise)
+                vector = None if vector is None else vector.to(device)
+                mse, _ = self._loss_terms(unet, z0.to(device), context.to(device), t, noise, vector)
                 errors.append(mse.cpu())
             metrics[f"loss_t{t_value}"] = float(torch.cat(errors).mean())
         metrics["loss"] = sum(metrics.values()) / len(metrics)
@@ -498,6 +589,8 @@ class UNetTask:
             vae=self.vae,
             unet=unet,  # type: ignore[arg-type]
             name=self.family.name,
+            text_encoder_2=self.text_encoder_2,
+            tokenizer_2=self.tokenizer_2,
         )
 
     def samples(self, model: nn.Module) -> Image.Image | None:
@@ -528,7 +621,9 @@ class UNetTask:
     def export(self, model: nn.Module, path: Path) -> None:
         """One original-layout single file (U-Net, VAE, text encoder) with the family in its metadata."""
         unet, text_encoder = self.parts(model)
-        text_sd = {k: v for k, v in text_encoder.state_dict().items() if not k.startswith("text_projection.")}
+        text_sd = text_encoder.state_dict()
+        if self.text_encoder_2 is None:  # SD: the family has no projection; SDXL's bigG keeps its own
+            text_sd = {k: v for k, v in text_sd.items() if not k.startswith("text_projection.")}
         save_single_file(
             path,
             unet.state_dict(),
@@ -536,6 +631,7 @@ class UNetTask:
             text_sd,
             self.family,
             dtype=dtype_from_name(self.options.export_dtype),
+            text_encoder_2=None if self.text_encoder_2 is None else self.text_encoder_2.state_dict(),
         )
 
 
@@ -548,6 +644,19 @@ def family_alphas_cumprod(family: ModelFamily) -> torch.Tensor:
     """abar_t [1000] (float64) of the family's beta schedule, as the pipelines compute it."""
     betas = schedules.betas(family.beta_schedule, NUM_TIMESTEPS, family.beta_start, family.beta_end)
     return schedules.alphas_cumprod(betas)
+
+
+def _sizes(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """SDXL's `original_size` and `crop_top_left` [B, 2] of a batch: as the bucketed data records them, or
+    for data without them (fixed-size center crops, synthetic) the crop's own size and no offset."""
+    if "original_size" in batch:
+        return {
+            "original_size": batch["original_size"].long(),
+            "crop_top_left": batch["crop_top_left"].long(),
+        }
+    pixels = batch["pixels"]
+    size = torch.tensor([[pixels.shape[-2], pixels.shape[-1]]]).expand(len(pixels), -1)
+    return {"original_size": size.clone(), "crop_top_left": torch.zeros_like(size)}
 
 
 def _check_caption_options(options: UNetTaskOptions) -> None:
@@ -623,7 +732,7 @@ def _check_resolution(resolution: int, vae: VAEConfig, unet: UNetConfig) -> None
 
 def _from_checkpoint(
     options: UNetTaskOptions, explicit: set[str]
-) -> tuple[ModelFamily, AutoencoderKL, CLIPTextModel, UNetModel]:
+) -> tuple[ModelFamily, AutoencoderKL, CLIPTextModel, UNetModel, CLIPTextModel | None]:
     """Family and weights of `options.init` (any file `latentforge.load` reads), fp32 on the CPU.
 
     Options that would describe another model are refused rather than ignored; `family_name` renames.
@@ -637,10 +746,15 @@ def _from_checkpoint(
         )
     model = load_checkpoint(options.init, dtype=torch.float32, compute_hash=False)  # type: ignore[arg-type]
     family = model.family
-    if family.is_sdxl:  # this task feeds the U-Net crossattn only; SDXL also needs its `vector` (issue 21)
+    if family.is_refiner:
         raise ConfigError(
-            f"task_options.init = {options.init!r} is an SDXL model ({family.name}); the U-Net task does not "
-            "train SDXL yet (its size/crop `vector` conditioning); use an SD 1.x/2.x model"
+            f"task_options.init = {options.init!r} is an SDXL refiner ({family.name}); the U-Net task trains "
+            "SDXL base models only (the refiner's aesthetic-score conditioning is not implemented)"
+        )
+    if family.is_sdxl and options.train_text_encoder:
+        raise ConfigError(
+            f"task_options.train_text_encoder = true is not supported for the SDXL model {options.init!r} "
+            "(its two encoders stay frozen); set train_text_encoder = false"
         )
     kept = {
         "prediction": family.prediction,
@@ -660,7 +774,8 @@ def _from_checkpoint(
         family = replace(family, name=options.family_name)
     _check_resolution(options.resolution, family.vae, family.unet)
     # `load` hands out inference models (eval mode, no gradients): the U-Net trains here.
-    return family, model.vae, model.text_encoder, model.unet.train().requires_grad_(True)
+    unet = model.unet.train().requires_grad_(True)
+    return family, model.vae, model.text_encoder, unet, model.text_encoder_2
 
 
 def make_unet_task(config: RunConfig) -> UNetTask:
