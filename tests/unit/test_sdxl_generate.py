@@ -160,14 +160,3 @@ def test_fp16_vae_swap_and_the_fp32_retry(models, tmp_path):
     assert "VAE: sdxl_vae.safetensors" in result.infotext
     assert "VAE decoded in fp32: True" in result.infotext
     assert np.asarray(result.image).std() > 0
-
-
-def test_unet_task_refuses_sdxl_clearly(models, tmp_path):
-    from latentforge.errors import ConfigError
-    from latentforge.training.tasks.unet import UNetTask
-
-    path = _save(models["tiny-sdxl"], tmp_path / "xl.safetensors")
-    with pytest.raises(
-        ConfigError, match="is an SDXL model \\(tiny-sdxl\\); the U-Net task does not train SDXL"
-    ):
-        UNetTask({"resolution": 16, "synthetic_items": 4, "init": path}, progress=False)
