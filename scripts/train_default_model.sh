@@ -32,13 +32,25 @@ if [ "$RECIPE" = v1 ]; then
   exit 0
 fi
 
+# A session's machine does not always keep RUNS: each finished v2 stage's result is committed under
+# artefacts/default-v2/STAGE/ and copied back instead of training the stage again.
+ART=artefacts/default-v2
+restore() {  # restore STAGE FILE...: true (and RUNS/STAGE filled) when every FILE is in RUNS or ART
+  local stage=$1 f; shift
+  for f in "$@"; do [ -f "$RUNS/$stage/$f" ] || [ -f "$ART/$stage/$f" ] || return 1; done
+  mkdir -p "$RUNS/$stage"
+  for f in "$@"; do [ -f "$RUNS/$stage/$f" ] || cp "$ART/$stage/$f" "$RUNS/$stage/$f"; done
+}
+
 # v2, stage 1: the first stage, f = 4 with 8 latent channels (fixes the U-Net's latent space).
-"$PY" -m latentforge train vae configs/default/vae_v2.toml task_options.data="$DATA" run_dir="$RUNS/vae"
+restore vae final.safetensors ||
+  "$PY" -m latentforge train vae configs/default/vae_v2.toml task_options.data="$DATA" run_dir="$RUNS/vae"
 # Stage 2: CLIP on the training images with extra captions (name-less, short names); holdout unchanged.
 [ -d "$DATA-clip/train" ] || "$PY" -c "import sys; from latentforge.data.emoji import write_caption_variants as w
 print(w(sys.argv[1], sys.argv[2]))" "$DATA" "$DATA-clip"
-"$PY" -m latentforge train clip configs/default/clip_v2.toml task_options.train_data="$DATA-clip/train" \
-  task_options.holdout_data="$DATA/holdout" run_dir="$RUNS/clip"
+restore clip final.safetensors final.text_encoder.safetensors ||
+  "$PY" -m latentforge train clip configs/default/clip_v2.toml task_options.train_data="$DATA-clip/train" \
+    task_options.holdout_data="$DATA/holdout" run_dir="$RUNS/clip"
 # Stage 3: the U-Net, 40000 steps in increments; `python scripts/export_checkpoint.py RUNS/unet --eval`
 # exports and measures the newest checkpoint while it runs.
 "$PY" -m latentforge train unet configs/default/unet_v2.toml task_options.data="$DATA" run_dir="$RUNS/unet" \
