@@ -3,6 +3,7 @@
 Usage: python benchmarks/sdxl.py [--family sdxl-base|sdxl-refiner|tiny-sdxl] [--size 1024] [--threads 2]
        [--dtype bf16] [--steps 1]
        python benchmarks/sdxl.py --family sdxl-base --write-checkpoint PATH  (then load_checkpoint.py)
+       python benchmarks/sdxl.py --end-to-end [--size 1024] [--steps 2] [--dtype bf16]  (peak RSS of txt2img)
 
 Each implementation runs in a fresh subprocess that builds only its model directly in the dtype (on
 `meta`, then `to_empty` and a random normal fill, std 0.02; the two sides hold different random weights,
@@ -11,6 +12,12 @@ sampling step) under `torch.inference_mode`, and reports wall-clock and process 
 (CPU seconds are steadier when other jobs share the cores) and the peak RSS (VmHWM, the
 kernel's high-water mark of resident memory) of the whole process: weights, activations and imports.
 Inputs: x [2, 4, s/8, s/8], t = 500, context [2, 77, context_dim], the `vector` [2, adm_in_channels].
+
+`--end-to-end` (ours only; memory, not speed): the whole full-size model (U-Net, both text encoders, VAE)
+built on `meta` and filled at random directly in the dtype, then one txt2img through the runner (prompt
+and negative through both encoders, `--steps` Euler steps with CFG, VAE decode) at `--size`, in the same
+process. Reports the weights' size, the RSS after building, the RSS at each sampling step, and the peak
+RSS (VmHWM) of the whole run, with what the run used: SDPA attention, tiled VAE or not.
 """
 
 from __future__ import annotations
@@ -96,18 +103,66 @@ def child(kind: str, family_name: str, size: int, dtype_name: str, steps: int, t
     }
 
 
-def write_checkpoint(path: Path, family_name: str, dtype: torch.dtype = torch.float16) -> Path:
-    """A random-weight single file of the family (sgm layout), built directly in `dtype`: for
-    `benchmarks/load_checkpoint.py --checkpoint PATH --cases ours-fp16,ours-bf16` (peak RSS of loading)."""
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def end_to_end(family_name: str, size: int, dtype_name: str, steps: int, threads: int) -> dict:
+    """Peak RSS of one txt2img of the full-size family at `size` (see the module docstring)."""
+    from latentforge.pipelines.request import GenerationRequest
+    from latentforge.pipelines.runner import run
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    model = _random_bundle(family_name, DTYPES[dtype_name])
+    weights = {
+        name: sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
+        for name in ("unet", "text_encoder", "text_encoder_2", "vae")
+        if (module := getattr(model, name)) is not None
+    }
+    built = {"s": round(time.perf_counter() - start), "rss_mib": round(_rss_mib())}
+    request = GenerationRequest(
+        prompt="a lighthouse on a cliff at dusk, oil painting",
+        negative_prompt="blurry",
+        width=size,
+        height=size,
+        steps=steps,
+        sampler="Euler",
+        seed=1,
+    )
+    step_rss: list[int] = []
+    start = time.perf_counter()
+    (result,) = run(model, request, progress=False, callback=lambda info: step_rss.append(round(_rss_mib())))
+    return {
+        "impl": "ours end-to-end",
+        "family": family_name,
+        "size": size,
+        "dtype": dtype_name,
+        "steps": steps,
+        "threads": threads,
+        "weights_mib": {k: round(v) for k, v in weights.items()},
+        "weights_total_mib": round(sum(weights.values())),
+        "after_build": built,
+        "rss_mib_at_steps": step_rss,
+        "tiled_vae": request.use_tiled_vae(size, size),
+        "attention": "torch scaled_dot_product_attention",
+        "generate_s": round(time.perf_counter() - start),
+        "image": list(result.image.size),
+        "peak_rss_mib": round(_peak_rss_mib()),
+    }
+
+
+def _random_bundle(family_name: str, dtype: torch.dtype):  # noqa: ANN202 (StableDiffusion)
+    """The full-size family built on `meta` and filled with N(0, 0.02) directly in `dtype`."""
     from latentforge.checkpoints.assembly import SkipInitOnMeta
-    from latentforge.checkpoints.single_file import save_single_file
     from latentforge.model import StableDiffusion
 
-    family = get_family(family_name)
     with SkipInitOnMeta():
-        bundle = StableDiffusion.from_family(family, dtype=dtype, device="meta")
+        bundle = StableDiffusion.from_family(get_family(family_name), dtype=dtype, device="meta")
     generator = torch.Generator().manual_seed(0)
-    sds = {}
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         module = getattr(bundle, name)
         if module is None:
@@ -115,8 +170,24 @@ def write_checkpoint(path: Path, family_name: str, dtype: torch.dtype = torch.fl
         module = module.to_empty(device="cpu")
         with torch.no_grad():
             for tensor in module.state_dict().values():
-                tensor.copy_(torch.randn(tensor.shape, generator=generator).mul_(0.02))
-        sds[name] = module.state_dict()
+                if tensor.is_floating_point():
+                    tensor.copy_(torch.randn(tensor.shape, generator=generator).mul_(0.02))
+        setattr(bundle, name, module.eval())
+    return bundle
+
+
+def write_checkpoint(path: Path, family_name: str, dtype: torch.dtype = torch.float16) -> Path:
+    """A random-weight single file of the family (sgm layout), built directly in `dtype`: for
+    `benchmarks/load_checkpoint.py --checkpoint PATH --cases ours-fp16,ours-bf16` (peak RSS of loading)."""
+    from latentforge.checkpoints.single_file import save_single_file
+
+    family = get_family(family_name)
+    bundle = _random_bundle(family_name, dtype)
+    sds = {
+        name: module.state_dict()
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+        if (module := getattr(bundle, name)) is not None
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     save_single_file(
         path, sds["unet"], sds["vae"], sds["text_encoder"], family, text_encoder_2=sds.get("text_encoder_2")
@@ -133,7 +204,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)  # the child
     parser.add_argument("--write-checkpoint", type=Path, help="write a random fp16 single file and exit")
+    parser.add_argument("--end-to-end", action="store_true", help="peak RSS of one full txt2img (ours)")
     args = parser.parse_args()
+    if args.end_to_end:
+        print(json.dumps(end_to_end(args.family, args.size, args.dtype, args.steps, args.threads)))
+        return
     if args.write_checkpoint:
         print(write_checkpoint(args.write_checkpoint, args.family))
         return

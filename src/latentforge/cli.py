@@ -30,12 +30,29 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"prediction: {family.prediction}\nlatent scale: {family.latent_scale}")
     print(f"default size: {family.default_size}")
     text = family.text_encoder
-    print(f"text encoder: {text.layers} layers, default clip skip {family.default_clip_skip}")
+    # SDXL's encoders by their place in the sgm layout: base = CLIP-L + bigG, the refiner bigG alone
+    roles = {"text_encoder": "", "text_encoder_2": ""}
+    if family.is_sdxl:
+        roles = {"text_encoder": " (OpenCLIP bigG)" if family.is_refiner else " (CLIP-L)"}
+        roles["text_encoder_2"] = " (OpenCLIP bigG)"
+    encoders = [
+        ("text encoder", "text_encoder", text),
+        ("text encoder 2", "text_encoder_2", family.text_encoder_2),
+    ]
+    for label, name, config in encoders:
+        if config is None:
+            continue
+        pooled = (
+            f", pooled projection {config.projection_dim}" if family.is_sdxl and config.projection_dim else ""
+        )
+        print(f"{label}{roles[name]}: {config.layers} layers, width {config.width}{pooled}")
+    print(f"default clip skip: {family.default_clip_skip}")
     if family.name.endswith(f"-text{text.layers}"):
         print("  (diffusers' shortened SD 2.x text encoder: its last layer is the original's penultimate)")
-    for name in ("text_encoder", "vae", "unet"):
+    for name in ("text_encoder", "text_encoder_2", "vae", "unet"):
         module = getattr(bundle, name)
-        print(f"{name}: {sum(p.numel() for p in module.parameters()) / 1e6:.1f}M parameters")
+        if module is not None:
+            print(f"{name}: {sum(p.numel() for p in module.parameters()) / 1e6:.1f}M parameters")
     return 0
 
 
@@ -67,6 +84,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")  # SDXL: te1 CLIP-L, te2 bigG
+
+
 def _print_merge_info(path: Path) -> bool:
     """Print the merge recipe a file carries (and, for a LoRA file, its modules); True for a LoRA file."""
     import json
@@ -80,12 +100,8 @@ def _print_merge_info(path: Path) -> bool:
     if recipe is not None:
         print("merge recipe:\n" + "\n".join(f"  {k}: {json.dumps(v)}" for k, v in recipe.items()))
     source = TensorFile(path)
-    downs = [
-        n
-        for n in source.names
-        if n.startswith(("lora_unet_", "lora_te_")) and n.endswith(".lora_down.weight")
-    ]
-    if not downs and not any(n.startswith(("lora_unet_", "lora_te_")) for n in source.names):
+    downs = [n for n in source.names if n.startswith(_KOHYA_PREFIXES) and n.endswith(".lora_down.weight")]
+    if not downs and not any(n.startswith(_KOHYA_PREFIXES) for n in source.names):
         return False
     ranks = sorted({source.shape(n)[0] for n in downs})
     print(f"LoRA file: {len({n.split('.')[0] for n in source.names})} modules, ranks {ranks}")

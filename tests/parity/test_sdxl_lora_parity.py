@@ -2,7 +2,8 @@
 U-Net names with `lora_te1_`/`lora_te2_`, and PEFT `unet.`/`text_encoder.`/`text_encoder_2.`) applied by
 us equal `load_lora_weights` + `fuse_lora` on the U-Net and both encoders; txt2img with a `<lora:>` tag
 equals diffusers end to end; `clip_l`/`clip_g` embeddings equal diffusers' two `load_textual_inversion`
-calls (text_encoder/tokenizer, text_encoder_2/tokenizer_2) on the prompt embeddings and the pooled output.
+calls (text_encoder/tokenizer, text_encoder_2/tokenizer_2) on the prompt embeddings and the pooled output;
+a LoRA trained by our `train lora` on this model loads into diffusers whole and generates the same image.
 Setup as test_sdxl_pipeline_parity.py (same components, same noise).
 """
 
@@ -19,7 +20,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from latentforge.checkpoints import keymap_unet, keymap_vae
@@ -208,3 +209,67 @@ def test_embedding_prompt_embeds_match_diffusers(pair, tmp_path, count):
     assert (crossattn - plain)[:, :width_l].abs().max() > 1e-2
     assert (crossattn - plain)[:, width_l:].abs().max() > 1e-2
     assert (pooled - plain_pooled).abs().max() > 1e-3
+
+
+def test_a_lora_trained_by_us_loads_into_diffusers_and_generates_the_same(pair, tmp_path):
+    """`train lora` on SDXL (U-Net attention + LoCon convs, both encoders) -> a kohya file diffusers'
+    `load_lora_weights` takes whole: every module in the file becomes a PEFT layer (no unexpected or
+    skipped keys), the fused weights equal ours and txt2img with it matches at 1e-4."""
+    from latentforge.checkpoints.single_file import save_single_file
+    from latentforge.training.config import RunConfig
+    from latentforge.training.loop import train
+    from latentforge.training.tasks.lora import make_lora_task
+
+    ours, pipe = pair
+    checkpoint = tmp_path / "base.safetensors"
+    save_single_file(
+        checkpoint, ours.unet.state_dict(), ours.vae.state_dict(), ours.text_encoder.state_dict(),
+        ours.family, text_encoder_2=ours.text_encoder_2.state_dict(),
+    )  # fmt: skip
+    options = {
+        "resolution": 32, "synthetic_items": 4, "max_holdout_items": 1, "eval_timesteps": [500],
+        "sample_prompts": [], "init": str(checkpoint), "rank": 4, "alpha": 2.0,
+        "targets": ["attention", "feed_forward", "conv"], "train_text_encoder": True,
+    }  # fmt: skip
+    (tmp_path / "Lora").mkdir()
+    config = RunConfig(
+        run_dir=str(tmp_path / "run"), task="lora", max_steps=2, batch_size=2, lr=5e-2,
+        lr_schedule="constant", device="cpu", checkpoint_every=0, log_every=1, task_options=options,
+    )  # fmt: skip
+    lora = train(make_lora_task(config), config).rename(tmp_path / "Lora" / "trained.safetensors")
+    modules = {key.split(".")[0] for key in load_file(lora)}
+    assert {m[: len("lora_te1_")] for m in modules} >= {"lora_te1_", "lora_te2_", "lora_unet"}
+
+    pipe.load_lora_weights(str(lora), adapter_name="trained")
+    wrapped = [
+        name
+        for component in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
+        for name, module in component.named_modules()
+        if "trained" in getattr(module, "lora_A", {})
+    ]
+    assert len(wrapped) == len(modules)  # each module of the file landed on one layer, none left over
+    pipe.fuse_lora(
+        components=["unet", "text_encoder", "text_encoder_2"], lora_scale=1.0, adapter_names=["trained"]
+    )
+    ours.use_folders(lora_dirs=[tmp_path / "Lora"])
+    with ours.apply_lora(lora, 1.0) as handle:
+        assert sum(handle.reports[0].applied.values()) == len(modules) and not handle.reports[0].unmatched
+        assert _compare_fused(ours, pipe) > 100
+    pipe.scheduler.set_timesteps(STEPS)
+    sigmas = pipe.scheduler.sigmas.double()
+    request = GenerationRequest(
+        prompt="a red apple <lora:trained:1>", negative_prompt="blurry", sampler="Euler", steps=STEPS,
+        seed=SEED, width=SIZE, height=SIZE, cfg_scale=5.0, sigmas=tuple(sigmas.tolist()),
+    )  # fmt: skip
+    (result,) = run(ours, request, progress=False)
+    generator = torch.Generator().manual_seed(SEED)
+    side = SIZE // TINY_XL.vae.downsampling_factor
+    noise = initial_noise([generator], (TINY_XL.vae.embed_dim, side, side))
+    start = noise * sigmas[0].float() / (sigmas[0].float() ** 2 + 1).sqrt()
+    latents = pipe(
+        "a red apple", negative_prompt="blurry", num_inference_steps=STEPS, guidance_scale=5.0,
+        height=SIZE, width=SIZE, generator=[generator], latents=start, output_type="latent",
+    ).images  # fmt: skip
+    assert_close(result.latents[None], latents, 1e-4)
+    plain = run(ours, replace(request, prompt="a red apple"), progress=False)[0]
+    assert (plain.latents - result.latents).abs().max() > 1e-4  # the trained LoRA changed the image

@@ -63,6 +63,32 @@ def test_img2img_inpaint_hires_and_refiner_run(models):
     assert "Refiner: tiny-sdxl-refiner, Refiner switch at: 0.5" in refined[0].infotext
 
 
+def test_refiner_with_hires_refines_the_second_pass_only(models):
+    """A1111's default (`hires_fix_refiner_pass = "second pass"`): the first pass is the base model's alone;
+    the hires pass switches to the refiner by the timestep rule, conditioned at the hires size."""
+    base, refiner = models["tiny-sdxl"], models["tiny-sdxl-refiner"]
+    hires = Hires(scale=1.5, steps=4, denoising_strength=0.7)
+    request = replace(BASE, width=SIZE, height=SIZE, steps=4, hires=hires, refiner=Refiner(switch_at=0.6))
+    seen: dict[str, list[int]] = {"base": [], "refiner": []}
+    hooks = [
+        m.unet.register_forward_hook(lambda _m, args, _o, key=key: seen[key].append(args[0].shape[-1]))
+        for key, m in (("base", base), ("refiner", refiner))
+    ]
+    try:
+        (refined,) = run(base, request, progress=False, refiner=refiner)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    f = TINY_XL.vae.downsampling_factor
+    small, large = SIZE // f, int(SIZE * 1.5) // f
+    assert set(seen["refiner"]) == {large}  # never in the first pass
+    assert small in seen["base"] and large in seen["base"]  # the hires pass began on the base
+    (plain,) = run(base, replace(request, refiner=None), progress=False)
+    assert (refined.latents - plain.latents).abs().max() > 1e-3
+    assert "Refiner: tiny-sdxl-refiner, Refiner switch at: 0.6" in refined.infotext
+    assert "Hires refiner" not in refined.infotext  # A1111 writes it only for "first pass"/"both passes"
+
+
 def test_nine_channel_inpainting_unet(models):
     family = replace(TINY_XL, name="tiny-sdxl-inpaint", unet=replace(TINY_XL.unet, in_channels=9))
     torch.manual_seed(0)

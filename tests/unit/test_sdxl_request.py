@@ -90,8 +90,8 @@ def test_bad_sdxl_requests_say_what_to_do(models):
         resolve(GenerationRequest(refiner=Refiner(switch_at=1.5)), base, refiner=refiner)
     with pytest.raises(ParameterError, match="got tiny and tiny-sdxl-refiner"):
         resolve(GenerationRequest(refiner=Refiner()), sd1, refiner=refiner)
-    with pytest.raises(ParameterError, match="hires fix is not supported yet"):
-        resolve(GenerationRequest(refiner=Refiner(), hires=Hires()), base, refiner=refiner)
+    # the refiner with the hires fix refines the second pass (test_sdxl_generate.py)
+    assert resolve(GenerationRequest(refiner=Refiner(), hires=Hires()), base, refiner=refiner).second
     # img2img on the refiner alone is what it is for
     assert resolve(GenerationRequest(init=InitImage()), refiner).request.mode == "img2img"
     with pytest.raises(ParameterError, match="crop top left must be a whole number"):

@@ -21,7 +21,6 @@ from latentforge.pipelines.runner import iter_images
 from latentforge.pipelines.sdxl_conditioning import SDXLConditioner, size_numbers
 from latentforge.training.config import RunConfig
 from latentforge.training.loop import train
-from latentforge.training.tasks.lora import LoRATask
 from latentforge.training.tasks.unet import UNetTask, make_unet_task
 
 DATA = {"resolution": 32, "synthetic_items": 8, "max_holdout_items": 2, "eval_timesteps": [300, 600]}
@@ -162,8 +161,6 @@ def test_refiner_and_sdxl_text_encoder_training_are_refused(tmp_path, xl_checkpo
         UNetTask({**DATA, "init": str(refiner)}, progress=False)
     with pytest.raises(ConfigError, match="train_text_encoder"):
         UNetTask({**DATA, "init": str(xl_checkpoint), "train_text_encoder": True}, progress=False)
-    with pytest.raises(ConfigError, match="does not train SDXL adapters"):
-        LoRATask({**DATA, "init": str(xl_checkpoint)}, progress=False)
 
 
 def test_bucketed_data_feeds_each_images_original_size_and_crop(tmp_path, xl_checkpoint):

@@ -30,7 +30,7 @@ _ATTENTION_LEAVES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out")
 _FF_LEAVES = ("ff.net.0.proj", "ff.net.2")
 _TEXT_ATTENTION_LEAVES = ("q_proj", "k_proj", "v_proj", "out_proj")
 _TEXT_MLP_LEAVES = ("fc1", "fc2")
-PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,8 @@ def kohya_name(component: str, module: str) -> str:
 class LoRANetwork(nn.Module):
     """The adapters of one model (the trainable module of LoRA training); `forward` runs the U-Net.
 
-    The U-Net and text encoder are held outside the module tree, so `state_dict()` holds only adapters.
+    The U-Net and text encoder(s) are held outside the module tree, so `state_dict()` holds only adapters.
+    `text_layers_2` are SDXL's second (bigG) encoder's layers.
     """
 
     def __init__(
@@ -162,13 +163,15 @@ class LoRANetwork(nn.Module):
         text_layers: dict[str, nn.Linear | nn.Conv2d],
         spec: LoRASpec,
         conv_spec: LoRASpec | None = None,
+        text_layers_2: dict[str, nn.Linear | nn.Conv2d] | None = None,
     ) -> None:
         super().__init__()
         self._models = (unet, text_encoder)
         self.adapters = nn.ModuleDict()
         self._layers: dict[str, nn.Module] = {}
         self.module_names: dict[str, tuple[str, str]] = {}  # adapter name -> (component, module name)
-        for component, layers in (("unet", unet_layers), ("text_encoder", text_layers)):
+        components = (("unet", unet_layers), ("text_encoder", text_layers), ("text_encoder_2", text_layers_2))
+        for component, layers in ((c, layers) for c, layers in components if layers):
             for module, layer in layers.items():
                 is_spatial = isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1)
                 adapter = LoRAAdapter(layer, conv_spec if is_spatial and conv_spec else spec)
@@ -188,7 +191,7 @@ class LoRANetwork(nn.Module):
         return self._models[1]
 
     def component_parameters(self, component: str) -> list[nn.Parameter]:
-        """Parameters of the adapters of "unet" or "text_encoder" (for separate learning rates)."""
+        """Parameters of the adapters of "unet", "text_encoder" or "text_encoder_2" (for learning rates)."""
         prefix = PREFIXES[component]
         return [p for name, a in self.adapters.items() if name.startswith(prefix) for p in a.parameters()]
 
@@ -239,5 +242,7 @@ class LoRANetwork(nn.Module):
         for adapter in self.adapters.values():
             adapter.multiplier = value  # type: ignore[assignment]
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, timesteps, context)
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.unet(x, timesteps, context, y=y)  # y: SDXL's vector

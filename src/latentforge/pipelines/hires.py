@@ -50,8 +50,13 @@ def hires_pass(
     latents: torch.Tensor,
     *,
     callback: StepCallback | None = None,
+    refiner: StableDiffusion | None = None,
 ) -> torch.Tensor:
-    """First-pass latents -> upscaled -> the img2img pass at the target size (same seeds, fresh noise)."""
+    """First-pass latents -> upscaled -> the img2img pass at the target size (same seeds, fresh noise).
+
+    With an SDXL `refiner`, this pass switches to it at `request.refiner.switch_at` by the same timestep
+    rule as a plain run, conditioned at the hires size (A1111's default "Hires fix: which pass to enable
+    refiner for" = "second pass"; the first pass then runs on the base model alone)."""
     r, second = resolved.request, resolved.second
     assert r.hires is not None and second is not None
     cover, final = hires_size(
@@ -62,5 +67,5 @@ def hires_pass(
     source = LatentSource(upscale_latents(model, latents, r.hires.upscaler, cover, final, tiled=tiled))
     return sample_latents(
         model, r, second, batch, size=final, source=source, strength=r.hires.denoising_strength,
-        callback=callback, exact_steps=True,
+        callback=callback, exact_steps=True, refiner=refiner,
     )  # fmt: skip

@@ -453,8 +453,6 @@ def _check_sdxl(r: GenerationRequest, family: ModelFamily, refiner: StableDiffus
                 f"a refiner continues an SDXL model on another SDXL model; got {family.name} and "
                 f"{refiner.family.name}"
             )
-        if r.hires is not None:
-            raise ParameterError("the refiner with the hires fix is not supported yet: use one of them")
 
 
 def _resolved_refiner(part: Refiner | None, refiner: StableDiffusion | None) -> Refiner | None:

@@ -100,14 +100,16 @@ def iter_images(
                 source=source,
                 strength=strength,
                 callback=bar,
-                refiner=refiner,
+                # with the hires fix the refiner refines the second pass only (A1111's default
+                # `hires_fix_refiner_pass = "second pass"`)
+                refiner=refiner if resolved.second is None else None,
             )
             described = r
             if resolved.second is not None:
                 if bar.stopped or bar.skipping:
                     described = replace(r, hires=None)
                 else:
-                    latents = hires_pass(model, resolved, batch, latents, callback=bar)
+                    latents = hires_pass(model, resolved, batch, latents, callback=bar, refiner=refiner)
             for result in decode_results(model, resolved, batch, latents, request=described):
                 yield result if overlay is None else replace(result, image=overlay.apply(result.image))
             if bar.stopped:

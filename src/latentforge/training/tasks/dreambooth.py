@@ -172,12 +172,12 @@ class DreamBooth:
             "caption": list(instance["caption"]) + list(batch["class_caption"]),
         }
         text_encoder = self.parts(model)[1]  # type: ignore[attr-defined]
-        z0, context = self.latents_and_context(  # type: ignore[attr-defined]
+        z0, context, vector = self.latents_and_cond(  # type: ignore[attr-defined]
             merged, generator, self.db.caption_dropout, text_encoder
-        )
+        )  # vector: SDXL's, else None
         t = losses.sample_timesteps(len(z0), NUM_TIMESTEPS, generator).to(z0.device)
         noise = losses.sample_noise(tuple(z0.shape), generator, self.db.noise_offset).to(z0.device)
-        mse, weights = self._loss_terms(model, z0, context, t, noise)  # type: ignore[attr-defined]
+        mse, weights = self._loss_terms(model, z0, context, t, noise, vector)  # type: ignore[attr-defined]
         weighted = mse * weights
         instance_loss, prior_loss = weighted[:count].mean(), weighted[count:].mean()
         loss = instance_loss + self.db.prior_loss_weight * prior_loss

@@ -4,7 +4,9 @@ The step is the U-Net task's (`tasks/unet.py`: same noise, targets, Min-SNR, cap
 the adapters of `models/lora_layers.py` train: on the U-Net (`targets`: attention, feed_forward, conv for
 LoCon) and/or the text encoder (its attention and MLP), each at its own learning rate. The export is a kohya
 LoRA file (`checkpoints/lora_writing.py`) with sd-scripts' `ss_*` training metadata, which A1111, ComfyUI,
-kohya's tools and `checkpoints/lora.read_lora` read.
+kohya's tools and `checkpoints/lora.read_lora` read. SDXL base models train as the U-Net task conditions
+them (`vector`, both encoders); with `train_text_encoder` both encoders get adapters, as in kohya's
+`sdxl_train_network.py`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from latentforge.checkpoints.lora_writing import kohya_metadata, save_kohya_lora
+from latentforge.checkpoints.lora_writing import component_prefixes, kohya_metadata, save_kohya_lora
 from latentforge.errors import ConfigError
 from latentforge.models.lora_layers import LoRAAdapter, LoRANetwork, LoRASpec, text_targets, unet_targets
 from latentforge.training.config import AT_LEAST_ONE, FRACTION, POSITIVE, Range, RunConfig
@@ -85,13 +87,6 @@ class LoRATask(UNetTask):
         super().__init__(
             replace(options, train_text_encoder=False), seed, device, progress, explicit=explicit
         )
-        if self._family.is_sdxl:
-            # The kohya writer names U-Net modules SD1-style (down_blocks_*) and labels the file sd_v1, while
-            # kohya's SDXL LoRAs use sgm names (input_blocks_*); an SDXL export would not apply (issue 21).
-            raise ConfigError(
-                f"task_options.init = {options.init!r} is an SDXL model ({self._family.name}); `train "
-                f"{self.name}` does not train SDXL adapters yet; use `train unet` (full fine-tuning)"
-            )
         self.run = run
         self.unet.requires_grad_(False)
         self.network = self._build_network()
@@ -110,10 +105,14 @@ class LoRATask(UNetTask):
             spec, rank=o.conv_rank or o.rank, alpha=o.conv_alpha if o.conv_alpha is not None else o.alpha
         )
         unet_layers = unet_targets(self.unet, o.targets) if o.train_unet else {}
-        text_layers = (
-            text_targets(self.text_encoder, ["text_attention", "text_mlp"]) if o.train_text_encoder else {}
+        text_kinds = ["text_attention", "text_mlp"]
+        text_layers = text_targets(self.text_encoder, text_kinds) if o.train_text_encoder else {}
+        # SDXL: kohya trains both encoders' adapters (`lora_te1_`, `lora_te2_`) at the text learning rate
+        second = self.text_encoder_2 if o.train_text_encoder else None
+        text_layers_2 = None if second is None else text_targets(second, text_kinds)
+        return LoRANetwork(
+            self.unet, self.text_encoder, unet_layers, text_layers, spec, conv_spec, text_layers_2
         )
-        return LoRANetwork(self.unet, self.text_encoder, unet_layers, text_layers, spec, conv_spec)
 
     # ------------------------------------------------------------------------------------------ optimizer
 
@@ -125,7 +124,8 @@ class LoRATask(UNetTask):
         return [
             {"params": network.component_parameters("unet"), "lr_scale": (o.unet_lr or lr) / lr},
             {
-                "params": network.component_parameters("text_encoder"),
+                "params": network.component_parameters("text_encoder")
+                + network.component_parameters("text_encoder_2"),
                 "lr_scale": (o.text_encoder_lr or lr) / lr,
             },
         ]
@@ -157,9 +157,11 @@ class LoRATask(UNetTask):
         network = unwrap(model)
         assert isinstance(network, LoRANetwork)
         modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        prefixes = component_prefixes(self.family)
         for name, adapter in network.adapters.items():
             assert isinstance(adapter, LoRAAdapter)
-            modules[network.module_names[name][1]] = adapter.factors()
+            component, module = network.module_names[name]
+            modules[prefixes[component] + module] = adapter.factors()
         save_kohya_lora(
             path, modules, self.family, self.metadata(), dtype=dtype_from_name(self.options.export_dtype)
         )

@@ -248,19 +248,19 @@ class UNetTask:
         with torch.set_grad_enabled(self.text_grad and torch.is_grad_enabled()):
             return encoder(input_ids.to(self.device), self._family.default_clip_skip)[0]
 
-    @torch.no_grad()
     def encode_sdxl(
         self, input_ids: torch.Tensor, input_ids_2: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """SDXL text as generation builds it (`pipelines/sdxl_conditioning.py`): CLIP-L at the family's clip
         skip and bigG at its penultimate layer, both without the final LayerNorm, concatenated [B, 77, 2048];
-        and bigG's pooled, projected output [B, P]."""
+        and bigG's pooled, projected output [B, P]. With gradients only when encoder adapters train."""
         assert self.text_encoder_2 is not None
         skip = self._family.default_clip_skip
-        hidden_l = self.text_encoder(input_ids.to(self.device), skip, final_norm=False)[0]
-        hidden_g, pooled = self.text_encoder_2(
-            input_ids_2.to(self.device), SDXL_PENULTIMATE, final_norm=False
-        )
+        with torch.set_grad_enabled(self.text_grad and torch.is_grad_enabled()):
+            hidden_l = self.text_encoder(input_ids.to(self.device), skip, final_norm=False)[0]
+            hidden_g, pooled = self.text_encoder_2(
+                input_ids_2.to(self.device), SDXL_PENULTIMATE, final_norm=False
+            )
         return torch.cat([hidden_l, hidden_g], dim=-1), pooled
 
     @torch.no_grad()
