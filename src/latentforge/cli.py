@@ -754,7 +754,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="VAE in tiles (default: only above 1536x1536 pixels)",
     )
     p.add_argument(
-        "--controlnet", action="append", help="ControlNet file or diffusers folder (repeat: units)"
+        "--controlnet",
+        action="append",
+        help="ControlNet file, diffusers folder or shipped name (latentforge-emoji-canny); repeat: units",
     )
     p.add_argument("--control-image", action="append", help="the image its control map is made from")
     p.add_argument("--control-module", action="append", help="preprocessor: none (default), canny, ...")

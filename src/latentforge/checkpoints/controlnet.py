@@ -24,12 +24,15 @@ from latentforge.checkpoints.diffusers_folder import (
 )
 from latentforge.checkpoints.errors import CheckpointError, KeyMismatchError, UnknownArchitectureError
 from latentforge.checkpoints.keymap_unet import _fit_projection
+from latentforge.checkpoints.loading import _asset
 from latentforge.checkpoints.reading import StateDict, read_state_dict
 from latentforge.checkpoints.writing import save_safetensors
 from latentforge.models.configs import UNetConfig, config_from_dict, config_to_dict
 from latentforge.models.controlnet import SD_HINT_BLOCK_CHANNELS, ControlNetConfig, ControlNetModel
 from latentforge.models.families import FAMILIES
 
+# ControlNets shipped beside the embedded model, loadable by name (`--controlnet latentforge-emoji-canny`).
+EMBEDDED_CONTROLNETS = {"latentforge-emoji-canny": "latentforge-emoji-canny.safetensors"}
 PREFIX = "control_model."  # lllyasviel's files (cldm's ControlLDM keeps the net as `control_model`)
 CONFIG_METADATA = "latentforge.controlnet_config"  # our exports: the ControlNetConfig as JSON
 
@@ -161,8 +164,9 @@ def load_controlnet(
     device: str | torch.device = "cpu",
     compute_hash: bool = True,
 ) -> ControlNet:
-    """A ControlNet from an original-format file (`.pth`, `.ckpt`, `.safetensors`) or a diffusers folder."""
-    path = Path(path)
+    """A ControlNet from an original-format file (`.pth`, `.ckpt`, `.safetensors`), a diffusers folder, or
+    the name of one shipped with the package (`EMBEDDED_CONTROLNETS`; an existing path of that name wins)."""
+    path = controlnet_path(path)
     if path.is_dir():
         cfg = _read_json(path / "config.json")
         if cfg.get("_class_name", "ControlNetModel") != "ControlNetModel":
@@ -204,6 +208,14 @@ def load_controlnet(
     model = _build(path, config, state_dict, family, dtype).to(device)
     name = path.name if path.is_dir() else path.stem
     return ControlNet(model, name, short_hash, global_average_pooling="shuffle" in name.lower())
+
+
+def controlnet_path(name: str | Path) -> Path:
+    """`name` as a path, or the shipped file it names when no such path exists."""
+    path = Path(name)
+    if not path.exists() and str(name) in EMBEDDED_CONTROLNETS:
+        return _asset(EMBEDDED_CONTROLNETS[str(name)], f"the ControlNet {name!r}", "pass its file's path")
+    return path
 
 
 def _config_from_json(path: Path, text: str) -> ControlNetConfig:

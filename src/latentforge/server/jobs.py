@@ -21,7 +21,13 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from latentforge.checkpoints.controlnet import ControlNet, a1111_controlnet_hash, load_controlnet
+from latentforge.checkpoints.controlnet import (
+    EMBEDDED_CONTROLNETS,
+    ControlNet,
+    a1111_controlnet_hash,
+    controlnet_path,
+    load_controlnet,
+)
 from latentforge.errors import ParameterError
 from latentforge.model import StableDiffusion, load
 from latentforge.pipelines.generate import SKIP, GeneratedImage, img2img_steps
@@ -102,8 +108,15 @@ class Catalog:
         return self._files(EMBEDDING_FOLDER, EMBEDDING_SUFFIXES)
 
     def controlnets(self) -> list[Path]:
-        """ControlNet files in `ControlNet/` (recursive), offered as "name [hash]" (the extension's)."""
-        return self._files(CONTROLNET_FOLDER, CONTROLNET_SUFFIXES)
+        """ControlNet files in `ControlNet/` (recursive), offered as "name [hash]" (the extension's); when the
+        catalogue is the embedded model, also the ControlNets shipped for it (`EMBEDDED_CONTROLNETS`)."""
+        from latentforge.checkpoints.loading import default_model_path
+
+        found = self._files(CONTROLNET_FOLDER, CONTROLNET_SUFFIXES)
+        embedded = self.default is not None and self.default.resolve() == default_model_path()
+        if self.models_dir is None and embedded:
+            found += [controlnet_path(name) for name in EMBEDDED_CONTROLNETS]
+        return found
 
     def controlnet_title(self, path: Path) -> str:
         return f"{path.stem} [{a1111_controlnet_hash(path)}]"
