@@ -7,6 +7,7 @@ draws base vs base+LoRA at the same prompts and seeds and prints the style measu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -70,6 +71,11 @@ def subject(src: Path, dst: Path, identity: str) -> None:
         (out / f"{stem}.txt").write_text(f"{item['style']} style")
         counts[split] += 1
     print(json.dumps(counts))
+
+
+def grey(image: Image.Image) -> Image.Image:
+    """The image in grey levels (as RGB): compares shape without colour."""
+    return image.convert("L").convert("RGB")
 
 
 def ink_fraction(image: Image.Image) -> float:
@@ -168,7 +174,7 @@ def figure(
     model = load_demo_model()
     seeds = list(range(n_seeds))
     base = generate(model, PROMPTS, seeds)
-    with model.lora(run_dir / "final.safetensors", weight):
+    with model.lora(lora_file(run_dir), weight):
         tuned = generate(model, PROMPTS, seeds)
     refs = [outline(Image.open(emoji / r)) for r in REFERENCES]
     real_emoji = [Image.open(emoji / r).convert("RGB") for r in REFERENCES]
@@ -315,60 +321,86 @@ def subject_gallery(emoji: Path, identity: str, embed) -> tuple[np.ndarray, np.n
 STYLE_NAMES = ("google", "twitter")
 
 
-def ti_figure(run_dir: Path, emoji: Path, identity: str, name: str, token: str, init_word: str,
-              n_seeds: int, shown: int, out: Path) -> None:  # fmt: skip
+def ti_figure(run_dir: Path, emoji: Path, identity: str, name: str, steps: list[str], n_seeds: int,
+              shown: int, out: Path) -> None:  # fmt: skip
     """Textual Inversion before/after: CLIP similarity of generated images to the held-out real images."""
     import torch
 
     from latentforge.checkpoints.embeddings import read_embedding, write_embedding
+    from latentforge.training.checkpointing import load_checkpoint
+    from latentforge.training.config import load_config
 
+    ti = load_config(run_dir / "config.toml").task_options
+    token, init_word, count = ti["token"], ti.get("init_word", "*"), ti.get("num_vectors", 1)
     model = load_demo_model()
-    trained = read_embedding(run_dir / "embeddings" / f"{token}.safetensors")
-    ids = model.tokenizer.encode(init_word)  # step 0: `init_word`'s vectors, cycled (the task's init)
-    table = model.text_encoder.text_model.embeddings.token_embedding.weight.detach().float()
-    step0 = table[torch.tensor(ids)][torch.arange(trained.count) % len(ids)]
-    step0_path = write_embedding(run_dir / "step0" / f"{token}-step0.safetensors", f"{token}-step0", step0)
-    model.load_embedding(run_dir / "embeddings" / f"{token}.safetensors", token)
-    model.load_embedding(step0_path, f"{token}-step0")
     conditions = {
         f"emoji's name ({name})": f"{name}, {{style}} style",
         f"class word ({init_word})": f"{init_word}, {{style}} style",
-        f"TI step 0 ({token}, = {init_word} x{trained.count})": f"{token}-step0, {{style}} style",
-        f"TI after ({token})": f"{token}, {{style}} style",
     }
+    folder = run_dir / "eval-embeddings"
+    folder.mkdir(exist_ok=True)
+    for step in steps:  # the word's vectors at step 0 (the task's init), at checkpoints, and the export
+        word = f"{token}-step{step}"
+        if step == "final":
+            path = run_dir / "embeddings" / f"{token}.safetensors"
+            label = f"TI after ({read_embedding(path).step} steps)"
+        else:
+            if step == "0":  # `init_word`'s token embeddings, cycled: what the task starts from
+                ids = model.tokenizer.encode(init_word)
+                table = model.text_encoder.text_model.embeddings.token_embedding.weight.detach().float()
+                vectors = table[torch.tensor(ids)][torch.arange(count) % len(ids)]
+                label = f"TI step 0 (= {init_word} x{count})"
+            else:
+                state = load_checkpoint(run_dir / "checkpoints" / f"step_{step}.pt")
+                vectors = (state.get("ema") or state["model"])["vectors"]
+                label = f"TI step {step}"
+            path = write_embedding(folder / f"{word}.safetensors", word, vectors)
+        model.load_embedding(path, word)
+        conditions[label] = f"{word}, {{style}} style"
     embed = clip_embedder()
     gallery, mask, subject = subject_gallery(emoji, identity, embed)
+    held = [Image.open(emoji / "holdout" / s / f"{identity.lower()}.png") for s in STYLE_NAMES]
+    held_grey = [embed([grey(im)]) for im in held]  # shape without colour (the skin tones differ)
     seeds = list(range(n_seeds))
     rows, figure_rows = [], []
     for label, template in conditions.items():
         images = generate(model, [template.format(style=s) for s in STYLE_NAMES], seeds)
         e = [embed(row) for row in images]
-        to_held = np.mean(
-            [mean_similarity(x, subject[(s, True)]) for x, s in zip(e, STYLE_NAMES, strict=True)]
-        )
-        to_train = np.mean(
-            [mean_similarity(x, subject[(s, False)]) for x, s in zip(e, STYLE_NAMES, strict=True)]
+        pairs = list(zip(e, STYLE_NAMES, strict=True))
+        to_held = np.mean([mean_similarity(x, subject[(s, True)]) for x, s in pairs])
+        to_train = np.mean([mean_similarity(x, subject[(s, False)]) for x, s in pairs])
+        to_grey = np.mean(
+            [
+                mean_similarity(embed([grey(i) for i in row]), h)
+                for row, h in zip(images, held_grey, strict=True)
+            ]
         )
         hits = nearest_hit_share(np.concatenate(e), gallery, mask)
-        rows.append((label, template.format(style="<style>"), to_held, to_train, hits, 2 * n_seeds))
-        figure_rows.append((f"{label}|held-out sim {to_held:.3f}|1-NN is {name}: {hits:.0%}",
-                            images[0][:shown] + images[1][:shown]))  # fmt: skip
-    for s in STYLE_NAMES:  # context: the real training images of the same style
+        rows.append((label, template.format(style="<style>"), to_held, to_grey, to_train, hits, 2 * n_seeds))
+        text = f"{label}|held-out sim {to_held:.3f}, grey {to_grey:.3f}|1-NN is {name}: {hits:.0%}"
+        figure_rows.append((text, images[0][:shown] + images[1][:shown]))
+    nan = float("nan")
+    for s, h in zip(STYLE_NAMES, held_grey, strict=True):  # context: the real training images of the style
+        train_images = [
+            Image.open(p) for p in sorted((emoji / "holdout" / s).glob(f"{identity.lower()}-*.png"))
+        ]
         real = mean_similarity(subject[(s, False)], subject[(s, True)])
-        rows.append((f"real training images ({s})", "-", real, float("nan"), float("nan"),
-                     len(subject[(s, False)])))  # fmt: skip
+        real_grey = mean_similarity(embed([grey(i) for i in train_images]), h)
+        rows.append((f"real training images ({s})", "-", real, real_grey, nan, nan, len(train_images)))
     others = gallery[~mask]
-    rows.append(("real images of the 278 other held-out emoji", "-",
-                 np.mean([mean_similarity(others, subject[(s, True)]) for s in STYLE_NAMES]),
-                 float("nan"), float("nan"), len(others)))  # fmt: skip
-    print(f"| Prompt | text | sim. to held-out {name} | sim. to its training images | 1-NN is {name} | n |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    rows.append((f"real images of the {len(others)} other held-out emoji", "-",
+                 np.mean([mean_similarity(others, subject[(s, True)]) for s in STYLE_NAMES]), nan, nan, nan,
+                 len(others)))  # fmt: skip
+    print(
+        f"| Prompt | text | sim. to held-out {name} | same, greyscale | sim. to its training images "
+        f"| 1-NN is {name} | n |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for label, text, *values, n in rows:
         cells = " | ".join(
-            "-" if np.isnan(v) else (f"{v:.0%}" if i == 2 else f"{v:.3f}") for i, v in enumerate(values)
+            "-" if np.isnan(v) else (f"{v:.0%}" if i == 3 else f"{v:.3f}") for i, v in enumerate(values)
         )
         print(f"| {label} | `{text}` | {cells} | {n} |")
-    held = [Image.open(emoji / "holdout" / s / f"{identity.lower()}.png") for s in STYLE_NAMES]
     figure_rows.append(("held-out real images|(google, twitter)", held))
     header = f"seeds 0-{shown - 1} google style | seeds 0-{shown - 1} twitter style (Euler 20, CFG 5)"
     save_small(labelled_grid(figure_rows, header), out)
@@ -390,7 +422,7 @@ def dreambooth_figure(prior_dir: Path, noprior_dir: Path, emoji: Path, identity:
         if lora is None:
             made[label] = generate(model, class_prompts + instance_prompts, seeds)
         else:
-            with model.lora(lora / "final.safetensors"):
+            with model.lora(lora_file(lora)):
                 made[label] = generate(model, class_prompts + instance_prompts, seeds)
     base_class = np.concatenate([embed(row) for row in made["base model"][:2]])
     held = [subject[(s, True)] for s in STYLE_NAMES]
@@ -419,6 +451,30 @@ def dreambooth_figure(prior_dir: Path, noprior_dir: Path, emoji: Path, identity:
     save_small(labelled_grid(figure_rows, header), out)
 
 
+def export_checkpoint(run_dir: Path, step: int) -> Path:
+    """The run's export (LoRA, embedding ...) of `checkpoints/step_N.pt` (EMA weights if kept), written to
+    `run_dir/step_N/final.safetensors` by the task's own `export`: a shortened run without retraining."""
+    from latentforge.training.checkpointing import load_checkpoint
+    from latentforge.training.config import load_config
+    from latentforge.training.tasks import TASKS
+
+    config = dataclasses.replace(load_config(run_dir / "config.toml"), max_steps=step)  # ss_steps, `step`
+    task = TASKS[config.task](config)
+    model = task.trainable()
+    state = load_checkpoint(run_dir / "checkpoints" / f"step_{step}.pt")
+    model.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+    out = run_dir / f"step_{step}" / "final.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    task.export(model, out)
+    print(f"wrote {out}")
+    return out
+
+
+def lora_file(path: Path) -> Path:
+    """A LoRA file, or a run directory's `final.safetensors`."""
+    return path if path.suffix == ".safetensors" else path / "final.safetensors"
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -444,8 +500,7 @@ if __name__ == "__main__":
     t.add_argument("--emoji", default="/work/data/emoji")
     t.add_argument("--identity", default="1F44C")
     t.add_argument("--name", default="ok hand sign", help="the emoji's name in the dataset's captions")
-    t.add_argument("--token", default="lf-emoji")
-    t.add_argument("--init-word", default="hand")
+    t.add_argument("--steps", default="0,final", help="0 (the init), checkpoint steps, final (the export)")
     t.add_argument("--seeds", type=int, default=8, help="seeds per style in the measure")
     t.add_argument("--shown", type=int, default=4, help="seeds per style in the figure")
     d = sub.add_parser("dreambooth", help="DreamBooth with/without prior: language drift figure")
@@ -459,13 +514,18 @@ if __name__ == "__main__":
     d.add_argument("--token", default="sks")
     d.add_argument("--seeds", type=int, default=8, help="seeds per style in the measure")
     d.add_argument("--shown", type=int, default=4, help="seeds in the figure")
+    x = sub.add_parser("export", help="a run's export of one checkpoint (run_dir/step_N/final.safetensors)")
+    x.add_argument("--run-dir", required=True)
+    x.add_argument("--step", type=int, required=True)
     args = parser.parse_args()
     if args.cmd == "build":
         build(Path(args.src), Path(args.dst), args.holdout_per_style)
     elif args.cmd == "subject":
         subject(Path(args.src), Path(args.dst), args.identity)
+    elif args.cmd == "export":
+        export_checkpoint(Path(args.run_dir), args.step)
     elif args.cmd == "ti":
-        ti_figure(Path(args.run_dir), Path(args.emoji), args.identity, args.name, args.token, args.init_word,
+        ti_figure(Path(args.run_dir), Path(args.emoji), args.identity, args.name, args.steps.split(","),
                   args.seeds, args.shown, Path(args.out))  # fmt: skip
     elif args.cmd == "dreambooth":
         dreambooth_figure(Path(args.prior_dir), Path(args.noprior_dir), Path(args.emoji), args.identity,
