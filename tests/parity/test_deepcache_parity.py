@@ -54,7 +54,8 @@ def _theirs(pipe, sampler: str, sigmas: torch.Tensor, variance_preserving: bool)
     noise = initial_noise(generators, (FAMILY.vae.embed_dim, side, side))  # what our pipeline draws
     sigma_max = sigmas[0].float()
     start = get_sampler(sampler).initial_latent(noise, sigma_max)
-    start = start / (sigma_max**2 + 1).sqrt() if variance_preserving else start / pipe.scheduler.init_noise_sigma
+    scale = (sigma_max**2 + 1).sqrt() if variance_preserving else pipe.scheduler.init_noise_sigma
+    start = start / scale
     return pipe(
         PROMPT,
         negative_prompt=NEGATIVE,
