@@ -55,7 +55,7 @@ class DeepCache:
     def reuses(self, x: torch.Tensor, blocks: int) -> bool:
         """Whether this evaluation of `x` (by a U-Net of `blocks` input blocks) is a cached one."""
         if self.branch >= blocks:
-            raise ValueError(f"DeepCache branch {self.branch} needs more than the U-Net's {blocks} input blocks")
+            raise ValueError(f"DeepCache branch {self.branch} needs more than {blocks} input blocks")
         call, self.calls = self.calls, self.calls + 1
         self._full = call % self.interval == 0 or not self._fits(x)
         if self._full:
