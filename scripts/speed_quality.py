@@ -36,6 +36,10 @@ VARIANTS: dict[str, dict[str, object]] = {
     "CFG cutoff 0.5": {"cfg_cutoff": 0.5},
     "ToMe 0.5 (max downsample 1)": {"token_merging_ratio": 0.5},
     "ToMe 0.5 (max downsample 2)": {"token_merging_ratio": 0.5, "token_merging_max_downsample": 2},
+    "DeepCache 2": {"deepcache_interval": 2},
+    "DeepCache 3": {"deepcache_interval": 3},
+    "DeepCache 2 branch 3": {"deepcache_interval": 2, "deepcache_branch": 3},
+    "DeepCache 3 branch 3": {"deepcache_interval": 3, "deepcache_branch": 3},
 }
 
 

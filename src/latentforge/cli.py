@@ -280,6 +280,8 @@ def build_request(args: argparse.Namespace, base: Any = None) -> Any:
         "token_merging_ratio": args.tome,
         "token_merging_max_downsample": args.tome_max_downsample,
         "token_merging_random": args.tome_random,
+        "deepcache_interval": args.deepcache,
+        "deepcache_branch": args.deepcache_branch,
     }
     request = replace(request, **{k: v for k, v in given.items() if v is not None})
     if args.sampler_option:
@@ -792,6 +794,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="ToMe: random dst tokens (seeded by the image)",
+    )
+    p.add_argument(
+        "--deepcache",
+        type=int,
+        metavar="N",
+        help="DeepCache: a full U-Net call every N, the shallow branch between",
+    )
+    p.add_argument(
+        "--deepcache-branch", type=int, help="DeepCache's shallow branch depth (0: the shallowest)"
     )
     p.add_argument(
         "--taesd", help="folder (or file) with taesd_decoder.pth [+ encoder]: previews, --fast-decode"

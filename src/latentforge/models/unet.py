@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from latentforge.models.attention import MergePlanner, multi_head_attention
 from latentforge.models.configs import UNetConfig
+from latentforge.models.deepcache import DeepCache
 
 NORM_EPS = 1e-5  # ResBlocks and `out.0` (openaimodel's GroupNorm32)
 TRANSFORMER_NORM_EPS = 1e-6  # SpatialTransformer's GroupNorm (ldm.modules.attention.Normalize)
@@ -355,6 +356,7 @@ class UNetModel(nn.Module):
         context: torch.Tensor,
         y: torch.Tensor | None = None,
         control: list[torch.Tensor] | None = None,
+        deep_cache: DeepCache | None = None,
     ) -> torch.Tensor:
         """Predict the network target (eps for SD 1.x) for a noisy latent.
 
@@ -366,20 +368,30 @@ class UNetModel(nn.Module):
             y: the `vector` conditioning [B, adm_in_channels] of models with `label_emb` (SDXL).
             control: ControlNet residuals (`models/controlnet.py`), one per input block then the middle
                 block's, added to the skips and the middle block's output (cldm's ControlledUnetModel).
+            deep_cache: DeepCache's state of this sampling pass (`models/deepcache.py`): a cached
+                evaluation runs only the shallow branch (and uses only its skips' residuals).
         Returns:
             [B, out_channels, H, W] in the dtype of x.
         """
         emb_act = embed_time(self.time_embed, self.config, x, timesteps, getattr(self, "label_emb", None), y)
 
+        blocks = len(self.input_blocks)
+        cached = deep_cache is not None and deep_cache.reuses(x, blocks)
+        depth = deep_cache.branch + 1 if cached and deep_cache is not None else blocks  # input blocks to run
         skips = []
         h = x
-        for block in self.input_blocks:
+        for block in self.input_blocks[:depth]:
             h = self._run(block, h, emb_act, context)
             skips.append(h)
-        h = self._run(self.middle_block, h, emb_act, context)
-        if control is not None:
-            h = h + control[-1]
-        for block in self.output_blocks:
+        if cached and deep_cache is not None:  # the deep features of the last full evaluation
+            h = deep_cache.feature(x.shape[0])
+        else:
+            h = self._run(self.middle_block, h, emb_act, context)
+            if control is not None:
+                h = h + control[-1]
+        for block in self.output_blocks[blocks - depth :]:
+            if deep_cache is not None and len(skips) == deep_cache.branch + 1:
+                deep_cache.keep(h)
             skip = skips.pop()
             if control is not None:  # never in place: autograd may have saved the skip
                 skip = skip + control[len(skips)]

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from latentforge.errors import NonFiniteError, ParameterError
 from latentforge.model import StableDiffusion
 from latentforge.models.attention import TokenMerging
+from latentforge.models.deepcache import DeepCache
 from latentforge.models.token_merging import apply_token_merging
 from latentforge.pipelines.controlnet import controlled, request_units
 from latentforge.pipelines.images import decode_latents, decode_latents_fast, encode_images, tensor_to_pil
@@ -70,8 +71,9 @@ def model_alphas_cumprod(model: StableDiffusion) -> torch.Tensor:
     return schedules.alphas_cumprod(schedules.betas(f.beta_schedule, 1000, f.beta_start, f.beta_end))
 
 
-def make_denoiser(model: StableDiffusion) -> DiscreteDenoiser:
-    """The U-Net as `denoise(x, sigma, cond) -> x0`: float32 outside, the model's dtype inside."""
+def make_denoiser(model: StableDiffusion, deep_cache: DeepCache | None = None) -> DiscreteDenoiser:
+    """The U-Net as `denoise(x, sigma, cond) -> x0`: float32 outside, the model's dtype inside; with
+    `deep_cache` (one per sampling pass), DeepCache's cached evaluations in between full ones."""
     unet = model.unet
 
     def network(x_in: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
@@ -83,7 +85,7 @@ def make_denoiser(model: StableDiffusion) -> DiscreteDenoiser:
             x_in = torch.cat([x_in, cond["concat"].to(x_in)], dim=1)
         vector = cond.get("vector")  # SDXL's pooled text + size numbers
         y = None if vector is None else vector.to(dtype)
-        return unet(x_in.to(dtype), t.to(dtype), context, y, control=residuals).float()
+        return unet(x_in.to(dtype), t.to(dtype), context, y, control=residuals, deep_cache=deep_cache).float()
 
     return DiscreteDenoiser(network, model_alphas_cumprod(model), model.family.prediction)
 
@@ -145,7 +147,10 @@ def sample_latents(
     """
     family = model.family
     spec = sampling.sampler
-    denoiser = make_denoiser(model)
+    deep_cache = None  # DeepCache's state is this pass's own: img2img and the hires pass start afresh
+    if request.deepcache_interval > 1:
+        deep_cache = DeepCache(request.deepcache_interval, request.deepcache_branch)
+    denoiser = make_denoiser(model, deep_cache)
     schedule_steps, run = (
         (sampling.steps, sampling.steps)
         if source is None

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from latentforge.errors import ParameterError
+from latentforge.models.deepcache import input_block_count
 from latentforge.pipelines import adapters
 from latentforge.pipelines.controlnet import ControlNetUnit, check_unit
 from latentforge.pipelines.seeds import resolve_seed
@@ -155,6 +156,12 @@ class GenerationRequest:
     token_merging_ratio: float = 0.0  # ToMe for SD in the self-attention (A1111's "Token merging ratio")
     token_merging_max_downsample: int = 1  # blocks at most this many times downsampled (1, 2, 4, 8)
     token_merging_random: bool = False  # random dst tokens (tomesd's use_rand), drawn from the batch's seed
+    deepcache_interval: int = (
+        0  # DeepCache: a full U-Net evaluation every N, the shallow branch between (0, 1: off)
+    )
+    deepcache_branch: int = (
+        0  # DeepCache's shallow branch: input blocks 0..b and the last b + 1 output blocks
+    )
 
     def use_tiled_vae(self, width: int, height: int) -> bool:
         """Whether the VAE runs in tiles for an image of this size."""
@@ -291,6 +298,8 @@ def resolve(
         raise ParameterError(
             f"token merging max downsample must be 1, 2, 4 or 8, got {r.token_merging_max_downsample!r}"
         )
+    _whole("DeepCache interval", r.deepcache_interval, 0, MAX_STEPS)
+    _whole("DeepCache branch", r.deepcache_branch, 0, input_block_count(family.unet) - 1)
     if r.fast_decode and model.taesd is None:
         raise ParameterError(
             "fast decode needs TAESD weights: pass --taesd DIR holding taesd_decoder.pth (taesdxl_ for SDXL) "
@@ -379,6 +388,8 @@ def resolve(
         hires=_resolved_hires(r.hires, first, second),
         controlnet=_resolved_units(r.controlnet, family),
         refiner=_resolved_refiner(r.refiner, refiner),  # None without a refiner model
+        deepcache_interval=r.deepcache_interval if r.deepcache_interval > 1 else 0,  # 1 is off: no key
+        deepcache_branch=r.deepcache_branch if r.deepcache_interval > 1 else 0,
     )
     batches = _with_adapters(model, resolved, request)
     lora_hashes, ti_hashes = adapters.lora_hashes(batches[0].loras), batches[0].ti_hashes[0]

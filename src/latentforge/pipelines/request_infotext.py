@@ -143,6 +143,8 @@ INFOTEXT_KEYS: tuple[InfotextKey, ...] = (
     InfotextKey("Token merging ratio", "token_merging_ratio", float, format=_num),
     InfotextKey("Token merging max downsample", "token_merging_max_downsample", int),
     InfotextKey("Token merging random", "token_merging_random", _bool),
+    InfotextKey("DeepCache interval", "deepcache_interval", int),  # no A1111 key: ours, written when on
+    InfotextKey("DeepCache branch", "deepcache_branch", int),
 )
 # A ControlNet unit's value, `ControlNet N: "Module: canny, Model: name [hash], Weight: 1, ..."`: the inner
 # keys of sd-webui-controlnet's `ControlNetUnit.infotext_fields()` (`field_to_displaytext`, in this order).
