@@ -197,7 +197,7 @@ def test_oversized_body_is_413_before_reading(client):
 
 def test_unused_fields_are_reported_not_dropped(client):
     payload = PAYLOAD | {"steps": 1, "restore_faces": True, "styles": ["x"], "frobnicate": 1, "tiling": False}
-    payload |= {"override_settings": {"CLIP_stop_at_last_layers": 2, "sd_vae": "x"}}
+    payload |= {"override_settings": {"CLIP_stop_at_last_layers": 2, "img2img_fix_steps": True}}
     payload |= {"alwayson_scripts": {"ADetailer": {"args": [True, {"ad_model": "face_yolov8n.pt"}]}}}
     body = client.post("/sdapi/v1/txt2img", json=payload).json()
     joined = "\n".join(body["warnings"])
@@ -205,7 +205,7 @@ def test_unused_fields_are_reported_not_dropped(client):
         "restore_faces",
         "styles",
         "frobnicate",
-        "override_settings.sd_vae",
+        "override_settings.img2img_fix_steps",
         "alwayson_scripts.ADetailer",
     ):
         assert key in joined
