@@ -484,12 +484,13 @@ def test_page_is_served_and_calls_only_routes_that_exist(client):
     script = client.get("/static/app.js")
     assert script.status_code == 200 and "javascript" in script.headers["content-type"]
     assert client.get("/static/style.css").status_code == 200
-    called = set(re.findall(r"[\"`]((?:sdapi|latentforge)/v1/[a-z0-9-]+)", script.text))
+    called = set(re.findall(r"[\"`]((?:sdapi/v1|latentforge/v1|controlnet)/[a-z0-9_-]+)", script.text))
     listed = re.search(r"\[([^\]]*)\]\.map\(\(r\) => api\(`sdapi/v1/\$\{r\}`\)", script.text)
     assert listed is not None
     called |= {f"sdapi/v1/{name}" for name in re.findall(r'"([a-z-]+)"', listed.group(1))}
     routes = {route.path.lstrip("/") for route in client.app.routes}
-    assert len(called) >= 12 and called <= routes, called - routes
+    assert len(called) >= 15 and called <= routes, called - routes
+    assert {"controlnet/detect", "controlnet/model_list", "controlnet/module_list"} <= called
 
 
 def test_xyz_route_makes_a_labelled_grid(client, reference):
