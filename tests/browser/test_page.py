@@ -72,7 +72,9 @@ def _shots_folder(folder: Path) -> None:
     save_file({k: v.contiguous() for k, v in model.vae.state_dict().items()}, str(folder / "VAE" / VAE_NAME))
     config = ControlNetConfig.for_base(model.family.unet, model.family.vae.downsampling_factor)
     (folder / "ControlNet").mkdir()
-    save_controlnet(folder / "ControlNet" / "emoji-untrained.safetensors", ControlNetModel.from_unet(model.unet, config))
+    save_controlnet(
+        folder / "ControlNet" / "emoji-untrained.safetensors", ControlNetModel.from_unet(model.unet, config)
+    )
 
 
 def _tiny_folder(folder: Path, tiny_checkpoint: Path) -> None:
@@ -397,18 +399,22 @@ def test_controlnet_panel_previews_the_map_and_generates_with_the_unit(page, tmp
     assert page.is_checked("#cn-enabled")  # an image enables the unit, as the extension does
     page.select_option("#cn-module", "canny")
     assert page.inner_text("#cn-a-name") == "low" and page.input_value("#cn-b") == "200"
+    _fill(page, seed="6")  # 64 x 64, the control image's size
+    page.check("#cn-pixel-perfect")
+    assert page.is_hidden("#cn-res")  # derived from the image and the size, as the extension's UI
     page.click("#cn-preview")
     page.wait_for_selector("#cn-map:not([hidden])", timeout=30000)
     edges = _image(page.get_attribute("#cn-map", "src"))
+    assert edges.shape[:2] == (64, 64)  # pixel perfect: the map at the generation's resolution
     assert edges[32, 32].max() == 0 and edges[0, 0].max() == 0 and edges.max() == 255  # the outline only
     page.fill("#cn-weight", "1.5")
     page.select_option("#cn-control-mode", "ControlNet is more important")
     page.fill("#prompt", PROMPT)
-    _fill(page, seed="6")
     page.press("#prompt", "Control+Enter")
     page.wait_for_selector("#gallery button", timeout=60000)
     infotext = page.inner_text("#infotext")
     assert 'ControlNet 0: "Module: canny' in infotext and "Weight: 1.5" in infotext
+    assert "Pixel Perfect: True" in infotext
     assert "Control Mode: ControlNet is more important" in infotext
     _shot(page, "page-controlnet", tmp_path)
     with_unit = _image(page.get_attribute("#selected-image", "src"))
@@ -427,15 +433,14 @@ def test_controlnet_panel_previews_the_map_and_generates_with_the_unit(page, tmp
     for _ in range(6):
         page.keyboard.press("Tab")
         order.append(page.evaluate("document.activeElement.id"))
-    assert order == ["cn-file", "cn-module", "cn-model", "cn-res", "cn-a", "cn-b"]
+    # no resolution field: pixel perfect derives it
+    assert order == ["cn-file", "cn-module", "cn-model", "cn-a", "cn-b", "cn-weight"]
     page.set_viewport_size({"width": 390, "height": 844})
     assert page.evaluate("document.documentElement.scrollWidth") <= 390  # the open panel fits a phone
 
 
 def test_controlnet_panel_is_disabled_with_a_note_without_models(page):
-    page.route(
-        "**/controlnet/model_list", lambda route: route.fulfill(json={"model_list": []}, status=200)
-    )
+    page.route("**/controlnet/model_list", lambda route: route.fulfill(json={"model_list": []}, status=200))
     page.reload()
     page.wait_for_function("document.getElementById('status').textContent === 'ready'", timeout=30000)
     page.click("#cn-panel summary")

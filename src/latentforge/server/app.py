@@ -398,7 +398,11 @@ def create_app(
 
     @app.get("/sdapi/v1/options")
     def get_options() -> dict[str, Any]:
-        return {"sd_model_checkpoint": catalog.selected, "sd_vae": catalog.selected_vae, "samples_format": "png"}
+        return {
+            "sd_model_checkpoint": catalog.selected,
+            "sd_vae": catalog.selected_vae,
+            "samples_format": "png",
+        }
 
     @app.post("/sdapi/v1/options")
     async def set_options(request: Request) -> Response:

@@ -4,7 +4,7 @@
 const $ = (id) => document.getElementById(id);
 const state = {
   mode: "txt2img", busy: false, lastSeed: -1, selected: null, maskPainted: false, pngParams: null,
-  cnImage: null, cnDetail: {},  // the ControlNet unit's image (data URL), module_detail of /controlnet/module_list
+  cnImage: null, cnDetail: {}, cnHasRes: false,  // the ControlNet unit's image (data URL), module_detail of /controlnet/module_list
 };
 
 // ---- requests: relative URLs (works behind a path prefix), optional bearer token from this tab only
@@ -113,7 +113,9 @@ function showModuleSliders() {
   // module_detail sliders: the resolution first (not for "none"), then the module's thresholds by name
   const sliders = (state.cnDetail[$("cn-module").value] || {}).sliders || [];
   const thresholds = sliders.filter((s) => s.name !== "Preprocessor Resolution");
-  $("cn-res-label").hidden = sliders.length === thresholds.length;
+  state.cnHasRes = sliders.length > thresholds.length;
+  // as the extension's UI: pixel perfect hides the resolution (it is derived from the image and size)
+  $("cn-res-label").hidden = !state.cnHasRes || $("cn-pixel-perfect").checked;
   for (const [i, key] of [[0, "a"], [1, "b"]]) {
     const slider = thresholds[i];
     $(`cn-${key}-label`).hidden = !slider;
@@ -122,12 +124,11 @@ function showModuleSliders() {
       $(`cn-${key}`).value = slider.value;
     }
   }
-  $("cn-res").disabled = $("cn-pixel-perfect").checked;  // pixel perfect derives it from the image sizes
 }
 
 function moduleSettings() {
   return {
-    processor_res: $("cn-res-label").hidden ? -1 : num("cn-res"),
+    processor_res: state.cnHasRes ? num("cn-res") : -1,
     threshold_a: $("cn-a-label").hidden ? -1 : num("cn-a"),
     threshold_b: $("cn-b-label").hidden ? -1 : num("cn-b"),
   };
@@ -166,12 +167,22 @@ function clearControlImage() {
   $("cn-file").value = "";
 }
 
+function pixelPerfectResolution() {
+  // the extension's (external_code.py): the resolution that lands the map on the generation's pixels
+  const image = $("cn-image");
+  const [w, h] = [image.naturalWidth, image.naturalHeight];
+  const [kw, kh] = [num("width") / w, num("height") / h];
+  const k = $("cn-resize-mode").value === "Resize and Fill" ? Math.min(kw, kh) : Math.max(kw, kh);
+  return Math.min(4096, Math.max(64, Math.round(k * Math.min(w, h))));  // /controlnet/detect's range
+}
+
 async function previewMap() {
   if (!state.cnImage) {
     say("ControlNet: choose a control image first", true);
     return;
   }
   const s = moduleSettings();
+  if ($("cn-pixel-perfect").checked && state.cnHasRes) s.processor_res = pixelPerfectResolution();
   try {
     const result = await api("controlnet/detect", {
       controlnet_module: $("cn-module").value,
