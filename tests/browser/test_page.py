@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.torch import save_file
 
 CHROMIUM = Path("/usr/bin/chromium")
 # no network of its own: no QUIC, sync, component updates or first-run work (this machine is offline)
@@ -53,16 +54,62 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+VAE_NAME = "emoji-vae-copy.safetensors" if SHOTS else "blue.safetensors"
+
+
+def _shots_folder(folder: Path) -> None:
+    """The embedded model, a copy of its own VAE as a VAE/ file and an untrained (zero-initialised, so
+    no-op) ControlNet of its U-Net: the panels filled for the screenshots, the images the model's own."""
+    from latentforge.checkpoints.controlnet import save_controlnet
+    from latentforge.checkpoints.loading import default_model_path
+    from latentforge.model import load
+    from latentforge.models.controlnet import ControlNetConfig, ControlNetModel
+
+    embedded = default_model_path()
+    (folder / embedded.name).symlink_to(embedded)
+    model = load(embedded)
+    (folder / "VAE").mkdir()
+    save_file({k: v.contiguous() for k, v in model.vae.state_dict().items()}, str(folder / "VAE" / VAE_NAME))
+    config = ControlNetConfig.for_base(model.family.unet, model.family.vae.downsampling_factor)
+    (folder / "ControlNet").mkdir()
+    save_controlnet(
+        folder / "ControlNet" / "emoji-untrained.safetensors", ControlNetModel.from_unet(model.unet, config)
+    )
+
+
+def _tiny_folder(folder: Path, tiny_checkpoint: Path) -> None:
+    """The tiny random model, an empty LoRA file, a random VAE and a random ControlNet (both tiny)."""
+    import torch
+
+    from latentforge.checkpoints.controlnet import save_controlnet
+    from latentforge.models.controlnet import ControlNetConfig, ControlNetModel
+    from latentforge.models.families import TINY
+    from latentforge.models.vae import AutoencoderKL
+
+    shutil.copy(tiny_checkpoint, folder / "tiny.safetensors")
+    (folder / "Lora").mkdir()
+    (folder / "Lora" / "ink_style.safetensors").write_bytes(b"")
+    torch.manual_seed(1)
+    vae = AutoencoderKL(TINY.vae)
+    for p in vae.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    (folder / "VAE").mkdir()
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(folder / "VAE" / VAE_NAME))
+    controlnet = ControlNetModel(ControlNetConfig.for_base(TINY.unet, TINY.vae.downsampling_factor))
+    for p in controlnet.parameters():
+        torch.nn.init.normal_(p, std=0.1)  # zero convolutions at zero would make the unit a no-op
+    (folder / "ControlNet").mkdir()
+    save_controlnet(folder / "ControlNet" / "cn_edges.safetensors", controlnet.eval())
+
+
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("page-models")
     if SHOTS:
-        app = create_app(token=TOKEN, queue_size=4)  # the embedded model
+        _shots_folder(folder)
     else:
-        folder = tmp_path_factory.mktemp("page-models")
-        shutil.copy(tiny_checkpoint, folder / "tiny.safetensors")
-        (folder / "Lora").mkdir()
-        (folder / "Lora" / "ink_style.safetensors").write_bytes(b"")
-        app = create_app(models_dir=folder, token=TOKEN, queue_size=4)
+        _tiny_folder(folder, tiny_checkpoint)
+    app = create_app(models_dir=folder, token=TOKEN, queue_size=4)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -295,3 +342,128 @@ def test_token_field_sends_a_bearer_token(page):
     _fill(page)
     page.press("#prompt", "Control+Enter")
     page.wait_for_selector("#gallery button", timeout=60000)
+
+
+def test_vae_picker_names_the_vae_in_the_infotext(page):
+    assert page.input_value("#vae") == "Automatic"
+    assert [o for o in page.eval_on_selector_all("#vae option", "os => os.map((o) => o.value)")] == [
+        "Automatic",
+        "None",
+        VAE_NAME,
+    ]
+    page.fill("#prompt", PROMPT)
+    _fill(page, seed="4")
+    page.select_option("#vae", VAE_NAME)
+    page.press("#prompt", "Control+Enter")
+    page.wait_for_selector("#gallery button", timeout=60000)
+    assert f"VAE: {VAE_NAME}" in page.inner_text("#infotext") and "VAE hash: " in page.inner_text("#infotext")
+    page.select_option("#vae", "None")  # A1111's "None": the model's own VAE
+    page.press("#prompt", "Control+Enter")
+    page.wait_for_function("document.querySelectorAll('#gallery button').length === 2", timeout=60000)
+    assert "VAE" not in page.inner_text("#infotext")
+
+
+def _image_b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def _drop_file(page, selector: str, b64: str, name: str) -> None:
+    """A file dropped on `selector` as a browser's drag and drop delivers it (a DataTransfer)."""
+    page.eval_on_selector(
+        selector,
+        """(el, [b64, name]) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, { type: "image/png" }));
+            el.dispatchEvent(new DragEvent("drop", { dataTransfer: transfer }));
+        }""",
+        [b64, name],
+    )
+
+
+def _square_png(path: Path) -> Path:
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[16:48, 16:48] = 255
+    Image.fromarray(image).save(path)
+    return path
+
+
+def test_controlnet_panel_previews_the_map_and_generates_with_the_unit(page, tmp_path):
+    assert not page.is_visible("#cn-module")  # collapsed until opened
+    page.click("#cn-panel summary")
+    assert page.is_visible("#cn-note") is False and page.is_enabled("#cn-module")
+    models = page.eval_on_selector_all("#cn-model option", "os => os.map((o) => o.value)")
+    assert len(models) == 1 and models[0].startswith(("cn_edges [", "emoji-untrained ["))
+    page.set_input_files("#cn-file", str(_square_png(tmp_path / "square.png")))  # (a native, tabbable input)
+    page.wait_for_selector("#cn-image:not([hidden])")
+    assert page.is_checked("#cn-enabled")  # an image enables the unit, as the extension does
+    page.select_option("#cn-module", "canny")
+    assert page.inner_text("#cn-a-name") == "low" and page.input_value("#cn-b") == "200"
+    _fill(page, seed="6")  # 64 x 64, the control image's size
+    page.check("#cn-pixel-perfect")
+    assert page.is_hidden("#cn-res")  # derived from the image and the size, as the extension's UI
+    page.click("#cn-preview")
+    page.wait_for_selector("#cn-map:not([hidden])", timeout=30000)
+    edges = _image(page.get_attribute("#cn-map", "src"))
+    assert edges.shape[:2] == (64, 64)  # pixel perfect: the map at the generation's resolution
+    assert edges[32, 32].max() == 0 and edges[0, 0].max() == 0 and edges.max() == 255  # the outline only
+    page.fill("#cn-weight", "1.5")
+    page.select_option("#cn-control-mode", "ControlNet is more important")
+    page.fill("#prompt", PROMPT)
+    page.press("#prompt", "Control+Enter")
+    page.wait_for_selector("#gallery button", timeout=60000)
+    infotext = page.inner_text("#infotext")
+    assert 'ControlNet 0: "Module: canny' in infotext and "Weight: 1.5" in infotext
+    assert "Pixel Perfect: True" in infotext
+    assert "Control Mode: ControlNet is more important" in infotext
+    _shot(page, "page-controlnet", tmp_path)
+    with_unit = _image(page.get_attribute("#selected-image", "src"))
+    page.uncheck("#cn-enabled")
+    page.press("#prompt", "Control+Enter")
+    page.wait_for_function("document.querySelectorAll('#gallery button').length === 2", timeout=60000)
+    assert "ControlNet" not in page.inner_text("#infotext")
+    if not SHOTS:  # the random ControlNet changes the image (the screenshots' untrained one cannot)
+        assert (_image(page.get_attribute("#selected-image", "src")) != with_unit).any()
+    page.click("#cn-clear")
+    assert page.is_hidden("#cn-image") and page.is_hidden("#cn-map")
+    _drop_file(page, "#cn-drop", _image_b64(tmp_path / "square.png"), "square.png")  # drag and drop
+    page.wait_for_selector("#cn-image:not([hidden])")
+    page.focus("#cn-enabled")
+    order = []
+    for _ in range(6):
+        page.keyboard.press("Tab")
+        order.append(page.evaluate("document.activeElement.id"))
+    # no resolution field: pixel perfect derives it
+    assert order == ["cn-file", "cn-module", "cn-model", "cn-a", "cn-b", "cn-weight"]
+    page.set_viewport_size({"width": 390, "height": 844})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390  # the open panel fits a phone
+
+
+def test_controlnet_panel_is_disabled_with_a_note_without_models(page):
+    page.route("**/controlnet/model_list", lambda route: route.fulfill(json={"model_list": []}, status=200))
+    page.reload()
+    page.wait_for_function("document.getElementById('status').textContent === 'ready'", timeout=30000)
+    page.click("#cn-panel summary")
+    assert page.is_visible("#cn-note") and "ControlNet/" in page.inner_text("#cn-note")
+    assert page.is_disabled("#cn-enabled") and page.is_disabled("#cn-preview")
+
+
+def test_interrupt_an_xyz_job(page):
+    page.fill("#prompt", PROMPT)
+    _fill(page)
+    page.click("#tab-xyz")
+    page.fill("#xyz-x", "seed=" + ",".join(str(s) for s in range(1, 11)))
+    page.fill("#xyz-y", "steps=40,50")
+    page.click("#generate")
+    page.wait_for_function(
+        "document.getElementById('progress').value > 0"
+        " && document.getElementById('progress-text').textContent.includes('of 900')",
+        timeout=60000,
+    )
+    page.click("#interrupt")
+    page.wait_for_function(
+        "document.getElementById('status').textContent.includes('interrupted')", timeout=60000
+    )
+    count = page.locator("#gallery button").count()
+    assert 2 <= count < 21  # the grid and the cells made before the interrupt
+    assert page.is_enabled("#generate")

@@ -197,7 +197,7 @@ def test_oversized_body_is_413_before_reading(client):
 
 def test_unused_fields_are_reported_not_dropped(client):
     payload = PAYLOAD | {"steps": 1, "restore_faces": True, "styles": ["x"], "frobnicate": 1, "tiling": False}
-    payload |= {"override_settings": {"CLIP_stop_at_last_layers": 2, "sd_vae": "x"}}
+    payload |= {"override_settings": {"CLIP_stop_at_last_layers": 2, "img2img_fix_steps": True}}
     payload |= {"alwayson_scripts": {"ADetailer": {"args": [True, {"ad_model": "face_yolov8n.pt"}]}}}
     body = client.post("/sdapi/v1/txt2img", json=payload).json()
     joined = "\n".join(body["warnings"])
@@ -205,7 +205,7 @@ def test_unused_fields_are_reported_not_dropped(client):
         "restore_faces",
         "styles",
         "frobnicate",
-        "override_settings.sd_vae",
+        "override_settings.img2img_fix_steps",
         "alwayson_scripts.ADetailer",
     ):
         assert key in joined
@@ -484,12 +484,13 @@ def test_page_is_served_and_calls_only_routes_that_exist(client):
     script = client.get("/static/app.js")
     assert script.status_code == 200 and "javascript" in script.headers["content-type"]
     assert client.get("/static/style.css").status_code == 200
-    called = set(re.findall(r"[\"`]((?:sdapi|latentforge)/v1/[a-z0-9-]+)", script.text))
+    called = set(re.findall(r"[\"`]((?:sdapi/v1|latentforge/v1|controlnet)/[a-z0-9_-]+)", script.text))
     listed = re.search(r"\[([^\]]*)\]\.map\(\(r\) => api\(`sdapi/v1/\$\{r\}`\)", script.text)
     assert listed is not None
     called |= {f"sdapi/v1/{name}" for name in re.findall(r'"([a-z-]+)"', listed.group(1))}
     routes = {route.path.lstrip("/") for route in client.app.routes}
-    assert len(called) >= 12 and called <= routes, called - routes
+    assert len(called) >= 15 and called <= routes, called - routes
+    assert {"controlnet/detect", "controlnet/model_list", "controlnet/module_list"} <= called
 
 
 def test_xyz_route_makes_a_labelled_grid(client, reference):

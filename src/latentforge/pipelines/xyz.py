@@ -18,7 +18,7 @@ from PIL import Image
 
 from latentforge.errors import ParameterError
 from latentforge.model import StableDiffusion
-from latentforge.pipelines.generate import GeneratedImage
+from latentforge.pipelines.generate import SKIP, GeneratedImage, StepCallback
 from latentforge.pipelines.grid import labelled_grid
 from latentforge.pipelines.request import GenerationRequest, Hires, InitImage, Inpaint
 from latentforge.pipelines.runner import iter_images
@@ -121,17 +121,37 @@ def cells(base: GenerationRequest, axes: list[Axis]) -> Iterator[tuple[tuple[int
 
 
 def xyz_plot(
-    model: StableDiffusion, base: GenerationRequest, axes: list[Axis], *, progress: bool = True
+    model: StableDiffusion,
+    base: GenerationRequest,
+    axes: list[Axis],
+    *,
+    callback: StepCallback | None = None,
+    progress: bool = True,
 ) -> tuple[list[Image.Image], list[GeneratedImage]]:
-    """(one labelled grid per Z value, the first image of every cell in X, Y, Z order)."""
+    """(one labelled grid per Z value, the first image of every cell in X, Y, Z order).
+
+    `callback` sees every step of every cell, as in `iter_images`: True stops the plot after the current
+    cell (the cells not made stay blank in the grid, as A1111's), `SKIP` ends the current cell early.
+    """
     if not 1 <= len(axes) <= 3:
         raise ParameterError(f"an X/Y/Z plot takes 1 to 3 axes, got {len(axes)}")
     results: list[GeneratedImage] = []
     by_cell: dict[tuple[int, ...], Image.Image] = {}
+    stopped = False
+
+    def on_step(info: Any) -> bool | str | None:
+        nonlocal stopped
+        answer = callback(info) if callback is not None else None
+        stopped = stopped or (bool(answer) and answer != SKIP)
+        return answer
+
     for index, request in cells(base, axes):
-        result = next(iter_images(model, replace(request, batch_count=1), progress=progress))
+        cell = replace(request, batch_count=1)
+        result = next(iter_images(model, cell, callback=on_step, progress=progress))
         by_cell[index if len(axes) > 1 else (index[0], 0)] = result.image
         results.append(result)
+        if stopped:
+            break
     y_labels = axes[1].labels if len(axes) > 1 else [""]
     z_labels = axes[2].labels if len(axes) > 2 else None
     return labelled_grid(by_cell, axes[0].labels, y_labels, z_labels), results

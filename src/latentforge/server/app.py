@@ -43,7 +43,7 @@ from latentforge.server.payload import (
 )
 
 # POST /sdapi/v1/options may change only these (A1111 lets a client set any option; we keep to the model).
-SETTABLE_OPTIONS = ("sd_model_checkpoint",)
+SETTABLE_OPTIONS = ("sd_model_checkpoint", "sd_vae")
 MAX_BODY_BYTES = 200 * 2**20  # a few base64 images; larger bodies get 413 before they are read
 RETRY_AFTER_S = 5  # told to clients that find the queue full (429)
 STATIC = Path(__file__).parent / "static"  # the web page: plain HTML/CSS/JS, no build step
@@ -203,6 +203,10 @@ def create_app(
             for i, u in enumerate(request.controlnet)
         )
 
+    def vae_choice(name: str) -> str:
+        """override_settings.sd_vae as a catalogue value (422 before queueing for an unknown or path name)."""
+        return catalog.find_vae(name, "override_settings.sd_vae") if name else ""
+
     async def generate(request: Request, mode: str) -> Response:
         payload = await _json(request)
         try:
@@ -212,6 +216,7 @@ def create_app(
             job = worker.submit(
                 mapped.request,
                 use_model=use,
+                use_vae=vae_choice(mapped.vae),
                 controlnets=controlnet_files(mapped.request),
                 task_id=mapped.task_id,
             )
@@ -297,7 +302,12 @@ def create_app(
 
     @app.get("/sdapi/v1/sd-vae")
     def sd_vae() -> list[dict[str, Any]]:
-        return []  # VAE files are not offered yet: each checkpoint decodes with its own VAE
+        # A1111: [{model_name: file name, filename: path}]; "Automatic" and "None" are not listed there
+        root = catalog.models_dir
+        return [
+            {"model_name": p.name, "filename": str(p.relative_to(root)) if root else p.name}
+            for p in catalog.vaes()
+        ]
 
     @app.get("/sdapi/v1/loras")
     def loras() -> list[dict[str, Any]]:
@@ -388,7 +398,11 @@ def create_app(
 
     @app.get("/sdapi/v1/options")
     def get_options() -> dict[str, Any]:
-        return {"sd_model_checkpoint": catalog.selected, "sd_vae": "Automatic", "samples_format": "png"}
+        return {
+            "sd_model_checkpoint": catalog.selected,
+            "sd_vae": catalog.selected_vae,
+            "samples_format": "png",
+        }
 
     @app.post("/sdapi/v1/options")
     async def set_options(request: Request) -> Response:
@@ -400,11 +414,16 @@ def create_app(
             return _error(
                 422, "ParameterError", f"options {unknown} cannot be set; settable: {SETTABLE_OPTIONS}"
             )
+        switch = {}
         if "sd_model_checkpoint" in body:
             name = body["sd_model_checkpoint"]
-            title = catalog.find(name if isinstance(name, str) else repr(name)).title
+            switch["checkpoint"] = catalog.find(name if isinstance(name, str) else repr(name)).title
+        if "sd_vae" in body:
+            name = body["sd_vae"]
+            switch["select_vae"] = catalog.find_vae(name if isinstance(name, str) else repr(name))
+        if switch:
             try:  # a queued switch: it waits for the running and queued jobs, then loads (A1111 blocks too)
-                job = worker.submit(None, checkpoint=title)
+                job = worker.submit(None, **switch)
             except QueueFullError as error:
                 return _error(429, "QueueFull", str(error), {"Retry-After": str(RETRY_AFTER_S)})
             await asyncio.wrap_future(job.future)
@@ -516,7 +535,13 @@ def create_app(
         try:
             use = catalog.find(mapped.checkpoint).title if mapped.checkpoint else ""
             files = controlnet_files(mapped.request)
-            job = worker.submit(mapped.request, axes=tuple(axes), use_model=use, controlnets=files)
+            job = worker.submit(
+                mapped.request,
+                axes=tuple(axes),
+                use_model=use,
+                use_vae=vae_choice(mapped.vae),
+                controlnets=files,
+            )
         except QueueFullError as error:
             return _error(429, "QueueFull", str(error), {"Retry-After": str(RETRY_AFTER_S)})
         result = await asyncio.wrap_future(job.future)

@@ -29,12 +29,13 @@ from latentforge.checkpoints.controlnet import (
     load_controlnet,
 )
 from latentforge.errors import ParameterError
-from latentforge.model import StableDiffusion, load
+from latentforge.model import StableDiffusion, load, swap_vae
+from latentforge.models.vae import AutoencoderKL
 from latentforge.pipelines.generate import SKIP, GeneratedImage, img2img_steps
 from latentforge.pipelines.preview import latent_rgb_projection
 from latentforge.pipelines.request import GenerationRequest, resolve
 from latentforge.pipelines.runner import iter_images
-from latentforge.pipelines.xyz import Axis, xyz_plot
+from latentforge.pipelines.xyz import Axis, cells, xyz_plot
 
 CHECKPOINT_SUFFIXES = (".safetensors",)  # never pickle (.ckpt) from a folder a server exposes
 # A1111's folders inside the models folder (models/Lora, embeddings/); listed by file stem.
@@ -43,6 +44,12 @@ EMBEDDING_FOLDER, EMBEDDING_SUFFIXES = "embeddings", (".pt", ".bin", ".safetenso
 # sd-webui-controlnet's folder (models/ControlNet). lllyasviel's files are .pth: read by the restricted
 # unpickler (checkpoints/reading.py), which builds tensors only and never runs code from the file.
 CONTROLNET_FOLDER, CONTROLNET_SUFFIXES = "ControlNet", (".safetensors", ".pth")
+# A1111's models/VAE (modules/sd_vae.py lists *.ckpt, *.pt, *.safetensors there; the pickled ones are read
+# by the restricted unpickler too). A VAE is named by its file name, as A1111's `sd_vae` option.
+VAE_FOLDER, VAE_SUFFIXES = "VAE", (".safetensors", ".pt", ".ckpt")
+# A1111's two fixed `sd_vae` values: "None" decodes with the checkpoint's own VAE; "Automatic" with a VAE
+# file named like the checkpoint when there is one (sd_vae.find_vae_near_checkpoint), else its own.
+VAE_AUTOMATIC, VAE_NONE = "Automatic", "None"
 
 
 class QueueFullError(Exception):
@@ -70,7 +77,10 @@ class Catalog:
         self.default = default
         self.lock = threading.Lock()
         self.selected = self.checkpoints()[0].title if self.checkpoints() else ""
+        self.selected_vae = VAE_AUTOMATIC
         self.loaded: tuple[str, StableDiffusion] | None = None
+        self.vae_in_use: Path | None = None  # the loaded model's swapped-in VAE file, None: its own
+        self.own_vae: AutoencoderKL | None = None  # the checkpoint's VAE, kept aside while a file's is in
 
     def checkpoints(self) -> list[Checkpoint]:
         if self.models_dir is None:
@@ -136,6 +146,50 @@ class Catalog:
         )
         raise ParameterError(f"{where}: ControlNet {name!r} is not in the catalogue; valid: {valid}")
 
+    def vaes(self) -> list[Path]:
+        """VAE files in `VAE/` (recursive), offered by file name."""
+        return self._files(VAE_FOLDER, VAE_SUFFIXES)
+
+    def find_vae(self, name: str, where: str = "sd_vae") -> str:
+        """A `sd_vae` value: "Automatic", "None" or a `VAE/` file's name (or stem); never a path."""
+        if name in (VAE_AUTOMATIC, VAE_NONE):
+            return name
+        if "/" in name or "\\" in name or name.startswith("."):
+            raise ParameterError(f"{where} {name!r}: give a VAE's name from /sdapi/v1/sd-vae, not a path")
+        for path in self.vaes():
+            if name in (path.name, path.stem):
+                return path.name
+        valid = ", ".join([VAE_AUTOMATIC, VAE_NONE, *(p.name for p in self.vaes())])
+        raise ParameterError(f"{where}: VAE {name!r} is not in the catalogue; valid: {valid}")
+
+    def vae_file(self, choice: str, checkpoint: str) -> Path | None:
+        """The file `choice` decodes `checkpoint` with; None: the checkpoint's own VAE."""
+        if choice == VAE_NONE:
+            return None
+        files = self.vaes()
+        if choice == VAE_AUTOMATIC:  # A1111: the first VAE whose file name starts with the checkpoint's
+            stem = checkpoint.rsplit(".", 1)[0]
+            return next((p for p in files if p.name.startswith(stem)), None)
+        for path in files:
+            if path.name == choice:
+                return path
+        raise ParameterError(f"sd_vae {choice!r}: the file is gone from {VAE_FOLDER}/")
+
+    def use_vae(self, path: Path | None) -> bool:
+        """Let the loaded model decode with `path` (None: its own VAE again); True when it changed."""
+        assert self.loaded is not None
+        model = self.loaded[1]
+        if path == self.vae_in_use:
+            return False
+        if self.own_vae is None:
+            self.own_vae = model.vae
+        if path is None:
+            model.vae, model.vae_name, model.vae_hash = self.own_vae, None, None
+        else:
+            swap_vae(model, path)  # same architecture, the file's weights; its name and hash for the infotext
+        self.vae_in_use = path
+        return True
+
     def hash_of(self, checkpoint: Checkpoint) -> str | None:
         loaded = self.loaded
         return loaded[1].short_hash if loaded and loaded[0] == checkpoint.title else None
@@ -169,6 +223,7 @@ class Catalog:
     def release(self) -> None:
         """Forget the loaded model and return its memory (A1111: `unload_model_weights`, `torch_gc`)."""
         self.loaded = None
+        self.own_vae, self.vae_in_use = None, None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -190,7 +245,9 @@ class Job:
     request: GenerationRequest | None
     axes: tuple[Axis, ...] = ()
     checkpoint: str = ""  # a switch job: the catalogue title to select
+    select_vae: str = ""  # a switch job: the `sd_vae` value to select
     use_model: str = ""  # a generation with its own model (override_settings); "" = the selected one
+    use_vae: str = ""  # a generation with its own `sd_vae` (override_settings); "" = the selected one
     controlnets: tuple[Path, ...] = ()  # the file of each of `request.controlnet`'s units, in order
     task_id: str = ""  # the client's id (A1111's force_task_id), for `POST /internal/progress`
     future: Future[JobResult] = field(default_factory=Future)
@@ -306,14 +363,18 @@ class Worker:
         self.current = None
         job.model = job.latest = None  # a finished job holds no model or tensors (switch: memory)
 
-    def _model(self, name: str = "") -> StableDiffusion:
-        """The model a job needs; on a change the old one's memory (also the preview's hold) is released."""
+    def _model(self, name: str = "", vae: str = "") -> StableDiffusion:
+        """The model a job needs, decoding with the VAE it asks for; on a model change the old one's memory
+        (also the preview's hold) is released."""
         wanted = name or self.catalog.selected
         if self.catalog.loaded is not None and self.catalog.loaded[0] != wanted:
             self.projection = None
             self.networks.clear()  # another model (maybe another family): its ControlNets go too
             self.catalog.release()
-        return self.catalog.model(wanted)
+        model = self.catalog.model(wanted)
+        if self.catalog.use_vae(self.catalog.vae_file(vae or self.catalog.selected_vae, wanted)):
+            self.projection = None  # a fitted preview projection belongs to the VAE it was fitted on
+        return model
 
     def _with_networks(
         self, model: StableDiffusion, request: GenerationRequest, paths: tuple[Path, ...]
@@ -327,22 +388,30 @@ class Worker:
         return replace(request, controlnet=tuple(units))
 
     def _switch(self, job: Job) -> JobResult:
-        self.catalog.select(job.checkpoint)
+        if job.checkpoint:
+            self.catalog.select(job.checkpoint)
+        if job.select_vae:
+            self.catalog.selected_vae = job.select_vae
         self._model()
         return JobResult([], [], False)
 
     def _generate(self, job: Job) -> JobResult:
-        if job.checkpoint:
+        if job.checkpoint or job.select_vae:
             return self._switch(job)
         assert job.request is not None
-        model = job.model = self._model(job.use_model)
+        model = job.model = self._model(job.use_model, job.use_vae)
         if job.controlnets:
             job.request = self._with_networks(model, job.request, job.controlnets)
         if job.axes:
+            axes = list(job.axes)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                grids, images = xyz_plot(model, job.request, list(job.axes), progress=False)
-            return JobResult(images, [str(w.message) for w in caught], False, grids)
+                # every cell's steps (one image each), for progress and ETA as for any job
+                cell_requests = (replace(r, batch_count=1) for _, r in cells(job.request, axes))
+                job.total_steps = sum(_total_steps(model, r) for r in cell_requests)
+                grids, images = xyz_plot(model, job.request, axes, callback=job.on_step, progress=False)
+            messages = [str(w.message) for w in caught]
+            return JobResult(images, messages, job.interrupted, grids, skipped=job.skipped)
         images = []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

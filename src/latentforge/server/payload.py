@@ -286,6 +286,7 @@ class Mapped:
     warnings: tuple[str, ...]
     send_images: bool
     checkpoint: str = ""  # override_settings.sd_model_checkpoint: this request's model, by catalogue name
+    vae: str = ""  # override_settings.sd_vae: this request's VAE ("Automatic", "None" or a VAE/ file name)
     task_id: str = ""  # force_task_id: the client's id for this job's progress
 
 
@@ -353,7 +354,8 @@ def request_from_payload(payload: Mapping[str, Any], mode: str) -> Mapped:
         tuple(warnings),
         extras.get("send_images", True),
         extras.get("checkpoint", ""),
-        extras.get("task_id", ""),
+        task_id=extras.get("task_id", ""),
+        vae=extras.get("vae", ""),
     )
 
 
@@ -369,6 +371,8 @@ def _overrides(settings: Any, top: dict[str, Any], extras: dict[str, Any]) -> li
             top[target] = read(f"override_settings.{key}", value)
         elif key == "sd_model_checkpoint":  # a name, looked up in the catalogue by the server
             extras["checkpoint"] = _str(f"override_settings.{key}", value)
+        elif key == "sd_vae":  # likewise
+            extras["vae"] = _str(f"override_settings.{key}", value)
         else:
             warnings.append(f"override_settings.{key}: not supported yet; ignored")
     return warnings

@@ -2,7 +2,10 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { mode: "txt2img", busy: false, lastSeed: -1, selected: null, maskPainted: false, pngParams: null };
+const state = {
+  mode: "txt2img", busy: false, lastSeed: -1, selected: null, maskPainted: false, pngParams: null,
+  cnImage: null, cnDetail: {}, cnHasRes: false,  // the ControlNet unit's image (data URL), module_detail of /controlnet/module_list
+};
 
 // ---- requests: relative URLs (works behind a path prefix), optional bearer token from this tab only
 function authHeaders() {
@@ -47,13 +50,24 @@ async function loadLists() {
   const [samplers, schedulers, models, vaes, loras, options] = await Promise.all(
     ["samplers", "schedulers", "sd-models", "sd-vae", "loras", "options"].map((r) => api(`sdapi/v1/${r}`)),
   );
+  const [modules, cnModels] = await Promise.all([api("controlnet/module_list"), api("controlnet/model_list")]);
   fillSelect($("sampler"), samplers.map((s) => [s.name, s.name]), "Euler a");
   fillSelect($("schedule"), schedulers.map((s) => [s.label, s.label]), "Automatic");
   fillSelect($("model"), models.map((m) => [m.title, m.model_name]), options.sd_model_checkpoint);
-  fillSelect($("vae"), [["Automatic", "Automatic"], ...vaes.map((v) => [v.model_name, v.model_name])], "Automatic");
+  // A1111's choices: Automatic (a VAE named like the model, else its own), None (the model's own), the files
+  const vaeChoices = ["Automatic", "None", ...vaes.map((v) => v.model_name)];
+  fillSelect($("vae"), vaeChoices.map((v) => [v, v]), options.sd_vae);
   fillSelect($("lora"), loras.map((l) => [l.name, l.alias || l.name]));
   $("lora").disabled = $("insert-lora").disabled = loras.length === 0;
   if (!loras.length) fillSelect($("lora"), [["", "none in Lora/"]]);
+  state.cnDetail = modules.module_detail || {};
+  fillSelect($("cn-module"), modules.module_list.map((m) => [m, m]), $("cn-module").value || "none");
+  fillSelect($("cn-model"), cnModels.model_list.map((m) => [m, m]));
+  const noModels = cnModels.model_list.length === 0;
+  $("cn-fields").disabled = noModels;  // a unit needs a model: say where to put one instead
+  $("cn-note").hidden = !noModels;
+  if (noModels) $("cn-enabled").checked = false;
+  showModuleSliders();
 }
 
 // ---- tabs
@@ -87,8 +101,102 @@ function payload() {
     batch_size: num("batch-size"),
     n_iter: num("batch-count"),
   };
-  if ($("vae").value !== "Automatic") body.override_settings = { sd_vae: $("vae").value };
+  body.override_settings = { sd_vae: $("vae").value };  // for this request, as A1111's override_settings
+  if ($("cn-enabled").checked && !$("cn-fields").disabled) {
+    body.alwayson_scripts = { controlnet: { args: [controlNetUnit()] } };
+  }
   return body;
+}
+
+// ---- ControlNet: one unit, sd-webui-controlnet's API fields
+function showModuleSliders() {
+  // module_detail sliders: the resolution first (not for "none"), then the module's thresholds by name
+  const sliders = (state.cnDetail[$("cn-module").value] || {}).sliders || [];
+  const thresholds = sliders.filter((s) => s.name !== "Preprocessor Resolution");
+  state.cnHasRes = sliders.length > thresholds.length;
+  // as the extension's UI: pixel perfect hides the resolution (it is derived from the image and size)
+  $("cn-res-label").hidden = !state.cnHasRes || $("cn-pixel-perfect").checked;
+  for (const [i, key] of [[0, "a"], [1, "b"]]) {
+    const slider = thresholds[i];
+    $(`cn-${key}-label`).hidden = !slider;
+    if (slider) {
+      $(`cn-${key}-name`).textContent = slider.name;
+      $(`cn-${key}`).value = slider.value;
+    }
+  }
+}
+
+function moduleSettings() {
+  return {
+    processor_res: state.cnHasRes ? num("cn-res") : -1,
+    threshold_a: $("cn-a-label").hidden ? -1 : num("cn-a"),
+    threshold_b: $("cn-b-label").hidden ? -1 : num("cn-b"),
+  };
+}
+
+function controlNetUnit() {
+  const unit = {
+    enabled: true,
+    module: $("cn-module").value,
+    model: $("cn-model").value,
+    weight: num("cn-weight"),
+    guidance_start: num("cn-start"),
+    guidance_end: num("cn-end"),
+    control_mode: $("cn-control-mode").value,
+    resize_mode: $("cn-resize-mode").value,
+    pixel_perfect: $("cn-pixel-perfect").checked,
+    ...moduleSettings(),
+  };
+  if (state.cnImage) unit.image = state.cnImage;
+  else if (state.mode !== "img2img") throw new Error("ControlNet: choose a control image (or untick Enable)");
+  return unit;  // img2img without its own image: the extension uses the init image
+}
+
+async function setControlImage(file) {
+  if (!file || $("cn-fields").disabled) return;
+  state.cnImage = await readFile(file);
+  $("cn-image").src = state.cnImage;
+  $("cn-image").hidden = false;
+  $("cn-map").hidden = true;
+  $("cn-enabled").checked = true;  // as the extension's "upload enables the unit"
+}
+
+function clearControlImage() {
+  state.cnImage = null;
+  $("cn-image").hidden = $("cn-map").hidden = true;
+  $("cn-file").value = "";
+}
+
+function pixelPerfectResolution() {
+  // the extension's (external_code.py): the resolution that lands the map on the generation's pixels
+  const image = $("cn-image");
+  const [w, h] = [image.naturalWidth, image.naturalHeight];
+  const [kw, kh] = [num("width") / w, num("height") / h];
+  const k = $("cn-resize-mode").value === "Resize and Fill" ? Math.min(kw, kh) : Math.max(kw, kh);
+  return Math.min(4096, Math.max(64, Math.round(k * Math.min(w, h))));  // /controlnet/detect's range
+}
+
+async function previewMap() {
+  if (!state.cnImage) {
+    say("ControlNet: choose a control image first", true);
+    return;
+  }
+  const s = moduleSettings();
+  if ($("cn-pixel-perfect").checked && state.cnHasRes) s.processor_res = pixelPerfectResolution();
+  try {
+    const result = await api("controlnet/detect", {
+      controlnet_module: $("cn-module").value,
+      controlnet_input_images: [state.cnImage],
+      controlnet_processor_res: s.processor_res,
+      controlnet_threshold_a: s.threshold_a,
+      controlnet_threshold_b: s.threshold_b,
+    });
+    $("cn-map").src = `data:image/png;base64,${result.images[0]}`;
+    $("cn-map").hidden = false;
+    say(`${$("cn-module").value} map ready`);
+  } catch (error) {
+    say(error.message, true);
+  }
 }
 
 function img2imgFields(body) {
@@ -310,6 +418,7 @@ function applyParameters(p) {
   if (p["Schedule type"] && [...$("schedule").options].some((o) => o.value === p["Schedule type"])) {
     $("schedule").value = p["Schedule type"];
   }
+  if (p.VAE && [...$("vae").options].some((o) => o.value === p.VAE)) $("vae").value = p.VAE;
 }
 
 // ---- wiring
@@ -373,6 +482,19 @@ function wire() {
     setMode("txt2img");
     $("prompt").focus();
   });
+  $("cn-file").addEventListener("change", (e) => setControlImage(e.target.files[0]));
+  const cnDrop = $("cn-drop");
+  cnDrop.addEventListener("dragover", (e) => { e.preventDefault(); cnDrop.classList.add("over"); });
+  cnDrop.addEventListener("dragleave", () => cnDrop.classList.remove("over"));
+  cnDrop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    cnDrop.classList.remove("over");
+    setControlImage(e.dataTransfer.files[0]);
+  });
+  $("cn-module").addEventListener("change", () => { showModuleSliders(); $("cn-map").hidden = true; });
+  $("cn-pixel-perfect").addEventListener("change", showModuleSliders);
+  $("cn-preview").addEventListener("click", previewMap);
+  $("cn-clear").addEventListener("click", clearControlImage);
   $("token-form").addEventListener("submit", (e) => {
     e.preventDefault();
     sessionStorage.setItem("latentforge-token", $("token").value);
