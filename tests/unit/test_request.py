@@ -88,6 +88,7 @@ REQUESTS = {
         token_merging_max_downsample=2,
         token_merging_random=True,
     ),
+    "deepcache": replace(BASE, deepcache_interval=3, deepcache_branch=1),
     "multi-line prompts": replace(BASE, prompt="line one,\nline two: (x:1.2)", negative_prompt="a\nb"),
 }
 
