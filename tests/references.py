@@ -149,6 +149,39 @@ def build_pair(family, pipeline_cls: type, vocab: Path):  # noqa: ANN001, ANN201
     return ours, pipe
 
 
+def save_random_model(family, path: Path, seed: int = 0):  # noqa: ANN001, ANN201
+    """A random model of `family` (seeded) saved as one original-layout file at `path`; returns the model."""
+    from latentforge.checkpoints.single_file import save_single_file
+    from latentforge.model import StableDiffusion
+
+    torch.manual_seed(seed)
+    model = StableDiffusion.from_family(family)
+    te2 = None if model.text_encoder_2 is None else model.text_encoder_2.state_dict()
+    parts = (model.unet.state_dict(), model.vae.state_dict(), model.text_encoder.state_dict())
+    save_single_file(path, *parts, family, text_encoder_2=te2)
+    return model
+
+
+def diffusers_start(family, sampler: str, sigmas: torch.Tensor, scheduler, seeds, size: int):  # noqa: ANN001, ANN201
+    """The generators and initial latents a diffusers pipeline needs to start where our pipeline starts.
+
+    Draws our initial noise per seed (advancing each generator past it, as our pipeline does), applies
+    the sampler's initial scaling at sigma_max, then divides by the diffusers scheduler's own scale:
+    sqrt(sigma_max^2 + 1) for variance-preserving latents, else its `init_noise_sigma`.
+    """
+    from latentforge.sampling.noise import initial_noise
+    from latentforge.sampling.registry import get_sampler
+
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    side = size // family.vae.downsampling_factor
+    noise = initial_noise(generators, (family.vae.embed_dim, side, side))
+    sigma_max = sigmas[0].float()
+    start = get_sampler(sampler).initial_latent(noise, sigma_max)
+    variance_preserving = scheduler_cases()[sampler][2]
+    scale = (sigma_max**2 + 1).sqrt() if variance_preserving else scheduler.init_noise_sigma
+    return generators, start / scale
+
+
 def random_lora_factors(family, names, seed: int = 0, rank: int = 3) -> dict:  # noqa: ANN001
     """Random factors of kohya's shapes for each module (conv: down [r, in, k, k], up [out, r, 1, 1])."""
     from latentforge.checkpoints.lora_writing import LoraFactors, module_shapes

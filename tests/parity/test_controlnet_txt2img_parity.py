@@ -17,12 +17,11 @@ from latentforge.models.families import TINY
 from latentforge.pipelines.controlnet import ControlNetUnit
 from latentforge.pipelines.request import GenerationRequest
 from latentforge.pipelines.runner import run
-from latentforge.sampling.noise import initial_noise
-from latentforge.sampling.registry import get_sampler
 from references import (
     SD15_SCHEDULER,
     assert_close,
     build_pair,
+    diffusers_start,
     scheduler_cases,
     scheduler_sigmas,
     write_hf_clip_vocab,
@@ -52,14 +51,7 @@ def setup(tmp_path_factory):
 
 
 def _diffusers_latents(pipe, sampler, sigmas, scheduler, controlnet, image, scale):
-    seeds = [SEED, SEED + 1]
-    side = SIZE // TINY.vae.downsampling_factor
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
-    noise = initial_noise(generators, (TINY.vae.embed_dim, side, side))
-    _, _, variance_preserving = CASES[sampler]
-    sigma_max = sigmas[0].float()
-    start = get_sampler(sampler).initial_latent(noise, sigma_max)
-    start = start / (sigma_max**2 + 1).sqrt() if variance_preserving else start / scheduler.init_noise_sigma
+    generators, start = diffusers_start(TINY, sampler, sigmas, scheduler, (SEED, SEED + 1), SIZE)
     control_pipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
     control_pipe.set_progress_bar_config(disable=True)
     return control_pipe(

@@ -18,9 +18,14 @@ from diffusers import StableDiffusionPipeline
 from latentforge.models.families import TINY
 from latentforge.pipelines.request import GenerationRequest
 from latentforge.pipelines.runner import run
-from latentforge.sampling.noise import initial_noise
-from latentforge.sampling.registry import get_sampler
-from references import SD15_SCHEDULER, assert_close, build_pair, scheduler_cases, write_hf_clip_vocab
+from references import (
+    SD15_SCHEDULER,
+    assert_close,
+    build_pair,
+    diffusers_start,
+    scheduler_cases,
+    write_hf_clip_vocab,
+)
 
 FAMILY = replace(TINY, unet=replace(TINY.unet, num_res_blocks=2))  # 6 input blocks: branches 0..5
 PROMPT, NEGATIVE, SEED, STEPS, SIZE = "a red apple on a table", "blurry", 1234, 7, 32
@@ -48,14 +53,8 @@ def _ours(model, sampler: str, sigmas: torch.Tensor, **deepcache) -> torch.Tenso
     return torch.stack([r.latents for r in run(model, request, progress=False)])
 
 
-def _theirs(pipe, sampler: str, sigmas: torch.Tensor, variance_preserving: bool) -> torch.Tensor:  # noqa: ANN001
-    generators = [torch.Generator().manual_seed(s) for s in (SEED, SEED + 1)]
-    side = SIZE // FAMILY.vae.downsampling_factor
-    noise = initial_noise(generators, (FAMILY.vae.embed_dim, side, side))  # what our pipeline draws
-    sigma_max = sigmas[0].float()
-    start = get_sampler(sampler).initial_latent(noise, sigma_max)
-    scale = (sigma_max**2 + 1).sqrt() if variance_preserving else pipe.scheduler.init_noise_sigma
-    start = start / scale
+def _theirs(pipe, sampler: str, sigmas: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    generators, start = diffusers_start(FAMILY, sampler, sigmas, pipe.scheduler, (SEED, SEED + 1), SIZE)
     return pipe(
         PROMPT,
         negative_prompt=NEGATIVE,
@@ -74,7 +73,7 @@ def _theirs(pipe, sampler: str, sigmas: torch.Tensor, variance_preserving: bool)
 @pytest.mark.parametrize(("interval", "branch"), [(2, 0), (3, 0), (2, 1), (3, 2), (2, 3), (3, 5)])
 def test_deepcache_matches_the_package(pair, sampler, interval, branch):
     ours, pipe = pair
-    scheduler_cls, options, variance_preserving = scheduler_cases()[sampler]
+    scheduler_cls, options, _ = scheduler_cases()[sampler]
     pipe.scheduler = scheduler_cls(**SD15_SCHEDULER, **options)
     pipe.scheduler.set_timesteps(STEPS)
     sigmas = pipe.scheduler.sigmas.double()
@@ -82,7 +81,7 @@ def test_deepcache_matches_the_package(pair, sampler, interval, branch):
     helper.set_params(cache_interval=interval, cache_branch_id=branch)
     helper.enable()
     try:
-        expected = _theirs(pipe, sampler, sigmas, variance_preserving)
+        expected = _theirs(pipe, sampler, sigmas)
     finally:
         helper.disable()
     plain = _ours(ours, sampler, sigmas)

@@ -17,12 +17,11 @@ from diffusers import (
 from latentforge.models.families import TINY
 from latentforge.pipelines.request import GenerationRequest
 from latentforge.pipelines.runner import run
-from latentforge.sampling.noise import initial_noise
-from latentforge.sampling.registry import get_sampler
 from references import (
     SD15_SCHEDULER,
     assert_close,
     build_pair,
+    diffusers_start,
     scheduler_cases,
     scheduler_sigmas,
     write_hf_clip_vocab,
@@ -40,7 +39,7 @@ def pair(tmp_path_factory):
 @pytest.mark.parametrize("sampler", list(CASES))
 def test_txt2img_matches_diffusers(pair, sampler):
     ours, pipe = pair
-    scheduler_cls, options, variance_preserving = CASES[sampler]
+    scheduler_cls, options, _ = CASES[sampler]
     pipe.scheduler = scheduler_cls(**SD15_SCHEDULER, **options)
     scheduler = pipe.scheduler
     scheduler.set_timesteps(STEPS)
@@ -59,14 +58,7 @@ def test_txt2img_matches_diffusers(pair, sampler):
     )
     results = run(ours, params, progress=False)
 
-    seeds = [SEED, SEED + 1]
-    side = SIZE // TINY.vae.downsampling_factor
-    shape = (TINY.vae.embed_dim, side, side)
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
-    noise = initial_noise(generators, shape)  # advances the generators past the initial draw
-    sigma_max = sigmas[0].float()
-    start = get_sampler(sampler).initial_latent(noise, sigma_max)  # what our pipeline starts from
-    start = start / (sigma_max**2 + 1).sqrt() if variance_preserving else start / scheduler.init_noise_sigma
+    generators, start = diffusers_start(TINY, sampler, sigmas, scheduler, (SEED, SEED + 1), SIZE)
     latents = pipe(
         PROMPT,
         negative_prompt=NEGATIVE,

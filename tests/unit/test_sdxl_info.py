@@ -7,19 +7,9 @@ from __future__ import annotations
 import torch
 from safetensors.torch import save_file
 
-from latentforge.checkpoints.single_file import save_single_file
 from latentforge.cli import main
-from latentforge.model import StableDiffusion
 from latentforge.models.families import TINY_XL, TINY_XL_REFINER
-
-
-def _save(family, path):  # noqa: ANN001, ANN202
-    torch.manual_seed(0)
-    model = StableDiffusion.from_family(family)
-    te2 = None if model.text_encoder_2 is None else model.text_encoder_2.state_dict()
-    sd = (model.unet.state_dict(), model.vae.state_dict(), model.text_encoder.state_dict())
-    save_single_file(path, *sd, family, text_encoder_2=te2)
-    return model
+from references import save_random_model
 
 
 def _millions(module: torch.nn.Module) -> str:
@@ -27,7 +17,7 @@ def _millions(module: torch.nn.Module) -> str:
 
 
 def test_info_reports_both_sdxl_encoders(tmp_path, capsys):
-    model = _save(TINY_XL, tmp_path / "base.safetensors")
+    model = save_random_model(TINY_XL, tmp_path / "base.safetensors")
     assert main(["info", str(tmp_path / "base.safetensors")]) == 0
     out = capsys.readouterr().out
     l_config, g_config = TINY_XL.text_encoder, TINY_XL.text_encoder_2
@@ -43,7 +33,7 @@ def test_info_reports_both_sdxl_encoders(tmp_path, capsys):
 
 
 def test_info_reports_the_refiners_single_encoder(tmp_path, capsys):
-    model = _save(TINY_XL_REFINER, tmp_path / "refiner.safetensors")
+    model = save_random_model(TINY_XL_REFINER, tmp_path / "refiner.safetensors")
     assert main(["info", str(tmp_path / "refiner.safetensors")]) == 0
     out = capsys.readouterr().out
     g_config = TINY_XL_REFINER.text_encoder

@@ -15,9 +15,7 @@ from safetensors.torch import load_file
 import latentforge
 from latentforge.checkpoints.lora import apply_loras, read_lora
 from latentforge.checkpoints.lora_writing import kohya_names, kohya_targets, module_shapes
-from latentforge.checkpoints.single_file import save_single_file
 from latentforge.errors import ConfigError, ParameterError
-from latentforge.model import StableDiffusion
 from latentforge.models.families import SDXL, SDXL_REFINER, TINY_XL, TINY_XL_REFINER
 from latentforge.models.unet import vector_conditioning
 from latentforge.pipelines.sdxl_conditioning import SDXL_PENULTIMATE
@@ -25,6 +23,7 @@ from latentforge.training.config import RunConfig
 from latentforge.training.loop import train
 from latentforge.training.tasks.dreambooth import make_dreambooth
 from latentforge.training.tasks.lora import LoRATask, make_lora_task
+from references import save_random_model
 
 DATA = {
     "resolution": 32,
@@ -42,11 +41,7 @@ NETWORK = {
 
 
 def _save(family, path):  # noqa: ANN001, ANN202
-    torch.manual_seed(0)
-    model = StableDiffusion.from_family(family)
-    te2 = None if model.text_encoder_2 is None else model.text_encoder_2.state_dict()
-    sd = (model.unet.state_dict(), model.vae.state_dict(), model.text_encoder.state_dict())
-    save_single_file(path, *sd, family, text_encoder_2=te2)
+    save_random_model(family, path)
     return path
 
 

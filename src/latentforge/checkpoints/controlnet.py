@@ -24,7 +24,7 @@ from latentforge.checkpoints.diffusers_folder import (
 )
 from latentforge.checkpoints.errors import CheckpointError, KeyMismatchError, UnknownArchitectureError
 from latentforge.checkpoints.keymap_unet import _fit_projection
-from latentforge.checkpoints.loading import _asset
+from latentforge.checkpoints.loading import asset_path
 from latentforge.checkpoints.reading import StateDict, read_state_dict
 from latentforge.checkpoints.writing import save_safetensors
 from latentforge.models.configs import UNetConfig, config_from_dict, config_to_dict
@@ -214,7 +214,7 @@ def controlnet_path(name: str | Path) -> Path:
     """`name` as a path, or the shipped file it names when no such path exists."""
     path = Path(name)
     if not path.exists() and str(name) in EMBEDDED_CONTROLNETS:
-        return _asset(EMBEDDED_CONTROLNETS[str(name)], f"the ControlNet {name!r}", "pass its file's path")
+        return asset_path(EMBEDDED_CONTROLNETS[str(name)], f"the ControlNet {name!r}", "pass its file's path")
     return path
 
 

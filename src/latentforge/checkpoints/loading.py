@@ -28,7 +28,8 @@ DEFAULT_MODEL_FILE = "latentforge-emoji.safetensors"  # its stem names the model
 DEFAULT_CLIP_FILE = "latentforge-emoji-clip.safetensors"
 
 
-def _asset(name: str, what: str, instead: str) -> Path:
+def asset_path(name: str, what: str, instead: str) -> Path:
+    """A file shipped in the package's assets/; a missing one names `what` it is and what to do `instead`."""
     path = Path(__file__).resolve().parent.parent / "assets" / name
     if not path.is_file():
         raise CheckpointNotFoundError(path, f"{what} is not in this installation; {instead}")
@@ -37,13 +38,13 @@ def _asset(name: str, what: str, instead: str) -> Path:
 
 def default_model_path() -> Path:
     """The embedded default model shipped in the package (trained here on the emoji dataset)."""
-    return _asset(DEFAULT_MODEL_FILE, "the embedded default model", "pass --model PATH")
+    return asset_path(DEFAULT_MODEL_FILE, "the embedded default model", "pass --model PATH")
 
 
 def default_clip_path() -> Path:
     """The CLIP trained with the default model (its text tower is the model's text encoder): the default
     feature network of `latentforge eval`."""
-    return _asset(DEFAULT_CLIP_FILE, "the default model's CLIP", "pass --features clip:PATH")
+    return asset_path(DEFAULT_CLIP_FILE, "the default model's CLIP", "pass --features clip:PATH")
 
 
 def read_components(
