@@ -51,10 +51,11 @@ print(w(sys.argv[1], sys.argv[2]))" "$DATA" "$DATA-clip"
 restore clip final.safetensors final.text_encoder.safetensors ||
   "$PY" -m latentforge train clip configs/default/clip_v2.toml task_options.train_data="$DATA-clip/train" \
     task_options.holdout_data="$DATA/holdout" run_dir="$RUNS/clip"
-# Stage 3: the U-Net, 40000 steps in increments; `python scripts/export_checkpoint.py RUNS/unet --eval`
+# Stage 3: the U-Net on the same caption variants, 40000 steps in increments;
+# `python scripts/export_checkpoint.py RUNS/unet --eval`
 # exports and measures the newest checkpoint while it runs.
-"$PY" -m latentforge train unet configs/default/unet_v2.toml task_options.data="$DATA" run_dir="$RUNS/unet" \
-  task_options.vae="$RUNS/vae/final.safetensors" \
+"$PY" -m latentforge train unet configs/default/unet_v2.toml task_options.train_data="$DATA-clip/train" \
+  task_options.holdout_data="$DATA/holdout" run_dir="$RUNS/unet" task_options.vae="$RUNS/vae/final.safetensors" \
   task_options.text_encoder="$RUNS/clip/final.text_encoder.safetensors" task_options.cache_dir="$RUNS/cache"
 # Stage 4: decoder fine-tune (encoder frozen: the U-Net's latents stay valid).
 "$PY" -m latentforge train vae configs/default/vae_decoder_v2.toml task_options.data="$DATA" \

@@ -408,7 +408,7 @@ def build_emoji_dataset(
 
 
 def caption_variants(record: dict) -> list[str]:
-    """Extra captions of one `metadata.jsonl` record, for contrastive (CLIP) training only.
+    """Extra captions of one `metadata.jsonl` record, for training only (the default model's CLIP and U-Net).
 
     First the caption without the name ("<skin tones>, <subcategory>, <style> style"): what the image of
     an emoji the model never saw still shows, so the image tower must learn subcategories rather than
@@ -427,7 +427,7 @@ def caption_variants(record: dict) -> list[str]:
 
 
 def write_caption_variants(dataset_dir: Path, out_dir: Path, split: str = "train") -> dict[str, int]:
-    """A `split` folder for CLIP with `caption_variants` as extra items: out_dir/<split>/<style>/ holds each
+    """A `split` folder for training with `caption_variants` as extra items: out_dir/<split>/<style>/ holds each
     image with its own caption and, as `<id>-c<k>.png` (hard links where possible), one copy per variant.
 
     Only for training: evaluation keeps the dataset's own holdout captions (task option `holdout_data`).
