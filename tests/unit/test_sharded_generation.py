@@ -66,6 +66,17 @@ def test_two_ranks_write_the_files_one_process_writes(tmp_path, tiny_checkpoint)
     assert sorted(printed) == sorted(names[1:])
 
 
+def test_a_random_seed_is_drawn_once_for_all_ranks(tmp_path, tiny_checkpoint):
+    """Seed -1 with a batch count: image i has seed + i, whichever rank makes it."""
+    args = ["generate", "a cat", "--batch-count", "3", "--steps", "1", "--size", "32x32", "--no-grid"]
+    result = torchrun(*args, "--model", tiny_checkpoint, "--out", tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    seeds = [int(name.split("-")[1].split(".")[0]) for name in names]
+    assert [name[:5] for name in names] == ["00000", "00001", "00002"]
+    assert seeds == [seeds[0], seeds[0] + 1, seeds[0] + 2]
+
+
 def _reference(folder: Path, count: int = 8) -> Path:
     folder.mkdir()
     rng = np.random.default_rng(0)
