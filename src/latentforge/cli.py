@@ -401,15 +401,24 @@ def _controlnet_units(args: argparse.Namespace, model: Any) -> tuple[Any, ...]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
+    from latentforge.pipelines.sharding import sharded
 
+    with sharded(args.device) as (shard, device):  # under torchrun: this process's part and device
+        return _generate(args, shard, device)
+
+
+def _generate(args: argparse.Namespace, shard: Any, device: str) -> int:
+    from dataclasses import replace
+
+    from latentforge import distributed
     from latentforge.checkpoints.loading import default_model_path
     from latentforge.data.images import load_image_rgb
     from latentforge.model import load
     from latentforge.pipelines.inpaint import load_mask
-    from latentforge.pipelines.outputs import prepare_folder
+    from latentforge.pipelines.outputs import next_number, prepare_folder
     from latentforge.pipelines.request import DEFAULT_MAX_PIXELS
     from latentforge.pipelines.runner import iter_images
+    from latentforge.pipelines.sharding import agreed_seeds
     from latentforge.pipelines.xyz import parse_axis
 
     if (args.mask or args.outpaint) and not args.init_image:
@@ -422,10 +431,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     axes = [parse_axis(text) for text in (args.x, args.y, args.z) if text]
     args.init_images = [load_image_rgb(path, max_pixels=DEFAULT_MAX_PIXELS) for path in args.init_image or []]
     args.mask_image = load_mask(args.mask) if args.mask else None
-    request = build_request(args, base)
+    if axes and shard.count > 1:
+        raise ParameterError("the X/Y/Z plot (--x/--y/--z) runs in one process: start it without torchrun")
+    request = agreed_seeds(build_request(args, base))  # a random seed: drawn once, by rank 0
+    if args.prompts:
+        request = replace(request, prompt_seeds=_prompt_seeds(args, request.seed))
+    elif args.seeds:
+        raise ParameterError("--seeds goes with --prompts FILE; for one prompt use --seed and --batch-count")
     out = prepare_folder(args.out)
     model_path = Path(args.model) if args.model else default_model_path()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     vae = _vae_for(request, args, model_path)
     model = load(
         model_path, dtype=_torch_dtype(args.dtype), device=device, vae=vae, prediction=args.prediction,
@@ -433,8 +447,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )  # fmt: skip
     model.use_folders(lora_dirs=args.lora_dir, embedding_dirs=args.embeddings_dir, models_dir=args.models_dir)
     if args.controlnet:
-        from dataclasses import replace
-
         request = replace(request, controlnet=_controlnet_units(args, model))
     if args.int8:
         from latentforge.models.quantize import quantize_int8
@@ -449,15 +461,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ParameterError(
             "--preview taesd needs --taesd DIR (taesd_decoder.pth from github.com/madebyollin/taesd)"
         )
-    callback = _preview_writer(model, out, args.preview_every, args.preview) if args.preview_every else None
+    preview = args.preview_every and shard.is_main  # one preview.png, from rank 0
+    callback = _preview_writer(model, out, args.preview_every, args.preview) if preview else None
     refiner = load(args.refiner, dtype=_torch_dtype(args.dtype), device=device) if args.refiner else None
     if axes:
         return _xyz(model, request, axes, out, args.format)
+    first = distributed.broadcast_object(next_number(out))  # image i is number first + i, whoever makes it
     written: list[Any] = []
     try:
-        for result in iter_images(model, request, callback=callback, refiner=refiner):
-            written.append(_save(out, result, args.format))
-        if len(written) > 1 and args.grid:
+        for result in iter_images(model, request, callback=callback, refiner=refiner, shard=shard):
+            written.append(_save(out, result, args.format, first + result.index))
+        if args.grid:
             _save_grid(out, written, args.format)
     except KeyboardInterrupt:
         print(f"interrupted; kept {len(written)} finished image(s) in {out}", file=sys.stderr)
@@ -483,7 +497,17 @@ def _xyz(model: Any, request: Any, axes: list[Any], out: Path, format: str) -> i
     return 0
 
 
-def _save(out: Path, result: Any, format: str) -> Any:
+def _prompt_seeds(args: argparse.Namespace, seed: int) -> tuple[tuple[str, int], ...]:
+    """--prompts FILE x --seeds (default: the one --seed): every prompt with every seed, prompt-major."""
+    from latentforge.evaluation.runs import parse_seeds, read_prompts
+
+    if args.prompt is not None or args.batch_count is not None:
+        raise ParameterError("--prompts FILE gives the prompts: drop the prompt argument and --batch-count")
+    seeds = parse_seeds(args.seeds) if args.seeds else [seed]
+    return tuple((prompt, s) for prompt in read_prompts(args.prompts) for s in seeds)
+
+
+def _save(out: Path, result: Any, format: str, number: int | None = None) -> Any:
     from latentforge.pipelines.infotext import save_image
     from latentforge.pipelines.outputs import write_new
 
@@ -491,19 +515,26 @@ def _save(out: Path, result: Any, format: str) -> Any:
         out,
         lambda n: f"{n:05d}-{result.seed}.{format}",
         lambda p: save_image(result.image, p, result.infotext),
+        number,
     )
     print(path)
     return (path, result)
 
 
 def _save_grid(out: Path, written: list[Any], format: str) -> None:
-    """A1111's batch grid: every image of the run, with the first image's infotext."""
+    """A1111's batch grid when a run makes several images: all of them (from every rank, written by rank 0),
+    with the first image's infotext."""
+    from latentforge import distributed
     from latentforge.pipelines.grid import image_grid
     from latentforge.pipelines.infotext import save_image
     from latentforge.pipelines.outputs import write_new
 
-    grid = image_grid([result.image for _, result in written])
-    infotext = written[0][1].infotext
+    parts = distributed.gather_to_main([(r.index, r.image, r.infotext) for _, r in written])
+    results = sorted((item for part in parts or [] for item in part), key=lambda item: item[0])
+    if len(results) < 2:
+        return
+    grid = image_grid([image for _, image, _ in results])
+    infotext = results[0][2]
     path = write_new(out, lambda n: f"grid-{n:05d}.{format}", lambda p: save_image(grid, p, infotext))
     print(path)
 
@@ -571,8 +602,13 @@ def cmd_data_emoji(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
+    from latentforge.pipelines.sharding import sharded
 
+    with sharded(args.device) as (shard, device):  # under torchrun: generation split, rank 0 evaluates
+        return _eval(args, shard, device)
+
+
+def _eval(args: argparse.Namespace, shard: Any, device: str) -> int:
     from latentforge.checkpoints.loading import default_clip_path
     from latentforge.evaluation import runs
     from latentforge.evaluation.evaluate import METRICS, MetricSettings
@@ -584,7 +620,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.generated is not None and (args.model or args.sweep):
         print("error: --model and --sweep generate; drop them to evaluate --generated", file=sys.stderr)
         return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.generated is not None and shard.count > 1:
+        raise ParameterError("--generated evaluates a folder in one process: start it without torchrun")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else list(METRICS)
     options = {
         "metrics": metrics,
@@ -616,16 +653,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         key, values = runs.parse_sweep(args.sweep)
         results = runs.sweep(
             *spec, key, values, prompts, seeds, args.reference, out, extractor=extractor,
-            overwrite=args.overwrite, **options,
+            overwrite=args.overwrite, shard=shard, **options,
         )  # fmt: skip
+        if not shard.is_main:
+            return 0
         for value, result in zip(values, results, strict=True):
             print(f"{key}={value}: " + _format_values(result))
         print(f"wrote {out / 'report.md'}")
         return 0
-    result = runs.generate_and_evaluate(
-        *spec, prompts, seeds, args.reference, out, extractor=extractor, overwrite=args.overwrite, **options
-    )
-    _print_eval(result, out)
+    evaluated = runs.generate_and_evaluate(
+        *spec, prompts, seeds, args.reference, out, extractor=extractor, overwrite=args.overwrite,
+        shard=shard, **options,
+    )  # fmt: skip
+    if evaluated is not None:  # None: a rank other than 0, done once its images are written
+        _print_eval(evaluated, out)
     return 0
 
 
@@ -679,6 +720,12 @@ def build_parser() -> argparse.ArgumentParser:
         "hires fix (--hires-scale).",
     )
     p.add_argument("prompt", nargs="?", default=None)
+    p.add_argument(
+        "--prompts", metavar="FILE", help="one image per prompt (a line of FILE) and --seeds value"
+    )
+    p.add_argument(
+        "--seeds", help="with --prompts: every prompt with each seed, e.g. 0-3 or 1,5 (default --seed)"
+    )
     p.add_argument("--model", help="checkpoint or diffusers folder (default: the embedded model)")
     p.add_argument("--vae", help="standalone VAE to use instead of the model's ('model': the model's own)")
     p.add_argument(

@@ -1,8 +1,9 @@
 """The import graph of `src/latentforge`: no cycles, and no module imports a layer above its own.
 
 Layers, bottom to top (docs: /work/shared/ARCHITECTURE.md, issue 14 item 4):
-errors -> models, sampling, prompts, data -> checkpoints -> model, pipelines -> evaluation, training
--> api, cli, server. Imports inside functions and under `TYPE_CHECKING` count the same as top-level ones.
+errors -> models, sampling, prompts, data, distributed -> checkpoints -> model, pipelines -> evaluation,
+training -> api, cli, server. Imports inside functions and under `TYPE_CHECKING` count the same as top-level
+ones.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ LAYERS = {
     "sampling": 1,
     "prompts": 1,
     "data": 1,
+    "distributed": 1,  # torchrun set-up, ranks, collectives: shared by training and sharded generation
     "checkpoints": 2,
     "model": 3,
     "pipelines": 3,

@@ -22,6 +22,7 @@ from latentforge.evaluation.image_sets import EvalInputError, ImageSource, image
 from latentforge.evaluation.report import run_dir_name, write_report, write_sweep_report
 from latentforge.model import StableDiffusion
 from latentforge.pipelines.request import GenerationRequest
+from latentforge.pipelines.sharding import Shard, on_main
 
 # --sweep KEY: (GenerationRequest field, value parser)
 SWEEP_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
@@ -89,15 +90,35 @@ def generate_images(
     *,
     overwrite: bool = False,
     progress: bool = True,
+    shard: Shard | None = None,
 ) -> list[Path]:
     """Generate every prompt with every seed into `out_dir` as `NNNNN-SEED.png` (infotext) + `.txt` (prompt).
 
     A folder that already holds images is refused unless `overwrite`, which deletes its PNGs and captions.
+    With a `shard` (torchrun) this process makes its part; every rank returns all paths once all are written.
     """
+    from latentforge import distributed
     from latentforge.pipelines.infotext import save_png
     from latentforge.pipelines.runner import iter_images
 
+    shard = shard or Shard()
     out = Path(out_dir)
+    on_main(lambda: _clear_images(out, overwrite))
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = [(prompt, seed) for prompt in prompts for seed in seeds]
+    mine = shard.images(len(pairs), request.batch_size)
+    with tqdm(total=len(mine), desc="generating", unit="img", disable=not progress) as bar:
+        request = replace(request, prompt_seeds=tuple(pairs))
+        for result in iter_images(model, request, progress=False, shard=shard):
+            path = out / f"{result.index:05d}-{result.seed}.png"
+            save_png(result.image, path, result.infotext)
+            path.with_suffix(".txt").write_text(pairs[result.index][0] + "\n", encoding="utf-8")
+            bar.update(1)
+    distributed.barrier()  # every rank's images are written
+    return [out / f"{i:05d}-{seed}.png" for i, (_, seed) in enumerate(pairs)]
+
+
+def _clear_images(out: Path, overwrite: bool) -> None:
     existing = sorted(out.glob("*.png")) if out.is_dir() else []
     if existing and not overwrite:
         raise OutputError(
@@ -107,18 +128,6 @@ def generate_images(
     for path in existing:
         path.unlink()
         path.with_suffix(".txt").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    pairs = [(prompt, seed) for prompt in prompts for seed in seeds]
-    with tqdm(total=len(pairs), desc="generating", unit="img", disable=not progress) as bar:
-        results = iter_images(model, replace(request, prompt_seeds=tuple(pairs)), progress=False)
-        for (prompt, _), result in zip(pairs, results, strict=True):
-            path = out / f"{len(written):05d}-{result.seed}.png"
-            save_png(result.image, path, result.infotext)
-            path.with_suffix(".txt").write_text(prompt + "\n", encoding="utf-8")
-            written.append(path)
-            bar.update(1)
-    return written
 
 
 def evaluate_to_dir(
@@ -174,12 +183,27 @@ def generate_and_evaluate(
     extractor: EvalExtractor,
     overwrite: bool = False,
     progress: bool = True,
+    shard: Shard | None = None,
     **options: Any,
-) -> dict[str, Any]:
-    """Generate into `out_dir/images`, evaluate against `reference`, write the report into `out_dir`."""
+) -> dict[str, Any] | None:
+    """Generate into `out_dir/images`, evaluate against `reference`, write the report into `out_dir`.
+
+    With a `shard` (torchrun) every rank generates its part and rank 0 alone evaluates the full set (the
+    others return None), so `out_dir` must be a folder all ranks share.
+    """
+    shard = shard or Shard()
     images = generate_images(
-        model, request, prompts, seeds, Path(out_dir) / IMAGES_DIR, overwrite=overwrite, progress=progress
-    )
+        model, request, prompts, seeds, Path(out_dir) / IMAGES_DIR, overwrite=overwrite, progress=progress,
+        shard=shard,
+    )  # fmt: skip
+    if not shard.is_main:
+        return None
+    missing = [path.name for path in images if not path.is_file()]
+    if missing:
+        raise OutputError(
+            f"{images[0].parent} lacks {len(missing)} of the {len(images)} generated images (first "
+            f"{missing[0]}): under torchrun on several machines --out must be a folder they all share"
+        )
     return evaluate_to_dir(
         images[0].parent, reference, out_dir, extractor=extractor, progress=progress,
         extra={"generation": _generation_info(model, request, prompts, seeds)}, **options,
@@ -201,24 +225,33 @@ def sweep(
     batch_size: int = 50,
     overwrite: bool = False,
     progress: bool = True,
+    shard: Shard | None = None,
     **options: Any,
 ) -> list[dict[str, Any]]:
     """Generate and evaluate once per value of `key` (a `SWEEP_KEYS` name) into `out_dir/KEY=VALUE/`, then
-    write the sweep table and plot into `out_dir`. Reference features are computed once."""
+    write the sweep table and plot into `out_dir`. Reference features are computed once. With a `shard`,
+    rank 0 alone evaluates and writes (the others return [])."""
     if key not in SWEEP_KEYS:
         raise EvalInputError(f"cannot sweep {key!r}; valid: {', '.join(SWEEP_KEYS)}")
+    shard = shard or Shard()
     extractor = load_extractor(extractor)
-    ref = compute_features(
-        reference, extractor, label="reference", cache_dir=cache_dir, batch_size=batch_size, progress=progress
-    )
+    ref: ImageSource | FeatureSet = reference
+    if shard.is_main:
+        ref = compute_features(
+            reference, extractor, label="reference", cache_dir=cache_dir, batch_size=batch_size,
+            progress=progress,
+        )  # fmt: skip
     field_name = SWEEP_KEYS[key][0]
     runs = []
     for value in values:
         run_dir = Path(out_dir) / run_dir_name(key, value)
         result = generate_and_evaluate(
             model, replace(request, **{field_name: value}), prompts, seeds, ref, run_dir, extractor=extractor,
-            overwrite=overwrite, progress=progress, batch_size=batch_size, **options,
+            overwrite=overwrite, progress=progress, batch_size=batch_size, shard=shard, **options,
         )  # fmt: skip
-        runs.append((value, result))
+        if result is not None:
+            runs.append((value, result))
+    if not shard.is_main:
+        return []
     write_sweep_report(key, runs, out_dir)
     return [result for _, result in runs]

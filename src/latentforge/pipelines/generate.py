@@ -49,6 +49,7 @@ class GeneratedImage:
     infotext: str
     latents: torch.Tensor  # [C, h, w] float32, before decoding
     request: GenerationRequest  # the resolved single-image request its infotext describes
+    index: int = 0  # its position among the request's images (names its file, whichever process made it)
 
 
 @dataclass(frozen=True)
@@ -296,7 +297,7 @@ def decode_results(
         if tiled and one.tiled_vae is None:
             one = replace(one, tiled_vae=True)
         info = to_infotext(one, {"VAE decoded in fp32": True if retried else None})
-        results.append(GeneratedImage(image, batch.seeds[i], info, latents[i].cpu(), one))
+        results.append(GeneratedImage(image, batch.seeds[i], info, latents[i].cpu(), one, batch.start + i))
     return results
 
 

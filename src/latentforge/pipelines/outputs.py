@@ -40,15 +40,22 @@ def next_number(folder: Path, prefix: str = "") -> int:
     return max(numbers, default=-1) + 1
 
 
-def write_new(folder: Path, name: Callable[[int], str], write: Callable[[Path], object]) -> Path:
-    """Write a file through `write(temporary_path)` and give it the first free `name(number)`."""
+def write_new(
+    folder: Path, name: Callable[[int], str], write: Callable[[Path], object], number: int | None = None
+) -> Path:
+    """Write a file through `write(temporary_path)` and give it `name(number)`, or the next free number.
+
+    Without `number`, the first number past those in the folder (`next_number`); processes sharing a
+    folder pass numbers fixed in advance (`pipelines.sharding`), as a scan of the folder would race.
+    """
     tmp = folder / f".partial-{secrets.token_hex(6)}{Path(name(0)).suffix}"
     try:
         try:
             write(tmp)
         except OSError as e:
             raise OutputError(f"{folder}: writing failed ({e.strerror or e}); nothing was kept") from None
-        number = next_number(folder, re.split(r"\d", name(0), maxsplit=1)[0])
+        if number is None:
+            number = next_number(folder, re.split(r"\d", name(0), maxsplit=1)[0])
         for _ in range(10_000):
             target = folder / name(number)
             try:

@@ -187,6 +187,7 @@ class Batch:
     # the `<lora:>` tags of the batch's first prompt (A1111's `parse_prompts`), applied around the batch
     loras: tuple[adapters.ResolvedLora, ...] = ()
     ti_hashes: tuple[str, ...] = ()  # per image
+    start: int = 0  # the index of its first image among the request's images
 
 
 @dataclass(frozen=True)
@@ -527,7 +528,9 @@ def _check_inpaint(part: Inpaint) -> None:
 
 
 def _batches(r: GenerationRequest) -> list[Batch]:
-    """Image i has seed + i (one seed for all with a variation seed, as A1111); explicit pairs as given."""
+    """Image i has seed + i (one seed for all with a variation seed, as A1111); explicit pairs as given.
+
+    Image i is in batch i // batch_size, whoever makes it (`pipelines.sharding` relies on this)."""
     if r.prompt_seeds:
         pairs = list(r.prompt_seeds)
         subseeds = [r.subseed] * len(pairs)
@@ -544,6 +547,7 @@ def _batches(r: GenerationRequest) -> list[Batch]:
                 tuple(p for p, _ in chunk),
                 tuple(s for _, s in chunk),
                 tuple(subseeds[start : start + len(chunk)]),
+                start=start,
             )
         )
     return batches

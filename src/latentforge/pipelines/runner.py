@@ -6,6 +6,7 @@
        again] -> decode -> [paste back]; the LoRAs are undone bit for bit at the end, also on error
 
 CLI, Python API, evaluation and the server only build requests; a list is `run`, i.e. `list(iter_images)`.
+Under torchrun each process runs its `Shard` of the batches (`pipelines.sharding`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from latentforge.pipelines.hires import hires_pass
 from latentforge.pipelines.images import encode_images, pil_to_tensor
 from latentforge.pipelines.inpaint import Overlay, inpaint_source
 from latentforge.pipelines.request import Batch, GenerationRequest, ResolvedRequest, resolve
+from latentforge.pipelines.sharding import Shard
 
 
 def init_source(model: StableDiffusion, request: GenerationRequest) -> LatentSource:
@@ -68,13 +70,14 @@ def iter_images(
     callback: StepCallback | None = None,
     progress: bool = True,
     refiner: StableDiffusion | None = None,
+    shard: Shard | None = None,
 ) -> Iterator[GeneratedImage]:
     """Generate what the request asks for, yielding each image as soon as its batch is decoded.
 
     `callback(StepInfo)` sees every sampling step; returning True stops after the current batch (an
     interrupted hires run keeps its first-pass images, as A1111 does), returning `SKIP` ends the
     current batch early and goes on with the next. `refiner`: the SDXL refiner model the request's
-    `refiner` part switches to.
+    `refiner` part switches to. `shard`: make only this process's part of the batches (torchrun).
     """
     resolved = resolve(request, model, refiner=refiner)
     r = resolved.request
@@ -82,11 +85,13 @@ def iter_images(
     strength = r.init.denoising_strength if r.init is not None else 1.0
     first_steps = r.steps if source is None else img2img_steps(r.steps, strength)[1]
     second_steps = resolved.second.steps if resolved.second is not None else 0
-    bar = Progress(len(resolved.batches) * (first_steps + second_steps), callback, progress)
+    part = (shard or Shard()).batches(len(resolved.batches))
+    batches = resolved.batches[part.start : part.stop]
+    bar = Progress(len(batches) * (first_steps + second_steps), callback, progress)
     loras: LoraHandle | None = None
     applied: tuple = ()
     try:
-        for batch in resolved.batches:
+        for batch in batches:
             if batch.loras != applied:  # a batch whose first prompt names other LoRAs: swap them
                 if loras is not None:
                     loras.undo()

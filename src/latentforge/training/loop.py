@@ -28,9 +28,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from latentforge import distributed
 from latentforge.data.buckets import bucket_batch_order
 from latentforge.errors import ConfigError, LatentforgeError, NonFiniteError
-from latentforge.training import checkpointing, distributed
+from latentforge.training import checkpointing
 from latentforge.training.config import (
     RunConfig,
     config_hash,

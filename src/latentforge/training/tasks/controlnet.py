@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from latentforge.checkpoints.controlnet import ControlNet, load_controlnet, save_controlnet
 from latentforge.checkpoints.loading import default_model_path
+from latentforge.distributed import resolve_device
 from latentforge.errors import ConfigError, ParameterError
 from latentforge.models.controlnet import ControlNetConfig, ControlNetModel
 from latentforge.pipelines.controlnet import ControlNetUnit
@@ -33,7 +34,6 @@ from latentforge.pipelines.preprocessors import run_preprocessor
 from latentforge.pipelines.request import GenerationRequest
 from latentforge.training import losses
 from latentforge.training.config import FRACTION, Range, RunConfig
-from latentforge.training.distributed import resolve_device
 from latentforge.training.logging import image_grid
 from latentforge.training.tasks.common import (
     ExportDtype,

@@ -23,12 +23,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from latentforge.data.images import image_to_tensor
+from latentforge.distributed import resolve_device
 from latentforge.errors import ConfigError
 from latentforge.pipelines.request import GenerationRequest
 from latentforge.pipelines.runner import iter_images
 from latentforge.training import losses
 from latentforge.training.config import AT_LEAST_ONE, RunConfig
-from latentforge.training.distributed import resolve_device
 from latentforge.training.tasks.common import parse_options
 from latentforge.training.tasks.lora import LoRATask, LoRATaskOptions
 from latentforge.training.tasks.unet import NUM_TIMESTEPS, UNetTask

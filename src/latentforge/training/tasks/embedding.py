@@ -23,9 +23,9 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from latentforge.checkpoints.embeddings import write_embedding
+from latentforge.distributed import resolve_device
 from latentforge.errors import ConfigError
 from latentforge.training.config import AT_LEAST_ONE, Range, RunConfig
-from latentforge.training.distributed import resolve_device
 from latentforge.training.tasks.common import parse_options, unwrap
 from latentforge.training.tasks.unet import UNetTask, UNetTaskOptions
 

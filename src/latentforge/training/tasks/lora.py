@@ -25,10 +25,10 @@ from PIL import Image
 from torch import nn
 
 from latentforge.checkpoints.lora_writing import component_prefixes, kohya_metadata, save_kohya_lora
+from latentforge.distributed import resolve_device
 from latentforge.errors import ConfigError
 from latentforge.models.lora_layers import LoRAAdapter, LoRANetwork, LoRASpec, text_targets, unet_targets
 from latentforge.training.config import AT_LEAST_ONE, FRACTION, POSITIVE, Range, RunConfig
-from latentforge.training.distributed import resolve_device
 from latentforge.training.tasks.common import dtype_from_name, parse_options, unwrap
 from latentforge.training.tasks.unet import UNetTask, UNetTaskOptions
 

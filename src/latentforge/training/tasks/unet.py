@@ -29,6 +29,7 @@ from latentforge.checkpoints.exports import load_text_encoder, load_vae
 from latentforge.checkpoints.hashing import weights_digest
 from latentforge.checkpoints.single_file import save_single_file
 from latentforge.data.captions import check_template, process_caption
+from latentforge.distributed import resolve_device
 from latentforge.errors import ConfigError
 from latentforge.model import StableDiffusion
 from latentforge.model import load as load_checkpoint
@@ -44,7 +45,6 @@ from latentforge.pipelines.sdxl_conditioning import SDXL_PENULTIMATE, batch_numb
 from latentforge.sampling import schedules
 from latentforge.training import losses
 from latentforge.training.config import AT_LEAST_ONE, FRACTION, POSITIVE, Range, RunConfig
-from latentforge.training.distributed import resolve_device
 from latentforge.training.latent_cache import (
     LatentCache,
     TensorRowsDataset,

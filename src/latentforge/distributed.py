@@ -1,13 +1,15 @@
-"""Multi-process helpers: set-up from torchrun's environment, rank queries, barrier, metric all-reduce.
+"""Multi-process helpers: set-up from torchrun's environment, rank queries, barrier, collectives.
 
-torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them a run is one process and every helper
-here is a no-op. Backend: nccl when the processes use CUDA, gloo on CPU.
+torchrun sets RANK, LOCAL_RANK, LOCAL_WORLD_SIZE and WORLD_SIZE; without them a run is one process and
+every helper here is a no-op. Backend: nccl when the processes use CUDA, gloo on CPU. Used by training
+(DDP) and by sharded generation (`pipelines.sharding`).
 """
 
 from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,8 +70,27 @@ def teardown(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
+def cpu_thread_share(environ: Mapping[str, str] = os.environ) -> int | None:
+    """Intra-op threads for one of the LOCAL_WORLD_SIZE processes on this machine: its cores // processes.
+
+    None when the user chose: OMP_NUM_THREADS is set, to anything but the "1" torchrun itself sets when it
+    starts several processes per machine and OMP_NUM_THREADS was unset (torch/distributed/run.py).
+    """
+    processes = int(environ.get("LOCAL_WORLD_SIZE", "1"))
+    chosen = environ.get("OMP_NUM_THREADS")
+    if chosen is not None and not (chosen == "1" and processes > 1):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // processes)
+
+
 def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's global rank (0 in a single process)."""
+    return dist.get_rank() if _active() else 0
 
 
 def barrier() -> None:
@@ -102,3 +123,12 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every process's `obj` in rank order on rank 0, None on the others (pickled; `[obj]` alone)."""
+    if not _active():
+        return [obj]
+    box: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, box, dst=0)
+    return box
