@@ -427,7 +427,7 @@ def caption_variants(record: dict) -> list[str]:
 
 
 def write_caption_variants(dataset_dir: Path, out_dir: Path, split: str = "train") -> dict[str, int]:
-    """A `split` folder for training with `caption_variants` as extra items: out_dir/<split>/<style>/ holds each
+    """A `split` folder for training with `caption_variants` as extra items: out_dir/<split>/<style>/ has each
     image with its own caption and, as `<id>-c<k>.png` (hard links where possible), one copy per variant.
 
     Only for training: evaluation keeps the dataset's own holdout captions (task option `holdout_data`).
