@@ -22,6 +22,7 @@ LAYERS = {
     "prompts": 1,
     "data": 1,
     "checkpoints": 2,
+    "backends": 2,  # compiled U-Net runners (openvino): use models, held by the model bundle
     "model": 3,
     "pipelines": 3,
     "evaluation": 4,

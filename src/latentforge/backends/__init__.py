@@ -1,0 +1,30 @@
+"""Execution backends of the U-Net: `torch` (eager, the default) or `openvino` (optional package).
+
+A backend is chosen at load time (`load(path, backend="openvino")`, `--backend openvino`) and held by
+the `StableDiffusion` bundle; pipelines call it in place of the U-Net module (`pipelines/generate.py`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from latentforge.backends.openvino import BackendError, OpenVINOUNet, default_cache_dir
+
+BACKENDS = ("torch", "openvino")
+
+__all__ = ["BACKENDS", "BackendError", "OpenVINOUNet", "make_backend"]
+
+
+def make_backend(name: str, unet: nn.Module, *, cache_dir: str | Path | None = None) -> OpenVINOUNet | None:
+    """The U-Net runner of backend `name` (None: eager torch; `cache_dir` None: `default_cache_dir()`);
+    BackendError for an unknown name, a missing package or a U-Net that is not on the CPU."""
+    if name == "torch":
+        return None
+    if name == "openvino":
+        device = next(unet.parameters()).device
+        if device.type != "cpu":
+            raise BackendError(f"the openvino backend runs on the CPU; the model is on {device}")
+        return OpenVINOUNet(unet, cache_dir=default_cache_dir() if cache_dir is None else cache_dir)
+    raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
