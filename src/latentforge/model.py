@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from latentforge.backends import OpenVINOUNet, make_backend
+from latentforge.backends import OpenVINOBackend, make_backend
 from latentforge.checkpoints.embeddings import Embedding, find_embeddings, read_embedding
 from latentforge.checkpoints.errors import CheckpointError
 from latentforge.checkpoints.hashing import a1111_short_hash
@@ -48,8 +48,8 @@ class StableDiffusion:
     text_encoder_2: CLIPTextModel | None = None
     tokenizer_2: CLIPTokenizer | None = None
     taesd: TinyAutoencoder | None = None  # optional tiny decoder: live previews and `fast_decode` (perf)
-    # The U-Net's compiled runner (`backends/`, `load(backend="openvino")`); None: eager torch
-    backend: OpenVINOUNet | None = field(default=None, repr=False)
+    # The U-Net and VAE decoder compiled (`backends/`, `load(backend="openvino")`); None: eager torch
+    backend: OpenVINOBackend | None = field(default=None, repr=False)
 
     @classmethod
     def from_family(
@@ -200,7 +200,7 @@ def load(
         vae: a standalone VAE file to use instead of the checkpoint's own.
         use_ema: take the U-Net's EMA weights of a full training checkpoint.
         compute_hash: compute A1111's model (and VAE) hash (reads the whole file once more).
-        backend: "torch" (eager) or "openvino" (the U-Net compiled by OpenVINO, `backends/openvino.py`).
+        backend: "torch" (eager) or "openvino" (U-Net and VAE decoder by OpenVINO, `backends/openvino.py`).
         backend_cache_dir: where the openvino backend keeps converted graphs (default ~/.cache/latentforge).
     """
     parts = read_components(
@@ -220,7 +220,7 @@ def load(
     if vae is not None:
         swap_vae(bundle, vae, compute_hash=compute_hash)
     bundle = bundle.to(device=device).eval()
-    bundle.backend = make_backend(backend, bundle.unet, cache_dir=backend_cache_dir)
+    bundle.backend = make_backend(backend, bundle.unet, bundle.vae, cache_dir=backend_cache_dir)
     return bundle
 
 

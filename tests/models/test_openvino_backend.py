@@ -1,6 +1,6 @@
-"""The openvino backend (`backends/openvino.py`): the U-Net exported from our module matches eager torch
-(fp32 output, bf16 image PSNR), the disk cache is read back, changed weights are followed, options that
-patch the U-Net at run time are refused, and a missing package is one clear error."""
+"""The openvino backend (`backends/openvino.py`): the U-Net and VAE decoder exported from our modules
+match eager torch (fp32 outputs, bf16 image PSNR), the disk cache is read back, changed weights are
+followed, options that patch the U-Net at run time are refused, a missing package is one clear error."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from latentforge.backends import BackendError, OpenVINOUNet, make_backend
+from latentforge.backends import BackendError, OpenVINOBackend, make_backend
 from latentforge.errors import ParameterError
 from latentforge.model import StableDiffusion
 from latentforge.models.families import TINY, TINY_SD2
@@ -51,16 +51,17 @@ def _inputs(model: StableDiffusion, batch: int = 2) -> tuple[torch.Tensor, torch
 
 @needs_openvino
 def test_fp32_output_equals_eager_and_cache_is_read_back(model, cache):
-    runner = OpenVINOUNet(model.unet, cache_dir=cache, precision="f32")
+    runner = OpenVINOBackend(model.unet, cache_dir=cache, precision="f32")
     x, t, context = _inputs(model)
     with torch.no_grad():
         eager = model.unet(x, t, context)
-    out = runner(x, t, context)
+    out = runner.unet(x, t, context)
     assert out.dtype == torch.float32 and out.shape == eager.shape
     torch.testing.assert_close(out, eager, rtol=0, atol=2e-5 * eager.abs().max().item())
     assert runner.seconds["convert"] > 0 and len(list(cache.glob("unet-*.xml"))) == 1
-    again = OpenVINOUNet(model.unet, cache_dir=cache, precision="f32")  # a later process
-    torch.testing.assert_close(again(x, t, context), out, rtol=0, atol=0)
+    assert runner.decode(model.vae, x) is None  # no VAE was given: decoding stays eager
+    again = OpenVINOBackend(model.unet, cache_dir=cache, precision="f32")  # a later process
+    torch.testing.assert_close(again.unet(x, t, context), out, rtol=0, atol=0)
     assert again.seconds["read"] > 0 and again.seconds["convert"] == again.seconds["export"] == 0
 
 
@@ -68,17 +69,17 @@ def test_fp32_output_equals_eager_and_cache_is_read_back(model, cache):
 def test_changed_weights_are_followed(model, cache):
     unet = StableDiffusion.from_family(TINY).unet.eval()
     unet.load_state_dict(model.unet.state_dict())
-    runner = OpenVINOUNet(unet, cache_dir=cache, precision="f32")
+    runner = OpenVINOBackend(unet, cache_dir=cache, precision="f32")
     x, t, context = _inputs(model)
-    before = runner(x, t, context)  # the same weights as `model`'s: read from the cache
+    before = runner.unet(x, t, context)  # the same weights as `model`'s: read from the cache
     with torch.no_grad():
         unet.out[2].bias += 0.5  # in place, as a LoRA patch or a merge writes
         eager = unet(x, t, context)
-    after = runner(x, t, context)
+    after = runner.unet(x, t, context)
     torch.testing.assert_close(after, eager, rtol=0, atol=1e-4)
     assert (after - before).abs().mean() > 0.4
     assert runner.seconds["read"] > 0 and runner.seconds["convert"] > 0
-    assert len(list(cache.glob("*.xml"))) == 2
+    assert len(list(cache.glob("unet-*.xml"))) == 2
 
 
 @needs_openvino
@@ -86,13 +87,13 @@ def test_sd2_layout_and_bf16_weights(tmp_path):
     torch.manual_seed(0)
     sd2 = StableDiffusion.from_family(TINY_SD2, dtype=torch.bfloat16).eval()  # linear proj, bf16 weights
     with pytest.raises(BackendError, match="f32 precision needs fp32 weights"):
-        OpenVINOUNet(sd2.unet, precision="f32")
-    runner = OpenVINOUNet(sd2.unet, cache_dir=tmp_path)
+        OpenVINOBackend(sd2.unet, precision="f32")
+    runner = OpenVINOBackend(sd2.unet, cache_dir=tmp_path)
     assert runner.precision == "bf16"
     x, t, context = _inputs(sd2)
     with torch.no_grad():
         eager = sd2.unet(x.bfloat16(), t, context.bfloat16()).float()
-    out = runner(x, t, context)
+    out = runner.unet(x, t, context)
     # bf16 weights and activations on both sides, rounded in different places: measured 0.06 of 1.06
     assert (out - eager).abs().max() < 0.1 * eager.abs().max()
     assert (out - eager).abs().mean() < 0.01 * eager.abs().max()
@@ -102,10 +103,11 @@ def test_sd2_layout_and_bf16_weights(tmp_path):
 def test_bf16_image_psnr_against_eager(model, cache):
     request = GenerationRequest(prompt="a cat", steps=8, seed=1, width=32, height=32, sampler="Euler")
     plain = np.asarray(run(model, request, progress=False)[0].image)
-    compiled = replace(model, backend=OpenVINOUNet(model.unet, cache_dir=cache, precision="bf16"))
-    image = np.asarray(run(compiled, request, progress=False)[0].image)
-    f32 = replace(model, backend=OpenVINOUNet(model.unet, cache_dir=cache, precision="f32"))
-    exact = np.asarray(run(f32, request, progress=False)[0].image)
+    bf16 = OpenVINOBackend(model.unet, model.vae, cache_dir=cache, precision="bf16")
+    image = np.asarray(run(replace(model, backend=bf16), request, progress=False)[0].image)
+    f32 = OpenVINOBackend(model.unet, model.vae, cache_dir=cache, precision="f32")
+    exact = np.asarray(run(replace(model, backend=f32), request, progress=False)[0].image)
+    assert f32.seconds["compile"] > 0 and len(f32.decoder_graph.compiled) == 1  # the VAE ran compiled
     # measured 2026-12-06: bf16 48.8 dB (at most 4 grey levels off), f32 identical, against eager fp32
     assert 40 < _psnr(plain, image) < _psnr(plain, exact)
     assert np.abs(plain.astype(int) - exact.astype(int)).max() <= 1
@@ -117,7 +119,7 @@ def test_bf16_image_psnr_against_eager(model, cache):
     [{"deepcache_interval": 2}, {"token_merging_ratio": 0.5}],
 )
 def test_run_time_patches_are_refused(model, options):
-    compiled = replace(model, backend=OpenVINOUNet(model.unet, cache_dir=None))
+    compiled = replace(model, backend=OpenVINOBackend(model.unet, cache_dir=None))
     request = GenerationRequest(prompt="a cat", steps=2, seed=1, width=32, height=32, **options)
     with pytest.raises(ParameterError, match="not available with --backend openvino"):
         run(compiled, request, progress=False)

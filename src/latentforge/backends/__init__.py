@@ -10,15 +10,19 @@ from pathlib import Path
 
 from torch import nn
 
-from latentforge.backends.openvino import BackendError, OpenVINOUNet, default_cache_dir
+from latentforge.backends.openvino import BackendError, OpenVINOBackend, default_cache_dir
+from latentforge.models.vae import AutoencoderKL
 
 BACKENDS = ("torch", "openvino")
 
-__all__ = ["BACKENDS", "BackendError", "OpenVINOUNet", "make_backend"]
+__all__ = ["BACKENDS", "BackendError", "OpenVINOBackend", "make_backend"]
 
 
-def make_backend(name: str, unet: nn.Module, *, cache_dir: str | Path | None = None) -> OpenVINOUNet | None:
-    """The U-Net runner of backend `name` (None: eager torch; `cache_dir` None: `default_cache_dir()`);
+def make_backend(
+    name: str, unet: nn.Module, vae: AutoencoderKL | None = None, *, cache_dir: str | Path | None = None
+) -> OpenVINOBackend | None:
+    """The runner of backend `name` for the U-Net and VAE decoder (None: eager torch; `cache_dir` None:
+    `default_cache_dir()`);
     BackendError for an unknown name, a missing package or a U-Net that is not on the CPU."""
     if name == "torch":
         return None
@@ -26,5 +30,5 @@ def make_backend(name: str, unet: nn.Module, *, cache_dir: str | Path | None = N
         device = next(unet.parameters()).device
         if device.type != "cpu":
             raise BackendError(f"the openvino backend runs on the CPU; the model is on {device}")
-        return OpenVINOUNet(unet, cache_dir=default_cache_dir() if cache_dir is None else cache_dir)
+        return OpenVINOBackend(unet, vae, cache_dir=default_cache_dir() if cache_dir is None else cache_dir)
     raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,6 +1,6 @@
-"""The U-Net run by OpenVINO (optional package: `pip install 'latentforge[openvino]'`).
+"""The U-Net and the VAE decoder run by OpenVINO (optional package: `pip install 'latentforge[openvino]'`).
 
-The graph is exported from our own `UNetModel` (`torch.export` -> `openvino.convert_model`): no second
+The graphs are exported from our own modules (`torch.export` -> `openvino.convert_model`): no second
 model definition. Shapes are static: one compiled model per input shape (batch, latent size, context
 length), a few kept in memory, each converted graph saved under `cache_dir` keyed by a hash of the
 weights, of the U-Net's source files, the package versions and the shapes, so a later process only
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from latentforge.errors import LatentforgeError
+from latentforge.models.vae import AutoencoderKL
 
 KEPT_SHAPES = 4  # compiled models kept in memory (LRU): cond+uncond, cond only, a hires size ...
 Key = tuple[tuple[int, ...], ...]
@@ -48,7 +49,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "latentforge" / "openvino"
 
 
-class _Float32Interface(nn.Module):
+class _UNetInterface(nn.Module):
     """The U-Net with fp32 inputs and output, whatever its weights' dtype (the casts are in the graph)."""
 
     def __init__(self, unet: nn.Module) -> None:
@@ -61,6 +62,17 @@ class _Float32Interface(nn.Module):
         dtype = next(self.unet.parameters()).dtype
         vector = y[0].to(dtype) if y else None
         return self.unet(x.to(dtype), t.to(dtype), context.to(dtype), vector).float()
+
+
+class _DecoderInterface(nn.Module):
+    """The VAE's decode: unscaled latents -> pixels in [-1, 1], fp32 in and out."""
+
+    def __init__(self, vae: AutoencoderKL) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z.to(next(self.vae.parameters()).dtype)).float()
 
 
 def weights_hash(module: nn.Module) -> str:
@@ -82,58 +94,29 @@ def _code_hash(module: nn.Module, ov_version: str) -> str:
     return digest.hexdigest()
 
 
-class OpenVINOUNet:
-    """`(x, t, context, y=None) -> U-Net output`, fp32 tensors in and out, computed by OpenVINO.
-
-    Args:
-        unet: our `UNetModel` (fp32 or bf16 weights); it is read, never changed.
-        cache_dir: where converted graphs are saved and read (None: convert in every process).
-        precision: "bf16" or "f32" (default: bf16 if the CPU has native bf16 or the weights are bf16).
-        threads: inference threads (default: torch's intra-op thread count at compile time).
-    """
+class OpenVINOGraph:
+    """One of our modules run by OpenVINO: fp32 tensors in, one fp32 tensor out, a graph per input shape."""
 
     def __init__(
-        self,
-        unet: nn.Module,
-        *,
-        cache_dir: str | Path | None = None,
-        precision: str | None = None,
-        threads: int | None = None,
-    ) -> None:
-        self.ov = _import_openvino()
-        self.core = self.ov.Core()
-        capabilities = self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-        bf16 = "BF16" in capabilities or next(unet.parameters()).dtype == torch.bfloat16
-        self.precision = precision or ("bf16" if bf16 else "f32")
-        if self.precision not in ("bf16", "f32"):
-            raise BackendError(f"openvino precision {self.precision!r}: use bf16 or f32")
-        if self.precision == "f32" and next(unet.parameters()).dtype != torch.float32:
-            # OpenVINO's CPU plugin has no fp32 kernels for a bf16 graph's GroupNormalization
-            raise BackendError("openvino f32 precision needs fp32 weights: load the model without a dtype")
-        self.unet = unet
-        self.parameters = list(unet.parameters())
-        self.cache_dir = None if cache_dir is None else Path(cache_dir).expanduser()
-        self.threads = threads
+        self, ov: Any, core: Any, interface: nn.Module, name: str, precision: str, cache_dir: Path | None,
+        threads: int | None,
+    ) -> None:  # fmt: skip
+        self.ov, self.core, self.interface, self.name = ov, core, interface.eval(), name
+        self.precision, self.cache_dir, self.threads = precision, cache_dir, threads
+        # Taken once: walking the module tree costs ~10 ms, as much as a whole U-Net evaluation.
+        self.parameters = list(interface.parameters())
         self.compiled: OrderedDict[Key, Any] = OrderedDict()
         self.fingerprint: tuple[tuple[int, int], ...] = ()
         self.weights: str | None = None  # weights_hash of the current fingerprint, computed when needed
         self.seconds = {"hash": 0.0, "export": 0.0, "convert": 0.0, "read": 0.0, "compile": 0.0}
 
-    def _current_fingerprint(self) -> tuple[tuple[int, int], ...]:
+    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
         # In-place writes (patches, load_state_dict) bump `_version`; a replaced tensor changes its pointer.
-        # The list is taken once: walking the module tree costs ~10 ms, as much as a whole evaluation.
-        return tuple((p.data_ptr(), p._version) for p in self.parameters)
-
-    def __call__(
-        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        fingerprint = self._current_fingerprint()
+        fingerprint = tuple((p.data_ptr(), p._version) for p in self.parameters)
         if fingerprint != self.fingerprint:  # new or changed weights: every compiled graph is stale
             self.compiled.clear()
             self.fingerprint, self.weights = fingerprint, None
-        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0])
-        inputs = [x, t, context, *([] if y is None else [y])]
-        inputs = [a.detach().to("cpu", torch.float32).contiguous() for a in inputs]
+        inputs = [a.detach().to("cpu", torch.float32).contiguous() for a in tensors]
         key = tuple(tuple(a.shape) for a in inputs)
         request = self.compiled.get(key)
         if request is None:
@@ -141,7 +124,7 @@ class OpenVINOUNet:
         else:
             self.compiled.move_to_end(key)
         request.infer([a.numpy() for a in inputs], share_inputs=True)
-        return torch.from_numpy(request.get_output_tensor(0).data.copy()).to(x.device)
+        return torch.from_numpy(request.get_output_tensor(0).data.copy()).to(tensors[0].device)
 
     def _build(self, key: Key, inputs: list[torch.Tensor]) -> Any:
         model = self._read_or_convert(key, inputs)
@@ -163,11 +146,11 @@ class OpenVINOUNet:
         if self.cache_dir is not None:
             if self.weights is None:
                 start = time.perf_counter()
-                self.weights = weights_hash(self.unet)
+                self.weights = weights_hash(self.interface)
                 self.seconds["hash"] += time.perf_counter() - start
             shapes = "_".join("x".join(map(str, shape)) for shape in key)
-            name = f"unet-{self.weights}-{_code_hash(self.unet, self.ov.__version__)}-{shapes}"
-            path = self.cache_dir / f"{name}.xml"
+            code = _code_hash(self.interface, self.ov.__version__)
+            path = self.cache_dir / f"{self.name}-{self.weights}-{code}-{shapes}.xml"
             if path.is_file() and path.with_suffix(".bin").is_file():
                 start = time.perf_counter()
                 model = self.core.read_model(path)
@@ -176,7 +159,7 @@ class OpenVINOUNet:
         start = time.perf_counter()
         with torch.inference_mode(False), torch.no_grad():  # samplers call us in inference mode
             example = tuple(a.clone() for a in inputs)  # normal tensors, which export can trace
-            program = torch.export.export(_Float32Interface(self.unet).eval(), example)
+            program = torch.export.export(self.interface, example)
         self.seconds["export"] += time.perf_counter() - start
         start = time.perf_counter()
         model = self.ov.convert_model(program)
@@ -188,3 +171,59 @@ class OpenVINOUNet:
             os.replace(partial.with_suffix(".bin"), path.with_suffix(".bin"))
             os.replace(partial, path)
         return model
+
+
+class OpenVINOBackend:
+    """The U-Net (and the VAE's decoder, when given) computed by OpenVINO, fp32 tensors in and out.
+
+    Args:
+        unet: our `UNetModel` (fp32 or bf16 weights); it is read, never changed.
+        vae: our `AutoencoderKL`, whose `decode` then runs here too (None: it stays eager).
+        cache_dir: where converted graphs are saved and read (None: convert in every process).
+        precision: "bf16" or "f32" (default: bf16 if the CPU has native bf16 or the weights are bf16).
+        threads: inference threads (default: torch's intra-op thread count at compile time).
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        vae: AutoencoderKL | None = None,
+        *,
+        cache_dir: str | Path | None = None,
+        precision: str | None = None,
+        threads: int | None = None,
+    ) -> None:
+        ov = _import_openvino()
+        core = ov.Core()
+        capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        dtypes = {p.dtype for m in (unet, vae) if m is not None for p in m.parameters()}
+        precision = precision or ("bf16" if "BF16" in capabilities or torch.bfloat16 in dtypes else "f32")
+        if precision not in ("bf16", "f32"):
+            raise BackendError(f"openvino precision {precision!r}: use bf16 or f32")
+        if precision == "f32" and dtypes != {torch.float32}:
+            # OpenVINO's CPU plugin has no fp32 kernels for a bf16 graph's GroupNormalization
+            raise BackendError("openvino f32 precision needs fp32 weights: load the model without a dtype")
+        self.precision = precision
+        folder = None if cache_dir is None else Path(cache_dir).expanduser()
+        self.unet_graph = OpenVINOGraph(ov, core, _UNetInterface(unet), "unet", precision, folder, threads)
+        self.vae, self.decoder_graph = vae, None
+        if vae is not None:
+            interface = _DecoderInterface(vae)
+            self.decoder_graph = OpenVINOGraph(ov, core, interface, "vae-decoder", precision, folder, threads)
+
+    def unet(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The U-Net's output for latents x [B, C, H, W], timesteps t ([B] or one), context [B, T, D]."""
+        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+        return self.unet_graph(x, t, context, *([] if y is None else [y]))
+
+    def decode(self, vae: nn.Module, z: torch.Tensor) -> torch.Tensor | None:
+        """Unscaled latents -> pixels in [-1, 1]; None when `vae` is not the one compiled here (swapped)."""
+        return None if self.decoder_graph is None or vae is not self.vae else self.decoder_graph(z)
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Seconds spent hashing, exporting, converting, reading and compiling, over all graphs."""
+        graphs = [self.unet_graph, *([self.decoder_graph] if self.decoder_graph is not None else [])]
+        return {name: sum(g.seconds[name] for g in graphs) for name in self.unet_graph.seconds}

@@ -85,7 +85,7 @@ def make_denoiser(model: StableDiffusion, deep_cache: DeepCache | None = None) -
             x_in = torch.cat([x_in, cond["concat"].to(x_in)], dim=1)
         vector = cond.get("vector")  # SDXL's pooled text + size numbers
         if model.backend is not None:  # compiled U-Net (backends/): fp32 in and out, no run-time patches
-            return model.backend(x_in, t, cond["crossattn"], vector)
+            return model.backend.unet(x_in, t, cond["crossattn"], vector)
         y = None if vector is None else vector.to(dtype)
         return unet(x_in.to(dtype), t.to(dtype), context, y, control=residuals, deep_cache=deep_cache).float()
 

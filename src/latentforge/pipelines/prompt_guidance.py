@@ -73,9 +73,15 @@ class PromptConditioner:
         """
         cond_schedules = self._schedules(prompts)
         uncond_schedules = self._schedules(negative_prompts) if scale != 1 else None
-        with torch.inference_mode():
-            m = self.model
-            empty = encode_prompts(m.text_encoder, m.tokenizer, [""], clip_skip=self.clip_skip)
+        empty: list[torch.Tensor] = []  # the empty prompt's chunk, encoded only when lengths differ
+
+        def empty_chunk() -> torch.Tensor:
+            if not empty:
+                with torch.inference_mode():
+                    m = self.model
+                    empty.append(encode_prompts(m.text_encoder, m.tokenizer, [""], clip_skip=self.clip_skip))
+            return empty[0]
+
         sigmas = sigmas.detach().float().cpu()
         extra = dict(extra or {})
         skip = (truncation or CFGTruncation()).counter(len(sigmas) - 1)
@@ -86,7 +92,8 @@ class PromptConditioner:
             if uncond_schedules is None or skip(sigma, step):
                 return base(x, sigma, {"crossattn": c, **extra})
             u = conditioning_at_step(uncond_schedules, step)
-            c, u = pad_tokens(c, u, empty)
+            if c.shape[1] != u.shape[1]:
+                c, u = pad_tokens(c, u, empty_chunk())
             cfg = CFGDenoiser(base, {"crossattn": u, **extra}, scale, rescale)
             return cfg(x, sigma, {"crossattn": c, **extra})
 
