@@ -108,7 +108,7 @@ def test_bf16_image_psnr_against_eager(model, cache):
     f32 = OpenVINOBackend(model.unet, model.vae, cache_dir=cache, precision="f32")
     exact = np.asarray(run(replace(model, backend=f32), request, progress=False)[0].image)
     assert f32.seconds["compile"] > 0 and len(f32.decoder_graph.compiled) == 1  # the VAE ran compiled
-    # measured 2026-12-06: bf16 48.8 dB (at most 4 grey levels off), f32 identical, against eager fp32
+    # measured 2026-12-06: bf16 48.3 dB (at most 5 grey levels off), f32 identical, against eager fp32
     assert 40 < _psnr(plain, image) < _psnr(plain, exact)
     assert np.abs(plain.astype(int) - exact.astype(int)).max() <= 1
 
