@@ -125,6 +125,24 @@ def test_run_time_patches_are_refused(model, options):
         run(compiled, request, progress=False)
 
 
+@needs_openvino
+def test_lora_tags_on_the_unet_are_refused(model, tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    prefix = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_q"
+    tensors = {f"{prefix}.lora_down.weight": torch.randn(4, 32, generator=g)}
+    tensors[f"{prefix}.lora_up.weight"] = torch.randn(32, 4, generator=g)
+    tensors[f"{prefix}.alpha"] = torch.tensor(2.0)
+    save_file(tensors, tmp_path / "x.safetensors")
+    compiled = replace(model, backend=OpenVINOBackend(model.unet, cache_dir=None), lora_dirs=(tmp_path,))
+    before = [p.clone() for p in model.unet.parameters()]
+    request = GenerationRequest(prompt="a cat <lora:x:1>", steps=2, seed=1, width=32, height=32)
+    with pytest.raises(ParameterError, match="<lora:> tags on the U-Net"):
+        run(compiled, request, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.unet.parameters(), strict=True))  # undone
+
+
 def test_unknown_backend_and_missing_package(model, monkeypatch):
     with pytest.raises(BackendError, match="choose one of torch, openvino"):
         make_backend("onnx", model.unet)
