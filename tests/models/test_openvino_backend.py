@@ -16,7 +16,7 @@ import torch
 from latentforge.backends import BackendError, OpenVINOBackend, make_backend
 from latentforge.errors import ParameterError
 from latentforge.model import StableDiffusion
-from latentforge.models.families import TINY, TINY_SD2
+from latentforge.models.families import TINY, TINY_SD2, TINY_XL
 from latentforge.pipelines.request import GenerationRequest
 from latentforge.pipelines.runner import run
 
@@ -97,6 +97,19 @@ def test_sd2_layout_and_bf16_weights(tmp_path):
     # bf16 weights and activations on both sides, rounded in different places: measured 0.06 of 1.06
     assert (out - eager).abs().max() < 0.1 * eager.abs().max()
     assert (out - eager).abs().mean() < 0.01 * eager.abs().max()
+
+
+@needs_openvino
+def test_sdxl_vector_conditioning(tmp_path):
+    torch.manual_seed(0)
+    xl = StableDiffusion.from_family(TINY_XL).eval()
+    runner = OpenVINOBackend(xl.unet, cache_dir=tmp_path, precision="f32")
+    x, t, context = _inputs(xl)
+    y = torch.randn(2, TINY_XL.unet.adm_in_channels, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        eager = xl.unet(x, t, context, y)
+    tolerance = 2e-5 * eager.abs().max().item()
+    torch.testing.assert_close(runner.unet(x, t, context, y), eager, rtol=0, atol=tolerance)
 
 
 @needs_openvino
