@@ -200,7 +200,7 @@ def load(
         vae: a standalone VAE file to use instead of the checkpoint's own.
         use_ema: take the U-Net's EMA weights of a full training checkpoint.
         compute_hash: compute A1111's model (and VAE) hash (reads the whole file once more).
-        backend: "torch" (eager) or "openvino" (U-Net and VAE decoder by OpenVINO, `backends/openvino.py`).
+        backend: "torch" (eager) or "openvino" (U-Net, VAE decoder, text encoder: `backends/openvino.py`).
         backend_cache_dir: where the openvino backend keeps converted graphs (default ~/.cache/latentforge).
     """
     parts = read_components(
@@ -220,7 +220,8 @@ def load(
     if vae is not None:
         swap_vae(bundle, vae, compute_hash=compute_hash)
     bundle = bundle.to(device=device).eval()
-    bundle.backend = make_backend(backend, bundle.unet, bundle.vae, cache_dir=backend_cache_dir)
+    networks = (bundle.unet, bundle.vae, bundle.text_encoder)
+    bundle.backend = make_backend(backend, *networks, cache_dir=backend_cache_dir)
     return bundle
 
 

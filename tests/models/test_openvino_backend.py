@@ -116,12 +116,12 @@ def test_sdxl_vector_conditioning(tmp_path):
 def test_bf16_image_psnr_against_eager(model, cache):
     request = GenerationRequest(prompt="a cat", steps=8, seed=1, width=32, height=32, sampler="Euler")
     plain = np.asarray(run(model, request, progress=False)[0].image)
-    bf16 = OpenVINOBackend(model.unet, model.vae, cache_dir=cache, precision="bf16")
+    bf16 = OpenVINOBackend(model.unet, model.vae, model.text_encoder, cache_dir=cache, precision="bf16")
     image = np.asarray(run(replace(model, backend=bf16), request, progress=False)[0].image)
-    f32 = OpenVINOBackend(model.unet, model.vae, cache_dir=cache, precision="f32")
+    f32 = OpenVINOBackend(model.unet, model.vae, model.text_encoder, cache_dir=cache, precision="f32")
     exact = np.asarray(run(replace(model, backend=f32), request, progress=False)[0].image)
-    assert f32.seconds["compile"] > 0 and len(f32.decoder_graph.compiled) == 1  # the VAE ran compiled
-    # measured 2026-12-06: bf16 48.3 dB (at most 5 grey levels off), f32 identical, against eager fp32
+    assert len(f32.decoder_graph.compiled) == 1 and list(f32.text_encoder.graphs) == [1]  # all ran compiled
+    # measured 2026-12-06: bf16 48.6 dB (at most 5 grey levels off), f32 identical, against eager fp32
     assert 40 < _psnr(plain, image) < _psnr(plain, exact)
     assert np.abs(plain.astype(int) - exact.astype(int)).max() <= 1
 
@@ -136,6 +136,31 @@ def test_run_time_patches_are_refused(model, options):
     request = GenerationRequest(prompt="a cat", steps=2, seed=1, width=32, height=32, **options)
     with pytest.raises(ParameterError, match="not available with --backend openvino"):
         run(compiled, request, progress=False)
+
+
+@needs_openvino
+def test_text_encoder_equals_eager_and_falls_back_for_embeddings(model, cache):
+    from latentforge.prompts.conditioning import encode_prompts
+
+    backend = OpenVINOBackend(model.unet, text_encoder=model.text_encoder, cache_dir=cache, precision="f32")
+    encoder = backend.text_encoder_for(model.text_encoder)
+    assert backend.text_encoder_for(StableDiffusion.from_family(TINY).text_encoder) is not encoder  # swapped
+    ids = torch.tensor([[49406, 320, 2368, 49407] + [49407] * 73, [49406, 49407] + [0] * 75])
+    with torch.no_grad():
+        for skip in (1, 2):
+            hidden, pooled = model.text_encoder(ids, clip_skip=skip)
+            got_hidden, got_pooled = encoder(ids, clip_skip=skip)
+            torch.testing.assert_close(got_hidden, hidden, rtol=0, atol=1e-5)
+            torch.testing.assert_close(got_pooled, pooled, rtol=0, atol=1e-5)
+        assert sorted(encoder.graphs) == [1, 2]
+        embeds = torch.randn(2, 77, model.family.text_encoder.width)  # textual inversion: eager, exact
+        fallback = encoder(ids, token_embeds=embeds)[0]
+        assert torch.equal(fallback, model.text_encoder(ids, token_embeds=embeds)[0])
+        # unweighted: a fresh encoder's outputs have mean ~0, where A1111's mean restoring of weighted
+        # prompts divides rounding noise by rounding noise
+        prompt = ["a red cat, BREAK sitting"]
+        eager = encode_prompts(model.text_encoder, model.tokenizer, prompt)
+        torch.testing.assert_close(encode_prompts(encoder, model.tokenizer, prompt), eager, rtol=0, atol=1e-5)
 
 
 @needs_openvino

@@ -75,6 +75,46 @@ class _DecoderInterface(nn.Module):
         return self.vae.decode(z.to(next(self.vae.parameters()).dtype)).float()
 
 
+class _TextInterface(nn.Module):
+    """The text encoder at one clip skip: token ids [B, T] -> (hidden [B, T, C], pooled), fp32."""
+
+    def __init__(self, text_encoder: nn.Module, clip_skip: int) -> None:
+        super().__init__()
+        self.text_encoder, self.clip_skip = text_encoder, clip_skip
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, pooled = self.text_encoder(input_ids, clip_skip=self.clip_skip)
+        return hidden.float(), pooled.float()
+
+
+class CompiledTextEncoder(nn.Module):
+    """Stands in for a `CLIPTextModel`: its plain calls (token ids, a clip skip) run as OpenVINO graphs, one
+    per clip skip; calls with textual-inversion vectors or without the final norm run the module itself."""
+
+    def __init__(self, text_encoder: nn.Module, make_graph: Any) -> None:
+        super().__init__()
+        self.text_encoder, self.make_graph = text_encoder, make_graph
+        self.graphs: dict[int, OpenVINOGraph] = {}
+
+    def get_submodule(self, target: str) -> nn.Module:
+        return self.text_encoder.get_submodule(target)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        clip_skip: int = 1,
+        token_embeds: torch.Tensor | None = None,
+        final_norm: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if token_embeds is not None or not final_norm:
+            return self.text_encoder(input_ids, clip_skip, token_embeds, final_norm)
+        if clip_skip not in self.graphs:
+            self.graphs[clip_skip] = self.make_graph(_TextInterface(self.text_encoder, clip_skip))
+        dtype = next(self.text_encoder.parameters()).dtype
+        hidden, pooled = self.graphs[clip_skip].outputs(input_ids)
+        return hidden.to(dtype), pooled.to(dtype)
+
+
 def weights_hash(module: nn.Module) -> str:
     """BLAKE2b of every parameter's and buffer's name, dtype, shape and bytes (hex, 32 digits)."""
     digest = hashlib.blake2b(digest_size=16)
@@ -111,12 +151,17 @@ class OpenVINOGraph:
         self.seconds = {"hash": 0.0, "export": 0.0, "convert": 0.0, "read": 0.0, "compile": 0.0}
 
     def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.outputs(*tensors)[0]
+
+    def outputs(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Every output of the graph for these inputs (floating inputs as fp32, integer ones as they are)."""
         # In-place writes (patches, load_state_dict) bump `_version`; a replaced tensor changes its pointer.
         fingerprint = tuple((p.data_ptr(), p._version) for p in self.parameters)
         if fingerprint != self.fingerprint:  # new or changed weights: every compiled graph is stale
             self.compiled.clear()
             self.fingerprint, self.weights = fingerprint, None
-        inputs = [a.detach().to("cpu", torch.float32).contiguous() for a in tensors]
+        dtypes = [torch.float32 if a.is_floating_point() else a.dtype for a in tensors]
+        inputs = [a.detach().to("cpu", dtype).contiguous() for a, dtype in zip(tensors, dtypes, strict=True)]
         key = tuple(tuple(a.shape) for a in inputs)
         request = self.compiled.get(key)
         if request is None:
@@ -124,7 +169,8 @@ class OpenVINOGraph:
         else:
             self.compiled.move_to_end(key)
         request.infer([a.numpy() for a in inputs], share_inputs=True)
-        return torch.from_numpy(request.get_output_tensor(0).data.copy()).to(tensors[0].device)
+        count = len(request.model_outputs)
+        return [torch.from_numpy(request.get_output_tensor(i).data.copy()) for i in range(count)]
 
     def _build(self, key: Key, inputs: list[torch.Tensor]) -> Any:
         model = self._read_or_convert(key, inputs)
@@ -179,6 +225,7 @@ class OpenVINOBackend:
     Args:
         unet: our `UNetModel` (fp32 or bf16 weights); it is read, never changed.
         vae: our `AutoencoderKL`, whose `decode` then runs here too (None: it stays eager).
+        text_encoder: our `CLIPTextModel`, whose plain calls then run here too (`text_encoder_for`).
         cache_dir: where converted graphs are saved and read (None: convert in every process).
         precision: "bf16" or "f32" (default: bf16 if the CPU has native bf16 or the weights are bf16).
         threads: inference threads (default: torch's intra-op thread count at compile time).
@@ -188,6 +235,7 @@ class OpenVINOBackend:
         self,
         unet: nn.Module,
         vae: AutoencoderKL | None = None,
+        text_encoder: nn.Module | None = None,
         *,
         cache_dir: str | Path | None = None,
         precision: str | None = None,
@@ -196,7 +244,7 @@ class OpenVINOBackend:
         ov = _import_openvino()
         core = ov.Core()
         capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-        dtypes = {p.dtype for m in (unet, vae) if m is not None for p in m.parameters()}
+        dtypes = {p.dtype for m in (unet, vae, text_encoder) if m is not None for p in m.parameters()}
         precision = precision or ("bf16" if "BF16" in capabilities or torch.bfloat16 in dtypes else "f32")
         if precision not in ("bf16", "f32"):
             raise BackendError(f"openvino precision {precision!r}: use bf16 or f32")
@@ -210,6 +258,14 @@ class OpenVINOBackend:
         if vae is not None:
             interface = _DecoderInterface(vae)
             self.decoder_graph = OpenVINOGraph(ov, core, interface, "vae-decoder", precision, folder, threads)
+        self.text_encoder = None
+        if text_encoder is not None:
+
+            def make_graph(interface: nn.Module) -> OpenVINOGraph:
+                name = f"text-encoder-skip{interface.clip_skip}"
+                return OpenVINOGraph(ov, core, interface, name, precision, folder, threads)
+
+            self.text_encoder = CompiledTextEncoder(text_encoder, make_graph)
 
     def unet(
         self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
@@ -222,8 +278,15 @@ class OpenVINOBackend:
         """Unscaled latents -> pixels in [-1, 1]; None when `vae` is not the one compiled here (swapped)."""
         return None if self.decoder_graph is None or vae is not self.vae else self.decoder_graph(z)
 
+    def text_encoder_for(self, text_encoder: nn.Module) -> nn.Module:
+        """What to call in place of `text_encoder`: its compiled stand-in, or itself if it is not the one
+        compiled here (swapped, or SDXL's second tower)."""
+        compiled = self.text_encoder
+        return compiled if compiled is not None and compiled.text_encoder is text_encoder else text_encoder
+
     @property
     def seconds(self) -> dict[str, float]:
         """Seconds spent hashing, exporting, converting, reading and compiling, over all graphs."""
         graphs = [self.unet_graph, *([self.decoder_graph] if self.decoder_graph is not None else [])]
+        graphs += list(self.text_encoder.graphs.values()) if self.text_encoder is not None else []
         return {name: sum(g.seconds[name] for g in graphs) for name in self.unet_graph.seconds}

@@ -52,8 +52,13 @@ class PromptConditioner:
         texts = [strip_extra_networks(p) for p in prompts]
         embeddings = {name: e.vectors for name, e in m.embeddings.items()}
         return scheduled_conditioning(
-            m.text_encoder, m.tokenizer, texts, self.steps, self.clip_skip, embeddings=embeddings
+            self._encoder(), m.tokenizer, texts, self.steps, self.clip_skip, embeddings=embeddings
         )
+
+    def _encoder(self) -> torch.nn.Module:
+        """The text encoder, or its compiled stand-in under a backend (`backends/`)."""
+        m = self.model
+        return m.text_encoder if m.backend is None else m.backend.text_encoder_for(m.text_encoder)
 
     def denoiser(
         self,
@@ -79,7 +84,7 @@ class PromptConditioner:
             if not empty:
                 with torch.inference_mode():
                     m = self.model
-                    empty.append(encode_prompts(m.text_encoder, m.tokenizer, [""], clip_skip=self.clip_skip))
+                    empty.append(encode_prompts(self._encoder(), m.tokenizer, [""], clip_skip=self.clip_skip))
             return empty[0]
 
         sigmas = sigmas.detach().float().cpu()
