@@ -1,8 +1,9 @@
 """The embedded default model end to end (64 px, 20 steps DPM++ 2M, CFG 7, batch 1): median wall and CPU
 seconds of N runs, and where the time goes (U-Net forwards vs everything else: text encoder, VAE,
-sampler and guidance Python). Set OMP_NUM_THREADS to the --threads value.
+sampler and guidance Python). Set OMP_NUM_THREADS to the --threads value. `--backend openvino` runs the
+U-Net and VAE decoder through OpenVINO (its U-Net column is then 0: see benchmarks/backend.py instead).
 
-    OMP_NUM_THREADS=1 python benchmarks/default_model.py --runs 20 --threads 1
+    OMP_NUM_THREADS=1 python benchmarks/default_model.py --runs 20 --threads 1 [--dtype bf16] [--backend B]
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--backend", choices=["torch", "openvino"], default="torch")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from latentforge.checkpoints.loading import default_model_path
@@ -28,7 +31,8 @@ def main() -> None:
     from latentforge.pipelines.request import GenerationRequest
     from latentforge.pipelines.runner import run
 
-    model = load(default_model_path())
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    model = load(default_model_path(), dtype=dtype, backend=args.backend)
     request = GenerationRequest(prompt="a smiling yellow face", steps=args.steps, seed=1)
     unet_cpu: list[float] = []
     starts: list[float] = []

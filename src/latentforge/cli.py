@@ -441,9 +441,13 @@ def _generate(args: argparse.Namespace, shard: Any, device: str) -> int:
     out = prepare_folder(args.out)
     model_path = Path(args.model) if args.model else default_model_path()
     vae = _vae_for(request, args, model_path)
+    if args.int8 and args.backend != "torch":
+        from latentforge.backends import BackendError
+
+        raise BackendError(f"--int8 patches the eager U-Net: drop it or --backend {args.backend}")
     model = load(
         model_path, dtype=_torch_dtype(args.dtype), device=device, vae=vae, prediction=args.prediction,
-        use_ema=args.use_ema,
+        use_ema=args.use_ema, backend=args.backend,
     )  # fmt: skip
     model.use_folders(lora_dirs=args.lora_dir, embedding_dirs=args.embeddings_dir, models_dir=args.models_dir)
     if args.controlnet:
@@ -831,6 +835,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--int8", action="store_true", help="hold the U-Net's weights as int8 (about half of bf16's memory)"
+    )
+    p.add_argument(
+        "--backend",
+        choices=["torch", "openvino"],
+        default="torch",
+        help="run the U-Net eagerly (torch) or compiled by OpenVINO (pip install 'latentforge[openvino]')",
     )
     p.add_argument("--tome", type=float, help="ToMe: merge this fraction of self-attention tokens (0-0.75)")
     p.add_argument(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from latentforge.backends import OpenVINOBackend, make_backend
 from latentforge.checkpoints.embeddings import Embedding, find_embeddings, read_embedding
 from latentforge.checkpoints.errors import CheckpointError
 from latentforge.checkpoints.hashing import a1111_short_hash
@@ -47,6 +48,8 @@ class StableDiffusion:
     text_encoder_2: CLIPTextModel | None = None
     tokenizer_2: CLIPTokenizer | None = None
     taesd: TinyAutoencoder | None = None  # optional tiny decoder: live previews and `fast_decode` (perf)
+    # The U-Net and VAE decoder compiled (`backends/`, `load(backend="openvino")`); None: eager torch
+    backend: OpenVINOBackend | None = field(default=None, repr=False)
 
     @classmethod
     def from_family(
@@ -183,6 +186,8 @@ def load(
     vae: str | Path | None = None,
     use_ema: bool = False,
     compute_hash: bool = True,
+    backend: str = "torch",
+    backend_cache_dir: str | Path | None = None,
 ) -> StableDiffusion:
     """Load an original single-file checkpoint (`.safetensors`/`.ckpt`) or a diffusers folder.
 
@@ -195,6 +200,8 @@ def load(
         vae: a standalone VAE file to use instead of the checkpoint's own.
         use_ema: take the U-Net's EMA weights of a full training checkpoint.
         compute_hash: compute A1111's model (and VAE) hash (reads the whole file once more).
+        backend: "torch" (eager) or "openvino" (U-Net, VAE decoder, text encoder: `backends/openvino.py`).
+        backend_cache_dir: where the openvino backend keeps converted graphs (default ~/.cache/latentforge).
     """
     parts = read_components(
         path, dtype=dtype or torch.float32, prediction=prediction, use_ema=use_ema, compute_hash=compute_hash
@@ -212,7 +219,10 @@ def load(
     )
     if vae is not None:
         swap_vae(bundle, vae, compute_hash=compute_hash)
-    return bundle.to(device=device).eval()
+    bundle = bundle.to(device=device).eval()
+    networks = (bundle.unet, bundle.vae, bundle.text_encoder)
+    bundle.backend = make_backend(backend, *networks, cache_dir=backend_cache_dir)
+    return bundle
 
 
 def swap_vae(bundle: StableDiffusion, path: str | Path, *, compute_hash: bool = True) -> None:

@@ -140,6 +140,7 @@ CASES: dict[str, Callable[[dict[str, Path]], list[str]]] = {
                                    "1", "--out", str(f["root"] / "out"), "--lora-dir", str(f["gen"])],
     "LoraFamilyError": lambda f: ["generate", "a <lora:sd15:1>", "--model", str(f["tiny"]), "--steps", "1",
                                   "--out", str(f["root"] / "out"), "--lora-dir", str(_sd15_lora(f))],
+    "BackendError": lambda f: _generate(f, "tiny", "--backend", "openvino", "--int8"),
     "MergeMismatchError": lambda f: [
         "merge", str(f["tiny"]), str(f["sd2"]), "-o", str(f["root"] / "merged.safetensors")
     ],

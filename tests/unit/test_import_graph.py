@@ -24,6 +24,7 @@ LAYERS = {
     "data": 1,
     "distributed": 1,  # torchrun set-up, ranks, collectives: shared by training and sharded generation
     "checkpoints": 2,
+    "backends": 2,  # compiled U-Net runners (openvino): use models, held by the model bundle
     "model": 3,
     "pipelines": 3,
     "evaluation": 4,

@@ -85,6 +85,8 @@ def make_denoiser(model: StableDiffusion, deep_cache: DeepCache | None = None) -
         if "concat" in cond:  # inpainting models: [latents, mask, masked-image latents] as in LDM/diffusers
             x_in = torch.cat([x_in, cond["concat"].to(x_in)], dim=1)
         vector = cond.get("vector")  # SDXL's pooled text + size numbers
+        if model.backend is not None:  # compiled U-Net (backends/): fp32 in and out, no run-time patches
+            return model.backend.unet(x_in, t, cond["crossattn"], vector)
         y = None if vector is None else vector.to(dtype)
         return unet(x_in.to(dtype), t.to(dtype), context, y, control=residuals, deep_cache=deep_cache).float()
 
@@ -148,6 +150,8 @@ def sample_latents(
     """
     family = model.family
     spec = sampling.sampler
+    if model.backend is not None:
+        _refuse_with_backend(request, batch)
     deep_cache = None  # DeepCache's state is this pass's own: img2img and the hires pass start afresh
     if request.deepcache_interval > 1:
         deep_cache = DeepCache(request.deepcache_interval, request.deepcache_branch)
@@ -207,6 +211,21 @@ def sample_latents(
     if init is not None and keep is not None:
         latents = latents * (1 - keep) + init * keep
     return latents
+
+
+def _refuse_with_backend(request: GenerationRequest, batch: Batch) -> None:
+    """Options that change the U-Net at run time, which a compiled backend's fixed graph cannot follow."""
+    refused = {
+        "ControlNet": bool(request.controlnet),
+        "DeepCache": request.deepcache_interval > 1,
+        "ToMe (token merging)": request.token_merging_ratio > 0,
+        "<lora:> tags on the U-Net (bake the LoRA into the model first)": any(
+            lora.unet_weight != 0 for lora in batch.loras
+        ),
+    }
+    names = [name for name, on in refused.items() if on]
+    if names:
+        raise ParameterError(f"{', '.join(names)}: not available with --backend openvino (use torch)")
 
 
 def _guided(

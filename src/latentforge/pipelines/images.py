@@ -55,7 +55,8 @@ def decode_latents(
         z_in = z.to(model.vae_device, dtype)
         return (decode_tiled_unscaled(model.vae, z_in) if tiled else model.vae.decode(z_in)).float()
 
-    pixels = decode(model.vae_dtype)
+    compiled = None if tiled or model.backend is None else model.backend.decode(model.vae, z)  # backends/
+    pixels = compiled if compiled is not None else decode(model.vae_dtype)
     if torch.isfinite(pixels).all() or model.vae_dtype == torch.float32:
         return pixels, False
     dtype = model.vae_dtype

@@ -52,8 +52,13 @@ class PromptConditioner:
         texts = [strip_extra_networks(p) for p in prompts]
         embeddings = {name: e.vectors for name, e in m.embeddings.items()}
         return scheduled_conditioning(
-            m.text_encoder, m.tokenizer, texts, self.steps, self.clip_skip, embeddings=embeddings
+            self._encoder(), m.tokenizer, texts, self.steps, self.clip_skip, embeddings=embeddings
         )
+
+    def _encoder(self) -> torch.nn.Module:
+        """The text encoder, or its compiled stand-in under a backend (`backends/`)."""
+        m = self.model
+        return m.text_encoder if m.backend is None else m.backend.text_encoder_for(m.text_encoder)
 
     def denoiser(
         self,
@@ -73,9 +78,15 @@ class PromptConditioner:
         """
         cond_schedules = self._schedules(prompts)
         uncond_schedules = self._schedules(negative_prompts) if scale != 1 else None
-        with torch.inference_mode():
-            m = self.model
-            empty = encode_prompts(m.text_encoder, m.tokenizer, [""], clip_skip=self.clip_skip)
+        empty: list[torch.Tensor] = []  # the empty prompt's chunk, encoded only when lengths differ
+
+        def empty_chunk() -> torch.Tensor:
+            if not empty:
+                with torch.inference_mode():
+                    m = self.model
+                    empty.append(encode_prompts(self._encoder(), m.tokenizer, [""], clip_skip=self.clip_skip))
+            return empty[0]
+
         sigmas = sigmas.detach().float().cpu()
         extra = dict(extra or {})
         skip = (truncation or CFGTruncation()).counter(len(sigmas) - 1)
@@ -86,7 +97,8 @@ class PromptConditioner:
             if uncond_schedules is None or skip(sigma, step):
                 return base(x, sigma, {"crossattn": c, **extra})
             u = conditioning_at_step(uncond_schedules, step)
-            c, u = pad_tokens(c, u, empty)
+            if c.shape[1] != u.shape[1]:
+                c, u = pad_tokens(c, u, empty_chunk())
             cfg = CFGDenoiser(base, {"crossattn": u, **extra}, scale, rescale)
             return cfg(x, sigma, {"crossattn": c, **extra})
 
