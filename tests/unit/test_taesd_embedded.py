@@ -4,6 +4,7 @@ and its decode stays close to the VAE's."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -73,3 +74,15 @@ def test_cli_uses_it_without_taesd(tmp_path):
     assert main([*argv, "--preview", "taesd", "--preview-every", "1"]) == 0
     assert Image.open(out / "preview.png").size == (64, 64)
     assert "Fast decode: True" in (read_infotext(sorted(out.glob("0*.png"))[0]) or "")
+
+
+def test_the_server_fast_decodes_the_embedded_model():
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from latentforge.server.app import create_app
+
+    with TestClient(create_app(queue_size=1), base_url="http://127.0.0.1:7860") as client:
+        response = client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "steps": 2, "fast_decode": True})
+    assert response.status_code == 200, response.text
+    assert "Fast decode: True" in json.loads(response.json()["info"])["infotexts"][0]
