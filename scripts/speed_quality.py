@@ -40,6 +40,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "DeepCache 3": {"deepcache_interval": 3},
     "DeepCache 2 branch 3": {"deepcache_interval": 2, "deepcache_branch": 3},
     "DeepCache 3 branch 3": {"deepcache_interval": 3, "deepcache_branch": 3},
+    "fast decode (TAESD)": {"fast_decode": True},  # the embedded model's shipped tiny decoder
 }
 
 

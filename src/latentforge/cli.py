@@ -463,7 +463,8 @@ def _generate(args: argparse.Namespace, shard: Any, device: str) -> int:
         model.taesd = read_taesd(args.taesd, variant=variant, dtype=_torch_dtype(args.dtype)).to(model.device)
     if args.preview == "taesd" and model.taesd is None:
         raise ParameterError(
-            "--preview taesd needs --taesd DIR (taesd_decoder.pth from github.com/madebyollin/taesd)"
+            "--preview taesd needs --taesd DIR (taesd_decoder.pth from github.com/madebyollin/taesd); "
+            "only the embedded model has its own"
         )
     preview = args.preview_every and shard.is_main  # one preview.png, from rank 0
     callback = _preview_writer(model, out, args.preview_every, args.preview) if preview else None
@@ -831,7 +832,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cfg-cutoff", type=float, help="fraction of steps with CFG, cond only after (1 = all)")
     p.add_argument(
-        "--preview", choices=["cheap", "taesd"], default="cheap", help="preview decoder (taesd needs --taesd)"
+        "--preview",
+        choices=["cheap", "taesd"],
+        default="cheap",
+        help="preview decoder (taesd: --taesd, or the embedded model's own)",
     )
     p.add_argument(
         "--int8", action="store_true", help="hold the U-Net's weights as int8 (about half of bf16's memory)"
@@ -868,7 +872,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fast-decode",
         action="store_true",
         default=None,
-        help="decode the final image with TAESD (needs --taesd)",
+        help="decode the final image with TAESD (--taesd, or the embedded model's own)",
     )
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--device", help="cpu, cuda, mps (default: cuda when available)")

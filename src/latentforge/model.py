@@ -15,6 +15,7 @@ from latentforge.checkpoints.errors import CheckpointError
 from latentforge.checkpoints.hashing import a1111_short_hash
 from latentforge.checkpoints.loading import read_components, read_vae
 from latentforge.checkpoints.lora import LoraHandle, apply_loras
+from latentforge.checkpoints.taesd import embedded_taesd
 from latentforge.errors import ParameterError
 from latentforge.models.families import ModelFamily, Prediction
 from latentforge.models.taesd import TinyAutoencoder
@@ -219,6 +220,9 @@ def load(
     )
     if vae is not None:
         swap_vae(bundle, vae, compute_hash=compute_hash)
+    # the tiny decoder shipped for an embedded model (previews, fast decode); `--taesd` replaces it
+    taesd = embedded_taesd(bundle.name, bundle.vae, dtype=dtype or torch.float32)
+    bundle.taesd = None if taesd is None else taesd.to(device)
     bundle = bundle.to(device=device).eval()
     networks = (bundle.unet, bundle.vae, bundle.text_encoder)
     bundle.backend = make_backend(backend, *networks, cache_dir=backend_cache_dir)

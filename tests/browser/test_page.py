@@ -467,3 +467,41 @@ def test_interrupt_an_xyz_job(page):
     count = page.locator("#gallery button").count()
     assert 2 <= count < 21  # the grid and the cells made before the interrupt
     assert page.is_enabled("#generate")
+
+
+def test_speed_group_is_off_by_default_and_its_options_reach_the_infotext(page, tmp_path):
+    page.fill("#prompt", PROMPT)
+    _fill(page, seed="5")
+    assert page.evaluate("document.getElementById('speed-panel').open") is False
+    page.click("#generate")
+    page.wait_for_selector("#gallery button", timeout=60000)
+    plain = page.inner_text("#infotext")
+    assert not any(
+        key in plain for key in ("NGMS", "CFG cutoff", "Token merging", "DeepCache", "Fast decode")
+    )
+    page.click("#speed-panel summary")
+    _fill(page, seed="5", ngms="1", **{"cfg-cutoff": "0.5", "tome": "0.5", "deepcache": "2"})
+    page.fill("#deepcache-branch", "1")
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('#gallery button').length === 2", timeout=60000)
+    infotext = page.inner_text("#infotext")
+    for key in (
+        "NGMS: 1",
+        "CFG cutoff: 0.5",
+        "Token merging ratio: 0.5",
+        "DeepCache interval: 2",
+        "DeepCache branch: 1",
+    ):
+        assert key in infotext, infotext
+    # PNG info -> txt2img: the image's speed options come back, and off where the infotext has none
+    png = page.get_attribute("#selected-image", "src").partition(",")[2]
+    page.fill("#cfg-cutoff", "1")
+    page.click("#tab-pnginfo")
+    _drop_file(page, "#drop", png, "fast.png")
+    page.wait_for_function("document.getElementById('png-text').textContent.includes('DeepCache')")
+    page.click("#png-to-txt2img")
+    assert page.input_value("#cfg-cutoff") == "0.5" and page.input_value("#deepcache") == "2"
+    if not SHOTS:  # the tiny model has no TAESD: the server's 422 names the field
+        page.check("#fast-decode")
+        page.click("#generate")
+        page.wait_for_function("document.getElementById('status').textContent.includes('fast_decode')")

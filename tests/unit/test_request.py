@@ -55,6 +55,7 @@ REQUESTS = {
     **{f"sampler {name}": replace(BASE, sampler=name) for name in SAMPLERS},
     **{f"schedule {name}": replace(BASE, sampler="Euler", schedule=name) for name in SCHEDULES},
     "hires scale": replace(BASE, hires=Hires(scale=1.5, steps=2, upscaler="Lanczos", denoising_strength=0.4)),
+    "hires token merging": replace(BASE, hires=Hires(scale=1.5, token_merging_ratio=0.3)),
     "hires resize, own sampler": replace(
         BASE, hires=Hires(resize_width=64, resize_height=48, sampler="DPM++ SDE Karras")
     ),

@@ -9,19 +9,62 @@ architecture (latent channels, width, blocks per stage) is read off the weights.
 
 from __future__ import annotations
 
+import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
 
 from latentforge.checkpoints.assembly import load_into
 from latentforge.checkpoints.errors import CheckpointError, CheckpointNotFoundError
+from latentforge.checkpoints.loading import _asset
 from latentforge.checkpoints.reading import StateDict, read_state_dict
 from latentforge.models.taesd import TinyAutoencoder, TinyAutoencoderConfig
+from latentforge.models.vae import AutoencoderKL
 
 SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 # Published base names per latent space: SD 1.x/2.x and SDXL (github.com/madebyollin/taesd).
 VARIANTS = {"sd": "taesd", "sdxl": "taesdxl"}
+# Tiny decoders trained here for the models shipped with the package (`latentforge train taesd`), by model
+# name: `model.load` attaches one when it was distilled from that model's VAE decoder (`VAE_SIGNATURE`).
+EMBEDDED_TAESDS = {"latentforge-emoji": "latentforge-emoji-taesd.safetensors"}
+VAE_SIGNATURE = "latentforge.vae_signature"  # metadata: `vae_signature` of the VAE it was distilled from
+SIGNATURE_TOLERANCE = 5e-3  # relative; fp32/bf16/fp16 copies of one VAE differ by < 1e-4
+
+
+def vae_signature(vae: AutoencoderKL) -> list[float]:
+    """Mean |w| of each tensor of the VAE's decoder (post_quant_conv and decoder), in float64: which
+    decoder a tiny decoder imitates, the same for any dtype the VAE is loaded in."""
+    decoder = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
+    return [float(p.detach().double().abs().mean()) for p in decoder]
+
+
+def embedded_taesd(
+    model_name: str, vae: AutoencoderKL, *, dtype: torch.dtype = torch.float32
+) -> TinyAutoencoder | None:
+    """The shipped tiny decoder of the model named `model_name` (`EMBEDDED_TAESDS`), if it is installed
+    and was trained against this `vae`; None otherwise (a warning when it was trained for another VAE)."""
+    if model_name not in EMBEDDED_TAESDS:
+        return None
+    try:
+        path = _asset(EMBEDDED_TAESDS[model_name], "its tiny decoder", "pass --taesd")
+    except CheckpointNotFoundError:
+        return None
+    _, metadata = read_state_dict(path)
+    trained_for = json.loads(metadata.get(VAE_SIGNATURE, "[]"))
+    here = vae_signature(vae)
+    if len(trained_for) != len(here) or any(
+        abs(a - b) > SIGNATURE_TOLERANCE * abs(a) for a, b in zip(trained_for, here, strict=True)
+    ):
+        warnings.warn(
+            f"{path.name} was trained for another VAE than the one this {model_name} uses; not used "
+            "(retrain it: "
+            "`latentforge train taesd configs/perf/taesd.toml`, docs/performance.md)",
+            stacklevel=2,
+        )
+        return None
+    return read_taesd(path, dtype=dtype)
 
 
 def diffusers_key(key: str) -> str:

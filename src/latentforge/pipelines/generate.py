@@ -205,7 +205,7 @@ def sample_latents(
         guided = blend_known(guided, init, keep)
     inputs = {"model_sigmas": denoiser.sigmas}
     options = {**sampling.options, **{name: inputs[name] for name in spec.needs}}
-    with torch.inference_mode(), _token_merging(model, request, seeds[0]):
+    with torch.inference_mode(), _token_merging(model, request, seeds[0], hires=exact_steps):
         noise_source = _noise_source(spec.noise, seeds, shape, sigmas, model, request.eta_noise_seed_delta)
         latents = spec.function(guided, x, sigmas, callback=callback, noise=noise_source, **options)
     if init is not None and keep is not None:
@@ -332,12 +332,18 @@ def _cause(model: StableDiffusion) -> str:
     )
 
 
-def _token_merging(model: StableDiffusion, request: GenerationRequest, seed: int) -> AbstractContextManager:
-    """ToMe on the U-Net for one sampling pass (undone after it), or nothing at ratio 0."""
-    if request.token_merging_ratio == 0:
+def _token_merging(
+    model: StableDiffusion, request: GenerationRequest, seed: int, *, hires: bool = False
+) -> AbstractContextManager:
+    """ToMe on the U-Net for one sampling pass (undone after it), or nothing at ratio 0. The hires pass
+    uses the hires ratio when it is not 0 (A1111's `get_token_merging_ratio(for_hr=True)`)."""
+    ratio = request.token_merging_ratio
+    if hires and request.hires is not None and request.hires.token_merging_ratio:
+        ratio = request.hires.token_merging_ratio
+    if ratio == 0:
         return nullcontext()
     settings = TokenMerging(
-        request.token_merging_ratio,
+        ratio,
         request.token_merging_max_downsample,
         use_rand=request.token_merging_random,
     )

@@ -84,6 +84,8 @@ class Hires:
     steps: int = 0  # 0: the first pass's steps
     denoising_strength: float = 0.7
     sampler: str = ""  # "": the first pass's sampler
+    # ToMe ratio of this pass; 0: the first pass's (A1111's "Token merging ratio hr")
+    token_merging_ratio: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -293,18 +295,21 @@ def resolve(
     _finite("CFG scale", r.cfg_scale)
     _finite("CFG rescale", r.cfg_rescale, 0, 1)
     _finite("NGMS (s_min_uncond)", r.s_min_uncond, 0)
-    _finite("CFG cutoff", r.cfg_cutoff, 0, 1)
-    _finite("token merging ratio", r.token_merging_ratio, 0, 0.75)  # 1 - 1/(sx*sy): every src merged
+    _finite("CFG cutoff (cfg_cutoff)", r.cfg_cutoff, 0, 1)
+    # 0.75 = 1 - 1/(sx*sy): every src token merged
+    _finite("token merging ratio (token_merging_ratio)", r.token_merging_ratio, 0, 0.75)
     if r.token_merging_max_downsample not in (1, 2, 4, 8):
         raise ParameterError(
-            f"token merging max downsample must be 1, 2, 4 or 8, got {r.token_merging_max_downsample!r}"
+            "token merging max downsample (token_merging_max_downsample) must be 1, 2, 4 or 8, got "
+            f"{r.token_merging_max_downsample!r}"
         )
-    _whole("DeepCache interval", r.deepcache_interval, 0, MAX_STEPS)
-    _whole("DeepCache branch", r.deepcache_branch, 0, input_block_count(family.unet) - 1)
+    _whole("DeepCache interval (deepcache_interval)", r.deepcache_interval, 0, MAX_STEPS)
+    _whole("DeepCache branch (deepcache_branch)", r.deepcache_branch, 0, input_block_count(family.unet) - 1)
     if r.fast_decode and model.taesd is None:
         raise ParameterError(
-            "fast decode needs TAESD weights: pass --taesd DIR holding taesd_decoder.pth (taesdxl_ for SDXL) "
-            "from github.com/madebyollin/taesd, or set model.taesd = checkpoints.taesd.read_taesd(DIR)"
+            "fast decode (fast_decode) needs TAESD weights: pass --taesd DIR holding taesd_decoder.pth "
+            "(taesdxl_ for SDXL) from github.com/madebyollin/taesd, or set model.taesd = "
+            "checkpoints.taesd.read_taesd(DIR)"
         )
     _finite("variation seed strength", r.subseed_strength, 0, 1)
     _whole("batch size", r.batch_size, 1, MAX_BATCH)
@@ -489,6 +494,7 @@ def _hires_pass(hires: Hires, first: Pass, options: Mapping[str, OptionValue], s
     """The second pass: the first's sampler, or its own (the request's schedule or a combined name's)."""
     _whole("hires steps", hires.steps, 0, MAX_STEPS)
     _finite("hires denoising strength", hires.denoising_strength, 0, 1)
+    _finite("hires token merging ratio (token_merging_ratio_hr)", hires.token_merging_ratio, 0, 0.75)
     if not hires.sampler:
         return replace(first, steps=hires.steps or first.steps, options=dict(options))
     return _sampler_pass(hires.sampler, schedule, hires.steps or first.steps, options)

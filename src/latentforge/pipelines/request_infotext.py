@@ -143,6 +143,7 @@ INFOTEXT_KEYS: tuple[InfotextKey, ...] = (
     InfotextKey("Token merging ratio", "token_merging_ratio", float, format=_num),
     InfotextKey("Token merging max downsample", "token_merging_max_downsample", int),
     InfotextKey("Token merging random", "token_merging_random", _bool),
+    InfotextKey("Token merging ratio hr", "hires.token_merging_ratio", float, format=_num),  # A1111's key
     InfotextKey("DeepCache interval", "deepcache_interval", int),  # no A1111 key: ours, written when on
     InfotextKey("DeepCache branch", "deepcache_branch", int),
 )

@@ -199,6 +199,14 @@ PAYLOAD_FIELDS: tuple[PayloadField, ...] = (
     PayloadField("s_tmax", 0.0, "sampler_options.s_tmax", _F),  # 0: infinity, as A1111
     PayloadField("s_noise", 1.0, "sampler_options.s_noise", _F),
     PayloadField("s_min_uncond", 0.0, "s_min_uncond", _F),  # A1111's NGMS (docs/performance.md)
+    # Speed options A1111 has no field for (ours, docs/performance.md); token merging's ratio and NGMS all
+    # steps are A1111 options, so they come in override_settings (OVERRIDE_SETTINGS below).
+    PayloadField("cfg_cutoff", 1.0, "cfg_cutoff", _F),
+    PayloadField("deepcache_interval", 0, "deepcache_interval", _I),
+    PayloadField("deepcache_branch", 0, "deepcache_branch", _I),
+    PayloadField("token_merging_max_downsample", 1, "token_merging_max_downsample", _I),
+    PayloadField("token_merging_random", False, "token_merging_random", _B),
+    PayloadField("fast_decode", False, "fast_decode", _B),
     PayloadField("denoising_strength", None, "init.denoising_strength", _F, _IMG),
     PayloadField("denoising_strength", None, "hires.denoising_strength", _F, _TXT),
     PayloadField("enable_hr", False, "enable_hr", _B, _TXT),
@@ -270,12 +278,19 @@ PAYLOAD_FIELDS: tuple[PayloadField, ...] = (
     ),
 )
 
-# override_settings keys (A1111 option names) that map onto request fields.
+# override_settings keys (A1111 option names, modules/shared_options.py) that map onto request fields
+# ("hires." ones onto the hires part). A1111's token merging ratio for the hires pass applies when not 0
+# (processing.py `get_token_merging_ratio`), as ours does; its img2img ratio (TOME_IMG2IMG) has no field
+# of its own: it becomes img2img's token_merging_ratio (see `_overrides`).
 OVERRIDE_SETTINGS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "CLIP_stop_at_last_layers": ("clip_skip", _int),
     "eta_noise_seed_delta": ("eta_noise_seed_delta", _int),
+    "s_min_uncond_all": ("s_min_uncond_all", _bool),
+    "token_merging_ratio": ("token_merging_ratio", _float),
+    "token_merging_ratio_hr": ("hires.token_merging_ratio", _float),
 }
 # Sampler options at these values change nothing; others sent to a sampler without them are reported.
+TOME_IMG2IMG = "token_merging_ratio_img2img"
 _NEUTRAL = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
 _REQUEST_FIELDS = {f.name for f in fields(GenerationRequest)}
 
@@ -334,7 +349,7 @@ def request_from_payload(payload: Mapping[str, Any], mode: str) -> Mapped:
         top["sampler"] = _str("sampler_name", payload["sampler_name"])
     top.setdefault("sampler", table["sampler_index"].default)
     top.setdefault("steps", table["steps"].default)
-    warnings += _overrides(extras.get("override_settings"), top, extras)
+    warnings += _overrides(extras.get("override_settings"), mode, top, parts["hires"], extras)
     units, unit_warnings = controlnet_units(extras.get("alwayson_scripts"), mode, parts["init"])
     warnings += unit_warnings
     if units:
@@ -359,7 +374,9 @@ def request_from_payload(payload: Mapping[str, Any], mode: str) -> Mapped:
     )
 
 
-def _overrides(settings: Any, top: dict[str, Any], extras: dict[str, Any]) -> list[str]:
+def _overrides(
+    settings: Any, mode: str, top: dict[str, Any], hires: dict[str, Any], extras: dict[str, Any]
+) -> list[str]:
     if settings in (None, {}):
         return []
     if not isinstance(settings, Mapping):
@@ -368,7 +385,20 @@ def _overrides(settings: Any, top: dict[str, Any], extras: dict[str, Any]) -> li
     for key, value in settings.items():
         if key in OVERRIDE_SETTINGS:
             target, read = OVERRIDE_SETTINGS[key]
-            top[target] = read(f"override_settings.{key}", value)
+            head, _, tail = target.partition(".")
+            if head != "hires":
+                top[target] = read(f"override_settings.{key}", value)
+            elif mode == "txt2img":  # used with enable_hr only, as the other hires fields
+                hires[tail] = read(f"override_settings.{key}", value)
+            elif read(f"override_settings.{key}", value):
+                warnings.append(f"override_settings.{key}: img2img has no hires pass; ignored")
+        elif key == TOME_IMG2IMG:
+            ratio = _float(f"override_settings.{key}", value)
+            # A1111's img2img: an overridden token_merging_ratio, else this one, else the general one
+            if mode == "img2img" and ratio and not settings.get("token_merging_ratio"):
+                top["token_merging_ratio"] = ratio
+            elif mode != "img2img" and ratio:
+                warnings.append(f"override_settings.{key}: used by img2img only; ignored")
         elif key == "sd_model_checkpoint":  # a name, looked up in the catalogue by the server
             extras["checkpoint"] = _str(f"override_settings.{key}", value)
         elif key == "sd_vae":  # likewise

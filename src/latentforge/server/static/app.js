@@ -102,10 +102,23 @@ function payload() {
     n_iter: num("batch-count"),
   };
   body.override_settings = { sd_vae: $("vae").value };  // for this request, as A1111's override_settings
+  speedFields(body);
   if ($("cn-enabled").checked && !$("cn-fields").disabled) {
     body.alwayson_scripts = { controlnet: { args: [controlNetUnit()] } };
   }
   return body;
+}
+
+// ---- Speed: A1111's NGMS field and token merging option, our extension fields; sent when not off
+function speedFields(body) {
+  if (num("ngms") > 0) body.s_min_uncond = num("ngms");
+  if ($("cfg-cutoff").value !== "" && num("cfg-cutoff") < 1) body.cfg_cutoff = num("cfg-cutoff");
+  if (num("tome") > 0) body.override_settings.token_merging_ratio = num("tome");
+  if (num("deepcache") > 1) {
+    body.deepcache_interval = num("deepcache");
+    body.deepcache_branch = num("deepcache-branch");
+  }
+  if ($("fast-decode").checked) body.fast_decode = true;
 }
 
 // ---- ControlNet: one unit, sd-webui-controlnet's API fields
@@ -419,6 +432,11 @@ function applyParameters(p) {
     $("schedule").value = p["Schedule type"];
   }
   if (p.VAE && [...$("vae").options].some((o) => o.value === p.VAE)) $("vae").value = p.VAE;
+  // the speed options: the image's, or off where its infotext has none
+  const speed = { ngms: ["NGMS", 0], "cfg-cutoff": ["CFG cutoff", 1], tome: ["Token merging ratio", 0],
+    deepcache: ["DeepCache interval", 0], "deepcache-branch": ["DeepCache branch", 0] };
+  for (const [id, [key, off]] of Object.entries(speed)) $(id).value = p[key] !== undefined ? p[key] : off;
+  $("fast-decode").checked = String(p["Fast decode"]) === "True";
 }
 
 // ---- wiring

@@ -9,6 +9,7 @@ madebyollin's published decoders add an adversarial term; this task trains the p
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from latentforge.checkpoints.taesd import VAE_SIGNATURE, vae_signature
 from latentforge.errors import ConfigError
 from latentforge.models.taesd import TinyAutoencoder, TinyAutoencoderConfig
 from latentforge.training import losses
@@ -144,7 +146,8 @@ class TAESDTask:
         """The decoder in our layout (`decoder.N.*`), which `--taesd FILE` and `read_taesd` load."""
         taesd: TinyAutoencoder = unwrap(model)  # type: ignore[assignment]
         state = {k: v.detach().float().contiguous().cpu() for k, v in taesd.state_dict().items()}
-        save_file(state, str(path), metadata={"format": "latentforge-taesd"})
+        signature = json.dumps(vae_signature(self.vae))  # which VAE it imitates (`embedded_taesd` checks)
+        save_file(state, str(path), metadata={"format": "latentforge-taesd", VAE_SIGNATURE: signature})
 
 
 def make_taesd_task(config: RunConfig) -> TAESDTask:
