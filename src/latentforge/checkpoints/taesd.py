@@ -18,7 +18,7 @@ import torch
 
 from latentforge.checkpoints.assembly import load_into
 from latentforge.checkpoints.errors import CheckpointError, CheckpointNotFoundError
-from latentforge.checkpoints.loading import _asset
+from latentforge.checkpoints.loading import asset_path
 from latentforge.checkpoints.reading import StateDict, read_state_dict
 from latentforge.models.taesd import TinyAutoencoder, TinyAutoencoderConfig
 from latentforge.models.vae import AutoencoderKL
@@ -48,7 +48,7 @@ def embedded_taesd(
     if model_name not in EMBEDDED_TAESDS:
         return None
     try:
-        path = _asset(EMBEDDED_TAESDS[model_name], "its tiny decoder", "pass --taesd")
+        path = asset_path(EMBEDDED_TAESDS[model_name], "its tiny decoder", "pass --taesd")
     except CheckpointNotFoundError:
         return None
     _, metadata = read_state_dict(path)
