@@ -429,17 +429,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     vae = _vae_for(request, args, model_path)
     model = load(
         model_path, dtype=_torch_dtype(args.dtype), device=device, vae=vae, prediction=args.prediction,
-        use_ema=args.use_ema,
+        use_ema=args.use_ema, int8=args.int8,  # int8: quantized layer by layer while read
     )  # fmt: skip
     model.use_folders(lora_dirs=args.lora_dir, embedding_dirs=args.embeddings_dir, models_dir=args.models_dir)
     if args.controlnet:
         from dataclasses import replace
 
         request = replace(request, controlnet=_controlnet_units(args, model))
-    if args.int8:
-        from latentforge.models.quantize import quantize_int8
-
-        quantize_int8(model.unet)  # one-way: weights kept as int8, dequantized per layer call
     if args.taesd:
         from latentforge.checkpoints.taesd import read_taesd
 

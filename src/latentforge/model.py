@@ -183,6 +183,7 @@ def load(
     vae: str | Path | None = None,
     use_ema: bool = False,
     compute_hash: bool = True,
+    int8: bool = False,
 ) -> StableDiffusion:
     """Load an original single-file checkpoint (`.safetensors`/`.ckpt`) or a diffusers folder.
 
@@ -195,10 +196,12 @@ def load(
         vae: a standalone VAE file to use instead of the checkpoint's own.
         use_ema: take the U-Net's EMA weights of a full training checkpoint.
         compute_hash: compute A1111's model (and VAE) hash (reads the whole file once more).
+        int8: hold the U-Net's weights as int8 (`models.quantize`), quantized layer by layer while read.
     """
     parts = read_components(
-        path, dtype=dtype or torch.float32, prediction=prediction, use_ema=use_ema, compute_hash=compute_hash
-    )
+        path, dtype=dtype or torch.float32, prediction=prediction, use_ema=use_ema, compute_hash=compute_hash,
+        int8=int8,
+    )  # fmt: skip
     bundle = StableDiffusion(
         family=parts.family,
         tokenizer=CLIPTokenizer.for_config(parts.family.text_encoder),
