@@ -97,13 +97,18 @@ def test_blockwise_quantization_equals_whole_tensor(monkeypatch):
         q, scale = quantize_per_channel(w)
         q_ref, scale_ref = _whole_tensor_reference(w)
         assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+        q_via, scale_via = quantize_per_channel(w, via=torch.bfloat16)  # cast block by block on the way
+        q_ref, scale_ref = _whole_tensor_reference(w.bfloat16())
+        assert torch.equal(q_via, q_ref) and torch.equal(scale_via, scale_ref)
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_load_rule_picks_the_layers_quantize_int8_replaces(name):
     """An int8 load decides per tensor by shape (`quantizable`) what `quantize_int8` decides per module:
     the two must pick the same U-Net weights in every family of the table."""
-    with torch.device("meta"):
+    from latentforge.checkpoints.assembly import SkipInitOnMeta
+
+    with torch.device("meta"), SkipInitOnMeta():
         unet = UNetModel(FAMILIES[name].unet)
     by_shape = {k for k, v in unet.state_dict().items() if k.endswith(".weight") and quantizable(v.shape)}
     assert quantize_int8(unet) == len(by_shape) > 0

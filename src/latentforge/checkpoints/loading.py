@@ -100,11 +100,11 @@ def read_components(
     return components
 
 
-def _quantize_unet_entry(key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One tensor of a single file as an int8 U-Net holds it: quantizable U-Net weights -> int8 + scale."""
+def _quantize_unet_entry(key: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> dict | None:
+    """A quantizable U-Net weight of a single file as an int8 U-Net loaded in `dtype` holds it."""
     if key.startswith(UNET_PREFIX) and key.endswith(".weight") and quantizable(tuple(tensor.shape)):
-        return quantize_entry(key, tensor)
-    return {key: tensor}
+        return quantize_entry(key, tensor, dtype if tensor.is_floating_point() else None)
+    return None
 
 
 def _quantized(components: Components, int8: bool) -> Components:

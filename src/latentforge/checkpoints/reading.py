@@ -27,8 +27,9 @@ from latentforge.checkpoints.errors import (
 )
 
 StateDict = dict[str, torch.Tensor]
-# applied to each kept tensor right after it is read (and cast): its entries replace the tensor's own
-Convert = Callable[[str, torch.Tensor], StateDict]
+# convert(key, tensor as stored in the file, target dtype): the entries that replace the tensor (made from
+# it, in memory of their own: the tensor may be a reused buffer or the file's mapping), or None to keep it
+Convert = Callable[[str, torch.Tensor, torch.dtype | None], StateDict | None]
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors caps its JSON header at 100 MB
 
 
@@ -42,8 +43,9 @@ def read_state_dict(
     """Return (tensors, metadata) from a weights file, checking it is what it claims to be.
 
     `keep(key)` False skips a tensor without reading it; floating tensors are cast to `dtype` one at a
-    time as they are read, so the file's copy and the cast copy never both exist in full. `convert(key,
-    tensor)` (e.g. int8 quantization at load) replaces each tensor by its entries as soon as it is read.
+    time as they are read, so the file's copy and the cast copy never both exist in full. `convert`
+    (e.g. int8 quantization at load) replaces a tensor by its entries as soon as it is read, from the
+    file's copy: only what is kept is ever allocated.
     """
     path = Path(path)
     if not path.is_file():
@@ -54,8 +56,8 @@ def read_state_dict(
     out: StateDict = {}
     for k, v in _read_torch(path).items():
         if keep is None or keep(k):
-            tensor = _private_copy(v, dtype)
-            out.update(convert(k, tensor) if convert is not None else {k: tensor})
+            converted = convert(k, v, dtype) if convert is not None else None
+            out.update(converted if converted is not None else {k: _private_copy(v, dtype)})
     return out, {}
 
 
@@ -235,7 +237,7 @@ def _read_safetensors(
             if keep is not None and not keep(entry.name):
                 continue
             cast = dtype is not None and dtype != entry.dtype and entry.dtype.is_floating_point
-            if cast:
+            if cast or convert is not None:
                 scratch = torch.empty(largest, dtype=torch.uint8) if scratch is None else scratch
                 tensor = scratch[: entry.end - entry.begin].view(entry.dtype).view(entry.shape)
             else:
@@ -243,8 +245,10 @@ def _read_safetensors(
             if entry.end > entry.begin:
                 f.seek(8 + header_len + entry.begin)
                 _read_exactly(f, tensor, path)
-            tensor = tensor.to(dtype) if cast else tensor
-            tensors[entry.name] = convert(entry.name, tensor) if convert is not None else {entry.name: tensor}
+            converted = convert(entry.name, tensor, dtype) if convert is not None else None
+            if converted is None:  # a cast or (with `convert`) a copy out of the scratch buffer
+                converted = {entry.name: tensor.to(dtype) if cast else tensor.clone()}
+            tensors[entry.name] = converted
     out: StateDict = {}
     for e in entries:  # the header's order
         out.update(tensors.get(e.name, {}))

@@ -28,28 +28,37 @@ def quantizable(shape: Sequence[int], *, min_params: int = MIN_PARAMS) -> bool:
     return layer and math.prod(shape) >= min_params
 
 
-def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 weight, float32 scale [out]) with weight ~= int8 * scale, symmetric per output channel.
+def quantize_per_channel(
+    weight: torch.Tensor, via: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, float32 scale [out]) with weight ~= int8 * scale, symmetric per output channel;
+    `via`: of the weight cast to that dtype first (what loading in `via` and quantizing afterwards gives).
 
-    Computed over blocks of output channels (each row is independent), so the float32 work buffers stay
-    small: the same result as on the whole tensor at once."""
+    Computed over blocks of output channels (each row is independent), so the work buffers stay small:
+    the same result as on the whole tensor at once."""
     w = weight.detach()
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    if w.is_meta:  # structure only (a model built on `meta` before its weights are read)
+        return q, scale
     rows = max(1, _CHUNK // max(1, w[0].numel())) if w.shape[0] else 1
     for start in range(0, w.shape[0], rows):
-        block = w[start : start + rows].float()
+        block = w[start : start + rows]
+        block = (block.to(via) if via is not None else block).float()
         s = block.flatten(1).abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
         q[start : start + rows] = (block / s.view(-1, *([1] * (w.ndim - 1)))).round().clamp(-127, 127)
         scale[start : start + rows] = s
     return q, scale
 
 
-def quantize_entry(key: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A state-dict entry `...weight` as its int8 module holds it: `...weight` (int8) and `...weight_scale`
-    (in the weight's dtype), what `quantize_int8` gives the same tensor (one layer at a time, at load)."""
-    q, scale = quantize_per_channel(weight)
-    return {key: q, key + "_scale": scale.to(weight.dtype)}
+def quantize_entry(
+    key: str, weight: torch.Tensor, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """A state-dict entry `...weight` as its int8 module holds it once loaded in `dtype` (default: the
+    weight's): `...weight` (int8) and `...weight_scale` (in that dtype), what `quantize_int8` gives the
+    weight cast to `dtype` (one layer at a time, at load)."""
+    q, scale = quantize_per_channel(weight, via=dtype)
+    return {key: q, key + "_scale": scale.to(dtype or weight.dtype)}
 
 
 class _Int8Weight(nn.Module):
@@ -67,7 +76,7 @@ class _Int8Weight(nn.Module):
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         scale = self.weight_scale.to(dtype).view(-1, *([1] * (self.weight.ndim - 1)))
-        return self.weight.to(dtype) * scale
+        return self.weight.to(dtype).mul_(scale)  # one weight-sized temporary per call, not two
 
 
 class Int8Linear(_Int8Weight):
