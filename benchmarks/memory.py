@@ -33,14 +33,14 @@ class Phases:
     """Peak RSS per phase: `mark(name)` closes the phase that ran since the previous mark."""
 
     def __init__(self) -> None:
-        self.rows: list[tuple[str, float, float, float]] = []
-        self.start = time.perf_counter()
+        self.rows: list[tuple[str, float, float, float, float]] = []
+        self.start = time.perf_counter(), time.process_time()
 
     def mark(self, name: str) -> None:
-        now = time.perf_counter()
-        self.rows.append((name, status_mib("VmHWM"), status_mib("VmRSS"), now - self.start))
+        wall, cpu = time.perf_counter() - self.start[0], time.process_time() - self.start[1]
+        self.rows.append((name, status_mib("VmHWM"), status_mib("VmRSS"), wall, cpu))
         Path("/proc/self/clear_refs").write_text("5")  # peak := current RSS
-        self.start = time.perf_counter()
+        self.start = time.perf_counter(), time.process_time()
 
 
 def hook(module, phases: Phases, name: str) -> None:  # noqa: ANN001
@@ -130,13 +130,13 @@ def main() -> None:
         f"{args.size}x{args.size}, {args.steps} steps, {len(calls)} U-Net calls, tiled VAE {args.tiled_vae}\n"
     )
     merged: dict[str, list[float]] = {}  # the text encoder runs once per prompt: max/last/sum over calls
-    for name, peak, rss, seconds in phases.rows:
-        old = merged.get(name, [0.0, 0.0, 0.0])
-        merged[name] = [max(old[0], peak), rss, old[2] + seconds]
-    print("| phase | peak RSS MiB | RSS after MiB | seconds |")
-    print("|---|---|---|---|")
-    for name, (peak, rss, seconds) in merged.items():
-        print(f"| {name} | {peak:.0f} | {rss:.0f} | {seconds:.1f} |")
+    for name, peak, rss, wall, cpu in phases.rows:
+        old = merged.get(name, [0.0, 0.0, 0.0, 0.0])
+        merged[name] = [max(old[0], peak), rss, old[2] + wall, old[3] + cpu]
+    print("| phase | peak RSS MiB | RSS after MiB | seconds | CPU s |")
+    print("|---|---|---|---|---|")
+    for name, (peak, rss, wall, cpu) in merged.items():
+        print(f"| {name} | {peak:.0f} | {rss:.0f} | {wall:.1f} | {cpu:.1f} |")
     print(f"\noverall peak: {max(r[1] for r in phases.rows):.0f} MiB")
 
 

@@ -1,7 +1,8 @@
 """txt2img end to end, ours vs diffusers' StableDiffusionPipeline: seconds and peak memory.
 
-An SD1.5-size model with random weights (the same weights on both sides: diffusers' are converted
-from ours through the key maps), 512x512, 20 steps of DPM++ 2M with Karras sigmas, CFG 7, batch 1.
+An SD1.5-size model with random weights (each side draws its own from seed 0, in memory, no file: the
+values do not change the time; benchmarks/deepcache.py shares ours through the key maps), 512x512, 20 steps
+of DPM++ 2M with Karras sigmas, CFG 7, batch 1.
 Each (implementation, dtype, case) runs in its own subprocess so peak RSS is its own; the peak is reset
 (`/proc/self/clear_refs`) after the model is built, so "peak" is weights + inference, not set-up.
 
