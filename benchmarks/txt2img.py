@@ -1,7 +1,8 @@
 """txt2img end to end, ours vs diffusers' StableDiffusionPipeline: seconds and peak memory.
 
-An SD1.5-size model with random weights (the same weights on both sides: diffusers' are converted
-from ours through the key maps), 512x512, 20 steps of DPM++ 2M with Karras sigmas, CFG 7, batch 1.
+An SD1.5-size model with random weights (each side draws its own from seed 0, in memory, no file: the
+values do not change the time; benchmarks/deepcache.py shares ours through the key maps), 512x512, 20 steps
+of DPM++ 2M with Karras sigmas, CFG 7, batch 1.
 Each (implementation, dtype, case) runs in its own subprocess so peak RSS is its own; the peak is reset
 (`/proc/self/clear_refs`) after the model is built, so "peak" is weights + inference, not set-up.
 
@@ -13,9 +14,14 @@ Cases (`--cases`, the speed options of docs/performance.md, each against diffuse
     tome      + ToMe ratio 0.5, max downsample 1 (ours; diffusers + tomesd.apply_patch)
     lcm-taesd LCM sampler, 4 steps, CFG 1, decoded by TAESD (random full-size weights on both sides;
               diffusers' LCMScheduler + AutoencoderTiny)
+    cutoff-deepcache  CFG cut-off 0.5 + DeepCache (`--deepcache-interval`, `--deepcache-branch`; diffusers'
+              SDCFGCutoffCallback + the `deepcache` package's DeepCacheSDHelper)
+    int8      ours with int8 U-Net weights (`latentforge generate --int8`), against diffusers' plain run
 `--run-steps K` samples only K steps and scales: seconds(N steps) = total - sampling + sum over the N
-steps of the measured time of a step of that kind (guided or cond-only), so short runs give the N-step
-number (the step time of a U-Net is constant across steps).
+steps of the measured time of a step of that kind (guided or cond-only; with DeepCache also full or
+cached), so short runs give the N-step number (the time of a U-Net call of one kind is constant across
+steps). Every kind of the N-step run must occur among steps 1..K-1 of the short one (step 0 also holds
+the set-up): K = 6 does for cutoff-deepcache at interval 2.
 """
 
 from __future__ import annotations
@@ -41,49 +47,66 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def build_ours(dtype):  # noqa: ANN201
+def build_ours(dtype, *, int8: bool = False):  # noqa: ANN001, ANN201
+    """SD1.5 size, random N(0, 0.02) weights, materialised in `dtype` directly: no fp32 copy is ever held.
+    `int8`: the U-Net's quantizable layers are made int8 on `meta` first and each is filled by quantizing
+    a float tensor of its own, one layer at a time (the float U-Net never exists whole, as in an int8 load).
+    """
     import torch
 
     from latentforge.model import StableDiffusion
     from latentforge.models.families import SD1
+    from latentforge.models.quantize import Int8Conv2d, Int8Linear, quantize_int8, quantize_per_channel
 
     torch.manual_seed(0)
     with torch.device("meta"):
         model = StableDiffusion.from_family(SD1, dtype=dtype, device="meta")
-    # materialise in the target dtype directly: no fp32 copy is ever held
+    if int8:
+        quantize_int8(model.unet)
     for module in (model.unet, model.vae, model.text_encoder):
         module.to_empty(device="cpu")
         for p in module.parameters():
             torch.nn.init.normal_(p, std=0.02)
+        for layer in module.modules():
+            if isinstance(layer, Int8Linear | Int8Conv2d):
+                q, scale = quantize_per_channel(torch.empty_like(layer.weight, dtype=dtype).normal_(std=0.02))
+                layer.weight.copy_(q)
+                layer.weight_scale.copy_(scale)
     return model.eval()
 
 
 PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry"
 CUTOFF, TOME = 0.5, 0.5
-CASES = ("plain", "cutoff", "tome", "lcm-taesd")
+CASES = ("plain", "cutoff", "tome", "lcm-taesd", "cutoff-deepcache", "int8")
+Kind = tuple[bool, bool]  # (guided, full U-Net evaluation) of one step
 
 
-def case_steps(case: str, steps: int) -> tuple[int, list[bool]]:
-    """(steps, guided flag per step) of a case at `steps` steps (LCM: always 4, unguided)."""
+def case_steps(case: str, steps: int, interval: int = 1) -> tuple[int, list[Kind]]:
+    """(steps, kind of each step) of a case at `steps` steps (LCM: always 4, unguided)."""
     if case == "lcm-taesd":
-        return 4, [False] * 4
-    if case == "cutoff":  # diffusers' SDCFGCutoffCallback: steps after int(n * ratio) are unguided
-        return steps, [i <= int(steps * CUTOFF) for i in range(steps)]
-    return steps, [True] * steps
+        return 4, [(False, True)] * 4
+    # diffusers' SDCFGCutoffCallback (and our cfg_cutoff): steps after int(n * ratio) are unguided
+    guided = [i <= int(steps * CUTOFF) or "cutoff" not in case for i in range(steps)]
+    # DeepCache's uniform schedule: evaluation i is full when i % interval == 0 (one call per DPM++ 2M step)
+    full = [i % interval == 0 or case != "cutoff-deepcache" for i in range(steps)]
+    return steps, list(zip(guided, full, strict=True))
 
 
 def scaled_seconds(
-    total: float, marks: list[float], start: float, guided: list[bool], full: list[bool]
+    total: float, marks: list[float], start: float, short: list[Kind], full: list[Kind]
 ) -> float:
     """Seconds of the full run from a short one: fixed part + the median step time of each kind."""
     durations = [b - a for a, b in zip([start, *marks[:-1]], marks, strict=True)]
-    kinds: dict[bool, list[float]] = {True: [], False: []}
-    for i, (d, kind) in enumerate(zip(durations, guided, strict=True)):
+    kinds: dict[Kind, list[float]] = {}
+    for i, (d, kind) in enumerate(zip(durations, short, strict=True)):
         if i > 0 or len(durations) == 1:  # the first interval also holds the set-up before sampling
-            kinds[kind].append(d)
-    median = {k: sorted(v)[len(v) // 2] for k, v in kinds.items() if v}
-    fixed = total - sum(median.get(k, median.get(not k, 0.0)) for k in guided)
-    return fixed + sum(median.get(k, median.get(not k, 0.0)) for k in full)
+            kinds.setdefault(kind, []).append(d)
+    median = {k: sorted(v)[len(v) // 2] for k, v in kinds.items()}
+    if short == full:
+        return total
+    if not set(full) <= set(median):
+        raise SystemExit(f"--run-steps too short: step kinds {sorted(set(full) - set(median))} not measured")
+    return total - sum(median[k] for k in short) + sum(median[k] for k in full)
 
 
 def clocks() -> tuple[float, float]:
@@ -91,8 +114,8 @@ def clocks() -> tuple[float, float]:
 
 
 def scaled(
-    start: tuple[float, float], end: tuple[float, float], marks: list[tuple[float, float]], short: list[bool],
-    full: list[bool],
+    start: tuple[float, float], end: tuple[float, float], marks: list[tuple[float, float]], short: list[Kind],
+    full: list[Kind],
 ) -> dict:  # fmt: skip
     """Wall and CPU seconds of the full run (CPU time: all threads; robust to other load on the machine)."""
     out: dict = {"run_steps": len(short)}
@@ -110,12 +133,14 @@ def run_ours(args: argparse.Namespace, dtype) -> dict:  # noqa: ANN001
     from latentforge.pipelines.request import GenerationRequest
     from latentforge.pipelines.runner import run
 
-    model = build_ours(dtype)
-    n, full = case_steps(args.case, args.steps)
-    k, short = case_steps(args.case, min(args.run_steps or n, n))
+    model = build_ours(dtype, int8=args.case == "int8")
+    n, full = case_steps(args.case, args.steps, args.deepcache_interval)
+    k, short = case_steps(args.case, min(args.run_steps or n, n), args.deepcache_interval)
     options: dict = {"sampler": "DPM++ 2M", "schedule": "Karras", "cfg_scale": 7.0}
-    if args.case == "cutoff":
+    if "cutoff" in args.case:
         options["cfg_cutoff"] = CUTOFF
+    if args.case == "cutoff-deepcache":
+        options.update(deepcache_interval=args.deepcache_interval, deepcache_branch=args.deepcache_branch)
     if args.case == "tome":
         options["token_merging_ratio"] = TOME
     if args.case == "lcm-taesd":
@@ -131,6 +156,15 @@ def run_ours(args: argparse.Namespace, dtype) -> dict:  # noqa: ANN001
     start = clocks()
     run(model, params, progress=False, callback=lambda info: marks.append(clocks()) and None)
     return scaled(start, clocks(), marks, short, full)
+
+
+def cond_rows(value):  # noqa: ANN001, ANN201
+    """The conditional (last) half of every batch-2 tensor in a nested tuple (diffusers: [uncond, cond])."""
+    if isinstance(value, tuple | list):
+        return type(value)(cond_rows(v) for v in value)
+    if hasattr(value, "shape") and value.shape[0] == 2:
+        return value[1:]
+    return value
 
 
 def run_diffusers(args: argparse.Namespace, dtype) -> dict:  # noqa: ANN001
@@ -161,8 +195,8 @@ def run_diffusers(args: argparse.Namespace, dtype) -> dict:  # noqa: ANN001
     tokenizer = CLIPTokenizer.from_pretrained(str(folder), model_max_length=77, pad_token="<|endoftext|>")
     betas = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
     scheduler = DPMSolverMultistepScheduler(**betas, use_karras_sigmas=True)
-    n, full = case_steps(args.case, args.steps)
-    k, short = case_steps(args.case, min(args.run_steps or n, n))
+    n, full = case_steps(args.case, args.steps, args.deepcache_interval)
+    k, short = case_steps(args.case, min(args.run_steps or n, n), args.deepcache_interval)
     guidance = 7.0
     if args.case == "lcm-taesd":
         scheduler, guidance = LCMScheduler(**betas), 1.0
@@ -183,12 +217,29 @@ def run_diffusers(args: argparse.Namespace, dtype) -> dict:  # noqa: ANN001
         import tomesd
 
         tomesd.apply_patch(pipe, ratio=TOME)
-    cutoff = SDCFGCutoffCallback(cutoff_step_ratio=CUTOFF) if args.case == "cutoff" else None
+    helper = None
+    if args.case == "cutoff-deepcache":
+        from DeepCache import DeepCacheSDHelper
+
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=args.deepcache_interval, cache_branch_id=args.deepcache_branch)
+        helper.enable()
+    cutoff = SDCFGCutoffCallback(cutoff_step_ratio=CUTOFF) if "cutoff" in args.case else None
     marks: list[tuple[float, float]] = []
 
     def on_step_end(pipeline, i, t, kwargs):  # noqa: ANN001, ANN202
         marks.append(clocks())
-        return cutoff(pipeline, i, t, kwargs) if cutoff is not None else kwargs
+        if cutoff is None:
+            return kwargs
+        out = cutoff(pipeline, i, t, kwargs)
+        if helper is not None and out["prompt_embeds"].shape[0] < kwargs_batch[0]:
+            # the batch drops from [uncond, cond] to [cond]: the helper's kept features must follow (it
+            # would concatenate batch-2 features with batch-1 skips); ours keeps the cond rows likewise
+            helper.cached_output = {key: cond_rows(v) for key, v in helper.cached_output.items()}
+        kwargs_batch[0] = out["prompt_embeds"].shape[0]
+        return out
+
+    kwargs_batch = [2]
 
     reset_peak()
     start = (time.perf_counter(), time.process_time())
@@ -229,6 +280,8 @@ def main() -> None:
     parser.add_argument(
         "--run-steps", type=int, default=0, help="sample only this many steps and scale (0: all)"
     )
+    parser.add_argument("--deepcache-interval", type=int, default=2)
+    parser.add_argument("--deepcache-branch", type=int, default=0)
     parser.add_argument("--case", default="plain", help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -240,6 +293,10 @@ def main() -> None:
     for case in args.cases.split(","):
         for dtype in args.dtypes.split(","):
             for impl in ("ours", "diffusers"):
+                if (case, impl) == ("int8", "diffusers") and any(
+                    (r["case"], r["dtype"], r["impl"]) == ("plain", dtype, "diffusers") for r in rows
+                ):
+                    continue  # int8 is ours only: its reference is diffusers' plain run, already measured
                 command = [sys.executable, __file__, "--impl", impl, "--dtype", dtype, "--case", case]
                 command += [
                     "--size",
@@ -249,23 +306,35 @@ def main() -> None:
                     "--threads",
                     str(args.threads),
                 ]
-                command += ["--run-steps", str(args.run_steps)]
-                out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-                rows.append(json.loads(out.split("RESULT ", 1)[1]))
+                command += [
+                    "--run-steps",
+                    str(args.run_steps),
+                    "--deepcache-interval",
+                    str(args.deepcache_interval),
+                ]
+                command += ["--deepcache-branch", str(args.deepcache_branch)]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode:
+                    raise SystemExit(f"{impl} {case} {dtype} failed:\n{done.stderr[-3000:]}")
+                rows.append(json.loads(done.stdout.split("RESULT ", 1)[1]))
                 print(rows[-1], flush=True)
     print(
-        "\n| case | dtype | impl | steps | seconds | CPU s | peak RSS GiB | steps run | ours/diffusers CPU |"
+        "\n| case | dtype | impl | steps | seconds | CPU s | peak RSS GiB | steps run | ours/diffusers CPU "
+        "| / diffusers plain CPU |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        theirs = next(
-            x for x in rows if (x["case"], x["dtype"], x["impl"]) == (r["case"], r["dtype"], "diffusers")
-        )
+        key = (r["dtype"], "diffusers")
+        theirs = next((x for x in rows if (x["case"], x["dtype"], x["impl"]) == (r["case"], *key)), None)
+        plain = next((x for x in rows if (x["case"], x["dtype"], x["impl"]) == ("plain", *key)), None)
+        theirs = theirs or (plain if r["case"] == "int8" else None)
         steps = case_steps(r["case"], args.steps)[0]
+        versus = f"{r['cpu_seconds'] / theirs['cpu_seconds']:.2f}" if theirs and r["impl"] == "ours" else ""
+        versus_plain = f"{r['cpu_seconds'] / plain['cpu_seconds']:.2f}" if plain else ""
         print(
             f"| {r['case']} | {r['dtype']} | {r['impl']} | {steps} | {r['seconds']:.1f} | "
-            f"{r['cpu_seconds']:.1f} | {r['peak_mib'] / 1024:.2f} | {r['run_steps']} | "
-            f"{r['cpu_seconds'] / theirs['cpu_seconds']:.2f} |"
+            f"{r['cpu_seconds']:.1f} | {r['peak_mib'] / 1024:.2f} | {r['run_steps']} | {versus} | "
+            f"{versus_plain} |"
         )
 
 

@@ -441,21 +441,13 @@ def _generate(args: argparse.Namespace, shard: Any, device: str) -> int:
     out = prepare_folder(args.out)
     model_path = Path(args.model) if args.model else default_model_path()
     vae = _vae_for(request, args, model_path)
-    if args.int8 and args.backend != "torch":
-        from latentforge.backends import BackendError
-
-        raise BackendError(f"--int8 patches the eager U-Net: drop it or --backend {args.backend}")
     model = load(
         model_path, dtype=_torch_dtype(args.dtype), device=device, vae=vae, prediction=args.prediction,
-        use_ema=args.use_ema, backend=args.backend,
+        use_ema=args.use_ema, backend=args.backend, int8=args.int8,
     )  # fmt: skip
     model.use_folders(lora_dirs=args.lora_dir, embedding_dirs=args.embeddings_dir, models_dir=args.models_dir)
     if args.controlnet:
         request = replace(request, controlnet=_controlnet_units(args, model))
-    if args.int8:
-        from latentforge.models.quantize import quantize_int8
-
-        quantize_int8(model.unet)  # one-way: weights kept as int8, dequantized per layer call
     if args.taesd:
         from latentforge.checkpoints.taesd import read_taesd
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from latentforge.backends import OpenVINOBackend, make_backend
+from latentforge.backends import BackendError, OpenVINOBackend, make_backend
 from latentforge.checkpoints.embeddings import Embedding, find_embeddings, read_embedding
 from latentforge.checkpoints.errors import CheckpointError
 from latentforge.checkpoints.hashing import a1111_short_hash
@@ -189,6 +189,7 @@ def load(
     compute_hash: bool = True,
     backend: str = "torch",
     backend_cache_dir: str | Path | None = None,
+    int8: bool = False,
 ) -> StableDiffusion:
     """Load an original single-file checkpoint (`.safetensors`/`.ckpt`) or a diffusers folder.
 
@@ -203,10 +204,14 @@ def load(
         compute_hash: compute A1111's model (and VAE) hash (reads the whole file once more).
         backend: "torch" (eager) or "openvino" (U-Net, VAE decoder, text encoder: `backends/openvino.py`).
         backend_cache_dir: where the openvino backend keeps converted graphs (default ~/.cache/latentforge).
+        int8: hold the U-Net's weights as int8 (`models.quantize`), quantized layer by layer while read.
     """
+    if int8 and backend != "torch":
+        raise BackendError(f"int8 weights (--int8) patch the eager U-Net: drop them or the {backend} backend")
     parts = read_components(
-        path, dtype=dtype or torch.float32, prediction=prediction, use_ema=use_ema, compute_hash=compute_hash
-    )
+        path, dtype=dtype or torch.float32, prediction=prediction, use_ema=use_ema, compute_hash=compute_hash,
+        int8=int8,
+    )  # fmt: skip
     bundle = StableDiffusion(
         family=parts.family,
         tokenizer=CLIPTokenizer.for_config(parts.family.text_encoder),

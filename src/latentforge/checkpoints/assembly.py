@@ -11,6 +11,7 @@ from torch.overrides import TorchFunctionMode
 from latentforge.checkpoints.errors import KeyMismatchError
 from latentforge.checkpoints.reading import StateDict
 from latentforge.models.families import ModelFamily
+from latentforge.models.quantize import quantize_int8
 from latentforge.models.text_encoder import CLIPTextModel
 from latentforge.models.unet import UNetModel
 from latentforge.models.vae import AutoencoderKL
@@ -77,8 +78,10 @@ def assemble(
     dtype: torch.dtype,
     path: str | Path,
     text_encoder_2: StateDict | None = None,
+    int8_unet: bool = False,
 ) -> Components:
-    """Build the networks on `meta` and adopt the weights: no second copy is made."""
+    """Build the networks on `meta` and adopt the weights: no second copy is made. `int8_unet`: the U-Net's
+    state dict holds the int8 weights and scales of `quantize_int8` (quantized while read)."""
     with torch.device("meta"), SkipInitOnMeta():
         modules = {
             "unet": UNetModel(family.unet),
@@ -87,6 +90,8 @@ def assemble(
         }
         if family.text_encoder_2 is not None:
             modules["text_encoder_2"] = CLIPTextModel(family.text_encoder_2)
+        if int8_unet:
+            quantize_int8(modules["unet"])  # structure only: int8 `meta` buffers the state dict fills
     state_dicts = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     for name, module in modules.items():
         sd = state_dicts[name] or {}  # a missing second encoder is reported as missing keys

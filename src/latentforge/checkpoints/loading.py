@@ -15,6 +15,7 @@ from latentforge.checkpoints.hashing import a1111_short_hash
 from latentforge.checkpoints.prediction_probe import probe_prediction
 from latentforge.checkpoints.reading import read_state_dict
 from latentforge.checkpoints.single_file import (
+    UNET_PREFIX,
     MissingEMAError,
     detect_families,
     is_weight_key,
@@ -22,6 +23,7 @@ from latentforge.checkpoints.single_file import (
     text_encoder_from_single_file,
 )
 from latentforge.models.families import ModelFamily, Prediction
+from latentforge.models.quantize import quantizable, quantize_entry, quantize_int8
 from latentforge.models.vae import AutoencoderKL
 
 DEFAULT_MODEL_FILE = "latentforge-emoji.safetensors"  # its stem names the model in infotexts
@@ -54,21 +56,28 @@ def read_components(
     prediction: Prediction | None = None,
     use_ema: bool = False,
     compute_hash: bool = True,
+    int8: bool = False,
 ) -> Components:
     """The family and networks of an original single file (`.safetensors`/`.ckpt`) or a diffusers folder.
 
     See `latentforge.model.load` for the arguments. Without `prediction`, a single file whose shapes fit
     both an epsilon and a v family (SD 2.x 512 / 768-v) is probed: one U-Net forward on an 8x8 latent
     (`prediction_probe`; full-size SD 2.x in fp32 on one CPU thread: 1.5 s); `prediction` given: no probe.
+    `int8`: the U-Net's layers are quantized (`models.quantize`) one at a time as they are read from a
+    single file, so its float weights never exist whole (folders and `use_ema`: after loading).
     """
     path = Path(path)
     if path.is_dir():
-        return load_diffusers_folder(path, dtype=dtype, prediction=prediction)
+        return _quantized(load_diffusers_folder(path, dtype=dtype, prediction=prediction), int8)
     if not path.exists():
         raise CheckpointNotFoundError(path, "no such file or folder")
+    on_read = int8 and not use_ema  # EMA weights reach the U-Net through a key map: quantized after
     # cast per tensor while reading and skip EMA/training keys: peak memory stays near the final size
     state_dict, metadata = read_state_dict(
-        path, dtype=dtype, keep=functools.partial(is_weight_key, use_ema=use_ema)
+        path,
+        dtype=dtype,
+        keep=functools.partial(is_weight_key, use_ema=use_ema),
+        convert=_quantize_unet_entry if on_read else None,
     )
     try:
         parts = split_components(state_dict, use_ema=use_ema)
@@ -81,12 +90,27 @@ def read_components(
     # SDXL base: OpenCLIP bigG, `conditioner.embedders.1.model.`
     text_2 = _text_encoder(parts, "_2", family, path) if family.text_encoder_2 is not None else None
     components = assemble(
-        family, parts.pop("unet"), parts.pop("vae"), text_sd, dtype=dtype, path=path, text_encoder_2=text_2
-    )
+        family, parts.pop("unet"), parts.pop("vae"), text_sd, dtype=dtype, path=path, text_encoder_2=text_2,
+        int8_unet=on_read,
+    )  # fmt: skip
+    _quantized(components, int8 and not on_read)
     if prediction is None and len({c.prediction for c in candidates}) > 1:
         # same shapes, different targets (sd2 / sd2-v): run the U-Net once to tell (see prediction_probe)
         components.family = _with_prediction(candidates, probe_prediction(components.unet, family))
     components.short_hash = a1111_short_hash(path) if compute_hash else None
+    return components
+
+
+def _quantize_unet_entry(key: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> dict | None:
+    """A quantizable U-Net weight of a single file as an int8 U-Net loaded in `dtype` holds it."""
+    if key.startswith(UNET_PREFIX) and key.endswith(".weight") and quantizable(tuple(tensor.shape)):
+        return quantize_entry(key, tensor, dtype if tensor.is_floating_point() else None)
+    return None
+
+
+def _quantized(components: Components, int8: bool) -> Components:
+    if int8:
+        quantize_int8(components.unet)
     return components
 
 

@@ -27,25 +27,38 @@ from latentforge.checkpoints.errors import (
 )
 
 StateDict = dict[str, torch.Tensor]
+# convert(key, tensor as stored in the file, target dtype): the entries that replace the tensor (made from
+# it, in memory of their own: the tensor may be a reused buffer or the file's mapping), or None to keep it
+Convert = Callable[[str, torch.Tensor, torch.dtype | None], StateDict | None]
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors caps its JSON header at 100 MB
 
 
 def read_state_dict(
-    path: str | Path, *, dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    keep: Callable[[str], bool] | None = None,
+    convert: Convert | None = None,
 ) -> tuple[StateDict, dict[str, str]]:
     """Return (tensors, metadata) from a weights file, checking it is what it claims to be.
 
     `keep(key)` False skips a tensor without reading it; floating tensors are cast to `dtype` one at a
-    time as they are read, so the file's copy and the cast copy never both exist in full.
+    time as they are read, so the file's copy and the cast copy never both exist in full. `convert`
+    (e.g. int8 quantization at load) replaces a tensor by its entries as soon as it is read, from the
+    file's copy: only what is kept is ever allocated.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointNotFoundError(path, "no such file" if not path.exists() else "not a file")
     kind = sniff(path)
     if kind == "safetensors":
-        return _read_safetensors(path, dtype, keep)
-    tensors = _read_torch(path)
-    return {k: _private_copy(v, dtype) for k, v in tensors.items() if keep is None or keep(k)}, {}
+        return _read_safetensors(path, dtype, keep, convert)
+    out: StateDict = {}
+    for k, v in _read_torch(path).items():
+        if keep is None or keep(k):
+            converted = convert(k, v, dtype) if convert is not None else None
+            out.update(converted if converted is not None else {k: _private_copy(v, dtype)})
+    return out, {}
 
 
 def _private_copy(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -199,7 +212,7 @@ def _entry(path: str | Path, name: str, value: object, data_len: int) -> TensorE
 
 
 def _read_safetensors(
-    path: Path, dtype: torch.dtype | None, keep: Callable[[str], bool] | None
+    path: Path, dtype: torch.dtype | None, keep: Callable[[str], bool] | None, convert: Convert | None = None
 ) -> tuple[StateDict, dict[str, str]]:
     """Read each kept tensor straight into its own storage (no whole-file buffer, no second copy).
 
@@ -217,14 +230,14 @@ def _read_safetensors(
             message = f"safetensors header of {header_len} bytes in a {size}-byte file"
             raise CorruptCheckpointError(path, message)
         entries, metadata = parse_safetensors_header(path, f.read(header_len), size - 8 - header_len)
-        tensors = {}
+        tensors: dict[str, StateDict] = {}
         largest = max((e.end - e.begin for e in entries), default=0)
         scratch = None  # one reusable buffer for the file's copy of cast tensors: no holes left in the heap
         for entry in sorted(entries, key=lambda e: e.begin):
             if keep is not None and not keep(entry.name):
                 continue
             cast = dtype is not None and dtype != entry.dtype and entry.dtype.is_floating_point
-            if cast:
+            if cast or convert is not None:
                 scratch = torch.empty(largest, dtype=torch.uint8) if scratch is None else scratch
                 tensor = scratch[: entry.end - entry.begin].view(entry.dtype).view(entry.shape)
             else:
@@ -232,8 +245,14 @@ def _read_safetensors(
             if entry.end > entry.begin:
                 f.seek(8 + header_len + entry.begin)
                 _read_exactly(f, tensor, path)
-            tensors[entry.name] = tensor.to(dtype) if cast else tensor
-    return {e.name: tensors[e.name] for e in entries if e.name in tensors}, metadata
+            converted = convert(entry.name, tensor, dtype) if convert is not None else None
+            if converted is None:  # a cast or (with `convert`) a copy out of the scratch buffer
+                converted = {entry.name: tensor.to(dtype) if cast else tensor.clone()}
+            tensors[entry.name] = converted
+    out: StateDict = {}
+    for e in entries:  # the header's order
+        out.update(tensors.get(e.name, {}))
+    return out, metadata
 
 
 def _read_exactly(f: RawIOBase, tensor: torch.Tensor, path: Path) -> None:

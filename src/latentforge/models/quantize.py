@@ -9,17 +9,56 @@ The conversion is one-way (the float weights are dropped): apply LoRA and other 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+MIN_PARAMS = 4096  # smaller layers (the U-Net's 4-channel in/out convs) stay float
+_CHUNK = 1 << 20  # elements per float32 work buffer: a layer's float32 copy never exists whole
 
-def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 weight, float32 scale [out]) with weight ~= int8 * scale, symmetric per output channel."""
-    w = weight.detach().float()
-    scale = w.flatten(1).abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-    q = (w / scale.view(-1, *([1] * (w.ndim - 1)))).round().clamp(-127, 127).to(torch.int8)
+
+def quantizable(shape: Sequence[int], *, min_params: int = MIN_PARAMS) -> bool:
+    """Whether a Linear's [out, in] or a Conv2d's [out, in, kh, kw] weight is stored as int8: not a 1x1 conv
+    (the U-Net reads `proj_out.weight` of a 1x1 conv as a Linear's, models/unet.py SpatialTransformer) and
+    at least `min_params` weights. `quantize_int8` and an int8 load (checkpoints.loading) both ask this."""
+    layer = len(shape) == 2 or (len(shape) == 4 and tuple(shape[2:]) != (1, 1))
+    return layer and math.prod(shape) >= min_params
+
+
+def quantize_per_channel(
+    weight: torch.Tensor, via: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, float32 scale [out]) with weight ~= int8 * scale, symmetric per output channel;
+    `via`: of the weight cast to that dtype first (what loading in `via` and quantizing afterwards gives).
+
+    Computed over blocks of output channels (each row is independent), so the work buffers stay small:
+    the same result as on the whole tensor at once."""
+    w = weight.detach()
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    if w.is_meta:  # structure only (a model built on `meta` before its weights are read)
+        return q, scale
+    rows = max(1, _CHUNK // max(1, w[0].numel())) if w.shape[0] else 1
+    for start in range(0, w.shape[0], rows):
+        block = w[start : start + rows]
+        block = (block.to(via) if via is not None else block).float()
+        s = block.flatten(1).abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        q[start : start + rows] = (block / s.view(-1, *([1] * (w.ndim - 1)))).round().clamp(-127, 127)
+        scale[start : start + rows] = s
     return q, scale
+
+
+def quantize_entry(
+    key: str, weight: torch.Tensor, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """A state-dict entry `...weight` as its int8 module holds it once loaded in `dtype` (default: the
+    weight's): `...weight` (int8) and `...weight_scale` (in that dtype), what `quantize_int8` gives the
+    weight cast to `dtype` (one layer at a time, at load)."""
+    q, scale = quantize_per_channel(weight, via=dtype)
+    return {key: q, key + "_scale": scale.to(dtype or weight.dtype)}
 
 
 class _Int8Weight(nn.Module):
@@ -37,7 +76,7 @@ class _Int8Weight(nn.Module):
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         scale = self.weight_scale.to(dtype).view(-1, *([1] * (self.weight.ndim - 1)))
-        return self.weight.to(dtype) * scale
+        return self.weight.to(dtype).mul_(scale)  # one weight-sized temporary per call, not two
 
 
 class Int8Linear(_Int8Weight):
@@ -66,17 +105,16 @@ class Int8Conv2d(_Int8Weight):
         )
 
 
-def quantize_int8(module: nn.Module, *, min_params: int = 4096) -> int:
-    """Replace every Linear and 3x3 Conv2d with at least `min_params` weights by its int8 form, in place;
-    returns how many were replaced. Small layers (the U-Net's 4-channel in/out convs) stay in float, and
-    so do 1x1 convs: the U-Net reads `proj_out.weight` as a Linear's (models/unet.py SpatialTransformer)."""
+def quantize_int8(module: nn.Module, *, min_params: int = MIN_PARAMS) -> int:
+    """Replace every Linear and Conv2d whose weight is `quantizable` by its int8 form, in place; returns how
+    many were replaced. On a module built on `meta` it only changes the structure (int8 `meta` buffers)."""
     replaced = 0
     for name, child in list(module.named_children()):
         if isinstance(child, Int8Linear | Int8Conv2d):
             continue
-        if type(child) is nn.Linear or (type(child) is nn.Conv2d and child.kernel_size != (1, 1)):
+        if type(child) is nn.Linear or type(child) is nn.Conv2d:
             assert isinstance(child, nn.Linear | nn.Conv2d)
-            if child.weight.numel() >= min_params:
+            if quantizable(tuple(child.weight.shape), min_params=min_params):
                 setattr(
                     module, name, Int8Linear(child) if isinstance(child, nn.Linear) else Int8Conv2d(child)
                 )
