@@ -63,6 +63,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--tiled-vae", action="store_true")
+    parser.add_argument(
+        "--plain-decode", action="store_true", help="never the banded decode (pipelines/images.py)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--write-only", action="store_true", help="write the checkpoint file and stop")
     args = parser.parse_args()
@@ -118,6 +121,19 @@ def main() -> None:
         return out
 
     model.vae.decode = marked_decode
+    from latentforge.pipelines import images
+
+    banded = images.decode_banded
+
+    def marked_banded(vae, z):  # noqa: ANN001, ANN202
+        phases.mark("sampling")
+        out = banded(vae, z)
+        phases.mark("decode")
+        return out
+
+    images.decode_banded = marked_banded
+    if args.plain_decode:
+        images.BANDED_DECODE_PIXELS = 2**62
     request = GenerationRequest(
         prompt="a photograph of an astronaut riding a horse", negative_prompt="blurry", steps=args.steps,
         sampler="DPM++ 2M", schedule="Karras", cfg_scale=7.0, seed=1, width=args.size, height=args.size,
@@ -127,7 +143,8 @@ def main() -> None:
     phases.mark("rest")
     print(
         f"\nsource {args.source} ({args.file_dtype} file), {args.dtype}{' + int8' if args.int8 else ''}, "
-        f"{args.size}x{args.size}, {args.steps} steps, {len(calls)} U-Net calls, tiled VAE {args.tiled_vae}\n"
+        f"{args.size}x{args.size}, {args.steps} steps, {len(calls)} U-Net calls, tiled VAE {args.tiled_vae}, "
+        f"banded decode above {images.BANDED_DECODE_PIXELS} px\n"
     )
     merged: dict[str, list[float]] = {}  # the text encoder runs once per prompt: max/last/sum over calls
     for name, peak, rss, wall, cpu in phases.rows:
