@@ -114,8 +114,10 @@ def _resnet(block: ResnetBlock, source: Source, band_pixels: int) -> Tensor:
         h = _conv3x3(block.conv1, _norm_silu(stats, x), a, b, height)
         if inner is None or out is None:
             inner = _empty(h, h.shape[1], height, width)
-            in_place = block.nin_shortcut is None and source.stored is not None
-            out = source.stored if in_place else _empty(h, h.shape[1], height, width)
+            if block.nin_shortcut is None and source.stored is not None:
+                out = source.stored
+            else:
+                out = _empty(h, h.shape[1], height, width)
         inner[:, :, a:b] = h
         if out is not source.stored:
             skip = x[:, :, a - lo : b - lo]
