@@ -10,6 +10,8 @@ calls), decode, rest (tokenizer, sampler, image conversion).
     OMP_NUM_THREADS=1 python benchmarks/memory.py --file-dtype fp16 --dtype bf16 --size 512 --steps 2
     OMP_NUM_THREADS=1 python benchmarks/memory.py --file-dtype fp16 --dtype bf16 --int8 --size 512
     OMP_NUM_THREADS=1 python benchmarks/memory.py --file-dtype fp16 --dtype bf16 --size 1024 --steps 1
+    OMP_NUM_THREADS=1 python benchmarks/memory.py --file-dtype fp16 --dtype bf16 --size 512 --steps 1 \
+        --banded-above 0  # the banded VAE decode at every size (default: above 768x768)
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--tiled-vae", action="store_true")
     parser.add_argument(
-        "--plain-decode", action="store_true", help="never the banded decode (pipelines/images.py)"
+        "--banded-above", type=int, help="banded decode above this many pixels (default: the library's)"
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--write-only", action="store_true", help="write the checkpoint file and stop")
@@ -132,8 +134,8 @@ def main() -> None:
         return out
 
     images.decode_banded = marked_banded
-    if args.plain_decode:
-        images.BANDED_DECODE_PIXELS = 2**62
+    if args.banded_above is not None:
+        images.BANDED_DECODE_PIXELS = args.banded_above
     request = GenerationRequest(
         prompt="a photograph of an astronaut riding a horse", negative_prompt="blurry", steps=args.steps,
         sampler="DPM++ 2M", schedule="Karras", cfg_scale=7.0, seed=1, width=args.size, height=args.size,

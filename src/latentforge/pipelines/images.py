@@ -10,8 +10,8 @@ from latentforge.model import StableDiffusion
 from latentforge.models.vae import DiagonalGaussian
 from latentforge.models.vae_banded import decode_banded
 
-# Decodes above this many pixels run in row bands: exact, and at 1024 x 1024 SD1.5 bf16 MMM MiB lower peak
-# for NNN x the CPU time (docs/benchmarks.md, "Memory: where the peak is").
+# Decodes above this many pixels run in row bands: exact, and for SD1.5 bf16 at 1024 x 1024 the decode's
+# own rise is 938 instead of 1699 MiB for 1.5x its CPU time (docs/benchmarks.md, "Memory: where the peak is").
 BANDED_DECODE_PIXELS = 768 * 768
 
 
