@@ -75,3 +75,14 @@ def test_decode_latents_bands_above_the_pixel_threshold(monkeypatch):
     banded, _ = images.decode_latents(model, latents)
     assert calls and banded.shape == plain.shape
     assert (banded - plain).abs().max().item() <= 1e-5 * (plain.max() - plain.min()).item()
+
+
+@pytest.mark.parametrize(("height", "width", "band_rows"), [(5, 7, 3), (4, 3, 1)])
+def test_banded_decode_in_float64_is_the_same_computation(height, width, band_rows):
+    """In float64 the summation order leaves ~1e-15: anything above 1e-10 would be a real difference."""
+    vae = _vae(F8).double()
+    z = torch.randn(1, F8.embed_dim, height, width, dtype=torch.float64) + 0.5
+    with torch.no_grad():
+        plain = vae.decode(z)
+        banded = decode_banded(vae, z, band_pixels=band_rows * width * F8.downsampling_factor)
+    assert (banded - plain).abs().max().item() <= 1e-10 * (plain.max() - plain.min()).item()

@@ -59,15 +59,16 @@ def _conv3x3(conv: nn.Conv2d, x: Tensor, a: int, b: int, height: int) -> Tensor:
 
 
 def _group_stats(norm: nn.GroupNorm, source: Source, band_pixels: int) -> tuple[Tensor, Tensor]:
-    """(shift, scale) [B, C, 1, 1] in float32 such that GroupNorm(x) = x * scale + shift, with statistics
-    of the whole image: each band's per-group mean and variance (float32, torch's own group norm kernel),
+    """(shift, scale) [B, C, 1, 1] in float64 such that GroupNorm(x) = x * scale + shift, with statistics
+    of the whole image: each band's per-group mean and variance (at least float32, torch's group norm kernel),
     merged in float64 with Chan et al.'s parallel-variance update."""
     groups = norm.num_groups
     count = 0
     mean: Tensor | None = None
     m2: Tensor | None = None  # per [B, G]: sum of squared deviations from `mean`
     for a, b in _bands(source, band_pixels):
-        x = source.rows(a, b).float()
+        x = source.rows(a, b)
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
         batch, channels, rows, width = x.shape
         _, mean_b, rstd_b = torch.ops.aten.native_group_norm(
             x, None, None, batch, channels, rows * width, groups, 0.0
@@ -85,12 +86,13 @@ def _group_stats(norm: nn.GroupNorm, source: Source, band_pixels: int) -> tuple[
     scale = rstd[:, :, None] * norm.weight.double().view(groups, -1)  # [B, G, C/G]
     shift = norm.bias.double().view(groups, -1) - mean[:, :, None] * scale
     batch = mean.shape[0]
-    return shift.reshape(batch, -1, 1, 1).float(), scale.reshape(batch, -1, 1, 1).float()
+    return shift.reshape(batch, -1, 1, 1), scale.reshape(batch, -1, 1, 1)
 
 
 def _norm_silu(stats: tuple[Tensor, Tensor], x: Tensor) -> Tensor:
-    """silu(GroupNorm(x)) from `_group_stats`, computed in float32, returned in x's dtype."""
-    shift, scale = stats
+    """silu(GroupNorm(x)) from `_group_stats`, computed in float32 (float64 for float64 x), in x's dtype."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    shift, scale = (t.to(dtype) for t in stats)
     return F.silu(torch.addcmul(shift, x, scale), inplace=True).to(x.dtype)
 
 
