@@ -10,6 +10,8 @@ calls), decode, rest (tokenizer, sampler, image conversion).
     OMP_NUM_THREADS=1 python benchmarks/memory.py --file-dtype fp16 --dtype bf16 --size 512 --steps 2
     OMP_NUM_THREADS=1 python benchmarks/memory.py --file-dtype fp16 --dtype bf16 --int8 --size 512
     OMP_NUM_THREADS=1 python benchmarks/memory.py --file-dtype fp16 --dtype bf16 --size 1024 --steps 1
+    OMP_NUM_THREADS=1 python benchmarks/memory.py --file-dtype fp16 --dtype bf16 --size 512 --steps 1 \
+        --banded-above 0  # the banded VAE decode at every size (default: above 768x768)
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--tiled-vae", action="store_true")
+    parser.add_argument(
+        "--banded-above", type=int, help="banded decode above this many pixels (default: the library's)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--write-only", action="store_true", help="write the checkpoint file and stop")
     args = parser.parse_args()
@@ -118,6 +123,19 @@ def main() -> None:
         return out
 
     model.vae.decode = marked_decode
+    from latentforge.pipelines import images
+
+    banded = images.decode_banded
+
+    def marked_banded(vae, z):  # noqa: ANN001, ANN202
+        phases.mark("sampling")
+        out = banded(vae, z)
+        phases.mark("decode")
+        return out
+
+    images.decode_banded = marked_banded
+    if args.banded_above is not None:
+        images.BANDED_DECODE_PIXELS = args.banded_above
     request = GenerationRequest(
         prompt="a photograph of an astronaut riding a horse", negative_prompt="blurry", steps=args.steps,
         sampler="DPM++ 2M", schedule="Karras", cfg_scale=7.0, seed=1, width=args.size, height=args.size,
@@ -127,7 +145,8 @@ def main() -> None:
     phases.mark("rest")
     print(
         f"\nsource {args.source} ({args.file_dtype} file), {args.dtype}{' + int8' if args.int8 else ''}, "
-        f"{args.size}x{args.size}, {args.steps} steps, {len(calls)} U-Net calls, tiled VAE {args.tiled_vae}\n"
+        f"{args.size}x{args.size}, {args.steps} steps, {len(calls)} U-Net calls, tiled VAE {args.tiled_vae}, "
+        f"banded decode above {images.BANDED_DECODE_PIXELS} px\n"
     )
     merged: dict[str, list[float]] = {}  # the text encoder runs once per prompt: max/last/sum over calls
     for name, peak, rss, wall, cpu in phases.rows:

@@ -101,11 +101,14 @@ class Level(nn.Module):
         if resample is not None:
             self.add_module(resample_name, resample)
 
+    @property
+    def resample(self) -> nn.Module | None:
+        return getattr(self, self.resample_name, None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.block:
             x = block(x)
-        resample = getattr(self, self.resample_name, None)
-        return x if resample is None else resample(x)
+        return x if self.resample is None else self.resample(x)
 
 
 class Encoder(nn.Module):

@@ -8,6 +8,11 @@ from PIL import Image
 from latentforge.data.images import image_to_tensor
 from latentforge.model import StableDiffusion
 from latentforge.models.vae import DiagonalGaussian
+from latentforge.models.vae_banded import decode_banded
+
+# Decodes above this many pixels run in row bands: exact, and for SD1.5 bf16 at 1024 x 1024 the decode's
+# own rise is 938 instead of 1699 MiB for 1.5x its CPU time (docs/benchmarks.md, "Memory: where the peak is").
+BANDED_DECODE_PIXELS = 768 * 768
 
 
 def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:
@@ -45,9 +50,11 @@ def decode_latents(
 
     Half-precision VAEs (notably SD's in fp16) overflow on some latents; the result is checked and
     decoded again in float32 when it is not finite, as A1111's "NaN check" does. `tiled` decodes in
-    overlapping tiles (`tiled_vae.decode_tiled_unscaled`). The latents go in channels-last: every conv
-    then runs in that layout without reordering its input and output (on CPU, SD1.5 at 512 px in bf16:
-    3.3x less time and 230 MiB less peak memory than NCHW; the same result up to rounding).
+    overlapping tiles (`tiled_vae.decode_tiled_unscaled`); otherwise images above `BANDED_DECODE_PIXELS`
+    decode in row bands (`models/vae_banded.py`: exact, less memory, slower). The latents go in
+    channels-last: every conv then runs in that layout without reordering its input and output (on CPU,
+    SD1.5 at 512 px in bf16: 3.3x less time and 230 MiB less peak memory than NCHW; the same result up
+    to rounding).
     """
     from latentforge.pipelines.tiled_vae import decode_tiled_unscaled
 
@@ -55,7 +62,12 @@ def decode_latents(
 
     def decode(dtype: torch.dtype) -> torch.Tensor:
         z_in = z.to(model.vae_device, dtype).contiguous(memory_format=torch.channels_last)
-        pixels = decode_tiled_unscaled(model.vae, z_in) if tiled else model.vae.decode(z_in)
+        if tiled:
+            pixels = decode_tiled_unscaled(model.vae, z_in)
+        elif z_in.shape[-2] * z_in.shape[-1] * model.vae.config.downsampling_factor**2 > BANDED_DECODE_PIXELS:
+            pixels = decode_banded(model.vae, z_in)
+        else:
+            pixels = model.vae.decode(z_in)
         return pixels.float().contiguous()
 
     compiled = None if tiled or model.backend is None else model.backend.decode(model.vae, z)  # backends/
