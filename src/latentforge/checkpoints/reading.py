@@ -237,7 +237,8 @@ def _read_safetensors(
             if keep is not None and not keep(entry.name):
                 continue
             cast = dtype is not None and dtype != entry.dtype and entry.dtype.is_floating_point
-            if cast or convert is not None:
+            in_scratch = cast or convert is not None
+            if in_scratch:
                 scratch = torch.empty(largest, dtype=torch.uint8) if scratch is None else scratch
                 tensor = scratch[: entry.end - entry.begin].view(entry.dtype).view(entry.shape)
             else:
@@ -246,8 +247,9 @@ def _read_safetensors(
                 f.seek(8 + header_len + entry.begin)
                 _read_exactly(f, tensor, path)
             converted = convert(entry.name, tensor, dtype) if convert is not None else None
-            if converted is None:  # a cast or (with `convert`) a copy out of the scratch buffer
-                converted = {entry.name: tensor.to(dtype) if cast else tensor.clone()}
+            if converted is None:  # out of the scratch buffer: cast, or copied when `convert` kept it
+                own = tensor.to(dtype) if cast else tensor.clone() if in_scratch else tensor
+                converted = {entry.name: own}
             tensors[entry.name] = converted
     out: StateDict = {}
     for e in entries:  # the header's order
