@@ -23,4 +23,6 @@ pip_install -e ".[test]"
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/ruff format --check src tests benchmarks
 .venv/bin/mypy src/latentforge
-.venv/bin/python -m pytest -n 2 -q "$@"
+# The openvino tests run in a process of their own (pyproject's `openvino` marker says why).
+.venv/bin/python -m pytest -n 2 -q -m "not slow and not openvino" "$@"
+.venv/bin/python -m pytest -n 2 -q -m "openvino and not slow" "$@"

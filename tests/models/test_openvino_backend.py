@@ -23,6 +23,7 @@ from latentforge.pipelines.runner import run
 needs_openvino = pytest.mark.skipif(
     importlib.util.find_spec("openvino") is None, reason="pip install openvino (the openvino extra)"
 )
+pytestmark = pytest.mark.openvino  # run in a pytest process of their own (pyproject.toml)
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
