@@ -21,14 +21,14 @@ from test_server import LOCAL, PAYLOAD, REQUEST, _decode, _free_port, _png, _sam
 
 from latentforge.api import run  # noqa: E402
 from latentforge.checkpoints.controlnet import a1111_controlnet_hash, load_controlnet, save_controlnet  # noqa: E402
-from latentforge.checkpoints.single_file import save_single_file  # noqa: E402
-from latentforge.model import StableDiffusion, load  # noqa: E402
+from latentforge.model import load  # noqa: E402
 from latentforge.models.controlnet import ControlNetConfig, ControlNetModel  # noqa: E402
 from latentforge.models.families import TINY  # noqa: E402
 from latentforge.pipelines.controlnet import ControlNetUnit  # noqa: E402
 from latentforge.pipelines.preprocessors import PREPROCESSORS, run_preprocessor  # noqa: E402
 from latentforge.pipelines.request import InitImage  # noqa: E402
 from latentforge.server.app import create_app  # noqa: E402
+from references import save_random_model
 
 
 def _controlnet(seed: int, context_dim: int | None = None) -> ControlNetModel:
@@ -48,11 +48,8 @@ def _square() -> Image.Image:
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = StableDiffusion.from_family(TINY)
     folder = tmp_path_factory.mktemp("models")
-    parts = (model.unet.state_dict(), model.vae.state_dict(), model.text_encoder.state_dict())
-    save_single_file(folder / "tiny.safetensors", *parts, TINY)
+    save_random_model(TINY, folder / "tiny.safetensors")
     (folder / "ControlNet").mkdir()
     save_controlnet(folder / "ControlNet" / "cn_edges.safetensors", _controlnet(1))
     save_controlnet(folder / "ControlNet" / "cn_wide.safetensors", _controlnet(2, context_dim=48))

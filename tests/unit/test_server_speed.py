@@ -10,20 +10,19 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from latentforge.api import run  # noqa: E402
-from latentforge.checkpoints.single_file import save_single_file  # noqa: E402
 from latentforge.errors import ParameterError  # noqa: E402
-from latentforge.model import StableDiffusion, load  # noqa: E402
+from latentforge.model import load  # noqa: E402
 from latentforge.models.families import TINY  # noqa: E402
 from latentforge.pipelines.request import GenerationRequest, Hires  # noqa: E402
 from latentforge.server.app import create_app  # noqa: E402
 from latentforge.server.payload import request_from_payload  # noqa: E402
+from references import save_random_model
 
 PAYLOAD = {"prompt": "a cat", "negative_prompt": "dog", "seed": 7, "steps": 4, "sampler_name": "Euler"}
 PAYLOAD |= {"width": 32, "height": 32, "cfg_scale": 5}
@@ -108,11 +107,8 @@ def test_a_badly_typed_speed_field_is_named(change, named):
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = StableDiffusion.from_family(TINY)
     folder = tmp_path_factory.mktemp("models")
-    parts = (model.unet.state_dict(), model.vae.state_dict(), model.text_encoder.state_dict())
-    save_single_file(folder / "tiny.safetensors", *parts, TINY)
+    save_random_model(TINY, folder / "tiny.safetensors")
     return folder
 
 

@@ -21,11 +21,11 @@ from test_server import LOCAL, PAYLOAD, REQUEST, _decode, _same_pixels  # noqa: 
 
 from latentforge.api import run  # noqa: E402
 from latentforge.checkpoints.hashing import sha256_file  # noqa: E402
-from latentforge.checkpoints.single_file import save_single_file  # noqa: E402
-from latentforge.model import StableDiffusion, load  # noqa: E402
+from latentforge.model import load  # noqa: E402
 from latentforge.models.families import TINY  # noqa: E402
 from latentforge.models.vae import AutoencoderKL  # noqa: E402
 from latentforge.server.app import create_app  # noqa: E402
+from references import save_random_model
 
 
 def _save_random_vae(path: Path, seed: int) -> None:
@@ -40,11 +40,8 @@ def _save_random_vae(path: Path, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = StableDiffusion.from_family(TINY)
     folder = tmp_path_factory.mktemp("models")
-    parts = (model.unet.state_dict(), model.vae.state_dict(), model.text_encoder.state_dict())
-    save_single_file(folder / "tiny.safetensors", *parts, TINY)
+    save_random_model(TINY, folder / "tiny.safetensors")
     _save_random_vae(folder / "VAE" / "blue.safetensors", seed=1)
     return folder
 
