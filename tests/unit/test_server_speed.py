@@ -14,6 +14,7 @@ from PIL import Image
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
+from test_server import LOCAL, _png  # noqa: E402
 
 from latentforge.api import run  # noqa: E402
 from latentforge.errors import ParameterError  # noqa: E402
@@ -29,7 +30,6 @@ PAYLOAD |= {"width": 32, "height": 32, "cfg_scale": 5}
 REQUEST = GenerationRequest(
     prompt="a cat", negative_prompt="dog", seed=7, steps=4, sampler="Euler", width=32, height=32, cfg_scale=5
 )
-LOCAL = "http://127.0.0.1:7860"
 
 
 @pytest.mark.parametrize(
@@ -116,12 +116,6 @@ def models_dir(tmp_path_factory):
 def client(models_dir):
     with TestClient(create_app(models_dir=models_dir, queue_size=2), base_url=LOCAL) as client:
         yield client
-
-
-def _png(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 @pytest.mark.parametrize(
