@@ -232,6 +232,13 @@ def test_lists_options_and_model_selection(client):
     assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
     response = client.post("/sdapi/v1/options", json={"samples_save": False})
     assert response.status_code == 422 and "sd_model_checkpoint" in response.json()["detail"]
+    # the live preview's kind (A1111's show_progress_type); TAESD by default, falling back to the map
+    assert client.get("/sdapi/v1/options").json()["show_progress_type"] == "TAESD"
+    response = client.post("/sdapi/v1/options", json={"show_progress_type": "Approx fancy"})
+    assert response.status_code == 422 and "Approx cheap" in response.json()["detail"]
+    assert client.post("/sdapi/v1/options", json={"show_progress_type": "Full"}).status_code == 200
+    assert client.get("/sdapi/v1/options").json()["show_progress_type"] == "Full"
+    assert client.post("/sdapi/v1/options", json={"show_progress_type": "TAESD"}).status_code == 200
 
 
 def test_png_info_parses_the_parameters(client):

@@ -204,3 +204,29 @@ def test_the_hires_pass_uses_its_own_token_merging_ratio(models_dir):
         model, GenerationRequest(**{**hires.__dict__, "hires": Hires(token_merging_ratio=0.25)})
     )
     assert from_infotext(result[0].infotext).request.hires.token_merging_ratio == 0.25
+
+
+def test_a_tiny_decoder_in_models_vae_taesd_serves_fast_decode_and_previews(tmp_path):
+    """A1111's folder for TAESD (models/VAE-taesd/taesd_decoder.*): the server attaches it to the loaded
+    model, so `fast_decode` works and the default TAESD previews use it."""
+    import torch
+    from safetensors.torch import save_file
+
+    from latentforge.checkpoints.taesd import read_taesd
+    from latentforge.models.taesd import TinyAutoencoder, TinyAutoencoderConfig
+
+    save_random_model(TINY, tmp_path / "tiny.safetensors")
+    torch.manual_seed(1)
+    config = TinyAutoencoderConfig(4, channels=8, encoder_blocks=(1, 1), decoder_blocks=(1, 1))
+    decoder = TinyAutoencoder(config, encoder=False).state_dict()
+    (tmp_path / "VAE-taesd").mkdir()
+    bare = {k.split(".", 1)[1]: v for k, v in decoder.items()}  # the published files' bare Sequential
+    save_file(bare, tmp_path / "VAE-taesd/taesd_decoder.safetensors")
+    with TestClient(create_app(models_dir=tmp_path, queue_size=2), base_url=LOCAL) as client:
+        response = client.post("/sdapi/v1/txt2img", json=PAYLOAD | {"fast_decode": True})
+    assert response.status_code == 200, response.text
+    model = load(tmp_path / "tiny.safetensors")
+    model.taesd = read_taesd(tmp_path / "VAE-taesd")
+    want = run(model, GenerationRequest(**{**REQUEST.__dict__, "fast_decode": True}))[0]
+    got = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0])))
+    np.testing.assert_array_equal(np.asarray(got.convert("RGB")), np.asarray(want.convert("RGB")))

@@ -85,3 +85,29 @@ def test_cli_taesd_preview_and_fast_decode(model, taesd, tmp_path, capsys):
     assert main(argv) == 0
     assert Image.open(out / "preview.png").size == (32, 32)  # full size, not latent size
     assert "Fast decode: True" in (read_infotext(sorted(out.glob("0*.png"))[0]) or "")
+
+
+def test_preview_kinds_are_a1111s_show_progress_types(model, taesd):
+    """Full = the VAE's own decode (as the final image, at full size), TAESD = the tiny decoder,
+    Approx cheap/NN = the latent-size linear map; TAESD without a tiny decoder falls back to the map."""
+    from latentforge.pipelines.images import decode_latents
+    from latentforge.pipelines.preview import (
+        PREVIEW_TYPES,
+        latent_preview,
+        latent_rgb_projection,
+        preview_image,
+    )
+
+    latents = run(model, PARAMS, progress=False)[0].latents[None]
+    projection = latent_rgb_projection(model)
+    with_taesd = replace(model, taesd=taesd)
+    shown = {kind: np.asarray(preview_image(with_taesd, latents, kind, projection)) for kind in PREVIEW_TYPES}
+    full = tensor_to_pil(decode_latents(model, latents)[0])[0]
+    assert np.array_equal(shown["Full"], np.asarray(full)) and full.size == (32, 32)
+    with torch.no_grad():
+        expected = tensor_to_pil(taesd.decode(latents))[0]
+    assert np.array_equal(shown["TAESD"], np.asarray(expected))
+    cheap = np.asarray(latent_preview(latents, projection))
+    assert cheap.shape[:2] == (16, 16)  # TINY's VAE: factor 2
+    assert np.array_equal(shown["Approx cheap"], cheap) and np.array_equal(shown["Approx NN"], cheap)
+    assert np.array_equal(np.asarray(preview_image(model, latents, "TAESD", projection)), cheap)

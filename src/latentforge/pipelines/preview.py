@@ -1,4 +1,4 @@
-"""Live previews: latents -> RGB by one linear map per pixel, with no VAE decode.
+"""Live previews of the current x0 estimate: a linear map per latent pixel, TAESD, or the VAE itself.
 
 A projection is a [C + 1, 3] matrix (the last row a bias) from scaled latents to pixels in [-1, 1].
 For the Stable Diffusion VAE we use the widely published factors (A1111's "Approx cheap",
@@ -67,3 +67,28 @@ def taesd_preview(latents: Tensor, taesd: TinyAutoencoder) -> Image.Image:
     pixels = taesd.decode(z.detach().to(parameter.device, parameter.dtype)).float()[0].cpu()
     array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(np.ascontiguousarray(array))
+
+
+# A1111's `show_progress_type` setting (modules/shared_options.py) and what each is here. "Approx NN" is
+# A1111's small latent -> RGB conv net trained on SD latents and downloaded on first use: we have no such
+# file, so it previews as "Approx cheap". "TAESD" without a tiny decoder loaded (the embedded model ships
+# one; --taesd gives SD's) also falls back to "Approx cheap" (A1111 would download TAESD).
+PREVIEW_TYPES = ("Full", "Approx NN", "Approx cheap", "TAESD")
+
+
+@torch.inference_mode()
+def preview_image(model: StableDiffusion, latents: Tensor, kind: str, projection: Tensor) -> Image.Image:
+    """The preview of scaled latents [B, C, h, w] (the first image) as the `kind` of PREVIEW_TYPES says.
+
+    "Full" decodes with the model's VAE (its own dtype; no fp32 retry: a preview may show what the final
+    decode would have retried), "TAESD" with `model.taesd`, the others by `projection` at latent size.
+    """
+    if kind == "Full":
+        parameter = next(model.vae.parameters())
+        z = latents[:1] / model.family.latent_scale
+        pixels = model.vae.decode(z.to(parameter.device, parameter.dtype)).float()[0].cpu()
+        array = ((pixels.nan_to_num().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0)
+        return Image.fromarray(np.ascontiguousarray(array.numpy()))
+    if kind == "TAESD" and model.taesd is not None:
+        return taesd_preview(latents, model.taesd)
+    return latent_preview(latents, projection)

@@ -27,7 +27,7 @@ from PIL import Image
 from latentforge.errors import LatentforgeError, ParameterError
 from latentforge.pipelines.infotext import parse_infotext, read_infotext
 from latentforge.pipelines.preprocessors import PREPROCESSORS, get_preprocessor, run_preprocessor
-from latentforge.pipelines.preview import latent_preview
+from latentforge.pipelines.preview import PREVIEW_TYPES
 from latentforge.pipelines.request import UPSCALERS, GenerationRequest
 from latentforge.pipelines.xyz import parse_axis
 from latentforge.sampling.registry import SAMPLERS
@@ -43,7 +43,7 @@ from latentforge.server.payload import (
 )
 
 # POST /sdapi/v1/options may change only these (A1111 lets a client set any option; we keep to the model).
-SETTABLE_OPTIONS = ("sd_model_checkpoint", "sd_vae")
+SETTABLE_OPTIONS = ("sd_model_checkpoint", "sd_vae", "show_progress_type")
 MAX_BODY_BYTES = 200 * 2**20  # a few base64 images; larger bodies get 413 before they are read
 RETRY_AFTER_S = 5  # told to clients that find the queue full (429)
 STATIC = Path(__file__).parent / "static"  # the web page: plain HTML/CSS/JS, no build step
@@ -401,6 +401,7 @@ def create_app(
         return {
             "sd_model_checkpoint": catalog.selected,
             "sd_vae": catalog.selected_vae,
+            "show_progress_type": worker.preview_type,
             "samples_format": "png",
         }
 
@@ -414,6 +415,9 @@ def create_app(
             return _error(
                 422, "ParameterError", f"options {unknown} cannot be set; settable: {SETTABLE_OPTIONS}"
             )
+        kind = body.get("show_progress_type", worker.preview_type)
+        if kind not in PREVIEW_TYPES:
+            return _error(422, "ParameterError", f"show_progress_type {kind!r}: one of {PREVIEW_TYPES}")
         switch = {}
         if "sd_model_checkpoint" in body:
             name = body["sd_model_checkpoint"]
@@ -427,6 +431,7 @@ def create_app(
             except QueueFullError as error:
                 return _error(429, "QueueFull", str(error), {"Retry-After": str(RETRY_AFTER_S)})
             await asyncio.wrap_future(job.future)
+        worker.preview_type = kind  # a display setting: the next preview uses it (not queued)
         return JSONResponse(None)
 
     @app.get("/sdapi/v1/progress")
@@ -458,7 +463,7 @@ def create_app(
         image = None
         latest, model = job.latest, job.model
         if not skip_current_image and latest is not None and model is not None:
-            preview = latent_preview(latest, worker.preview_projection(model))
+            preview = worker.preview(model, latest)
             image = encode_png(preview, None)
         return {
             "progress": done,
@@ -490,9 +495,7 @@ def create_app(
         preview = None
         latest, model = job.latest, job.model
         if body.get("live_preview", True) and latest is not None and model is not None:
-            preview = "data:image/png;base64," + encode_png(
-                latent_preview(latest, worker.preview_projection(model)), None
-            )
+            preview = "data:image/png;base64," + encode_png(worker.preview(model, latest), None)
         return reply | {
             "active": True,
             "progress": done,

@@ -28,11 +28,13 @@ from latentforge.checkpoints.controlnet import (
     controlnet_path,
     load_controlnet,
 )
+from latentforge.checkpoints.taesd import SUFFIXES as TAESD_SUFFIXES
+from latentforge.checkpoints.taesd import read_taesd
 from latentforge.errors import ParameterError
 from latentforge.model import StableDiffusion, load, swap_vae
 from latentforge.models.vae import AutoencoderKL
 from latentforge.pipelines.generate import SKIP, GeneratedImage, img2img_steps
-from latentforge.pipelines.preview import latent_rgb_projection
+from latentforge.pipelines.preview import latent_rgb_projection, preview_image
 from latentforge.pipelines.request import GenerationRequest, resolve
 from latentforge.pipelines.runner import iter_images
 from latentforge.pipelines.xyz import Axis, cells, xyz_plot
@@ -47,6 +49,8 @@ CONTROLNET_FOLDER, CONTROLNET_SUFFIXES = "ControlNet", (".safetensors", ".pth")
 # A1111's models/VAE (modules/sd_vae.py lists *.ckpt, *.pt, *.safetensors there; the pickled ones are read
 # by the restricted unpickler too). A VAE is named by its file name, as A1111's `sd_vae` option.
 VAE_FOLDER, VAE_SUFFIXES = "VAE", (".safetensors", ".pt", ".ckpt")
+# A1111 keeps the tiny decoders of its TAESD live previews in models/VAE-taesd (modules/sd_vae_taesd.py)
+TAESD_FOLDER = "VAE-taesd"
 # A1111's two fixed `sd_vae` values: "None" decodes with the checkpoint's own VAE; "Automatic" with a VAE
 # file named like the checkpoint when there is one (sd_vae.find_vae_near_checkpoint), else its own.
 VAE_AUTOMATIC, VAE_NONE = "Automatic", "None"
@@ -209,6 +213,7 @@ class Catalog:
             self.release()  # drop the old weights before loading the new ones: never two in memory
             model = load(self.find(name).path)
             self._use_folders(model)
+            self._use_taesd(model)
             self.loaded = (name, model)
         return self.loaded[1]
 
@@ -219,6 +224,15 @@ class Catalog:
         loras = [d for d in (self.models_dir / LORA_FOLDER,) if d.is_dir()]
         embeddings = [d for d in (self.models_dir / EMBEDDING_FOLDER,) if d.is_dir()]
         model.use_folders(lora_dirs=loras, embedding_dirs=embeddings)
+
+    def _use_taesd(self, model: StableDiffusion) -> None:
+        """The family's tiny decoder from models/VAE-taesd (`taesd_decoder.pth`, SDXL `taesdxl_decoder.pth`,
+        or .safetensors), for TAESD live previews and `fast_decode`; the embedded model brings its own."""
+        variant = "taesdxl" if model.family.is_sdxl else "taesd"
+        folder = self.models_dir / TAESD_FOLDER if self.models_dir is not None else None
+        if folder is None or not any((folder / f"{variant}_decoder{s}").is_file() for s in TAESD_SUFFIXES):
+            return
+        model.taesd = read_taesd(folder, variant=variant, dtype=model.dtype).to(model.device)
 
     def release(self) -> None:
         """Forget the loaded model and return its memory (A1111: `unload_model_weights`, `torch_gc`)."""
@@ -295,6 +309,7 @@ class Worker:
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self.current: Job | None = None
         self.projection: tuple[StableDiffusion, Tensor] | None = None
+        self.preview_type = "TAESD"  # A1111's `show_progress_type` (pipelines.preview.PREVIEW_TYPES)
         self.networks: dict[Path, ControlNet] = {}  # loaded ControlNets, for the loaded model's dtype/device
         self.tasks: dict[str, Job] = {}  # jobs by client task id, the newest TASKS_KEPT (insertion order)
         self.thread = threading.Thread(target=self._run, name="latentforge-generation", daemon=True)
@@ -338,6 +353,10 @@ class Worker:
         if self.projection is None or self.projection[0] is not model:
             self.projection = (model, latent_rgb_projection(model))
         return self.projection[1]
+
+    def preview(self, model: StableDiffusion, latents: Tensor) -> Image.Image:
+        """The running job's live preview, of the kind the `show_progress_type` option names."""
+        return preview_image(model, latents, self.preview_type, self.preview_projection(model))
 
     def close(self, timeout: float = 30.0) -> None:
         self.interrupt()
