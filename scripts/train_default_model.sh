@@ -48,9 +48,14 @@ restore vae final.safetensors ||
 # Stage 2: CLIP on the training images with extra captions (name-less, short names); holdout unchanged.
 [ -d "$DATA-clip/train" ] || "$PY" -c "import sys; from latentforge.data.emoji import write_caption_variants as w
 print(w(sys.argv[1], sys.argv[2]))" "$DATA" "$DATA-clip"
-restore clip final.safetensors final.text_encoder.safetensors ||
+# (committed as fp16 with both towers; the text tower the U-Net stage reads is written from it)
+restore clip final.safetensors ||
   "$PY" -m latentforge train clip configs/default/clip_v2.toml task_options.train_data="$DATA-clip/train" \
     task_options.holdout_data="$DATA/holdout" run_dir="$RUNS/clip"
+[ -f "$RUNS/clip/final.text_encoder.safetensors" ] || "$PY" -c "import sys, torch
+from latentforge.checkpoints.exports import load_clip, save_text_encoder as save
+save(load_clip(sys.argv[1]).text, sys.argv[2], dtype=torch.float32)" "$RUNS/clip/final.safetensors" \
+  "$RUNS/clip/final.text_encoder.safetensors"
 # Stage 3: the U-Net on the same caption variants, 40000 steps in increments;
 # `python scripts/export_checkpoint.py RUNS/unet --eval`
 # exports and measures the newest checkpoint while it runs.
