@@ -3,6 +3,8 @@
 One step = forward on noisy latents + MSE to the noise + backward + AdamW step, the U-Net task's inner
 loop without the frozen encoders. fp32 and bf16 autocast, the implementations interleaved round by
 round so that clock and thermal drift hit both alike; the median images/s over rounds is reported.
+Implementation `latentforge-fused` is ours with every attention on PyTorch's fused SDPA (what ours did
+before bf16 CPU training took the written-out attention, models/attention.py).
 `--mode lora` trains only LoRA adapters (rank 4 on attention and feed-forward, kohya's default layers) on
 a frozen U-Net: ours (`models/lora_layers.py`) vs diffusers' `add_adapter(peft.LoraConfig)`. `--mode ti`
 trains one Textual-Inversion vector through a frozen text encoder and U-Net: ours (token-embedding hooks,
@@ -26,6 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from latentforge.models import attention
 from latentforge.models.configs import UNetConfig
 from latentforge.models.families import FAMILIES
 from latentforge.models.unet import UNetModel
@@ -34,6 +37,19 @@ PRESETS: dict[str, UNetConfig] = {
     "tiny": UNetConfig(model_channels=32, channel_mult=(1, 2), attention_levels=(0, 1), context_dim=32),
     "small": UNetConfig(
         model_channels=64, channel_mult=(1, 2, 4), num_res_blocks=2, attention_levels=(1, 2), context_dim=256
+    ),
+    # the embedded model's second edition (configs/default/unet_v2.toml): 16x16x8 latents, context 256
+    "emoji-v2": UNetConfig(
+        in_channels=8,
+        out_channels=8,
+        model_channels=48,
+        channel_mult=(1, 2, 4),
+        num_res_blocks=2,
+        attention_levels=(1, 2),
+        num_heads=None,
+        head_dim=32,
+        context_dim=256,
+        norm_groups=16,
     ),
     "sd1": FAMILIES["sd1"].unet,
     "sd2": FAMILIES["sd2"].unet,
@@ -191,6 +207,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _fused_attention_forward(
+    model: nn.Module, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor
+) -> torch.Tensor:
+    """Our U-Net with the written-out attention switched off for this forward (and so its backward)."""
+    limit = attention.EXPLICIT_BACKWARD_MAX_WEIGHTS
+    attention.EXPLICIT_BACKWARD_MAX_WEIGHTS = -1
+    try:
+        return model(x, t, c)
+    finally:
+        attention.EXPLICIT_BACKWARD_MAX_WEIGHTS = limit
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -224,6 +252,10 @@ def main() -> None:
         ours = UNetModel(config).to(device).train()
         ours.gradient_checkpointing = args.gradient_checkpointing
         models["latentforge"] = (ours, lambda m, x, t, c: m(x, t, c), None)
+    if args.mode == "full" and "latentforge-fused" in implementations:
+        torch.manual_seed(0)
+        fused = UNetModel(config).to(device).train()
+        models["latentforge-fused"] = (fused, _fused_attention_forward, None)
     if args.mode == "full" and "diffusers" in implementations:
         torch.manual_seed(0)
         theirs = diffusers_unet(config).to(device).train()
