@@ -68,3 +68,8 @@ save(load_clip(sys.argv[1]).text, sys.argv[2], dtype=torch.float32)" "$RUNS/clip
 # Shipping replaces v1 in the package: only after the card's held-out table shows v2 ahead of v1.
 echo "v2 trained; compare with scripts/default_model_card.py, then:"
 echo "  $PY scripts/ship_default_model.py $RUNS --vae $RUNS/vae_decoder/final.safetensors"
+# The shipped tiny decoder (previews, --fast-decode) is distilled from v1's VAE: a v2 model would refuse it
+# with a warning at every load, so shipping v2 includes distilling a new one from the shipped file.
+echo "and its tiny decoder (src/latentforge/assets/latentforge-emoji.safetensors is then v2's):"
+echo "  $PY -m latentforge train taesd configs/perf/taesd.toml task_options.data=$DATA run_dir=$RUNS/taesd"
+echo "  $PY scripts/ship_taesd.py $RUNS/taesd/final.safetensors"
