@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import shutil
 
 import pytest
 import torch
@@ -358,3 +359,24 @@ def test_log_is_appended_and_read_back_as_the_finished_run_saw_it(tmp_path):
     ]
     CSVLog(path, resume_step=0).log(1, {"loss": 9.0})  # a start from scratch voids every earlier row
     assert [(r["step"], r["loss"]) for r in read_log(path)] == [("1", "9.0")]
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="inductor compiles C++: no compiler here")
+def test_compile_trains_the_same_weights_as_eager(tmp_path, monkeypatch):
+    """`compile = true` runs the step's forward and backward through torch.compile (inductor): the same
+    training up to rounding, and a free-to-change setting (an eager run resumes compiled)."""
+    compiled_modules = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled_modules.append(m) or real_compile(m, **kw))
+    no_dropout = {"dropout": 0.0}  # compiled dropout draws its own random numbers
+    eager = toy_config(tmp_path / "eager", max_steps=6, task_options=no_dropout)
+    compiled = toy_config(tmp_path / "compiled", max_steps=6, compile=True, task_options=no_dropout)
+    weights = {}
+    for name, config in (("eager", eager), ("compiled", compiled)):
+        weights[name] = load_file(train(make_toy_task(config), config))
+    assert weights["eager"].keys() == weights["compiled"].keys()
+    for key, value in weights["eager"].items():
+        torch.testing.assert_close(weights["compiled"][key], value, rtol=1e-5, atol=1e-6)
+    assert len(compiled_modules) == 1 and isinstance(compiled_modules[0], nn.Sequential)
+    longer = dataclasses.replace(eager, max_steps=6, compile=True)
+    train(make_toy_task(longer), longer)  # resumes the finished eager run: accepted

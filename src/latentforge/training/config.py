@@ -113,6 +113,7 @@ class RunConfig:
     ema_start: int = 0  # EMA copies the weights until this step, then averages
     mixed_precision: str = "no"  # "auto": bf16 where the device multiplies bf16 natively, else fp32
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the training forward (inductor): minutes to compile, then faster
     checkpoint_every: int = 500  # 0 = only at the end
     keep_checkpoints: int = 3  # 0 = keep all
     eval_every: int = 0  # 0 = only at the end

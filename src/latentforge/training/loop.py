@@ -278,6 +278,8 @@ def _train(task: TrainingTask, config: RunConfig, info: distributed.DistInfo) ->
         # A task whose step may leave parameters without gradients (LoRA module dropout) says so.
         unused = bool(getattr(task, "may_skip_parameters", False))
         ddp_model = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=unused)
+    if config.compile:  # the step's forward and backward only; evaluation and samples stay eager
+        ddp_model = torch.compile(ddp_model)  # type: ignore[assignment]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16")
     batches = micro_batches(
         dataset,
