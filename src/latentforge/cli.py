@@ -443,7 +443,7 @@ def _generate(args: argparse.Namespace, shard: Any, device: str) -> int:
     vae = _vae_for(request, args, model_path)
     model = load(
         model_path, dtype=_torch_dtype(args.dtype), device=device, vae=vae, prediction=args.prediction,
-        use_ema=args.use_ema, backend=args.backend, int8=args.int8,
+        use_ema=args.use_ema, backend=args.backend, int8=args.int8, low_memory=args.low_memory,
     )  # fmt: skip
     model.use_folders(lora_dirs=args.lora_dir, embedding_dirs=args.embeddings_dir, models_dir=args.models_dir)
     if args.controlnet:
@@ -460,7 +460,11 @@ def _generate(args: argparse.Namespace, shard: Any, device: str) -> int:
         )
     preview = args.preview_every and shard.is_main  # one preview.png, from rank 0
     callback = _preview_writer(model, out, args.preview_every, args.preview) if preview else None
-    refiner = load(args.refiner, dtype=_torch_dtype(args.dtype), device=device) if args.refiner else None
+    refiner = (
+        load(args.refiner, dtype=_torch_dtype(args.dtype), device=device, low_memory=args.low_memory)
+        if args.refiner
+        else None
+    )
     if axes:
         return _xyz(model, request, axes, out, args.format)
     first = distributed.broadcast_object(next_number(out))  # image i is number first + i, whoever makes it
@@ -831,6 +835,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--int8", action="store_true", help="hold the U-Net's weights as int8 (about half of bf16's memory)"
+    )
+    p.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="keep only the running network's weights in memory, the rest in the page cache (same images)",
     )
     p.add_argument(
         "--backend",

@@ -1,0 +1,166 @@
+"""Low-memory mode (`load(low_memory=True)`, models/residency.py): the same images bit for bit as the normal
+mode, only the running network's pages resident, and the combinations it cannot serve refused."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from latentforge.backends import BackendError
+from latentforge.checkpoints.lora_writing import kohya_targets, save_kohya_lora
+from latentforge.cli import main
+from latentforge.errors import ParameterError
+from latentforge.model import StableDiffusion, load, swap_vae
+from latentforge.models.families import TINY
+from latentforge.pipelines.request import GenerationRequest, Hires, InitImage
+from latentforge.pipelines.runner import run
+from references import random_lora_factors
+
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="madvise and /proc/self/smaps: Linux")
+pytestmark = linux_only
+
+REQUEST = GenerationRequest(
+    prompt="a red apple", negative_prompt="blurry", steps=3, seed=5, width=32, height=32
+)
+
+
+def _pixels(model: StableDiffusion, request: GenerationRequest) -> list[np.ndarray]:
+    return [np.asarray(result.image) for result in run(model, request, progress=False)]
+
+
+def _same_images(a: StableDiffusion, b: StableDiffusion, request: GenerationRequest) -> None:
+    got, expected = _pixels(a, request), _pixels(b, request)
+    assert len(got) == len(expected) > 0
+    assert all(np.array_equal(x, y) for x, y in zip(got, expected, strict=True))
+
+
+def _in_store(model: StableDiffusion) -> bool:
+    assert model.residency is not None
+    tensors = [t for m in model.modules() for t in [*m.parameters(), *m.buffers()]]
+    return all(model.residency._locate(t) is not None for t in tensors if t.numel())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_txt2img_img2img_and_hires_are_bit_identical(tiny_checkpoint, dtype):
+    normal = load(tiny_checkpoint, dtype=dtype, compute_hash=False)
+    low = load(tiny_checkpoint, dtype=dtype, compute_hash=False, low_memory=True)
+    assert _in_store(low) and normal.residency is None
+    for key, tensor in normal.unet.state_dict().items():  # the weights themselves, and their dtype
+        assert torch.equal(low.unet.state_dict()[key], tensor) and low.unet.state_dict()[key].dtype == dtype
+    _same_images(low, normal, REQUEST)
+    init = _pixels(normal, replace(REQUEST, seed=9))[0]
+    from PIL import Image
+
+    img2img = replace(REQUEST, init=InitImage(images=(Image.fromarray(init),), denoising_strength=0.6))
+    _same_images(low, normal, img2img)
+    _same_images(low, normal, replace(REQUEST, hires=Hires(scale=1.5, steps=2, denoising_strength=0.5)))
+
+
+def test_int8_is_bit_identical(tiny_checkpoint):
+    normal = load(tiny_checkpoint, dtype=torch.bfloat16, compute_hash=False, int8=True)
+    low = load(tiny_checkpoint, dtype=torch.bfloat16, compute_hash=False, int8=True, low_memory=True)
+    assert _in_store(low)
+    assert any(b.dtype == torch.int8 for b in low.unet.buffers()) or any(
+        p.dtype == torch.int8 for p in low.unet.parameters()
+    )
+    _same_images(low, normal, REQUEST)
+
+
+def test_lora_writes_into_the_mapping_and_undo_restores_every_bit(tiny_checkpoint, tmp_path):
+    path = save_kohya_lora(
+        tmp_path / "style.safetensors", random_lora_factors(TINY, kohya_targets(TINY), seed=3), TINY
+    )
+    normal = load(tiny_checkpoint, compute_hash=False)
+    low = load(tiny_checkpoint, compute_hash=False, low_memory=True)
+    before = {k: v.clone() for m in low.modules() for k, v in m.state_dict().items()}
+    with normal.lora(path, 0.8), low.lora(path, 0.8):
+        assert _in_store(low)  # patched in place: still the mapping's pages
+        now = {k: v for m in low.modules() for k, v in m.state_dict().items()}
+        assert any(not torch.equal(v, before[k]) for k, v in now.items())  # the LoRA did something
+        _same_images(low, normal, REQUEST)
+    after = {k: v for m in low.modules() for k, v in m.state_dict().items()}
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    _same_images(low, normal, REQUEST)
+
+
+def test_a_swapped_vae_is_placed_too(tiny_checkpoint, tmp_path):
+    torch.manual_seed(7)
+    other = StableDiffusion.from_family(TINY).vae.state_dict()
+    vae_file = tmp_path / "other.vae.safetensors"
+    save_file({f"first_stage_model.{k}": v for k, v in other.items()}, str(vae_file))
+    normal = load(tiny_checkpoint, compute_hash=False, vae=vae_file)
+    low = load(tiny_checkpoint, compute_hash=False, low_memory=True)
+    swap_vae(low, vae_file, compute_hash=False)
+    assert _in_store(low)
+    _same_images(low, normal, REQUEST)
+
+
+def _mapping_rss_kib(address: int) -> int:
+    """Rss of the /proc/self/smaps entry whose address range holds `address`."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start <= address < end
+        elif inside and line.startswith("Rss:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_only_the_running_networks_pages_are_resident(tiny_checkpoint):
+    low = load(tiny_checkpoint, compute_hash=False, low_memory=True)
+    residency = low.residency
+    assert residency is not None
+    chunks = {id(c): c for ranges in residency.ranges.values() for c, _, _ in ranges}
+    assert len(chunks) == 1  # a tiny model: one chunk of the loading file holds every network
+    (chunk,) = chunks.values()
+
+    def group_kib(group: str) -> int:
+        return sum(length for _, _, length in residency.ranges[group]) // 1024
+
+    total = sum(group_kib(g) for g in ("text", "unet", "vae"))
+    assert _mapping_rss_kib(chunk.base) == 0  # load releases what it wrote: nothing resident yet
+    for module in low.modules():  # read every weight: all pages fault in
+        for tensor in [*module.parameters(), *module.buffers()]:
+            tensor.float().sum()
+    assert _mapping_rss_kib(chunk.base) == total
+    residency.use("unet")
+    assert _mapping_rss_kib(chunk.base) == group_kib("unet")
+    run(low, REQUEST, progress=False)  # text encoder -> U-Net -> VAE: the VAE ran last
+    assert residency.active == "vae"
+    assert 0 < _mapping_rss_kib(chunk.base) <= group_kib("vae")
+
+
+def test_refused_combinations(tiny_checkpoint):
+    with pytest.raises(BackendError, match="low-memory"):
+        load(tiny_checkpoint, low_memory=True, backend="openvino")
+    with pytest.raises(ParameterError, match="CPU only"):
+        load(tiny_checkpoint, low_memory=True, device="cuda")
+
+
+def test_cli_refusal_is_one_line(tiny_checkpoint, tmp_path, capsys):
+    argv = ["generate", "x", "--model", str(tiny_checkpoint), "--steps", "1", "--out", str(tmp_path / "out")]
+    assert main([*argv, "--low-memory", "--backend", "openvino"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: low-memory mode"), err
+    assert not list((tmp_path / "out").glob("*.png")) if (tmp_path / "out").exists() else True
+
+
+def test_cli_low_memory_generates_the_same_image(tiny_checkpoint, tmp_path):
+    common = ["generate", "x", "--model", str(tiny_checkpoint), "--steps", "2", "--size", "32x32"]
+    common += ["--seed", "3"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--out", str(tmp_path / "b"), "--low-memory"]) == 0
+    a, b = sorted((tmp_path / "a").glob("*.png")), sorted((tmp_path / "b").glob("*.png"))
+    assert len(a) == len(b) == 1
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(a[0])), np.asarray(Image.open(b[0])))
+    assert Image.open(a[0]).info["parameters"] == Image.open(b[0]).info["parameters"]  # no infotext key
