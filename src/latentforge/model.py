@@ -18,7 +18,7 @@ from latentforge.checkpoints.lora import LoraHandle, apply_loras
 from latentforge.checkpoints.taesd import embedded_taesd
 from latentforge.errors import ParameterError
 from latentforge.models.families import ModelFamily, Prediction
-from latentforge.models.residency import Residency, supported
+from latentforge.models.residency import Residency, blocks, supported
 from latentforge.models.taesd import TinyAutoencoder
 from latentforge.models.text_encoder import CLIPTextModel
 from latentforge.models.tokenizer import CLIPTokenizer
@@ -241,8 +241,10 @@ def load(
         bundle.residency = residency
         text = [bundle.text_encoder, *([bundle.text_encoder_2] if bundle.text_encoder_2 else [])]
         residency.place("text", *text)
-        residency.place("unet", bundle.unet)
+        for group, block in blocks("unet", bundle.unet):  # the U-Net block by block: its largest one resident
+            residency.place(group, block)
         residency.place("vae", bundle.vae)
+        residency.loaded()
     networks = (bundle.unet, bundle.vae, bundle.text_encoder)
     bundle.backend = make_backend(backend, *networks, cache_dir=backend_cache_dir)
     return bundle

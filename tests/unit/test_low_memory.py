@@ -125,14 +125,17 @@ def test_only_the_running_networks_pages_are_resident(tiny_checkpoint):
     def group_kib(group: str) -> int:
         return sum(length for _, _, length in residency.ranges[group]) // 1024
 
-    total = sum(group_kib(g) for g in ("text", "unet", "vae"))
+    unet = [g for g in residency.ranges if g.startswith("unet.")]  # the U-Net, block by block
+    assert {"unet.input_blocks.0", "unet.middle_block", "unet.out"} <= set(unet)
+    total = sum(group_kib(g) for g in residency.ranges)
+    assert total == sum(group_kib(g) for g in ("text", "vae", *unet))
     assert _mapping_rss_kib(chunk.base) == 0  # load releases what it wrote: nothing resident yet
     for module in low.modules():  # read every weight: all pages fault in
         for tensor in [*module.parameters(), *module.buffers()]:
             tensor.float().sum()
     assert _mapping_rss_kib(chunk.base) == total
-    residency.use("unet")
-    assert _mapping_rss_kib(chunk.base) == group_kib("unet")
+    residency.use("unet.middle_block")
+    assert _mapping_rss_kib(chunk.base) == group_kib("unet.middle_block")
     run(low, REQUEST, progress=False)  # text encoder -> U-Net -> VAE: the VAE ran last
     assert residency.active == "vae"
     assert 0 < _mapping_rss_kib(chunk.base) <= group_kib("vae")

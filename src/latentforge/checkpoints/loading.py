@@ -118,10 +118,9 @@ def _into(
 ) -> StateDict:
     """`convert`'s entries (else the tensor, cast as `read_state_dict` casts it) copied into `residency`."""
     entries = convert(key, tensor, dtype) if convert is not None else None
-    if entries is None:
-        cast = dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype
-        entries = {key: tensor.to(dtype) if cast else tensor}
-    return {name: residency.put(value) for name, value in entries.items()}
+    if entries is not None:
+        return {name: residency.put(value) for name, value in entries.items()}
+    return {key: residency.put(tensor, dtype if tensor.is_floating_point() else None)}
 
 
 def _quantized(components: Components, int8: bool) -> Components:

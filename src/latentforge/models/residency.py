@@ -11,8 +11,11 @@ Writes (LoRA patches, their undo) go to the shared mapping like any other write.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import mmap
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +74,7 @@ class Residency:
         self.ranges: dict[str, list[tuple[_Chunk, int, int]]] = {}
         self.own_files: dict[str, _File] = {}
         self.active: str | None = None
+        self.staging: torch.Tensor | None = None  # see `put`; dropped by `loaded`
 
     def _new_file(self) -> _File:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -78,13 +82,24 @@ class Residency:
         os.unlink(name)  # gone with the process, however it ends
         return _File(fd)
 
-    def put(self, tensor: torch.Tensor, file: _File | None = None) -> torch.Tensor:
-        """A copy of `tensor` in a backing file (by `pwrite`: its pages never enter this process)."""
+    def put(
+        self, tensor: torch.Tensor, dtype: torch.dtype | None = None, file: _File | None = None
+    ) -> torch.Tensor:
+        """A copy of `tensor` (cast to `dtype`) in a backing file, by `pwrite`: its pages never enter this
+        process. A cast or reordered tensor is staged in one reused buffer: a fresh allocation per tensor,
+        freed at once, leaves glibc's heap fragmented (750 MiB of RSS after loading SD1.5 in bf16)."""
         file = file or self.loading
-        source = tensor.detach().contiguous()
-        nbytes = source.numel() * source.element_size()
+        dtype = dtype or tensor.dtype
+        nbytes = tensor.numel() * dtype.itemsize
         if nbytes == 0:
-            return source.clone()
+            return torch.empty(tensor.shape, dtype=dtype)
+        source = tensor.detach()
+        if dtype != tensor.dtype or not tensor.is_contiguous():
+            if self.staging is None or self.staging.numel() < nbytes:
+                self.staging = None
+                self.staging = torch.empty(nbytes, dtype=torch.uint8)
+            source = self.staging[:nbytes].view(dtype).view(tensor.shape)
+            source.copy_(tensor)  # the conversion `tensor.to(dtype)` makes
         chunk = file.chunks[-1] if file.chunks else None
         if chunk is None or chunk.size - chunk.used < nbytes:
             size = max(CHUNK_BYTES, _round_up(nbytes))
@@ -103,6 +118,13 @@ class Residency:
         view = torch.frombuffer(chunk.mapping, dtype=torch.uint8, count=nbytes, offset=start)
         return view.view(source.dtype).view(source.shape)
 
+    def loaded(self) -> None:
+        """Loading is over: drop the staging buffer and return glibc's free heap pages to the system."""
+        self.staging = None
+        if sys.platform == "linux":
+            with contextlib.suppress(AttributeError):  # glibc's; musl has none
+                ctypes.CDLL(None).malloc_trim(0)
+
     def _locate(self, tensor: torch.Tensor) -> tuple[_Chunk, int, int] | None:
         """(chunk, first page, page-rounded length) of the storage behind `tensor`, if in a backing file."""
         storage = tensor.untyped_storage()
@@ -118,7 +140,7 @@ class Residency:
         """Make `modules` the weights of `group`: tensors not yet in a backing file are copied into a file of
         the group's own (replacing the group's previous one, e.g. a swapped VAE), and a pre-hook on every
         submodule holding tensors switches residency to `group` when it runs."""
-        own = self.own_files[group] = self._new_file()
+        self.own_files.pop(group, None)  # a previous placement's file goes with its tensors
         ranges: list[tuple[_Chunk, int, int]] = []
         for module in modules:
             for sub in module.modules():
@@ -128,7 +150,9 @@ class Residency:
                         continue
                     where = self._locate(tensor)
                     if where is None:
-                        placed = self.put(tensor, own)
+                        if group not in self.own_files:
+                            self.own_files[group] = self._new_file()
+                        placed = self.put(tensor, file=self.own_files[group])
                         if name in sub._parameters:
                             tensor.data = placed  # the same Parameter object: references to it stay valid
                         else:
@@ -160,6 +184,18 @@ class Residency:
                 chunk.mapping.madvise(mmap.MADV_DONTNEED, start, length)
             if self.active == group:
                 self.active = None
+
+
+def blocks(group: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """`module` as residency groups of its top-level blocks (each element of a ModuleList its own:
+    `unet.input_blocks.3`), or whole when it holds tensors of its own."""
+    if next(module.parameters(recurse=False), None) is not None or next(module.buffers(recurse=False), None):
+        return [(group, module)]
+    out: list[tuple[str, nn.Module]] = []
+    for name, child in module.named_children():
+        items = list(child.named_children()) if type(child) is nn.ModuleList else [("", child)]
+        out += [(".".join(filter(None, (group, name, index))), sub) for index, sub in items]
+    return out
 
 
 def _merged(ranges: list[tuple[_Chunk, int, int]]) -> list[tuple[_Chunk, int, int]]:
