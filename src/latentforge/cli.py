@@ -701,7 +701,10 @@ def _print_eval(result: dict, out: Path) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from latentforge.server.app import serve
 
-    serve(args.host, args.port, models_dir=args.models_dir, token=args.token, queue_size=args.queue_size)
+    serve(
+        args.host, args.port, models_dir=args.models_dir, token=args.token, queue_size=args.queue_size,
+        low_memory=args.low_memory,
+    )  # fmt: skip
     return 0
 
 
@@ -1061,6 +1064,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", type=Path, help="folder of .safetensors checkpoints (default: embedded)")
     p.add_argument("--token", help="require it: 'Authorization: Bearer TOKEN', or basic auth USER:PASS")
     p.add_argument("--queue-size", type=int, default=8, help="jobs waiting at most; more get 503 (default 8)")
+    p.add_argument(
+        "--low-memory", action="store_true", help="only the running network's weights in memory (same images)"
+    )
 
     data = sub.add_parser("data", help="Build datasets.").add_subparsers(dest="dataset", required=True)
     p = data.add_parser(

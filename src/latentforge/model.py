@@ -263,8 +263,12 @@ def _residency(backend: str, device: str | torch.device) -> Residency:
 def swap_vae(bundle: StableDiffusion, path: str | Path, *, compute_hash: bool = True) -> None:
     """Replace the bundle's VAE by the one in `path` (same architecture, other weights); records its
     file name and A1111 hash for the infotext."""
-    bundle.vae = read_vae(path, bundle.family, bundle.dtype).to(bundle.device)
-    if bundle.residency is not None:
-        bundle.residency.place("vae", bundle.vae)
-    bundle.vae_name = Path(path).name
-    bundle.vae_hash = a1111_short_hash(path) if compute_hash else None
+    vae = read_vae(path, bundle.family, bundle.dtype).to(bundle.device)
+    use_vae(bundle, vae, Path(path).name, a1111_short_hash(path) if compute_hash else None)
+
+
+def use_vae(bundle: StableDiffusion, vae: AutoencoderKL, name: str | None, short_hash: str | None) -> None:
+    """Make `vae` the bundle's VAE with its infotext name and hash (None, None: the checkpoint's own)."""
+    bundle.vae, bundle.vae_name, bundle.vae_hash = vae, name, short_hash
+    if bundle.residency is not None:  # low-memory mode: its weights parked and switched like the others'
+        bundle.residency.place("vae", vae)

@@ -16,7 +16,7 @@ from latentforge.backends import BackendError
 from latentforge.checkpoints.lora_writing import kohya_targets, save_kohya_lora
 from latentforge.cli import main
 from latentforge.errors import ParameterError
-from latentforge.model import StableDiffusion, load, swap_vae
+from latentforge.model import StableDiffusion, load, swap_vae, use_vae
 from latentforge.models.families import TINY
 from latentforge.pipelines.request import GenerationRequest, Hires, InitImage
 from latentforge.pipelines.runner import run
@@ -96,9 +96,13 @@ def test_a_swapped_vae_is_placed_too(tiny_checkpoint, tmp_path):
     save_file({f"first_stage_model.{k}": v for k, v in other.items()}, str(vae_file))
     normal = load(tiny_checkpoint, compute_hash=False, vae=vae_file)
     low = load(tiny_checkpoint, compute_hash=False, low_memory=True)
+    own = low.vae
     swap_vae(low, vae_file, compute_hash=False)
-    assert _in_store(low)
+    assert _in_store(low) and low.vae is not own
     _same_images(low, normal, REQUEST)
+    use_vae(low, own, None, None)  # the server's VAE picker going back to the checkpoint's own
+    assert _in_store(low) and low.vae_name is None
+    _same_images(low, load(tiny_checkpoint, compute_hash=False), REQUEST)
 
 
 def _mapping_rss_kib(address: int) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 PAGE = mmap.PAGESIZE
 CHUNK_BYTES = 256 * 2**20  # mappings grow by at least this much (disk space is allocated as written)
@@ -73,6 +74,7 @@ class Residency:
         # group -> its page ranges (chunk, start, length) and the file made for it by `place`, if any
         self.ranges: dict[str, list[tuple[_Chunk, int, int]]] = {}
         self.own_files: dict[str, _File] = {}
+        self.hooks: dict[str, list[RemovableHandle]] = {}  # the pre-hooks `place` added, by group
         self.active: str | None = None
         self.staging: torch.Tensor | None = None  # see `put`; dropped by `loaded`
 
@@ -140,7 +142,11 @@ class Residency:
         """Make `modules` the weights of `group`: tensors not yet in a backing file are copied into a file of
         the group's own (replacing the group's previous one, e.g. a swapped VAE), and a pre-hook on every
         submodule holding tensors switches residency to `group` when it runs."""
+        self.release(group)  # the group's previous tensors (a VAE set aside) leave the process first
         self.own_files.pop(group, None)  # a previous placement's file goes with its tensors
+        for handle in self.hooks.pop(group, []):
+            handle.remove()
+        hooks = self.hooks[group] = []
         ranges: list[tuple[_Chunk, int, int]] = []
         for module in modules:
             for sub in module.modules():
@@ -161,7 +167,7 @@ class Residency:
                     assert where is not None
                     ranges.append(where)
                 if tensors:
-                    sub.register_forward_pre_hook(self._switch_to(group))
+                    hooks.append(sub.register_forward_pre_hook(self._switch_to(group)))
         self.ranges[group] = _merged(ranges)
         self.release(group)
 
