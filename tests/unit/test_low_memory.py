@@ -171,3 +171,19 @@ def test_cli_low_memory_generates_the_same_image(tiny_checkpoint, tmp_path):
 
     assert np.array_equal(np.asarray(Image.open(a[0])), np.asarray(Image.open(b[0])))
     assert Image.open(a[0]).info["parameters"] == Image.open(b[0]).info["parameters"]  # no infotext key
+
+
+def test_switches_per_image_and_heap_trims_only_between_networks(tiny_checkpoint, monkeypatch):
+    from latentforge.models import residency as residency_module
+
+    low = load(tiny_checkpoint, compute_hash=False, low_memory=True)
+    assert low.residency is not None
+    used: list[str] = []
+    trims: list[str] = []
+    use = low.residency.use
+    monkeypatch.setattr(low.residency, "use", lambda group: (used.append(group), use(group))[-1])
+    monkeypatch.setattr(residency_module, "_trim_heap", lambda: trims.append(used[-1]))
+    run(low, REQUEST, progress=False)
+    networks = [g.split(".")[0] for g in used]
+    assert [n for i, n in enumerate(networks) if i == 0 or n != networks[i - 1]] == ["text", "unet", "vae"]
+    assert trims == [used[0], next(g for g in used if g.startswith("unet")), "vae"]

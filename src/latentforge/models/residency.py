@@ -180,8 +180,9 @@ class Residency:
         """`group` is about to run: drop every other group's pages from the process; from one network to
         another (text -> U-Net -> VAE), also the heap the last one's activations freed (int8 dequantized
         weights left 250 MiB there at 512 px, which the VAE decode would have stacked its peak on)."""
+        previous = self.active
         self.release(*(g for g in self.ranges if g != group))
-        if self.active is None or self.active.split(".")[0] != group.split(".")[0]:
+        if previous is None or previous.split(".")[0] != group.split(".")[0]:
             _trim_heap()
         self.active = group
 
