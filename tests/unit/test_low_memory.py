@@ -187,3 +187,11 @@ def test_switches_per_image_and_heap_trims_only_between_networks(tiny_checkpoint
     networks = [g.split(".")[0] for g in used]
     assert [n for i, n in enumerate(networks) if i == 0 or n != networks[i - 1]] == ["text", "unet", "vae"]
     assert trims == [used[0], next(g for g in used if g.startswith("unet")), "vae"]
+
+
+def test_the_server_loads_its_models_in_low_memory_mode(tiny_checkpoint):
+    pytest.importorskip("fastapi")
+    from latentforge.server.jobs import Catalog
+
+    assert Catalog(None, tiny_checkpoint, low_memory=True).model().residency is not None
+    assert Catalog(None, tiny_checkpoint).model().residency is None
