@@ -195,3 +195,17 @@ def test_the_server_loads_its_models_in_low_memory_mode(tiny_checkpoint):
 
     assert Catalog(None, tiny_checkpoint, low_memory=True).model().residency is not None
     assert Catalog(None, tiny_checkpoint).model().residency is None
+
+
+def test_a_ckpt_loads_into_the_mapping_too(tiny_checkpoint, tmp_path):
+    from latentforge.checkpoints.reading import read_state_dict
+
+    state_dict, _ = read_state_dict(tiny_checkpoint)
+    ckpt = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": state_dict}, ckpt)
+    normal = load(tiny_checkpoint, dtype=torch.bfloat16, compute_hash=False)
+    low = load(ckpt, dtype=torch.bfloat16, compute_hash=False, low_memory=True)
+    assert _in_store(low)
+    for a, b in zip(normal.modules(), low.modules(), strict=True):
+        expected, got = a.state_dict(), b.state_dict()
+        assert all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in expected.items())
