@@ -1,12 +1,13 @@
 """Low-memory mode (`load(low_memory=True)`): only the running network keeps its weights in memory.
 
 Every parameter and buffer of the bundle's networks is a view of a shared mapping of an unlinked file on disk
-(not tmpfs or memfd: those pages would only move from the process's RSS to shmem). Before a network runs, a
-forward pre-hook drops the pages of the other residency groups from the process (`MADV_DONTNEED` on a
-`MAP_SHARED` file mapping: the data stays in the file and the kernel's page cache, RSS falls); touching a
-dropped page faults it back from the page cache, or from disk if the kernel evicted it. So releasing never
-changes a value, only where it lives: per image text encoder -> U-Net x steps -> VAE is two switches.
-Writes (LoRA patches, their undo) go to the shared mapping like any other write.
+(not tmpfs or memfd: those pages would only move from the process's RSS to shmem). Residency groups: the text
+encoder(s), each top-level block of the U-Net, the VAE. Before a group runs, a forward pre-hook drops the
+pages of the other groups from the process (`MADV_DONTNEED` on a `MAP_SHARED` file mapping: the data stays
+in the file and the kernel's page cache, RSS falls); touching a dropped page faults it back from the page
+cache, or from disk if the kernel evicted it. So releasing never changes a value, only where it lives.
+Writes (LoRA patches, their undo) go to the shared mapping like any other write. Measured costs and peaks:
+docs/performance.md, "Low-memory mode".
 """
 
 from __future__ import annotations
@@ -187,8 +188,8 @@ class Residency:
         self.active = group
 
     def release(self, *groups: str) -> None:
-        """Drop the pages of `groups` (default: all) from the process; the file and page cache keep them."""
-        for group in groups or tuple(self.ranges):
+        """Drop the pages of `groups` from the process; the file and the page cache keep them."""
+        for group in groups:
             for chunk, start, length in self.ranges.get(group, []):
                 chunk.mapping.madvise(mmap.MADV_DONTNEED, start, length)
             if self.active == group:
