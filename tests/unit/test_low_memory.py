@@ -209,3 +209,15 @@ def test_a_ckpt_loads_into_the_mapping_too(tiny_checkpoint, tmp_path):
     for a, b in zip(normal.modules(), low.modules(), strict=True):
         expected, got = a.state_dict(), b.state_dict()
         assert all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in expected.items())
+
+
+def test_a_diffusers_folder_is_copied_into_the_mapping(tiny_checkpoint, tmp_path):
+    from latentforge.checkpoints.diffusers_folder import save_diffusers_folder
+
+    normal = load(tiny_checkpoint, compute_hash=False)
+    parts = (normal.unet.state_dict(), normal.vae.state_dict(), normal.text_encoder.state_dict())
+    folder = save_diffusers_folder(tmp_path / "tiny", *parts, TINY)
+    low = load(folder, compute_hash=False, low_memory=True)
+    assert _in_store(low)  # placed after the load: each network in a file of its own group's
+    assert low.residency is not None and {"text", "vae"} <= set(low.residency.own_files)
+    _same_images(low, normal, REQUEST)
