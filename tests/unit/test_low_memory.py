@@ -221,3 +221,14 @@ def test_a_diffusers_folder_is_copied_into_the_mapping(tiny_checkpoint, tmp_path
     assert _in_store(low)  # placed after the load: each network in a file of its own group's
     assert low.residency is not None and {"text", "vae"} <= set(low.residency.own_files)
     _same_images(low, normal, REQUEST)
+
+
+def test_an_unwritable_cache_folder_is_one_error_line(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # the backing file's folder cannot be made
+    argv = ["generate", "x", "--model", str(tiny_checkpoint), "--steps", "1", "--out", str(tmp_path / "out")]
+    assert main([*argv, "--low-memory"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: low-memory mode cannot write its weights file"), err
+    assert "XDG_CACHE_HOME" in err[0] and blocker.read_text() == "not a folder"

@@ -18,12 +18,15 @@ import mmap
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from latentforge.errors import OutputError
 
 PAGE = mmap.PAGESIZE
 CHUNK_BYTES = 256 * 2**20  # mappings grow by at least this much (disk space is allocated as written)
@@ -79,10 +82,22 @@ class Residency:
         self.active: str | None = None
         self.staging: torch.Tensor | None = None  # see `put`; dropped by `loaded`
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A folder or disk that cannot take the backing file: one clear error, not a traceback."""
+        try:
+            yield
+        except OSError as e:
+            raise OutputError(
+                f"low-memory mode cannot write its weights file in {self.directory} ({e.strerror or e}): "
+                "free disk space there or point XDG_CACHE_HOME at a writable disk"
+            ) from None
+
     def _new_file(self) -> _File:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix="weights-", dir=self.directory)
-        os.unlink(name)  # gone with the process, however it ends
+        with self._writing():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix="weights-", dir=self.directory)
+            os.unlink(name)  # gone with the process, however it ends
         return _File(fd)
 
     def put(
@@ -104,19 +119,20 @@ class Residency:
             source = self.staging[:nbytes].view(dtype).view(tensor.shape)
             source.copy_(tensor)  # the conversion `tensor.to(dtype)` makes
         chunk = file.chunks[-1] if file.chunks else None
-        if chunk is None or chunk.size - chunk.used < nbytes:
-            size = max(CHUNK_BYTES, _round_up(nbytes))
-            os.ftruncate(file.fd, file.length + size)  # sparse: disk space only as pages are written
-            mapping = mmap.mmap(file.fd, size, flags=mmap.MAP_SHARED, offset=file.length)
-            base = torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr()
-            chunk = _Chunk(mapping, base, size, file.length)
-            file.chunks.append(chunk)
-            file.length += size
-        start = chunk.used
-        data = source.reshape(-1).view(torch.uint8).numpy().data  # the bytes, as a memoryview
-        written = 0
-        while written < nbytes:
-            written += os.pwrite(file.fd, data[written:], chunk.offset + start + written)
+        with self._writing():
+            if chunk is None or chunk.size - chunk.used < nbytes:
+                size = max(CHUNK_BYTES, _round_up(nbytes))
+                os.ftruncate(file.fd, file.length + size)  # sparse: disk space only as pages are written
+                mapping = mmap.mmap(file.fd, size, flags=mmap.MAP_SHARED, offset=file.length)
+                base = torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr()
+                chunk = _Chunk(mapping, base, size, file.length)
+                file.chunks.append(chunk)
+                file.length += size
+            start = chunk.used
+            data = source.reshape(-1).view(torch.uint8).numpy().data  # the bytes, as a memoryview
+            written = 0
+            while written < nbytes:
+                written += os.pwrite(file.fd, data[written:], chunk.offset + start + written)
         chunk.used = start + _round_up(nbytes)
         view = torch.frombuffer(chunk.mapping, dtype=torch.uint8, count=nbytes, offset=start)
         return view.view(source.dtype).view(source.shape)
