@@ -30,6 +30,7 @@ from latentforge.errors import OutputError
 
 PAGE = mmap.PAGESIZE
 CHUNK_BYTES = 256 * 2**20  # mappings grow by at least this much (disk space is allocated as written)
+TRIM_BYTES = 64 * 2**20  # while loading, the free heap is returned after every this many bytes put
 
 
 def default_directory() -> Path:
@@ -81,6 +82,7 @@ class Residency:
         self.hooks: dict[str, list[RemovableHandle]] = {}  # the pre-hooks `place` added, by group
         self.active: str | None = None
         self.staging: torch.Tensor | None = None  # see `put`; dropped by `loaded`
+        self.unreturned = 0  # bytes `put` since the heap was last trimmed
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
@@ -134,6 +136,10 @@ class Residency:
             while written < nbytes:
                 written += os.pwrite(file.fd, data[written:], chunk.offset + start + written)
         chunk.used = start + _round_up(nbytes)
+        self.unreturned += nbytes
+        if self.unreturned > TRIM_BYTES:  # what a quantizer allocated per tensor, freed: give it back
+            self.unreturned = 0
+            _trim_heap()
         view = torch.frombuffer(chunk.mapping, dtype=torch.uint8, count=nbytes, offset=start)
         return view.view(source.dtype).view(source.shape)
 
