@@ -142,7 +142,11 @@ def test_only_the_running_networks_pages_are_resident(tiny_checkpoint):
     assert _mapping_rss_kib(chunk.base) == group_kib("unet.middle_block")
     run(low, REQUEST, progress=False)  # text encoder -> U-Net -> VAE: the VAE ran last
     assert residency.active == "vae"
-    assert 0 < _mapping_rss_kib(chunk.base) <= group_kib("vae")
+    # a fault may map a few cached neighbour pages of the next group too (the kernel's fault-around, 64 KiB,
+    # or a large folio): slack for the two boundaries of the VAE's range; without releasing: all 14 MiB
+    slack = 256
+    assert total > group_kib("vae") + 4 * slack
+    assert 0 < _mapping_rss_kib(chunk.base) <= group_kib("vae") + slack
 
 
 def test_refused_combinations(tiny_checkpoint):
