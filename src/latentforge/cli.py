@@ -403,7 +403,9 @@ def _controlnet_units(args: argparse.Namespace, model: Any) -> tuple[Any, ...]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from latentforge.pipelines.sharding import sharded
 
-    with sharded(args.device) as (shard, device):  # under torchrun: this process's part and device
+    # low-memory mode parks weights in host memory: it picks the CPU unless a device is asked for (refused)
+    wanted = args.device or ("cpu" if args.low_memory else None)
+    with sharded(wanted) as (shard, device):  # under torchrun: this process's part and device
         return _generate(args, shard, device)
 
 
@@ -842,7 +844,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--low-memory",
         action="store_true",
-        help="keep only the running network's weights in memory, the rest in the page cache (same images)",
+        help="only the running network's weights in memory, the rest in the page cache (same images; CPU)",
     )
     p.add_argument(
         "--backend",
