@@ -12,11 +12,17 @@ calls), decode, rest (tokenizer, sampler, image conversion).
     OMP_NUM_THREADS=1 python benchmarks/memory.py --file-dtype fp16 --dtype bf16 --size 1024 --steps 1
     OMP_NUM_THREADS=1 python benchmarks/memory.py --file-dtype fp16 --dtype bf16 --size 512 --steps 1 \
         --banded-above 0  # the banded VAE decode at every size (default: above 768x768)
+    OMP_NUM_THREADS=1 python benchmarks/memory.py --file-dtype fp16 --dtype bf16 --size 512 --low-memory
+
+`--low-memory` loads as `latentforge generate --low-memory` (models/residency.py). Per phase the table also
+gives the page faults (minor: from the page cache, major: from disk) and, after the phase, the RSS split into
+file-backed (the parked weights' mapped pages) and anonymous memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -31,18 +37,25 @@ def status_mib(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def faults() -> tuple[int, int]:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt, usage.ru_majflt
+
+
 class Phases:
     """Peak RSS per phase: `mark(name)` closes the phase that ran since the previous mark."""
 
     def __init__(self) -> None:
-        self.rows: list[tuple[str, float, float, float, float]] = []
-        self.start = time.perf_counter(), time.process_time()
+        self.rows: list[tuple[str, list[float]]] = []
+        self.start = time.perf_counter(), time.process_time(), *faults()
 
     def mark(self, name: str) -> None:
         wall, cpu = time.perf_counter() - self.start[0], time.process_time() - self.start[1]
-        self.rows.append((name, status_mib("VmHWM"), status_mib("VmRSS"), wall, cpu))
+        minor, major = (now - before for now, before in zip(faults(), self.start[2:], strict=True))
+        now = [status_mib(f) for f in ("VmHWM", "VmRSS", "RssFile", "RssAnon")]
+        self.rows.append((name, [*now, wall, cpu, minor, major]))
         Path("/proc/self/clear_refs").write_text("5")  # peak := current RSS
-        self.start = time.perf_counter(), time.process_time()
+        self.start = time.perf_counter(), time.process_time(), *faults()
 
 
 def hook(module, phases: Phases, name: str) -> None:  # noqa: ANN001
@@ -62,6 +75,7 @@ def main() -> None:
     )
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--int8", action="store_true", help="int8 weights, as `latentforge generate --int8`")
+    parser.add_argument("--low-memory", action="store_true", help="as `latentforge generate --low-memory`")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--tiled-vae", action="store_true")
@@ -93,8 +107,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     phases.mark("imports")
     if args.source == "file":
-        model = load(path, dtype=dtype, compute_hash=False, **({"int8": True} if args.int8 else {}))
+        options = {"int8": True} if args.int8 else {}
+        model = load(path, dtype=dtype, compute_hash=False, **options, low_memory=args.low_memory)
     else:
+        if args.low_memory:
+            parser.error("--low-memory loads a file: drop --source random")
         from txt2img import build_ours
 
         model = build_ours(dtype)
@@ -144,19 +161,24 @@ def main() -> None:
     run(model, request, progress=False)
     phases.mark("rest")
     print(
-        f"\nsource {args.source} ({args.file_dtype} file), {args.dtype}{' + int8' if args.int8 else ''}, "
+        f"\ntorch {torch.__version__}, low memory {args.low_memory}, "
+        f"source {args.source} ({args.file_dtype} file), {args.dtype}{' + int8' if args.int8 else ''}, "
         f"{args.size}x{args.size}, {args.steps} steps, {len(calls)} U-Net calls, tiled VAE {args.tiled_vae}, "
         f"banded decode above {images.BANDED_DECODE_PIXELS} px\n"
     )
     merged: dict[str, list[float]] = {}  # the text encoder runs once per prompt: max/last/sum over calls
-    for name, peak, rss, wall, cpu in phases.rows:
-        old = merged.get(name, [0.0, 0.0, 0.0, 0.0])
-        merged[name] = [max(old[0], peak), rss, old[2] + wall, old[3] + cpu]
-    print("| phase | peak RSS MiB | RSS after MiB | seconds | CPU s |")
-    print("|---|---|---|---|---|")
-    for name, (peak, rss, wall, cpu) in merged.items():
-        print(f"| {name} | {peak:.0f} | {rss:.0f} | {wall:.1f} | {cpu:.1f} |")
-    print(f"\noverall peak: {max(r[1] for r in phases.rows):.0f} MiB")
+    for name, (peak, rss, file, anon, wall, cpu, minor, major) in phases.rows:
+        old = merged.get(name, [0.0] * 8)
+        sums = [a + b for a, b in zip(old[4:], (wall, cpu, minor, major), strict=True)]
+        merged[name] = [max(old[0], peak), rss, file, anon, *sums]
+    print("| phase | peak RSS MiB | RSS after MiB (file + anon) | seconds | CPU s | faults minor / major |")
+    print("|---|---|---|---|---|---|")
+    for name, (peak, rss, file, anon, wall, cpu, minor, major) in merged.items():
+        print(
+            f"| {name} | {peak:.0f} | {rss:.0f} ({file:.0f} + {anon:.0f}) | {wall:.1f} | {cpu:.1f} | "
+            f"{minor:.0f} / {major:.0f} |"
+        )
+    print(f"\noverall peak: {max(r[1][0] for r in phases.rows):.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -403,7 +403,9 @@ def _controlnet_units(args: argparse.Namespace, model: Any) -> tuple[Any, ...]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from latentforge.pipelines.sharding import sharded
 
-    with sharded(args.device) as (shard, device):  # under torchrun: this process's part and device
+    # low-memory mode parks weights in host memory: it picks the CPU unless a device is asked for (refused)
+    wanted = args.device or ("cpu" if args.low_memory else None)
+    with sharded(wanted) as (shard, device):  # under torchrun: this process's part and device
         return _generate(args, shard, device)
 
 
@@ -443,7 +445,7 @@ def _generate(args: argparse.Namespace, shard: Any, device: str) -> int:
     vae = _vae_for(request, args, model_path)
     model = load(
         model_path, dtype=_torch_dtype(args.dtype), device=device, vae=vae, prediction=args.prediction,
-        use_ema=args.use_ema, backend=args.backend, int8=args.int8,
+        use_ema=args.use_ema, backend=args.backend, int8=args.int8, low_memory=args.low_memory,
     )  # fmt: skip
     model.use_folders(lora_dirs=args.lora_dir, embedding_dirs=args.embeddings_dir, models_dir=args.models_dir)
     if args.controlnet:
@@ -460,7 +462,11 @@ def _generate(args: argparse.Namespace, shard: Any, device: str) -> int:
         )
     preview = args.preview_every and shard.is_main  # one preview.png, from rank 0
     callback = _preview_writer(model, out, args.preview_every, args.preview) if preview else None
-    refiner = load(args.refiner, dtype=_torch_dtype(args.dtype), device=device) if args.refiner else None
+    refiner = (
+        load(args.refiner, dtype=_torch_dtype(args.dtype), device=device, low_memory=args.low_memory)
+        if args.refiner
+        else None
+    )
     if axes:
         return _xyz(model, request, axes, out, args.format)
     first = distributed.broadcast_object(next_number(out))  # image i is number first + i, whoever makes it
@@ -697,7 +703,10 @@ def _print_eval(result: dict, out: Path) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from latentforge.server.app import serve
 
-    serve(args.host, args.port, models_dir=args.models_dir, token=args.token, queue_size=args.queue_size)
+    serve(
+        args.host, args.port, models_dir=args.models_dir, token=args.token, queue_size=args.queue_size,
+        low_memory=args.low_memory,
+    )  # fmt: skip
     return 0
 
 
@@ -831,6 +840,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--int8", action="store_true", help="hold the U-Net's weights as int8 (about half of bf16's memory)"
+    )
+    p.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="only the running network's weights in memory, the rest in the page cache (same images; CPU)",
     )
     p.add_argument(
         "--backend",
@@ -1052,6 +1066,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", type=Path, help="folder of .safetensors checkpoints (default: embedded)")
     p.add_argument("--token", help="require it: 'Authorization: Bearer TOKEN', or basic auth USER:PASS")
     p.add_argument("--queue-size", type=int, default=8, help="jobs waiting at most; more get 503 (default 8)")
+    p.add_argument(
+        "--low-memory", action="store_true", help="only the running network's weights in memory (same images)"
+    )
 
     data = sub.add_parser("data", help="Build datasets.").add_subparsers(dest="dataset", required=True)
     p = data.add_parser(

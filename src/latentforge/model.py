@@ -18,6 +18,7 @@ from latentforge.checkpoints.lora import LoraHandle, apply_loras
 from latentforge.checkpoints.taesd import embedded_taesd
 from latentforge.errors import ParameterError
 from latentforge.models.families import ModelFamily, Prediction
+from latentforge.models.residency import Residency, blocks, supported
 from latentforge.models.taesd import TinyAutoencoder
 from latentforge.models.text_encoder import CLIPTextModel
 from latentforge.models.tokenizer import CLIPTokenizer
@@ -51,6 +52,9 @@ class StableDiffusion:
     taesd: TinyAutoencoder | None = None  # optional tiny decoder: live previews and `fast_decode` (perf)
     # The U-Net and VAE decoder compiled (`backends/`, `load(backend="openvino")`); None: eager torch
     backend: OpenVINOBackend | None = field(default=None, repr=False)
+    # Low-memory mode (`load(low_memory=True)`): the networks' weights in a file-backed mapping, only the
+    # running network's pages resident (models/residency.py); None: ordinary memory
+    residency: Residency | None = field(default=None, repr=False)
 
     @classmethod
     def from_family(
@@ -190,6 +194,7 @@ def load(
     backend: str = "torch",
     backend_cache_dir: str | Path | None = None,
     int8: bool = False,
+    low_memory: bool = False,
 ) -> StableDiffusion:
     """Load an original single-file checkpoint (`.safetensors`/`.ckpt`) or a diffusers folder.
 
@@ -205,12 +210,15 @@ def load(
         backend: "torch" (eager) or "openvino" (U-Net, VAE decoder, text encoder: `backends/openvino.py`).
         backend_cache_dir: where the openvino backend keeps converted graphs (default ~/.cache/latentforge).
         int8: hold the U-Net's weights as int8 (`models.quantize`), quantized layer by layer while read.
+        low_memory: keep only the running network's weights in memory, the others parked in a file-backed
+            mapping (`models/residency.py`, docs/performance.md); the same images, CPU and torch backend only.
     """
     if int8 and backend != "torch":
         raise BackendError(f"int8 weights (--int8) patch the eager U-Net: drop them or the {backend} backend")
+    residency = _residency(backend, device) if low_memory else None
     parts = read_components(
         path, dtype=dtype or torch.float32, prediction=prediction, use_ema=use_ema, compute_hash=compute_hash,
-        int8=int8,
+        int8=int8, residency=residency,
     )  # fmt: skip
     bundle = StableDiffusion(
         family=parts.family,
@@ -229,14 +237,38 @@ def load(
     taesd = embedded_taesd(bundle.name, bundle.vae, dtype=dtype or torch.float32)
     bundle.taesd = None if taesd is None else taesd.to(device)
     bundle = bundle.to(device=device).eval()
+    if residency is not None:
+        bundle.residency = residency
+        text = [bundle.text_encoder, *([bundle.text_encoder_2] if bundle.text_encoder_2 else [])]
+        residency.place("text", *text)
+        for group, block in blocks("unet", bundle.unet):  # the U-Net block by block: its largest one resident
+            residency.place(group, block)
+        residency.place("vae", bundle.vae)
+        residency.loaded()
     networks = (bundle.unet, bundle.vae, bundle.text_encoder)
     bundle.backend = make_backend(backend, *networks, cache_dir=backend_cache_dir)
     return bundle
 
 
+def _residency(backend: str, device: str | torch.device) -> Residency:
+    if backend != "torch":
+        raise BackendError(f"low-memory mode (--low-memory) parks the eager networks: drop it or {backend}")
+    if torch.device(device).type != "cpu":
+        raise ParameterError(f"low-memory mode (--low-memory) runs on the CPU only, not {device}")
+    if not supported():
+        raise ParameterError("low-memory mode (--low-memory) needs madvise(MADV_DONTNEED): Linux or macOS")
+    return Residency()
+
+
 def swap_vae(bundle: StableDiffusion, path: str | Path, *, compute_hash: bool = True) -> None:
     """Replace the bundle's VAE by the one in `path` (same architecture, other weights); records its
     file name and A1111 hash for the infotext."""
-    bundle.vae = read_vae(path, bundle.family, bundle.dtype).to(bundle.device)
-    bundle.vae_name = Path(path).name
-    bundle.vae_hash = a1111_short_hash(path) if compute_hash else None
+    vae = read_vae(path, bundle.family, bundle.dtype).to(bundle.device)
+    use_vae(bundle, vae, Path(path).name, a1111_short_hash(path) if compute_hash else None)
+
+
+def use_vae(bundle: StableDiffusion, vae: AutoencoderKL, name: str | None, short_hash: str | None) -> None:
+    """Make `vae` the bundle's VAE with its infotext name and hash (None, None: the checkpoint's own)."""
+    bundle.vae, bundle.vae_name, bundle.vae_hash = vae, name, short_hash
+    if bundle.residency is not None:  # low-memory mode: its weights parked and switched like the others'
+        bundle.residency.place("vae", vae)

@@ -13,7 +13,7 @@ from latentforge.checkpoints.errors import CheckpointError, CheckpointNotFoundEr
 from latentforge.checkpoints.exports import read_vae_state_dict
 from latentforge.checkpoints.hashing import a1111_short_hash
 from latentforge.checkpoints.prediction_probe import probe_prediction
-from latentforge.checkpoints.reading import read_state_dict
+from latentforge.checkpoints.reading import Convert, StateDict, read_state_dict
 from latentforge.checkpoints.single_file import (
     UNET_PREFIX,
     MissingEMAError,
@@ -24,6 +24,7 @@ from latentforge.checkpoints.single_file import (
 )
 from latentforge.models.families import ModelFamily, Prediction
 from latentforge.models.quantize import quantizable, quantize_entry, quantize_int8
+from latentforge.models.residency import Residency
 from latentforge.models.vae import AutoencoderKL
 
 DEFAULT_MODEL_FILE = "latentforge-emoji.safetensors"  # its stem names the model in infotexts
@@ -57,6 +58,7 @@ def read_components(
     use_ema: bool = False,
     compute_hash: bool = True,
     int8: bool = False,
+    residency: Residency | None = None,
 ) -> Components:
     """The family and networks of an original single file (`.safetensors`/`.ckpt`) or a diffusers folder.
 
@@ -65,6 +67,8 @@ def read_components(
     (`prediction_probe`; full-size SD 2.x in fp32 on one CPU thread: 1.5 s); `prediction` given: no probe.
     `int8`: the U-Net's layers are quantized (`models.quantize`) one at a time as they are read from a
     single file, so its float weights never exist whole (folders and `use_ema`: after loading).
+    `residency` (low-memory mode): each tensor of a single file goes into its backing file as it is read,
+    so the weights never sit in the process's memory together (the caller places the networks).
     """
     path = Path(path)
     if path.is_dir():
@@ -73,11 +77,12 @@ def read_components(
         raise CheckpointNotFoundError(path, "no such file or folder")
     on_read = int8 and not use_ema  # EMA weights reach the U-Net through a key map: quantized after
     # cast per tensor while reading and skip EMA/training keys: peak memory stays near the final size
+    convert = _quantize_unet_entry if on_read else None
     state_dict, metadata = read_state_dict(
         path,
         dtype=dtype,
         keep=functools.partial(is_weight_key, use_ema=use_ema),
-        convert=_quantize_unet_entry if on_read else None,
+        convert=convert if residency is None else functools.partial(_into, residency, convert),
     )
     try:
         parts = split_components(state_dict, use_ema=use_ema)
@@ -106,6 +111,16 @@ def _quantize_unet_entry(key: str, tensor: torch.Tensor, dtype: torch.dtype | No
     if key.startswith(UNET_PREFIX) and key.endswith(".weight") and quantizable(tuple(tensor.shape)):
         return quantize_entry(key, tensor, dtype if tensor.is_floating_point() else None)
     return None
+
+
+def _into(
+    residency: Residency, convert: Convert | None, key: str, tensor: torch.Tensor, dtype: torch.dtype | None
+) -> StateDict:
+    """`convert`'s entries (else the tensor, cast as `read_state_dict` casts it) copied into `residency`."""
+    entries = convert(key, tensor, dtype) if convert is not None else None
+    if entries is not None:
+        return {name: residency.put(value) for name, value in entries.items()}
+    return {key: residency.put(tensor, dtype if tensor.is_floating_point() else None)}
 
 
 def _quantized(components: Components, int8: bool) -> Components:

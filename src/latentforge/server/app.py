@@ -151,6 +151,7 @@ def create_app(
     token: str | None = None,
     queue_size: int = 8,
     limits: Limits | None = None,
+    low_memory: bool = False,
 ) -> FastAPI:
     """The server's app; `models_dir` None serves the embedded model (or `default_model`)."""
     limits = limits or Limits()
@@ -162,7 +163,7 @@ def create_app(
         raise ParameterError(f"--models-dir {models_dir} is not a folder")
     if queue_size < 1:
         raise ParameterError(f"--queue-size must be at least 1, got {queue_size}")
-    catalog = Catalog(models_dir, default_model)
+    catalog = Catalog(models_dir, default_model, low_memory=low_memory)
     worker = Worker(catalog, queue_size)
 
     @asynccontextmanager
@@ -667,11 +668,12 @@ def serve(
     models_dir: Path | None = None,
     token: str | None = None,
     queue_size: int = 8,
+    low_memory: bool = False,
 ) -> None:
     """Run the app under uvicorn until interrupted; a non-loopback bind needs a token."""
     import uvicorn
 
     if not _loopback(host) and not token:
         raise ParameterError(f"--host {host} is reachable from other machines: also give --token")
-    app = create_app(models_dir=models_dir, token=token, queue_size=queue_size)
+    app = create_app(models_dir=models_dir, token=token, queue_size=queue_size, low_memory=low_memory)
     uvicorn.run(app, host=host, port=port, log_level="info")

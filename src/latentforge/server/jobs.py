@@ -31,7 +31,7 @@ from latentforge.checkpoints.controlnet import (
 from latentforge.checkpoints.taesd import SUFFIXES as TAESD_SUFFIXES
 from latentforge.checkpoints.taesd import read_taesd
 from latentforge.errors import ParameterError
-from latentforge.model import StableDiffusion, load, swap_vae
+from latentforge.model import StableDiffusion, load, swap_vae, use_vae
 from latentforge.models.vae import AutoencoderKL
 from latentforge.pipelines.generate import SKIP, GeneratedImage, img2img_steps
 from latentforge.pipelines.preview import latent_rgb_projection, preview_image
@@ -76,9 +76,10 @@ class Checkpoint:
 class Catalog:
     """The checkpoints a server offers (the models folder, or the embedded model), chosen by name only."""
 
-    def __init__(self, models_dir: Path | None, default: Path | None) -> None:
+    def __init__(self, models_dir: Path | None, default: Path | None, *, low_memory: bool = False) -> None:
         self.models_dir = models_dir
         self.default = default
+        self.low_memory = low_memory  # `load(low_memory=...)` of every model it loads
         self.lock = threading.Lock()
         self.selected = self.checkpoints()[0].title if self.checkpoints() else ""
         self.selected_vae = VAE_AUTOMATIC
@@ -188,7 +189,7 @@ class Catalog:
         if self.own_vae is None:
             self.own_vae = model.vae
         if path is None:
-            model.vae, model.vae_name, model.vae_hash = self.own_vae, None, None
+            use_vae(model, self.own_vae, None, None)
         else:
             swap_vae(model, path)  # same architecture, the file's weights; its name and hash for the infotext
         self.vae_in_use = path
@@ -211,7 +212,7 @@ class Catalog:
                 name = self.selected
         if self.loaded is None or self.loaded[0] != name:
             self.release()  # drop the old weights before loading the new ones: never two in memory
-            model = load(self.find(name).path)
+            model = load(self.find(name).path, low_memory=self.low_memory)
             self._use_folders(model)
             self._use_taesd(model)
             self.loaded = (name, model)
