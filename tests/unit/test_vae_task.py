@@ -178,6 +178,33 @@ def test_decoder_fine_tuning_keeps_the_latent_space(tmp_path):
         _task(frozen_encoder=True)
 
 
+def test_latent_noise_decodes_noisy_latents_in_a_decoder_fine_tune(tmp_path):
+    """latent_noise: the decoder sees z + s * std(z) * noise, s in [0, latent_noise] per image; off (0) it
+    decodes exactly what AutoencoderKL.forward does with the same generator, so earlier runs are unchanged."""
+    start = _task()
+    init = tmp_path / "vae.safetensors"
+    start.export(start.trainable(), init)
+    x = _batch(start)["pixels"]
+    decoded = {}
+    for noise in (0.0, 0.5):
+        task = _task(init=str(init), frozen_encoder=True, latent_noise=noise)
+        trainer = task.trainable()
+        hook = trainer.vae.post_quant_conv.register_forward_pre_hook(
+            lambda m, args, noise=noise: decoded.setdefault(noise, args[0])
+        )
+        out = trainer(x, True, torch.Generator().manual_seed(3), noise)
+        hook.remove()
+        if noise == 0.0:
+            expected, _ = trainer.vae(x, sample_posterior=True, generator=torch.Generator().manual_seed(3))
+            assert torch.equal(out["recon"], expected)
+    z = decoded[0.0]
+    relative = (decoded[0.5] - z).flatten(1).std(1) / z.std()
+    assert relative.min() > 0 and relative.max() <= 0.5 * 1.2  # levels drawn per image, at most 0.5 std
+    assert relative.max() - relative.min() > 0.05
+    with pytest.raises(ValueError, match="frozen_encoder"):
+        _task(latent_noise=0.1)
+
+
 def test_rfid_with_an_inception_file(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 

@@ -1,7 +1,8 @@
 """`latentforge train vae CONFIG`: a KL autoencoder (LDM `first_stage_model`) from images.
 
 Loss per step (LDM autoencoder, Rombach et al. 2022, appendix G; `ldm/modules/losses/contperceptual.py`):
-    rec  = mean |x - D(z)| (or squared), z ~ q(z|x)
+    rec  = mean |x - D(z)| (or squared), z ~ q(z|x) (+ noise of a random level up to `latent_noise` x std(z),
+           a decoder fine-tune's option: the decoder learns to render the imperfect latents a U-Net makes)
     kl   = KL(q(z|x) || N(0, I)) summed over latent elements / pixel elements  (see losses.kl_loss)
     loss = rec + kl_weight * kl [+ gan_factor * w * (-E[D_patch(D(z))]) + E[hinge(D_patch)]]
 The PatchGAN (`gan = true`, off by default) needs no second optimizer: the discriminator lives in the
@@ -54,6 +55,9 @@ class VAETaskOptions(ImageData):
     # decoder fine-tuning (as SD's ft-EMA/ft-MSE VAEs): encoder and quant_conv frozen, so the latent space an
     # already-trained U-Net uses stays exactly the same; needs `init`
     frozen_encoder: bool = False
+    # with frozen_encoder: decode z + s * std(z) * noise, s uniform in [0, latent_noise] per image, so
+    # that the decoder turns a U-Net's residual latent error into a clean picture, not speckles (0: off)
+    latent_noise: float = 0.0
     reconstruction: Literal["l1", "l2"] = "l1"
     kl_weight: float = 1e-6  # LDM's meaning (SD's VAE: 1e-6)
     sample_posterior: bool = True  # decode z ~ q(z|x) (LDM) rather than the mean
@@ -91,8 +95,16 @@ class AutoencoderTrainer(nn.Module):
         self.micro_steps: torch.Tensor
         self.register_buffer("micro_steps", torch.zeros((), dtype=torch.int64))
 
-    def forward(self, x: torch.Tensor, sample_posterior: bool, generator: torch.Generator) -> dict[str, Any]:
-        recon, posterior = self.vae(x, sample_posterior=sample_posterior, generator=generator)
+    def forward(
+        self, x: torch.Tensor, sample_posterior: bool, generator: torch.Generator, latent_noise: float = 0.0
+    ) -> dict[str, Any]:
+        posterior = self.vae.encode(x)
+        z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
+        if latent_noise > 0:
+            level = torch.rand(len(z), 1, 1, 1, generator=generator, device=generator.device) * latent_noise
+            noise = torch.randn(z.shape, generator=generator, device=generator.device)
+            z = z + (level * noise).to(z) * z.detach().std()
+        recon = self.vae.decode(z)
         out: dict[str, Any] = {"recon": recon, "kl": posterior.kl()}
         if self.discriminator is not None:
             out["logits_real"] = self.discriminator(x)
@@ -113,6 +125,11 @@ class VAETask:
             options = parse_options(VAETaskOptions, options or {}, "vae")
         self.options, self.seed, self.grad_accum = options, seed, grad_accum
         torch.manual_seed(seed)
+        if options.latent_noise > 0 and not options.frozen_encoder:
+            raise ConfigError(
+                "task_options.latent_noise trains the decoder to render noisy latents, which only a "
+                "decoder fine-tune may do (the latent space stays the U-Net's): set frozen_encoder = true"
+            )
         if options.frozen_encoder and not options.init:
             raise ConfigError(
                 "task_options.frozen_encoder = true fine-tunes a trained decoder: give its VAE as "
@@ -154,7 +171,7 @@ class VAETask:
         opts = self.options
         inner: AutoencoderTrainer = unwrap(model)  # type: ignore[assignment]
         x = batch["pixels"].to(model_device(inner))
-        out = model(x, opts.sample_posterior, generator)
+        out = model(x, opts.sample_posterior, generator, opts.latent_noise)
         rec = losses.reconstruction_loss(x, out["recon"], opts.reconstruction)
         kl = losses.kl_loss(out["kl"], x[0].numel())
         loss = rec + opts.kl_weight * kl
