@@ -31,9 +31,9 @@ def multi_head_attention(
 
 
 # Training on a CPU in bf16/fp16: PyTorch's CPU flash-attention backward is 4-5x slower than the plain
-# softmax(q k^T / sqrt(d)) v written out, on the short sequences of small models (benchmarks/attention.py:
-# 64 images x 3 heads x 64 x 77 tokens, bf16, forward + backward 36 ms vs 7.7 ms; the default model's U-Net
-# training step 1.78 -> 1.2 s). Its forward is the fastest everywhere, so inference and fp32 training keep
+# softmax(q k^T / sqrt(d)) v written out, on the short sequences of small models (benchmarks/
+# attention_speed.py: 64 images x 3 heads x 64 x 77 tokens, bf16, forward + backward 39 ms vs 8.6; the default
+# model's U-Net training step 1.78 -> 1.13 s). Its forward is as fast or faster, so inference and fp32 keep
 # it; the written-out form stores the [B, H, N, M] weights for the backward, so it is used only while
 # those stay small (2**24 elements, 32 MiB in bf16; SD at 512 px has 4096 x 4096 per head: flash then).
 EXPLICIT_BACKWARD_MAX_WEIGHTS = 2**24
