@@ -27,6 +27,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, help="image size (default 64)")
     p.add_argument("--speed-repeats", type=int, help="timed txt2img runs (default 10)")
     p.add_argument("--samplers", help="steps-sweep samplers, comma-separated (default DDIM,Euler,DPM++ 2M)")
+    p.add_argument(
+        "--no-baselines", action="store_true", help="comparison: ours only (no untrained / nearest rows)"
+    )
+    p.add_argument("--prompt-sets", help="comparison: train_prompts,holdout_prompts (default both)")
     return p.parse_args(argv)
 
 
@@ -42,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         if value is not None
     }
+    if args.no_baselines:
+        overrides["baselines"] = False
+    if args.prompt_sets:
+        overrides["prompt_sets"] = tuple(name.strip() for name in args.prompt_sets.split(",") if name.strip())
     if args.samplers:
         overrides["samplers"] = tuple(name.strip() for name in args.samplers.split(",") if name.strip())
     settings = CardSettings.quick(**overrides) if args.quick else CardSettings(**overrides)

@@ -73,6 +73,9 @@ class CardSettings:
     load_repeats: int = 3
     batch_size: int = 16
     seed: int = 0
+    baselines: bool = True  # the comparison's untrained-U-Net and nearest-neighbour rows (not needed to
+    # compare two versions of the model: `--no-baselines` halves the comparison's generation time)
+    prompt_sets: tuple[str, ...] = ("train_prompts", "holdout_prompts")
 
     @classmethod
     def quick(cls, **overrides: Any) -> CardSettings:
@@ -171,24 +174,35 @@ def compare(
     """{method: {prompt set: result}} for ours, the untrained U-Net and the nearest-neighbour baseline,
     with prompts from the training and the held-out captions, each against the held-out images."""
     train, holdout = read_split(data_dir, "train"), read_split(data_dir, "holdout")
-    if extractor.encode_text is None:
+    if settings.baselines and extractor.encode_text is None:
         raise EvalInputError(f"the nearest-neighbour baseline needs a CLIP text tower; got {extractor.spec}")
-    nearest = NearestCaptionBaseline(train, extractor.encode_text)
-    untrained = untrained_like(model, settings.seed)
+    methods = [("ours", model)]
+    if settings.baselines:
+        nearest = NearestCaptionBaseline(train, extractor.encode_text)  # type: ignore[arg-type]
+        methods.append(("untrained", untrained_like(model, settings.seed)))
     options: dict[str, Any] = {
         "extractor": extractor,
         "metrics": CARD_METRICS,
         "batch_size": 50,
         "progress": progress,
     }
-    results: dict[str, dict[str, dict[str, Any]]] = {"ours": {}, "untrained": {}, "nearest_neighbour": {}}
-    for prompt_set, split in (("train_prompts", train), ("holdout_prompts", holdout)):
+    results: dict[str, dict[str, dict[str, Any]]] = {method: {} for method, _ in methods}
+    if settings.baselines:
+        results["nearest_neighbour"] = {}
+    sets = [
+        (n, split)
+        for n, split in (("train_prompts", train), ("holdout_prompts", holdout))
+        if n in settings.prompt_sets
+    ]
+    for prompt_set, split in sets:
         prompts, seeds = choose_prompts(split.captions, settings.images, settings.seed)
-        for method, bundle in (("ours", model), ("untrained", untrained)):
+        for method, bundle in methods:
             results[method][prompt_set] = runs.generate_and_evaluate(
                 bundle, settings.params(), prompts, seeds, reference, Path(out_dir, method, prompt_set),
                 overwrite=True, title=f"{method}, {prompt_set}", **options,
             )  # fmt: skip
+        if not settings.baselines:
+            continue
         captions = [p for p in prompts for _ in seeds]
         info = {"model": "nearest-neighbour", "prompts": len(prompts), "images": len(captions)}
         results["nearest_neighbour"][prompt_set] = runs.evaluate_to_dir(

@@ -5,6 +5,7 @@ models and a tiny fake emoji-layout dataset (32x32, a dozen images), plus the do
 import importlib.util
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,18 @@ def test_card_runs_end_to_end_and_writes_the_expected_keys(files: dict[str, Path
         0
     ]
     assert first.read_text().strip().endswith("style")
+
+
+def test_comparison_of_ours_alone_on_chosen_prompt_sets(files: dict[str, Path], tmp_path: Path) -> None:
+    """--no-baselines --prompt-sets holdout_prompts: one row, the same numbers as in the full comparison."""
+    settings = CardSettings.quick(images=8, size=32, steps=3, batch_size=4)
+    inputs = CardInputs(files["model"], files["clip"], files["data"], parts=("comparison",))
+    full = model_card(inputs, tmp_path / "full", settings, progress=False)["comparison"]
+    alone = replace(settings, baselines=False, prompt_sets=("holdout_prompts",))
+    ours = model_card(inputs, tmp_path / "ours", alone, progress=False)["comparison"]
+    assert set(ours) == {"ours"} and set(ours["ours"]) == {"holdout_prompts"}
+    assert ours["ours"]["holdout_prompts"]["values"] == full["ours"]["holdout_prompts"]["values"]
+    assert "untrained" not in (tmp_path / "ours" / "comparison.md").read_text()
 
 
 def test_nearest_neighbour_returns_the_training_image_of_an_exact_caption(files: dict[str, Path]) -> None:
