@@ -9,7 +9,6 @@ gets a least-squares fit of colours on its own latents, so the preview is a func
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -19,7 +18,7 @@ from latentforge.model import StableDiffusion
 from latentforge.models.configs import VAEConfig
 from latentforge.models.families import SD_VAE
 from latentforge.models.taesd import TinyAutoencoder
-from latentforge.pipelines.images import encode_images
+from latentforge.pipelines.images import encode_images, tensor_to_pil
 
 _SD_CHEAP = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
 # Published latent -> RGB factors by VAE architecture (the fitted fallback covers everything else).
@@ -55,8 +54,7 @@ def latent_preview(latents: Tensor, projection: Tensor) -> Image.Image:
     z = latents[0] if latents.ndim == 4 else latents
     z = z.detach().float().cpu()
     rgb = torch.einsum("chw,cr->rhw", z, projection[:-1].float()) + projection[-1].float()[:, None, None]
-    array = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(np.ascontiguousarray(array))
+    return tensor_to_pil(rgb[None])[0]
 
 
 @torch.inference_mode()
@@ -64,9 +62,7 @@ def taesd_preview(latents: Tensor, taesd: TinyAutoencoder) -> Image.Image:
     """A full-size preview of latents [C, h, w] (or the first of [B, C, h, w]) through TAESD's decoder."""
     z = latents[:1] if latents.ndim == 4 else latents[None]
     parameter = next(taesd.parameters())
-    pixels = taesd.decode(z.detach().to(parameter.device, parameter.dtype)).float()[0].cpu()
-    array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(np.ascontiguousarray(array))
+    return tensor_to_pil(taesd.decode(z.detach().to(parameter.device, parameter.dtype)))[0]
 
 
 # A1111's `show_progress_type` setting (modules/shared_options.py) and what each is here. "Approx NN" is
@@ -86,9 +82,7 @@ def preview_image(model: StableDiffusion, latents: Tensor, kind: str, projection
     if kind == "Full":
         parameter = next(model.vae.parameters())
         z = latents[:1] / model.family.latent_scale
-        pixels = model.vae.decode(z.to(parameter.device, parameter.dtype)).float()[0].cpu()
-        array = ((pixels.nan_to_num().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0)
-        return Image.fromarray(np.ascontiguousarray(array.numpy()))
+        return tensor_to_pil(model.vae.decode(z.to(parameter.device, parameter.dtype)).nan_to_num())[0]
     if kind == "TAESD" and model.taesd is not None:
         return taesd_preview(latents, model.taesd)
     return latent_preview(latents, projection)
