@@ -229,11 +229,13 @@ class Catalog:
     def _use_taesd(self, model: StableDiffusion) -> None:
         """The family's tiny decoder from models/VAE-taesd (`taesd_decoder.pth`, SDXL `taesdxl_decoder.pth`,
         or .safetensors), for TAESD live previews and `fast_decode`; the embedded model brings its own."""
-        variant = "taesdxl" if model.family.is_sdxl else "taesd"
-        folder = self.models_dir / TAESD_FOLDER if self.models_dir is not None else None
-        if folder is None or not any((folder / f"{variant}_decoder{s}").is_file() for s in TAESD_SUFFIXES):
+        if self.models_dir is None:
             return
-        model.taesd = read_taesd(folder, variant=variant, dtype=model.dtype).to(model.device)
+        variant = "taesdxl" if model.family.is_sdxl else "taesd"
+        names = (f"{variant}_decoder{suffix}" for suffix in TAESD_SUFFIXES)
+        found = [path for path in (self.models_dir / TAESD_FOLDER / n for n in names) if path.is_file()]
+        if found:  # this family's file only (read_taesd's folder search would fall back to SD's for SDXL)
+            model.taesd = read_taesd(found[0], variant=variant, dtype=model.dtype).to(model.device)
 
     def release(self) -> None:
         """Forget the loaded model and return its memory (A1111: `unload_model_weights`, `torch_gc`)."""
