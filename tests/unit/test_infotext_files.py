@@ -263,3 +263,14 @@ def test_novelai_png_as_a1111_converts_it(tmp_path):
     info.add_text("Comment", "not json")
     _image().save(tmp_path / "nai3.png", pnginfo=info)
     assert read_infotext(tmp_path / "nai3.png") is None
+
+
+def test_out_folder_that_looks_like_an_image_name_is_refused(tmp_path):
+    from latentforge.pipelines.outputs import prepare_folder
+
+    with pytest.raises(OutputError, match=r"apple\.png: --out names a folder"):
+        prepare_folder(tmp_path / "apple.png")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "shots.png").mkdir()  # a folder someone did name so is still a folder
+    assert prepare_folder(tmp_path / "shots.png") == tmp_path / "shots.png"
+    assert prepare_folder(tmp_path / "new") == tmp_path / "new"

@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from latentforge.data.images import IMAGE_EXTENSIONS
 from latentforge.errors import OutputError
 
 
@@ -23,6 +24,11 @@ def prepare_folder(folder: str | Path) -> Path:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{folder}: the output path is a file, not a folder; pass another --out")
+    if not folder.exists() and folder.suffix.lower() in IMAGE_EXTENSIONS:
+        raise OutputError(
+            f"{folder}: --out names a folder, and this looks like an image file name; "
+            "images are written into the folder with numbered names"
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
