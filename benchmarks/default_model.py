@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--backend", choices=["torch", "openvino"], default="torch")
+    parser.add_argument("--model", help="a checkpoint (default: the embedded model)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from latentforge.checkpoints.loading import default_model_path
@@ -32,7 +33,7 @@ def main() -> None:
     from latentforge.pipelines.runner import run
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    model = load(default_model_path(), dtype=dtype, backend=args.backend)
+    model = load(args.model or default_model_path(), dtype=dtype, backend=args.backend)
     request = GenerationRequest(prompt="a smiling yellow face", steps=args.steps, seed=1)
     unet_cpu: list[float] = []
     starts: list[float] = []

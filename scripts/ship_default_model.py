@@ -1,6 +1,7 @@
 """Put a trained default model into the package: `python scripts/ship_default_model.py RUNS_DIR`.
 
-Copies RUNS_DIR/unet/final.safetensors (the SD single file the U-Net stage exports, fp16) to
+Copies RUNS_DIR/unet/final.safetensors (the SD single file the U-Net stage exports, fp16; `--unet FILE`: an
+export of another step, `scripts/export_checkpoint.py`) to
 src/latentforge/assets/latentforge-emoji.safetensors, and writes the CLIP of
 RUNS_DIR/clip/final.safetensors next to it in fp16 as latentforge-emoji-clip.safetensors without its text
 transformer, which is the model's text encoder (checked weight by weight): `latentforge eval` uses it as
@@ -45,11 +46,13 @@ def swap_fine_tuned_vae(model_file: Path, vae_file: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", type=Path, help="the recipe's run folder (holds clip/, vae/ and unet/)")
+    p.add_argument("--unet", type=Path, help="the U-Net stage's export to ship (default RUNS/unet/final)")
     p.add_argument("--vae", type=Path, help="a decoder fine-tune of the recipe's VAE to ship instead")
     p.add_argument("--assets", type=Path, default=ASSETS, help="destination folder (default: the package's)")
     args = p.parse_args(argv)
     model_file, clip_file = args.assets / DEFAULT_MODEL_FILE, args.assets / DEFAULT_CLIP_FILE
-    shutil.copyfile(args.runs / "unet" / "final.safetensors", model_file)
+    args.assets.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(args.unet or args.runs / "unet" / "final.safetensors", model_file)
     if args.vae:
         swap_fine_tuned_vae(model_file, args.vae)
     save_clip_sharing_text(

@@ -2,8 +2,9 @@
 # Reproduce the embedded default model from nothing: emoji data from npm, then CLIP, VAE, U-Net and a
 # decoder fine-tune of the VAE (encoder frozen, so the U-Net's latents stay valid).
 # Every stage resumes from its last checkpoint when re-run, so run this again after an interruption.
-#   bash scripts/train_default_model.sh [DATA_DIR] [RUNS_DIR]        the shipped model (v1)
-#   bash scripts/train_default_model.sh v2 [DATA_DIR] [RUNS_DIR]     the second edition (in progress)
+#   bash scripts/train_default_model.sh [DATA_DIR] [RUNS_DIR]        the first edition (v1, 2026-12-03)
+#   bash scripts/train_default_model.sh v2 [DATA_DIR] [RUNS_DIR]     the second edition (shipped at U-Net
+#                                                                    step 11000 on 2026-12-07; still training)
 # v1: CLIP and VAE are independent and may run at the same time (one core each: OMP_NUM_THREADS=1).
 # v2 runs for many CPU-hours on one core, a session at a time: start it as
 #   OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 setsid nohup nice -n 5 bash scripts/train_default_model.sh v2 \
@@ -72,8 +73,13 @@ save(load_clip(sys.argv[1]).text, sys.argv[2], dtype=torch.float32)" "$RUNS/clip
 # Shipping replaces v1 in the package: only after the card's held-out table shows v2 ahead of v1.
 echo "v2 trained; compare with scripts/default_model_card.py, then:"
 echo "  $PY scripts/ship_default_model.py $RUNS --vae $RUNS/vae_decoder/final.safetensors"
-# The shipped tiny decoder (previews, --fast-decode) is distilled from v1's VAE: a v2 model would refuse it
-# with a warning at every load, so shipping v2 includes distilling a new one from the shipped file.
-echo "and its tiny decoder (src/latentforge/assets/latentforge-emoji.safetensors is then v2's):"
+echo "  (an earlier step: --unet EXPORT, from scripts/export_checkpoint.py $RUNS/unet --step N --out EXPORT)"
+# The shipped tiny decoder (previews, --fast-decode) is distilled from the shipped VAE decoder (a model with
+# another decoder does not attach it and warns at every load), and the canny ControlNet is trained against
+# the shipped U-Net: shipping a new decoder or U-Net step includes retraining both from the shipped file.
+echo "and its tiny decoder (src/latentforge/assets/latentforge-emoji.safetensors is then the new one):"
 echo "  $PY -m latentforge train taesd configs/perf/taesd.toml task_options.data=$DATA run_dir=$RUNS/taesd"
 echo "  $PY scripts/ship_taesd.py $RUNS/taesd/final.safetensors"
+echo "and its canny ControlNet (docs/controlnet.md; it copies the U-Net's encoder):"
+echo "  $PY -m latentforge train controlnet configs/controlnet/emoji-canny.toml task_options.data=$DATA run_dir=$RUNS/cn"
+echo "  $PY scripts/controlnet_demo.py ship $RUNS/cn/final.safetensors"
