@@ -70,7 +70,7 @@ save(load_clip(sys.argv[1]).text, sys.argv[2], dtype=torch.float32)" "$RUNS/clip
 # latents); the card's comparison on one U-Net export picks between the two decoders.
 "$PY" -m latentforge train vae configs/default/vae_decoder_v2_noise.toml task_options.data="$DATA" \
   run_dir="$RUNS/vae_decoder_noise" task_options.init="$RUNS/vae/final.safetensors"
-# Shipping replaces v1 in the package: only after the card's held-out table shows v2 ahead of v1.
+# Shipping replaces the package's model: only after the card's held-out table shows the new one ahead.
 echo "v2 trained; compare with scripts/default_model_card.py, then:"
 echo "  $PY scripts/ship_default_model.py $RUNS --vae $RUNS/vae_decoder/final.safetensors"
 echo "  (an earlier step: --unet EXPORT, from scripts/export_checkpoint.py $RUNS/unet --step N --out EXPORT)"
