@@ -3,7 +3,9 @@ earlier images, which must survive a new run untouched. Errors come before any m
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -43,11 +45,31 @@ def test_out_read_only(tiny_checkpoint, tmp_path, capsys):
         folder.chmod(0o755)
 
 
-@pytest.mark.skip(
-    reason="a full disk needs a small filesystem (loop mount or tmpfs size=), not available here"
-)
-def test_out_on_full_disk():
-    """Documented in docs/reliability.md: PNGs are written to a temporary name and renamed."""
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 256 KiB tmpfs filled to the last byte (mounting needs root; skipped otherwise)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True, text=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.strip() or made.returncode}")
+    try:
+        with contextlib.suppress(OSError), open(mount / "filler", "wb", buffering=0) as f:  # noqa: PTH123
+            while True:
+                f.write(bytes(4096))
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_out_on_full_disk(tiny_checkpoint, full_disk, capsys):
+    """The image is written to a temporary name and renamed: a full disk leaves no partial file behind."""
+    out = full_disk / "out"
+    line = one_error_line(capsys, _generate(tiny_checkpoint, str(out)))
+    assert "No space left on device" in line and str(out) in line
+    assert sorted(p.name for p in full_disk.rglob("*")) == ["filler", "out"]  # nothing but the empty folder
 
 
 def test_earlier_images_are_never_overwritten(tiny_checkpoint, tmp_path):
