@@ -57,12 +57,30 @@ restore clip final.safetensors ||
 from latentforge.checkpoints.exports import load_clip, save_text_encoder as save
 save(load_clip(sys.argv[1]).text, sys.argv[2], dtype=torch.float32)" "$RUNS/clip/final.safetensors" \
   "$RUNS/clip/final.text_encoder.safetensors"
-# Stage 3: the U-Net on the same caption variants, 40000 steps in increments;
-# `python scripts/export_checkpoint.py RUNS/unet --eval`
-# exports and measures the newest checkpoint while it runs.
-"$PY" -m latentforge train unet configs/default/unet_v2.toml task_options.train_data="$DATA-clip/train" \
-  task_options.holdout_data="$DATA/holdout" run_dir="$RUNS/unet" task_options.vae="$RUNS/vae/final.safetensors" \
-  task_options.text_encoder="$RUNS/clip/final.text_encoder.safetensors" task_options.cache_dir="$RUNS/cache"
+# Stage 3: the U-Net on the same caption variants, from step 0 at a constant LR (40000 steps planned);
+# `python scripts/export_checkpoint.py RUNS/unet --eval` exports and measures the newest checkpoint while
+# it runs. The shipped v2 U-Net is its step 11000. It runs when RUNS/unet exists (a surviving run resumes)
+# or FROM_SCRATCH=1 is set (reproducing v2 from nothing).
+SHIPPED=src/latentforge/assets/latentforge-emoji.safetensors
+if [ -d "$RUNS/unet" ] || [ "${FROM_SCRATCH:-0}" = 1 ]; then
+  "$PY" -m latentforge train unet configs/default/unet_v2.toml task_options.train_data="$DATA-clip/train" \
+    task_options.holdout_data="$DATA/holdout" run_dir="$RUNS/unet" \
+    task_options.vae="$RUNS/vae/final.safetensors" \
+    task_options.text_encoder="$RUNS/clip/final.text_encoder.safetensors" task_options.cache_dir="$RUNS/cache"
+else
+  # Stage 3, increment: on a machine without that run, continue from the shipped weights instead of
+  # step 0 (unet_v2_increment.toml: warm restart, cosine to zero, one session on one core). The run is
+  # named after the shipped file's hash: it resumes while that file is shipped; shipping its result
+  # (the card decides) makes the next session's increment start from there.
+  INC="$RUNS/unet_inc_$(sha256sum "$SHIPPED" | cut -c1-8)"
+  "$PY" -m latentforge train unet configs/default/unet_v2_increment.toml \
+    task_options.init="$SHIPPED" task_options.train_data="$DATA-clip/train" \
+    task_options.holdout_data="$DATA/holdout" run_dir="$INC" task_options.cache_dir="$RUNS/cache"
+  echo "increment done: $INC/final.safetensors is a whole model (U-Net, shipped VAE and text tower); compare:"
+  echo "  $PY scripts/default_model_card.py --model $INC/final.safetensors --data $DATA --out CARD_DIR"
+  echo "  then $PY scripts/ship_default_model.py $RUNS --unet $INC/final.safetensors  (it has the shipped VAE)"
+  exit 0
+fi
 # Stage 4: decoder fine-tune (encoder frozen: the U-Net's latents stay valid).
 "$PY" -m latentforge train vae configs/default/vae_decoder_v2.toml task_options.data="$DATA" \
   run_dir="$RUNS/vae_decoder" task_options.init="$RUNS/vae/final.safetensors"
