@@ -1,15 +1,19 @@
-"""Every config in configs/examples/ loads and its task_options parse for its task (no model is built)."""
+"""Every config in configs/examples/ and configs/default/ loads and its task_options parse for its task."""
 
 from pathlib import Path
 
 import pytest
 
+import latentforge
+from latentforge.checkpoints.loading import DEFAULT_MODEL_FILE
 from latentforge.training.config import load_config
+from latentforge.training.tasks.clip import CLIPTaskOptions
 from latentforge.training.tasks.common import parse_options
 from latentforge.training.tasks.dreambooth import DreamBoothOptions
 from latentforge.training.tasks.embedding import EmbeddingTaskOptions
 from latentforge.training.tasks.lora import LoRATaskOptions
-from latentforge.training.tasks.unet import UNetTaskOptions
+from latentforge.training.tasks.unet import UNetTask, UNetTaskOptions
+from latentforge.training.tasks.vae import VAETaskOptions
 
 EXAMPLES = Path(__file__).parents[2] / "configs" / "examples"
 OPTIONS = {
@@ -29,3 +33,30 @@ def test_example_parses(name):
     config = load_config(EXAMPLES / name)
     options = parse_options(OPTIONS[name], config.task_options, name)
     assert options.init and options.init.endswith("latentforge-emoji.safetensors")
+
+
+DEFAULT = Path(__file__).parents[2] / "configs" / "default"
+DEFAULT_OPTIONS = {
+    "clip": CLIPTaskOptions,
+    "vae": VAETaskOptions,
+    "unet": UNetTaskOptions,
+    "study": UNetTaskOptions,
+}
+
+
+@pytest.mark.parametrize("path", sorted(DEFAULT.glob("*.toml")), ids=lambda p: p.name)
+def test_default_model_recipe_config_parses(path):
+    """The default model's recipe configs (scripts/train_default_model.sh) parse for their task."""
+    config = load_config(path)
+    parse_options(DEFAULT_OPTIONS[path.name.split("_")[0].split(".")[0]], config.task_options, path.name)
+
+
+def test_default_model_increment_starts_from_the_shipped_model():
+    """unet_v2_increment.toml's options are accepted with its init, the package's model (family kept)."""
+    config = load_config(DEFAULT / "unet_v2_increment.toml")
+    init = Path(__file__).parents[2] / config.task_options["init"]
+    assert init.resolve() == (Path(latentforge.__file__).parent / "assets" / DEFAULT_MODEL_FILE).resolve()
+    options = dict(config.task_options, init=str(init))
+    task = UNetTask(options, explicit=set(options))
+    assert task.family.name == "latentforge-emoji" and task.family.unet.in_channels == 8
+    assert config.lr_schedule == "cosine" and config.min_lr == 0.0 and config.warmup_steps < config.max_steps
