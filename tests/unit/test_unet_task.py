@@ -318,3 +318,17 @@ def test_init_from_a_saved_model_starts_at_its_weights_and_keeps_its_family(tmp_
         UNetTask({**data, "init": str(saved), "prediction": "epsilon"}, progress=False)
     with pytest.raises(ConfigError, match="task_options vae_config cannot be set with it"):
         UNetTask({**data, "init": str(saved), "vae_config": TINY["vae_config"]}, progress=False)
+
+
+def test_dropout_acts_while_training_only_and_adds_no_weights():
+    plain, dropped = _task(), _task(dropout=0.2)
+    assert set(dropped.unet.state_dict()) == set(plain.unet.state_dict())
+    batch = _batch(plain, 4)
+    generator = torch.Generator
+    losses = [
+        t.loss(t.trainable().train(), batch, generator().manual_seed(0))[0].item() for t in (plain, dropped)
+    ]
+    assert abs(losses[0] - losses[1]) > 1e-4 * losses[0]  # same weights and draws: only dropout differs
+    assert dropped.evaluate(dropped.trainable()) == plain.evaluate(plain.trainable())
+    with pytest.raises(ValueError, match="dropout"):
+        _task(dropout=1.0)

@@ -3,10 +3,11 @@
 Attribute names and Sequential indices equal the original checkpoint keys (openaimodel.py layout:
 `input_blocks.N`, `middle_block`, `output_blocks.N`, `in_layers`, `emb_layers`, `out_layers`,
 `transformer_blocks`), so an original U-Net loads with `strict=True` after stripping
-`model.diffusion_model.`. Dropout slots are `nn.Identity` placeholders. Speed and memory: the time
-embedding's SiLU is computed once for all ResBlocks; SiLU and residual adds run in place on freshly
-produced tensors (never on one autograd saved or a skip connection still holds); without autograd
-the feed-forward runs over token chunks, which avoids its huge, page-faulting GEGLU buffers.
+`model.diffusion_model.`. Dropout slots are `nn.Identity` placeholders (`set_dropout` fills the
+ResBlocks'). Speed and memory: the time embedding's SiLU is computed once for all ResBlocks; SiLU and
+residual adds run in place on freshly produced tensors (never on one autograd saved or a skip connection
+still holds); without autograd the feed-forward runs over token chunks, which avoids its huge,
+page-faulting GEGLU buffers.
 """
 
 from __future__ import annotations
@@ -78,9 +79,18 @@ class ResBlock(nn.Module):
         """`emb_act` is SiLU(time embedding) [B, E]: `emb_layers.0` is applied once for the whole U-Net."""
         h = self.in_layers[2](_norm_silu(self.in_layers[0], x))
         h += self.emb_layers[1](emb_act)[:, :, None, None]  # [B, C] -> [B, C, 1, 1]
-        h = self.out_layers[3](_norm_silu(self.out_layers[0], h))
+        h = self.out_layers[3](self.out_layers[2](_norm_silu(self.out_layers[0], h)))
         h += self.skip_connection(x)
         return h
+
+
+def set_dropout(unet: nn.Module, p: float) -> None:
+    """Fill every ResBlock's dropout slot (`out_layers.2`, before its second conv, as in openaimodel) with
+    `nn.Dropout(p)`, or empty it again with p = 0. No weights change or appear: a training option, not part
+    of the checkpoint. DDPM trained CIFAR-10 with 0.1 against overfitting (Ho et al. 2020, appendix B)."""
+    for block in unet.modules():
+        if isinstance(block, ResBlock):
+            block.out_layers[2] = nn.Dropout(p) if p > 0 else nn.Identity()
 
 
 class CrossAttention(nn.Module):

@@ -37,7 +37,7 @@ from latentforge.models.configs import TextEncoderConfig, UNetConfig, VAEConfig
 from latentforge.models.families import ModelFamily
 from latentforge.models.text_encoder import CLIPTextModel
 from latentforge.models.tokenizer import CLIPTokenizer
-from latentforge.models.unet import UNetModel, vector_conditioning
+from latentforge.models.unet import UNetModel, set_dropout, vector_conditioning
 from latentforge.models.vae import AutoencoderKL, DiagonalGaussian
 from latentforge.pipelines.request import GenerationRequest
 from latentforge.pipelines.runner import iter_images
@@ -87,6 +87,7 @@ class UNetTaskOptions(ImageData):
     beta_start: float = 0.00085
     beta_end: float = 0.012
     caption_dropout: float = 0.1
+    dropout: float = 0.0  # in every ResBlock while training (models/unet.py set_dropout); DDPM used 0.1
     min_snr_gamma: float | None = None  # Hang et al. 2023 use 5
     noise_offset: float = 0.0  # 0.05-0.1 in practice
     gradient_checkpointing: bool = False
@@ -122,6 +123,7 @@ class UNetTaskOptions(ImageData):
         "beta_start": Range(0.0, 1.0, low_open=True, high_open=True),
         "beta_end": Range(0.0, 1.0, low_open=True, high_open=True),
         "caption_dropout": FRACTION,
+        "dropout": Range(0.0, 1.0, high_open=True),
         "min_snr_gamma": POSITIVE,
         "latent_scale": POSITIVE,
         "latent_scale_items": Range(2),  # a variance needs two values
@@ -199,6 +201,7 @@ class UNetTask:
             self.text_encoder_2 = _freeze(text_encoder_2).to(self.device)  # type: ignore[assignment]
             self.tokenizer_2 = CLIPTokenizer.for_config(text_encoder_2.config)
         self.unet = unet
+        set_dropout(self.unet, options.dropout)
         self.unet.gradient_checkpointing = options.gradient_checkpointing
         if options.train_text_encoder:
             self.text_encoder.requires_grad_(True)
