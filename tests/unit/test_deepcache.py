@@ -105,11 +105,14 @@ def test_cfg_truncation_reuses_the_cond_rows(model):
         from_both = unet(torch.cat([x, x]), torch.cat([t1, t1]), context, deep_cache=both)[:2]
         from_cond = unet(x, t1, context[:2], deep_cache=alone)
     # Batch 2 and batch 4 may take different CPU kernels, so the shallow blocks agree to rounding,
-    # not bit for bit; reusing the wrong (uncond) rows would be off by the context's whole effect.
+    # not bit for bit. Reusing the wrong (uncond) rows is far outside that rounding: a cache kept from
+    # the CFG batch with its halves swapped hands the cond-only evaluation the uncond rows' features.
     torch.testing.assert_close(from_cond, from_both, rtol=0, atol=1e-5)
+    swapped = DeepCache(2)
     with torch.no_grad():
-        from_uncond_rows = unet(x, t1, context[2:], deep_cache=alone)
-    assert (from_uncond_rows - from_both).abs().max() > 1e-2
+        unet(torch.cat([x, x]), t2, torch.cat([context[2:], context[:2]]), deep_cache=swapped)
+        from_uncond_rows = unet(x, t1, context[:2], deep_cache=swapped)
+    assert (from_uncond_rows - from_cond).abs().max() > 1e-2
     request = replace(PARAMS, steps=6, cfg_cutoff=0.5)
     assert not torch.equal(_latents(model, replace(request, deepcache_interval=3)), _latents(model, request))
 
