@@ -16,6 +16,7 @@ from latentforge.data.emoji import (
     build_emoji_dataset,
     caption_variants,
     fetch_package,
+    free_form_captions,
     make_caption,
     split_fraction,
     sri_sha512,
@@ -234,6 +235,24 @@ def test_caption_variants_drop_the_name_and_add_short_names() -> None:
     assert caption_variants(plain) == ["hand-fingers-closed, google style"]
 
 
+def test_free_form_captions_are_names_alone_and_with_the_style() -> None:
+    record = {
+        "caption": "red apple, food-fruit, google style",
+        "name": "red apple",
+        "skin_tone": None,
+        "subcategory": "food-fruit",
+        "style": "google",
+        "short_names": ["apple", "red_apple"],  # "red_apple" is the name again
+    }
+    assert free_form_captions(record) == [
+        "red apple",
+        "red apple, google style",
+        "apple",
+        "apple, google style",
+    ]
+    assert free_form_captions({**record, "skin_tone": "light skin tone"}) == []
+
+
 def test_write_caption_variants_adds_items_for_training_only(package: Path, tmp_path: Path) -> None:
     out = tmp_path / "emoji"
     build_emoji_dataset(out, package_dir=package, holdout_fraction=0.5)
@@ -250,6 +269,9 @@ def test_write_caption_variants_adds_items_for_training_only(package: Path, tmp_
     assert Path(f"{stem}-c1.png").read_bytes() == (out / first["file_name"]).read_bytes()
     with pytest.raises(EmojiDatasetError, match="no 'test' records"):
         write_caption_variants(out, tmp_path / "clip", split="test")
+    free = write_caption_variants(out, tmp_path / "free", free_form=True)
+    extra = [len(set(free_form_captions(r)) - {r["caption"], *caption_variants(r)}) for r in records]
+    assert free["items"] == counts["items"] + sum(extra) and sum(extra) > 0
 
 
 def test_clip_holdout_tags_script(package: Path, tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ Output layout (kohya / A1111 folders plus Hugging Face `imagefolder` metadata):
     out_dir/dataset.json     pinned packages with integrity, rules, counts
     out_dir/LICENSES.md      artwork and data licences
 Caption rule: "<name>[, <skin tone>[, <second skin tone>]], <subcategory>, <style> style", lower case.
-`write_caption_variants` derives a CLIP training folder with extra captions per image (see there).
+`write_caption_variants` derives a training folder with extra captions per image (see there).
 Split rule: an identity (a base emoji with all its skin tones, both styles, and the emoji linked to it
 by `obsoletes`) is held out when sha256("latentforge-emoji-split:<seed>:<identity unified code>")
 read as a fraction in [0, 1) is below `holdout_fraction`, so the split never depends on RNG state or
@@ -420,15 +420,35 @@ def caption_variants(record: dict) -> list[str]:
     variants = [tail]
     name_words = set(record["name"].split())
     for short_name in record.get("short_names", []):
-        alias = " ".join(short_name.lower().replace("_", " ").replace("-", " ").split())
+        alias = _alias(short_name)
         if alias and not set(alias.split()) <= name_words:
             variants.append(f"{alias}, {tail}")
     return list(dict.fromkeys(v for v in variants if v != record["caption"]))
 
 
-def write_caption_variants(dataset_dir: Path, out_dir: Path, split: str = "train") -> dict[str, int]:
+def _alias(short_name: str) -> str:
+    return " ".join(short_name.lower().replace("_", " ").replace("-", " ").split())
+
+
+def free_form_captions(record: dict) -> list[str]:
+    """Prompts a person types for one record: its name and each short name, alone and with the style
+    ("red apple", "apple", "apple, google style"), without the subcategory the caption rule adds.
+
+    Empty for skin-toned records: "thumbs up" alone should draw the default (yellow) one.
+    """
+    if record.get("skin_tone"):
+        return []
+    names = dict.fromkeys([record["name"], *(_alias(s) for s in record.get("short_names", []))])
+    style = f"{record['style']} style"
+    return [c for n in names if n for c in (n, f"{n}, {style}") if c != record["caption"]]
+
+
+def write_caption_variants(
+    dataset_dir: Path, out_dir: Path, split: str = "train", free_form: bool = False
+) -> dict[str, int]:
     """A `split` folder for training with `caption_variants` as extra items: out_dir/<split>/<style>/ has each
-    image with its own caption and, as `<id>-c<k>.png` (hard links where possible), one copy per variant.
+    image with its own caption and, as `<id>-c<k>.png` (hard links where possible), one copy per variant;
+    `free_form` adds `free_form_captions` after them.
 
     Only for training: evaluation keeps the dataset's own holdout captions (task option `holdout_data`).
     Returns {"images": original images, "items": items written}.
@@ -450,7 +470,8 @@ def write_caption_variants(dataset_dir: Path, out_dir: Path, split: str = "train
         folder = target / record["style"]
         folder.mkdir(parents=True, exist_ok=True)
         stem = Path(record["file_name"]).stem
-        for k, caption in enumerate([record["caption"], *caption_variants(record)]):
+        extra = caption_variants(record) + (free_form_captions(record) if free_form else [])
+        for k, caption in enumerate(dict.fromkeys([record["caption"], *extra])):
             image = folder / (f"{stem}.png" if k == 0 else f"{stem}-c{k}.png")
             try:
                 os.link(source, image)
