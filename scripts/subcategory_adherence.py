@@ -3,10 +3,12 @@
 
 For every emoji subcategory of the dataset (99) and each style (google, twitter), generates one image per
 seed from the prompt "<subcategory>, <style> style" (the dataset's own words for it, as in the name-less
-caption variants), then asks a classifier of subcategories which ones it sees: a linear probe (multinomial
-logistic regression) on our CLIP's L2-normalised image embeddings, fitted on the real training artwork.
-Reports how often the intended subcategory is in the probe's top 5 (and top 1), and the same for the real
-held-out artwork (290 emoji no model saw): the ceiling of what the probe can recognise in unseen images.
+caption variants; with `--names`, "<name>, <style> style" with the name of one training emoji of the
+subcategory, the way a person types a prompt), then asks a classifier of subcategories which ones it sees:
+a linear probe (multinomial logistic regression) on our CLIP's L2-normalised image embeddings, fitted on
+the real training artwork. Reports how often the intended subcategory is in the probe's top 5 (and top 1),
+and the same for the real held-out artwork (290 emoji no model saw): the ceiling of what the probe can
+recognise in unseen images.
 
 The probe is part of the measuring instrument: compare models with the same `--clip` (the default is the
 package's CLIP, the one the model card uses). Writes DIR/adherence.json, DIR/adherence.md and
@@ -101,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="checkpoint (default: the embedded default model)")
     p.add_argument("--clip", help="CLIP export whose image tower the probe reads (default: the package's)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, one image per prompt and seed")
+    p.add_argument(
+        "--names",
+        action="store_true",
+        help="prompt with the name of the subcategory's first training emoji without a skin tone, as a person"
+        ' types it ("red apple, google style"), instead of the subcategory',
+    )
     args = p.parse_args(argv)
 
     from latentforge.checkpoints.loading import default_clip_path, default_model_path
@@ -127,11 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     settings = CardSettings()
     base = replace(settings.params(), batch_size=1)
     seeds = [int(s) for s in args.seeds.split(",")]
+    words = {name: name for name in names}
+    if args.names:
+        for r in reversed(train):  # the first record of each subcategory wins
+            if not r.get("skin_tone"):
+                words[r["subcategory"]] = r["name"]
     prompts = [(name, style) for name in names for style in STYLES]
     images, labels = [], []
     for number, (name, style) in enumerate(prompts):
         for seed in seeds:
-            request = replace(base, prompt=f"{name}, {style} style", seed=seed)
+            request = replace(base, prompt=f"{words[name]}, {style} style", seed=seed)
             images.append(run(model, request, progress=False)[0].image)
             labels.append(index[name])
         print(f"\r{number + 1}/{len(prompts)} prompts", end="", file=sys.stderr)
@@ -144,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "subcategories": len(names),
         "generated_images": len(images),
         "seeds": seeds,
+        "prompts": f"{'<first emoji name>' if args.names else '<subcategory>'}, <style> style",
         "sampler": f"{settings.sampler}, {settings.steps} steps, CFG {settings.cfg_scale}",
         "generated_top1": gen_top1.float().mean().item(),
         "generated_top5": gen_top5.float().mean().item(),
@@ -165,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| {report['real_holdout_top1']:.3f} |",
     ]
     (args.out / "adherence.md").write_text("\n".join(table) + "\n")
-    tile_grid(images, gen_top5.tolist(), [names[y] for y in labels]).save(args.out / "adherence.png")
+    tile_grid(images, gen_top5.tolist(), [words[names[y]] for y in labels]).save(args.out / "adherence.png")
     print("\n".join(table))
     return 0
 
