@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/run_env.sh
 setup_run_env .
-[ $# -gt 0 ] || set -- "red apple, google style"
+[ $# -gt 0 ] || set -- "red apple, food-fruit, google style"
 .venv-run/bin/latentforge generate "$@"

@@ -3,8 +3,9 @@
 # decoder fine-tune of the VAE (encoder frozen, so the U-Net's latents stay valid).
 # Every stage resumes from its last checkpoint when re-run, so run this again after an interruption.
 #   bash scripts/train_default_model.sh [DATA_DIR] [RUNS_DIR]        the first edition (v1, 2026-12-03)
-#   bash scripts/train_default_model.sh v2 [DATA_DIR] [RUNS_DIR]     the second edition (shipped at U-Net
-#                                                                    step 11000 on 2026-12-07)
+#   bash scripts/train_default_model.sh v2 [DATA_DIR] [RUNS_DIR]     the second edition (U-Net step 11000,
+#                                                                    then a 3000-step cool-down: v2.1;
+#                                                                    then increments from the shipped file)
 # v1: CLIP and VAE are independent and may run at the same time (one core each: OMP_NUM_THREADS=1).
 # v2 runs for many CPU-hours on one core, a session at a time: start it as
 #   OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 setsid nohup nice -n 5 bash scripts/train_default_model.sh v2 \
@@ -59,23 +60,32 @@ save(load_clip(sys.argv[1]).text, sys.argv[2], dtype=torch.float32)" "$RUNS/clip
   "$RUNS/clip/final.text_encoder.safetensors"
 # Stage 3: the U-Net on the same caption variants, from step 0 at a constant LR (40000 steps planned);
 # `python scripts/export_checkpoint.py RUNS/unet --eval` exports and measures the newest checkpoint while
-# it runs. The shipped v2 U-Net is its step 11000 (held-out error turns up after it). It runs when
-# RUNS/unet exists (a surviving run resumes) or FROM_SCRATCH=1 is set (reproducing v2 from nothing).
+# it runs. The v2 U-Net is its step 11000 (held-out error turns up after it). It runs when RUNS/unet
+# exists (a surviving run resumes) or FROM_SCRATCH=1 is set (reproducing v2 from nothing), unless
+# INCREMENT names an increment config (below).
 SHIPPED=src/latentforge/assets/latentforge-emoji.safetensors
-if [ -d "$RUNS/unet" ] || [ "${FROM_SCRATCH:-0}" = 1 ]; then
+if [ -z "${INCREMENT:-}" ] && { [ -d "$RUNS/unet" ] || [ "${FROM_SCRATCH:-0}" = 1 ]; }; then
   "$PY" -m latentforge train unet configs/default/unet_v2.toml task_options.train_data="$DATA-clip/train" \
     task_options.holdout_data="$DATA/holdout" run_dir="$RUNS/unet" \
     task_options.vae="$RUNS/vae/final.safetensors" \
     task_options.text_encoder="$RUNS/clip/final.text_encoder.safetensors" task_options.cache_dir="$RUNS/cache"
 else
   # Stage 3, increment: on a machine without that run, continue from the shipped weights instead of
-  # step 0 (unet_v2_increment.toml: warm restart, cosine to zero, one session on one core). The run is
-  # named after the shipped file's hash: it resumes while that file is shipped; shipping its result (the
-  # card decides) makes the next increment start from there. Measured 2026-12-07 (the card's "After step
-  # 11000"): lower FID-CLIP, level on the subcategory probe, slightly lower CLIP score; the next candidate.
-  INC="$RUNS/unet_inc_$(sha256sum "$SHIPPED" | cut -c1-8)"
-  "$PY" -m latentforge train unet configs/default/unet_v2_increment.toml \
-    task_options.init="$SHIPPED" task_options.train_data="$DATA-clip/train" \
+  # step 0 (a warm restart, cosine to zero, one session on one core). The run is named after the config
+  # and the shipped file's hash: it resumes while that file is shipped; shipping its result (the card
+  # decides) makes the next increment start from there. INCREMENT=unet_v2_increment made v2.1 from v2
+  # (ship step 11000 with stage 4's decoder as printed at the end, then run this with it); the default,
+  # unet_v2_free_form, trains the shipped model on the captions a person types too ("apple").
+  INCREMENT=${INCREMENT:-unet_v2_free_form}
+  TRAIN="$DATA-clip/train"
+  if [ "$INCREMENT" = unet_v2_free_form ]; then
+    TRAIN="$DATA-free/train"
+    [ -d "$TRAIN" ] || "$PY" -c "import sys; from latentforge.data.emoji import write_caption_variants as w
+print(w(sys.argv[1], sys.argv[2], free_form=True))" "$DATA" "$DATA-free"
+  fi
+  INC="$RUNS/${INCREMENT}_$(sha256sum "$SHIPPED" | cut -c1-8)"
+  "$PY" -m latentforge train unet "configs/default/$INCREMENT.toml" \
+    task_options.init="$SHIPPED" task_options.train_data="$TRAIN" \
     task_options.holdout_data="$DATA/holdout" run_dir="$INC" task_options.cache_dir="$RUNS/cache"
   echo "increment done: $INC/final.safetensors is a whole model (U-Net, shipped VAE and text tower); compare:"
   echo "  $PY scripts/default_model_card.py --model $INC/final.safetensors --data $DATA --out CARD_DIR"
@@ -92,7 +102,9 @@ echo "  $PY scripts/ship_default_model.py $RUNS --vae $RUNS/vae_decoder/final.sa
 echo "  (an earlier step: --unet EXPORT, from scripts/export_checkpoint.py $RUNS/unet --step N --out EXPORT)"
 # The shipped tiny decoder (previews, --fast-decode) is distilled from the shipped VAE decoder (a model with
 # another decoder does not attach it and warns at every load), and the canny ControlNet is trained against
-# the shipped U-Net: shipping a new decoder or U-Net step includes retraining both from the shipped file.
+# the shipped U-Net: shipping a new decoder or U-Net step includes retraining both from the shipped file
+# (a ControlNet ships only if `scripts/controlnet_demo.py evaluate` scores it above the shipped one: v2's
+# stayed with v2.1, docs/controlnet.md).
 echo "and its tiny decoder (src/latentforge/assets/latentforge-emoji.safetensors is then the new one):"
 echo "  $PY -m latentforge train taesd configs/perf/taesd.toml task_options.data=$DATA run_dir=$RUNS/taesd"
 echo "  $PY scripts/ship_taesd.py $RUNS/taesd/final.safetensors"

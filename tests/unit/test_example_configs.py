@@ -36,6 +36,7 @@ def test_example_parses(name):
 
 
 DEFAULT = Path(__file__).parents[2] / "configs" / "default"
+RECIPE = Path(__file__).parents[2] / "scripts" / "train_default_model.sh"
 DEFAULT_OPTIONS = {
     "clip": CLIPTaskOptions,
     "vae": VAETaskOptions,
@@ -51,9 +52,11 @@ def test_default_model_recipe_config_parses(path):
     parse_options(DEFAULT_OPTIONS[path.name.split("_")[0].split(".")[0]], config.task_options, path.name)
 
 
-def test_default_model_increment_starts_from_the_shipped_model():
-    """unet_v2_increment.toml's options are accepted with its init, the package's model (family kept)."""
-    config = load_config(DEFAULT / "unet_v2_increment.toml")
+@pytest.mark.parametrize("name", ["unet_v2_increment", "unet_v2_free_form"])
+def test_default_model_increment_starts_from_the_shipped_model(name):
+    """The recipe's increment configs are accepted with their init, the package's model (family kept)."""
+    assert "INCREMENT:-unet_v2_free_form" in RECIPE.read_text() and name in RECIPE.read_text()
+    config = load_config(DEFAULT / f"{name}.toml")
     init = Path(__file__).parents[2] / config.task_options["init"]
     assert init.resolve() == (Path(latentforge.__file__).parent / "assets" / DEFAULT_MODEL_FILE).resolve()
     options = dict(config.task_options, init=str(init))
