@@ -20,28 +20,25 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
 
-from latentforge.checkpoints.exports import load_clip
-from latentforge.evaluation.clip_features import clip_image_extractor, encode_captions
+from latentforge.evaluation.evaluate import FeatureSet, compute_features
+from latentforge.evaluation.extractors import EvalExtractor, load_clip_extractor
 from latentforge.evaluation.metrics import fid
 
 
-def read_folder(folder: Path, captions: bool = True) -> tuple[list[str], torch.Tensor, list[str]]:
-    paths = sorted(folder.rglob("*.png"))
-    if not paths:
-        raise SystemExit(f"{folder}: no PNG images")
-    images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
-    texts = [p.with_suffix(".txt").read_text().strip() for p in paths] if captions else []
-    names = [str(p.relative_to(folder)) for p in paths]
-    return names, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), texts
+def features(folder: Path, extractor: EvalExtractor, label: str) -> FeatureSet:
+    """`latentforge eval`'s features of every image below `folder`, all of which must be readable."""
+    found = compute_features(folder, extractor, label=label, progress=False)
+    if found.features is None or found.images.skipped:
+        raise SystemExit(f"{folder}: unreadable or no images {found.images.skipped[:3]}")
+    return found
 
 
-def image_embeddings(model: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
-    extractor = clip_image_extractor(model)  # L2-normalised, the features of FID-CLIP
-    with torch.inference_mode():
-        return torch.cat([extractor(chunk) for chunk in images.split(64)]).double().numpy()
+def names_and_captions(found: FeatureSet) -> tuple[list[str], list[str | None]]:
+    root = found.images.root
+    assert root is not None  # a folder set
+    names = [str(found.images.paths[i].relative_to(root)) for i in found.indices]
+    return names, found.images.captions(found.indices)
 
 
 def _mean_at(values: np.ndarray, rows: np.ndarray) -> float:
@@ -71,20 +68,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", type=Path, help="real images for FID-CLIP (searched recursively)")
     p.add_argument("--resamples", type=int, default=2000)
     args = p.parse_args(argv)
-    names_a, images_a, captions = read_folder(args.a)
-    names_b, images_b, captions_b = read_folder(args.b)
-    if names_a != names_b or captions != captions_b:
-        raise SystemExit(f"{args.a} and {args.b} do not hold the same file names and captions")
-    index = {c: i for i, c in enumerate(dict.fromkeys(captions))}
-    groups = np.array([index[c] for c in captions])
-    reference = read_folder(args.reference, captions=False)[1] if args.reference else None
-    print(f"{len(index)} captions, {len(captions)} images per folder; B - A with 95% intervals")
-    for clip_file in args.clip:
+    for number, clip_file in enumerate(args.clip):
         rng = np.random.default_rng(0)
-        model = load_clip(clip_file).float()
-        a, b = image_embeddings(model, images_a), image_embeddings(model, images_b)
-        text = encode_captions(model, captions).astype(np.float64)
-        score_a, score_b = 100 * (a * text).sum(axis=1), 100 * (b * text).sum(axis=1)
+        extractor = load_clip_extractor(clip_file)
+        assert extractor.encode_text is not None  # a CLIP extractor has its text tower
+        a, b = features(args.a, extractor, "A"), features(args.b, extractor, "B")
+        names, captions = names_and_captions(a)
+        if (names, captions) != names_and_captions(b) or None in captions:
+            raise SystemExit(f"{args.a} and {args.b} do not hold the same file names and captions")
+        texts = [str(c) for c in captions]
+        index = {c: i for i, c in enumerate(dict.fromkeys(texts))}
+        groups = np.array([index[c] for c in texts])
+        if number == 0:
+            print(f"{len(index)} captions, {len(texts)} images per folder; B - A with 95% intervals")
+        text = extractor.encode_text(texts).astype(np.float64)
+        score_a, score_b = 100 * (a.features * text).sum(axis=1), 100 * (b.features * text).sum(axis=1)
         diff = score_b - score_a
         low, high = paired_interval(partial(_mean_at, diff), groups, args.resamples, rng)
         print(
@@ -92,10 +90,11 @@ def main(argv: list[str] | None = None) -> int:
             f"B - A {diff.mean():+.3f} ({low:+.3f} .. {high:+.3f}); "
             f"B higher on {(diff > 0).mean():.1%} of images"
         )
-        if reference is not None:
-            real = image_embeddings(model, reference)
-            fid_a, fid_b = fid(real, a), fid(real, b)
-            low, high = paired_interval(partial(_fid_difference, real, a, b), groups, args.resamples, rng)
+        if args.reference is not None:
+            real = features(args.reference, extractor, "reference").features
+            fid_a, fid_b = fid(real, a.features), fid(real, b.features)
+            statistic = partial(_fid_difference, real, a.features, b.features)
+            low, high = paired_interval(statistic, groups, args.resamples, rng)
             print(
                 f"  FID-CLIP: A {fid_a:.4f}, B {fid_b:.4f}, "
                 f"B - A {fid_b - fid_a:+.4f} ({low:+.4f} .. {high:+.4f})"
