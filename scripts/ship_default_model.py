@@ -47,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", type=Path, help="the recipe's run folder (holds clip/, vae/ and unet/)")
     p.add_argument("--unet", type=Path, help="the U-Net stage's export to ship (default RUNS/unet/final)")
-    p.add_argument("--vae", type=Path, help="a decoder fine-tune of the recipe's VAE to ship instead")
+    p.add_argument(
+        "--vae",
+        type=Path,
+        help="a decoder fine-tune of the recipe's VAE to ship instead (or a model with one)",
+    )
     p.add_argument("--assets", type=Path, default=ASSETS, help="destination folder (default: the package's)")
     args = p.parse_args(argv)
     model_file, clip_file = args.assets / DEFAULT_MODEL_FILE, args.assets / DEFAULT_CLIP_FILE

@@ -733,7 +733,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds", help="with --prompts: every prompt with each seed, e.g. 0-3 or 1,5 (default --seed)"
     )
     p.add_argument("--model", help="checkpoint or diffusers folder (default: the embedded model)")
-    p.add_argument("--vae", help="standalone VAE to use instead of the model's ('model': the model's own)")
+    p.add_argument(
+        "--vae",
+        help="VAE to use instead of the model's: a standalone VAE file, or another model whose VAE to take "
+        "('model': the model's own)",
+    )
     p.add_argument(
         "--prediction", choices=["epsilon", "v", "x0"], help="override the detected prediction type"
     )

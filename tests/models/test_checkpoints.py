@@ -135,6 +135,18 @@ def test_standalone_vae_swap(tmp_path):
         assert loaded.vae_name == vae_file and loaded.vae_hash is None  # no hash asked for
 
 
+def test_a_whole_checkpoint_as_vae_gives_its_first_stage(tmp_path):
+    """`--vae OTHER_MODEL.safetensors`: the other model's VAE, its U-Net and text encoder left out."""
+    bundle, other = StableDiffusion.from_family(TINY), StableDiffusion.from_family(TINY)
+    _save(bundle, tmp_path / "m.safetensors")
+    _save(other, tmp_path / "other.safetensors")
+    loaded = load(tmp_path / "m.safetensors", vae=tmp_path / "other.safetensors", compute_hash=False)
+    for key, value in other.vae.state_dict().items():
+        assert torch.equal(loaded.vae.state_dict()[key], value), key
+    for key, value in bundle.unet.state_dict().items():
+        assert torch.equal(loaded.unet.state_dict()[key], value), key
+
+
 def test_swapped_vae_name_and_a1111_hash(tmp_path):
     """A1111 (`modules/sd_vae.py`): "VAE" is the file's base name, "VAE hash" sha256(file)[:10]."""
     import hashlib

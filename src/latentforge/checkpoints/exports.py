@@ -53,10 +53,14 @@ def _config(path: str | Path, metadata: dict[str, str], key: str, parse: Callabl
 
 
 def read_vae_state_dict(path: str | Path, family: ModelFamily) -> StateDict:
-    """A standalone VAE in the original layout (bare or `first_stage_model.`-prefixed) or diffusers'."""
+    """A standalone VAE in the original layout (bare or `first_stage_model.`-prefixed) or diffusers', or the
+    first stage of a whole single-file checkpoint (its `first_stage_model.` keys, as diffusers'
+    `AutoencoderKL.from_single_file` reads one): "the VAE of that model"."""
     state_dict, _ = read_state_dict(path)
+    if any(k.startswith(VAE_PREFIX) for k in state_dict):
+        state_dict = {k[len(VAE_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(VAE_PREFIX)}
     state_dict = {
-        (k[len(VAE_PREFIX) :] if k.startswith(VAE_PREFIX) else k): v
+        k: v
         for k, v in state_dict.items()
         if not k.startswith(EMA_PREFIX) and not k.startswith(IGNORED_PREFIXES) and not k.startswith("loss.")
     }
