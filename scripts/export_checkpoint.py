@@ -3,10 +3,12 @@
 A long run writes `final.safetensors` only when it reaches `max_steps`; this exports any checkpoint of a
 run still in progress (or stopped), without touching it, so a later stage or an evaluation can use it:
 
-    python scripts/export_checkpoint.py RUN_DIR [--step N] [--out PATH] [--eval]
+    python scripts/export_checkpoint.py RUN_DIR [--step N] [--out PATH] [--eval] [--vae FILE]
 
 `--eval` also prints the task's holdout evaluation of those weights (float32), the numbers the run logs
 at `eval_every`. The run's `config.toml` (written by `latentforge train`) says which task it is.
+`--vae` (U-Net runs) swaps a decoder fine-tune of the run's VAE into the export, as
+`ship_default_model.py --vae` does: a VAE file or a model holding one, such as the shipped default model.
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ import sys
 from pathlib import Path
 
 import torch
+from ship_default_model import swap_fine_tuned_vae  # scripts/: the same check that only the decoder differs
 
 from latentforge.training import checkpointing
 from latentforge.training.config import load_config
 from latentforge.training.tasks import TASKS
 
 
-def export_checkpoint(run_dir: Path, step: int | None, out: Path | None, evaluate: bool) -> dict:
+def export_checkpoint(
+    run_dir: Path, step: int | None, out: Path | None, evaluate: bool, vae: Path | None = None
+) -> dict:
     config = load_config(run_dir / "config.toml")
     checkpoints = dict(checkpointing.list_checkpoints(run_dir))
     if not checkpoints:
@@ -38,6 +43,8 @@ def export_checkpoint(run_dir: Path, step: int | None, out: Path | None, evaluat
     module.eval()
     out = out or run_dir / f"step-{step:07d}.safetensors"
     task.export(module, out)
+    if vae is not None:
+        swap_fine_tuned_vae(out, vae)
     result: dict = {"run_dir": str(run_dir), "step": step, "export": str(out), "elapsed_s": state["elapsed"]}
     if evaluate:
         with torch.no_grad():
@@ -51,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     p.add_argument("--out", type=Path, help="default: RUN_DIR/step-NNNNNNN.safetensors")
     p.add_argument("--eval", action="store_true", help="also print the task's holdout evaluation")
+    p.add_argument("--vae", type=Path, help="swap this decoder fine-tune (or a model's VAE) into the export")
     args = p.parse_args(argv)
-    print(json.dumps(export_checkpoint(args.run_dir, args.step, args.out, args.eval), indent=2))
+    print(json.dumps(export_checkpoint(args.run_dir, args.step, args.out, args.eval, args.vae), indent=2))
     return 0
 
 
