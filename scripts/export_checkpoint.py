@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import torch
-from ship_default_model import swap_fine_tuned_vae  # scripts/: the same check that only the decoder differs
 
 from latentforge.training import checkpointing
 from latentforge.training.config import load_config
@@ -44,6 +43,9 @@ def export_checkpoint(
     out = out or run_dir / f"step-{step:07d}.safetensors"
     task.export(module, out)
     if vae is not None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from ship_default_model import swap_fine_tuned_vae  # the same check that only the decoder differs
+
         swap_fine_tuned_vae(out, vae)
     result: dict = {"run_dir": str(run_dir), "step": step, "export": str(out), "elapsed_s": state["elapsed"]}
     if evaluate:
