@@ -6,6 +6,9 @@
 #   bash scripts/train_default_model.sh v2 [DATA_DIR] [RUNS_DIR]     the second edition (U-Net step 11000,
 #                                                                    then a 3000-step cool-down: v2.1;
 #                                                                    then increments from the shipped file)
+#   bash scripts/train_default_model.sh v3 [DATA_DIR] [RUNS_DIR]     the third edition, in progress: v2's
+#                                                                    stages 1-2, stage 3 from step 0 with
+#                                                                    dropout, then its free-form branch
 # v1: CLIP and VAE are independent and may run at the same time (one core each: OMP_NUM_THREADS=1).
 # v2 runs for many CPU-hours on one core, a session at a time: start it as
 #   OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 setsid nohup nice -n 5 bash scripts/train_default_model.sh v2 \
@@ -16,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RECIPE=v1
-if [ "${1:-}" = v2 ]; then RECIPE=v2; shift; fi
+if [ "${1:-}" = v2 ] || [ "${1:-}" = v3 ]; then RECIPE=$1; shift; fi
 DATA=${1:-data/emoji}
 RUNS=${2:-runs/default}
 PY=${PYTHON:-python}
@@ -58,12 +61,34 @@ restore clip final.safetensors ||
 from latentforge.checkpoints.exports import load_clip, save_text_encoder as save
 save(load_clip(sys.argv[1]).text, sys.argv[2], dtype=torch.float32)" "$RUNS/clip/final.safetensors" \
   "$RUNS/clip/final.text_encoder.safetensors"
+free_form_data() {  # DATA-free: DATA-clip's captions plus the free-form ones ("apple", "apple, google style")
+  [ -d "$DATA-free/train" ] || "$PY" -c "import sys; from latentforge.data.emoji import write_caption_variants as w
+print(w(sys.argv[1], sys.argv[2], free_form=True))" "$DATA" "$DATA-free"
+}
+SHIPPED=src/latentforge/assets/latentforge-emoji.safetensors
+if [ "$RECIPE" = v3 ]; then
+  # Stage 3 of the third edition: stage 3's config with dropout 0.1 in every ResBlock, from step 0 to its
+  # step 10000 (after warm-up the LR is constant, so max_steps changes no schedule), exported with
+  # the shipped decoder (stage 4's fine-tune of the same encoder); then the branch that continues it on
+  # the free-form captions too (docs/default-model.md, "Third edition"). Nothing of it ships yet.
+  "$PY" -m latentforge train unet configs/default/unet_v2.toml task_options.dropout=0.1 max_steps=10000 \
+    task_options.train_data="$DATA-clip/train" task_options.holdout_data="$DATA/holdout" \
+    run_dir="$RUNS/unet_v3" task_options.vae="$RUNS/vae/final.safetensors" \
+    task_options.text_encoder="$RUNS/clip/final.text_encoder.safetensors" task_options.cache_dir="$RUNS/cache"
+  D10000="$RUNS/unet_v3-10000.safetensors"
+  [ -f "$D10000" ] ||
+    "$PY" scripts/export_checkpoint.py "$RUNS/unet_v3" --step 10000 --vae "$SHIPPED" --out "$D10000"
+  free_form_data
+  "$PY" -m latentforge train unet configs/default/unet_v3_free_form.toml task_options.init="$D10000" \
+    task_options.train_data="$DATA-free/train" task_options.holdout_data="$DATA/holdout" \
+    run_dir="$RUNS/unet_v3_free_form" task_options.cache_dir="$RUNS/cache"
+  exit 0
+fi
 # Stage 3: the U-Net on the same caption variants, from step 0 at a constant LR (40000 steps planned);
 # `python scripts/export_checkpoint.py RUNS/unet --eval` exports and measures the newest checkpoint while
 # it runs. The v2 U-Net is its step 11000 (held-out error turns up after it). It runs when RUNS/unet
 # exists (a surviving run resumes) or FROM_SCRATCH=1 is set (reproducing v2 from nothing), unless
 # INCREMENT names an increment config (below).
-SHIPPED=src/latentforge/assets/latentforge-emoji.safetensors
 if [ -z "${INCREMENT:-}" ] && { [ -d "$RUNS/unet" ] || [ "${FROM_SCRATCH:-0}" = 1 ]; }; then
   "$PY" -m latentforge train unet configs/default/unet_v2.toml task_options.train_data="$DATA-clip/train" \
     task_options.holdout_data="$DATA/holdout" run_dir="$RUNS/unet" \
@@ -80,8 +105,7 @@ else
   TRAIN="$DATA-clip/train"
   if [ "$INCREMENT" = unet_v2_free_form ]; then
     TRAIN="$DATA-free/train"
-    [ -d "$TRAIN" ] || "$PY" -c "import sys; from latentforge.data.emoji import write_caption_variants as w
-print(w(sys.argv[1], sys.argv[2], free_form=True))" "$DATA" "$DATA-free"
+    free_form_data
   fi
   INC="$RUNS/${INCREMENT}_$(sha256sum "$SHIPPED" | cut -c1-8)"
   "$PY" -m latentforge train unet "configs/default/$INCREMENT.toml" \
