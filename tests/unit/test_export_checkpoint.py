@@ -67,3 +67,34 @@ def test_ledger_row_of_a_run(tmp_path: Path) -> None:
     assert cells[1:4] == ["vae", str(tmp_path / "run"), "2 -> 4 of 4"]
     assert float(cells[4]) >= 0 and cells[5].startswith("step 4: PSNR ") and "SSIM" in cells[5]
     assert cells[6] == "test cpu"
+
+
+def test_a_decoder_fine_tune_is_swapped_in_only_over_the_same_encoder(tmp_path: Path) -> None:
+    """`export_checkpoint.py --vae` / `ship_default_model.py --vae`: a VAE file or another model holding one;
+    refused when its encoder differs (the U-Net's latents would change)."""
+    from latentforge.checkpoints.single_file import save_single_file
+    from latentforge.model import StableDiffusion, load
+    from latentforge.models.families import TINY
+
+    def save(bundle: StableDiffusion, path: Path) -> Path:
+        sd = (bundle.unet.state_dict(), bundle.vae.state_dict(), bundle.text_encoder.state_dict())
+        save_single_file(path, *sd, bundle.family, dtype=torch.float16)
+        return path
+
+    torch.manual_seed(0)
+    base = StableDiffusion.from_family(TINY)
+    tuned = StableDiffusion.from_family(TINY)  # the same encoder, another decoder
+    tuned.vae.load_state_dict(
+        {k: v for k, v in base.vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))},
+        strict=False,
+    )
+    swap = _script("ship_default_model").swap_fine_tuned_vae
+    target = save(base, tmp_path / "export.safetensors")
+    swap(target, save(tuned, tmp_path / "tuned.safetensors"))
+    swapped = load(target, compute_hash=False)
+    for key, value in tuned.vae.state_dict().items():
+        assert torch.equal(swapped.vae.state_dict()[key], value.half().float()), key
+    for key, value in base.unet.state_dict().items():
+        assert torch.equal(swapped.unet.state_dict()[key], value.half().float()), key
+    with pytest.raises(SystemExit, match="its encoder differs"):
+        swap(target, save(StableDiffusion.from_family(TINY), tmp_path / "other.safetensors"))
