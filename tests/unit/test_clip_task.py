@@ -19,8 +19,10 @@ from latentforge.training.tasks.clip import (
     CLIPTask,
     contrastive_loss,
     make_clip_task,
+    random_zoom,
     retrieval_accuracy,
     shuffle_tags,
+    zoom_crop,
 )
 
 TINY_CLIP = {
@@ -121,9 +123,38 @@ def test_shuffle_tags_keeps_the_first_tags_and_the_set():
     assert torch.isfinite(loss)
 
 
+def test_zoom_crop_is_a_resized_crop():
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    # zoom 2 centred on the top-left quadrant: that quadrant, upsampled as F.interpolate does (which
+    # clamps at the crop's edges where zoom_crop reads on into the image: the outermost samples differ)
+    quadrant = zoom_crop(pixels, torch.tensor([2.0, 2.0]), torch.tensor([[-0.5, -0.5], [-0.5, -0.5]]))
+    expected = F.interpolate(pixels[..., :8, :8], size=16, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(quadrant[..., :-1, :-1], expected[..., :-1, :-1])
+    assert not torch.allclose(quadrant[..., -1], expected[..., -1])
+    # zoom 1 is the identity; zoom 4 at the right-middle shows only the last 4 columns and rows 6..9
+    torch.testing.assert_close(zoom_crop(pixels, torch.ones(2), torch.zeros(2, 2)), pixels)
+    right = zoom_crop(pixels, torch.full((2,), 4.0), torch.tensor([[0.75, 0.0]] * 2))
+    expected = F.interpolate(pixels[..., 6:10, 12:], size=16, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(right[..., 2:-2, 2:], expected[..., 2:-2, 2:])
+
+
+def test_random_zoom_stays_inside_the_image_and_follows_the_generator():
+    ramp = torch.linspace(-1, 1, 32).expand(8, 3, 32, 32)  # x coordinate as the value
+    a = random_zoom(ramp, 1.5, torch.Generator().manual_seed(1))
+    b = random_zoom(ramp, 1.5, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a, ramp)
+    span = a[:, 0, 0, -1] - a[:, 0, 0, 0]  # a crop of side >= 1/1.5, inside [-1, 1]: no border clamping
+    assert (span >= (ramp[0, 0, 0, -1] - ramp[0, 0, 0, 0]) / 1.5 - 1e-4).all() and (span < 2).all()
+    task = _task(zoom=1.25)
+    loss, _ = task.loss(task.trainable(), _batch(task, 4), torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+
+
 def test_options_are_checked():
     with pytest.raises(ValueError, match="valid options"):
         _task(temperature=0.1)
+    with pytest.raises(ValueError, match="zoom"):
+        _task(zoom=0.5)
     with pytest.raises(ValueError, match="projection_dim"):
         _task(clip={**TINY_CLIP, "vision": {**TINY_CLIP["vision"], "projection_dim": 8}})
 

@@ -64,6 +64,9 @@ class CLIPTaskOptions(ImageData):
     gather: bool = True  # DDP: contrast against every rank's pairs (see the module docstring)
     shuffle_tags: bool = False  # caption augmentation: shuffle comma-separated tags ...
     keep_tags: int = 1  # ... after the first `keep_tags` (kohya's keep_tokens)
+    # image augmentation: each training image is cropped to a random square of side 1/z of its own, z drawn
+    # uniformly in [1, zoom], at a random position, and resized back (`random_zoom`); 1 = off
+    zoom: float = 1.0
     max_holdout_items: int | None = None  # retrieval is measured on the whole holdout split by default
     eval_batch_size: int = 64
     eval_train_items: int = 256  # also report retrieval and loss on this many training pairs (0 = off)
@@ -74,6 +77,7 @@ class CLIPTaskOptions(ImageData):
     RANGES: ClassVar[dict[str, Range]] = ImageData.RANGES | {
         "eval_batch_size": AT_LEAST_ONE,
         "retrieval_k": AT_LEAST_ONE,
+        "zoom": Range(1.0, None, note="1 = off"),
     }
 
 
@@ -175,6 +179,25 @@ def shuffle_tags(caption: str, keep: int, generator: torch.Generator) -> str:
     return ", ".join(head + [tail[i] for i in order])
 
 
+def zoom_crop(pixels: torch.Tensor, zoom: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """Images [n, C, H, W] cropped to the square of side 1/zoom[i] centred at centre[i] (coordinates in
+    [-1, 1], as `affine_grid`'s) and resized back to H x W, bilinearly at `F.interpolate`'s sampling points
+    (which within half a source pixel of the crop's edge read on into the image instead of clamping)."""
+    theta = torch.zeros(len(pixels), 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / zoom
+    theta[:, :, 2] = centre
+    grid = F.affine_grid(theta.to(pixels), list(pixels.shape), align_corners=False)
+    return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def random_zoom(pixels: torch.Tensor, max_zoom: float, generator: torch.Generator) -> torch.Tensor:
+    """`zoom_crop` at z ~ U[1, max_zoom] per image and a centre that keeps the crop inside the image."""
+    n = len(pixels)
+    zoom = 1 + (max_zoom - 1) * torch.rand(n, generator=generator)
+    centre = (2 * torch.rand(n, 2, generator=generator) - 1) * (1 - 1 / zoom)[:, None]
+    return zoom_crop(pixels, zoom, centre)
+
+
 # --------------------------------------------------------------------------------------------------
 # The task
 # --------------------------------------------------------------------------------------------------
@@ -227,8 +250,11 @@ class CLIPTask:
         captions = list(batch["caption"])
         if self.options.shuffle_tags:
             captions = [shuffle_tags(c, self.options.keep_tags, generator) for c in captions]
+        pixels = batch["pixels"]
+        if self.options.zoom > 1:
+            pixels = random_zoom(pixels, self.options.zoom, generator)
         clip: CLIPModel = unwrap(model).clip  # type: ignore[assignment]
-        pixels, ids = self._inputs(clip, batch["pixels"], captions)
+        pixels, ids = self._inputs(clip, pixels, captions)
         image, text, scale = model(pixels, ids)
         loss = contrastive_loss(image, text, scale, gather=self.options.gather)
         with torch.no_grad():
