@@ -22,6 +22,7 @@ from latentforge.training.tasks.clip import (
     random_zoom,
     retrieval_accuracy,
     shuffle_tags,
+    tag_matches,
     zoom_crop,
 )
 
@@ -63,6 +64,54 @@ def test_infonce_matches_a_written_out_reference():
     assert contrastive_loss(same, same, torch.tensor(10.0)).item() == pytest.approx(
         torch.tensor(5.0).log().item()
     )
+
+
+def test_tag_positives_spread_the_target_over_every_caption_an_image_fits():
+    captions = [
+        "grinning face, smiley, google style",
+        "smiley, google style",  # name-less: fits images 0, 1 and 3
+        "kiss mark, emotion, google style",
+        "smiling face, google style, smiley",  # same tags in another order as nothing else: its own
+    ]
+    matches = tag_matches(captions, captions)
+    assert matches.tolist() == [
+        [True, True, False, False],
+        [False, True, False, False],
+        [False, False, True, False],
+        [False, True, False, True],
+    ]
+    generator = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(4, 8, generator=generator), dim=-1)
+    text = F.normalize(torch.randn(4, 8, generator=generator), dim=-1)
+    scale = 12.0
+    logits = scale * image @ text.T
+    # written out: each image's loss is the mean -log p over its matching captions, each caption's over the
+    # images it fits (caption 1 fits images 0, 1, 3; the others only their own)
+    image_to_text = [
+        -(logits[0].log_softmax(0)[[0, 1]].mean()),
+        -logits[1].log_softmax(0)[1],
+        -logits[2].log_softmax(0)[2],
+        -(logits[3].log_softmax(0)[[1, 3]].mean()),
+    ]
+    text_to_image = [
+        -logits[:, 0].log_softmax(0)[0],
+        -(logits[:, 1].log_softmax(0)[[0, 1, 3]].mean()),
+        -logits[:, 2].log_softmax(0)[2],
+        -logits[:, 3].log_softmax(0)[3],
+    ]
+    expected = (torch.stack(image_to_text).mean() + torch.stack(text_to_image).mean()) / 2
+    loss = contrastive_loss(image, text, torch.tensor(scale), captions=captions)
+    torch.testing.assert_close(loss, expected)
+    assert not torch.allclose(loss, contrastive_loss(image, text, torch.tensor(scale)))
+    # distinct tag sets: plain InfoNCE
+    distinct = [captions[0], captions[2], "a, b", "c"]
+    torch.testing.assert_close(
+        contrastive_loss(image, text, torch.tensor(scale), captions=distinct),
+        contrastive_loss(image, text, torch.tensor(scale)),
+    )
+    task = _task(tag_positives=True)
+    loss, _ = task.loss(task.trainable(), _batch(task, 4), torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
 
 
 def test_retrieval_is_perfect_on_separable_features_and_chance_on_random_ones():
@@ -236,7 +285,7 @@ def _features(weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[t
     return F.normalize(x @ weight, dim=-1), F.normalize(y @ weight.flip(0), dim=-1)
 
 
-def _gather_worker(rank: int, world_size: int, port: int, x, y, weight, queue) -> None:
+def _gather_worker(rank: int, world_size: int, port: int, x, y, weight, captions, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -245,7 +294,8 @@ def _gather_worker(rank: int, world_size: int, port: int, x, y, weight, queue) -
         share = len(x) // world_size
         local = slice(rank * share, (rank + 1) * share)
         image, text = _features(weight, x[local], y[local])
-        contrastive_loss(image, text, torch.tensor(10.0), gather=True).backward()
+        mine = captions[local] if captions is not None else None
+        contrastive_loss(image, text, torch.tensor(10.0), gather=True, captions=mine).backward()
         grad = weight.grad.clone()
         dist.all_reduce(grad)  # what DDP does: average the gradients over ranks
         queue.put((rank, (grad / world_size).numpy()))
@@ -253,16 +303,25 @@ def _gather_worker(rank: int, world_size: int, port: int, x, y, weight, queue) -
         dist.destroy_process_group()
 
 
-def test_gather_gives_the_global_batch_gradient():
+# name-less captions on both ranks fit images on the other rank: the tag targets span the gather
+GATHER_CAPTIONS = ["a, x", "b, x", "x", "c, y", "y", "d, y", "e, x", "x, f"]
+
+
+@pytest.mark.parametrize("captions", [None, GATHER_CAPTIONS], ids=["pairs", "tag_positives"])
+def test_gather_gives_the_global_batch_gradient(captions):
     """Two gloo processes with half a batch each get the gradient of the loss over the whole batch."""
     generator = torch.Generator().manual_seed(0)
     x, y, weight = (torch.randn(s, generator=generator) for s in ((8, 6), (8, 6), (6, 6)))
     reference = weight.clone().requires_grad_(True)
-    contrastive_loss(*_features(reference, x, y), torch.tensor(10.0)).backward()
+    contrastive_loss(*_features(reference, x, y), torch.tensor(10.0), captions=captions).backward()
     context = mp.get_context("spawn")
     queue = context.Queue()
     mp.start_processes(
-        _gather_worker, args=(2, _free_port(), x, y, weight, queue), nprocs=2, start_method="spawn", join=True
+        _gather_worker,
+        args=(2, _free_port(), x, y, weight, captions, queue),
+        nprocs=2,
+        start_method="spawn",
+        join=True,
     )
     results = dict(queue.get() for _ in range(2))
     for rank in range(2):

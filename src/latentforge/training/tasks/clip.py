@@ -4,6 +4,8 @@ Per micro-batch of n (image, caption) pairs, with f_I, f_T the L2-normalised emb
 s = exp(logit_scale) the learned inverse temperature (clipped at 100):
     logits = s f_I f_T^T                                   [n, N]
     loss   = (CE(logits, labels) + CE(logits_T, labels)) / 2   (symmetric InfoNCE)
+With `tag_positives`, labels are soft: image i's target is spread evenly over every caption in the
+contrast whose tags are a subset of its own caption's (and caption j's over every such image).
 Under DDP with `gather = true` (default), each rank contrasts its n pairs against all N = n x world_size
 pairs of the current micro-step (open_clip's `local_loss` with `gather_with_grad`): the gather passes
 gradients back to every rank's shard, so DDP's gradient average is the gradient of the global loss.
@@ -64,6 +66,9 @@ class CLIPTaskOptions(ImageData):
     gather: bool = True  # DDP: contrast against every rank's pairs (see the module docstring)
     shuffle_tags: bool = False  # caption augmentation: shuffle comma-separated tags ...
     keep_tags: int = 1  # ... after the first `keep_tags` (kohya's keep_tokens)
+    # a caption whose tags are all among an image's caption's tags is a match of that image, not a negative
+    # (a name-less caption describes every emoji of its subcategory and style; `contrastive_loss`)
+    tag_positives: bool = False
     # image augmentation: each training image is cropped to a random square of side 1/z of its own, z drawn
     # uniformly in [1, zoom], at a random position, and resized back (`random_zoom`); 1 = off
     zoom: float = 1.0
@@ -122,22 +127,52 @@ def _distributed() -> bool:
 
 
 def contrastive_loss(
-    image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor, gather: bool = False
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    scale: torch.Tensor,
+    gather: bool = False,
+    captions: Sequence[str] | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE of matched rows of L2-normalised features [n, D], in float32.
 
     With `gather` under torch.distributed, the negatives are every rank's rows (equal n on all ranks);
-    otherwise (and in a single process) only this batch's.
+    otherwise (and in a single process) only this batch's. Each row's target is its own pair; with
+    `captions` (row i's caption), it is spread evenly over every pair whose caption's tags are all among
+    those of row i's caption (`tag_matches`): a name-less "country-flag, google style" then counts as a
+    match of every flag's image instead of a negative. Distinct tag sets give plain InfoNCE.
     """
     image, text, scale = image_features.float(), text_features.float(), scale.float()
     all_image, all_text, offset = image, text, 0
+    everyone = list(captions) if captions is not None else None
     if gather and _distributed():
         all_image, all_text = _GatherWithGrad.apply(image), _GatherWithGrad.apply(text)
         offset = dist.get_rank() * len(image)
-    labels = torch.arange(len(image), device=image.device) + offset
+        if everyone is not None:
+            parts: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+            dist.all_gather_object(parts, everyone)
+            everyone = [caption for part in parts for caption in part]
     logits_per_image = scale * image @ all_text.T  # [n, N]
     logits_per_text = scale * text @ all_image.T  # [n, N]
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    if captions is None or everyone is None:
+        labels = torch.arange(len(image), device=image.device) + offset
+        return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    image_targets = tag_matches(captions, everyone).to(image.device).float()  # [n, N]
+    text_targets = tag_matches(everyone, captions).T.to(image.device).float()  # [n, N]
+    return (
+        F.cross_entropy(logits_per_image, image_targets / image_targets.sum(1, keepdim=True))
+        + F.cross_entropy(logits_per_text, text_targets / text_targets.sum(1, keepdim=True))
+    ) / 2
+
+
+def caption_tags(caption: str) -> frozenset[str]:
+    """The set of a caption's comma-separated tags, stripped."""
+    return frozenset(tag.strip() for tag in caption.split(","))
+
+
+def tag_matches(rows: Sequence[str], columns: Sequence[str]) -> torch.Tensor:
+    """[len(rows), len(columns)] bool: every tag of caption `columns[j]` is a tag of caption `rows[i]`."""
+    row_tags, column_tags = [caption_tags(c) for c in rows], [caption_tags(c) for c in columns]
+    return torch.tensor([[column <= row for column in column_tags] for row in row_tags], dtype=torch.bool)
 
 
 def retrieval_accuracy(
@@ -256,7 +291,13 @@ class CLIPTask:
         clip: CLIPModel = unwrap(model).clip  # type: ignore[assignment]
         pixels, ids = self._inputs(clip, pixels, captions)
         image, text, scale = model(pixels, ids)
-        loss = contrastive_loss(image, text, scale, gather=self.options.gather)
+        loss = contrastive_loss(
+            image,
+            text,
+            scale,
+            gather=self.options.gather,
+            captions=captions if self.options.tag_positives else None,
+        )
         with torch.no_grad():
             accuracy = (image.float() @ text.float().T).argmax(1) == torch.arange(
                 len(image), device=image.device
