@@ -4,7 +4,13 @@ For each caption of a split (every emoji caption is unique), ranks that split's 
 reports text->image top-1/top-5 (as `latentforge train clip` does) and how often the top-1 image shares
 the caption's subcategory, style and skin tone. Also the ceiling of a model that knows those three tags
 perfectly but nothing of names: the expected top-5 when the images of the right group come first in random
-order, i.e. what subcategory recognition alone could reach on unseen emoji.
+order, i.e. what subcategory recognition alone could reach on unseen emoji. And the image tower's zero-shot
+subcategory classification: each image against its own caption with the name left out and the
+subcategory replaced by each of the dataset's (the name-less form "<skin tone>, <subcategory>, <style>
+style" the caption variants train on), so that names, unseen in a held-out caption, play no part.
+`--free-form N` adds free-form retrieval: N "<name>, <style> style" prompts of training emoji
+(`free_form_captions`, drawn at random), each looking for its emoji (any skin tone) among the 5 nearest of
+all training images: does the text tower understand the prompts people type?
 """
 
 from __future__ import annotations
@@ -15,21 +21,20 @@ import sys
 from collections import Counter
 from math import comb
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from latentforge.data.emoji import free_form_captions
 from latentforge.evaluation.extractors import load_clip_extractor
 
 TAGS = ("subcategory", "style", "skin_tone")
 
 
-def tag_report(clip: str, data: Path, split: str = "holdout", limit: int = 290) -> dict[str, float]:
-    records = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines() if line]
-    records = [r for r in records if r["split"] == split]
-    records = records[:: max(1, len(records) // limit)][:limit]  # evenly spread when the split is larger
-    extractor = load_clip_extractor(clip)
+def image_features(extractor: Any, data: Path, records: list[dict]) -> torch.Tensor:
+    """[N, D] CLIP image features of the records' images."""
     pixels = torch.stack(
         [
             torch.from_numpy(np.array(Image.open(data / r["file_name"]).convert("RGB"))).permute(2, 0, 1)
@@ -37,7 +42,43 @@ def tag_report(clip: str, data: Path, split: str = "holdout", limit: int = 290) 
         ]
     )  # [N, 3, H, W] uint8
     with torch.inference_mode():
-        images = torch.cat([extractor.image(chunk) for chunk in pixels.split(64)]).float()
+        return torch.cat([extractor.image(chunk) for chunk in pixels.split(64)]).float()
+
+
+def free_form_report(clip: str, data: Path, prompts: int = 600, seed: int = 0) -> dict[str, float]:
+    """Free-form "<name>, <style> style" prompts of training emoji against all training images."""
+    records = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines() if line]
+    train = [r for r in records if r["split"] == "train"]
+    pairs = [(c, r["base_unified"]) for r in train for c in free_form_captions(r) if c.endswith(" style")]
+    pick = np.random.default_rng(seed).choice(len(pairs), min(prompts, len(pairs)), replace=False)
+    captions, owners = [pairs[i][0] for i in pick], [pairs[i][1] for i in pick]
+    extractor = load_clip_extractor(clip)
+    images = image_features(extractor, data, train)
+    texts = torch.from_numpy(extractor.encode_text(captions)).float()
+    top = (texts @ images.T).topk(min(5, len(train)), dim=1).indices
+    hits = [
+        [train[int(j)]["base_unified"] == owner for j in row] for row, owner in zip(top, owners, strict=True)
+    ]
+    return {
+        "free_form_prompts": float(len(captions)),
+        "free_form_top1": float(np.mean([h[0] for h in hits])),
+        "free_form_top5": float(np.mean([any(h) for h in hits])),
+    }
+
+
+def subcategory_prompts(record: dict, subcategories: list[str]) -> list[str]:
+    """The record's caption without its name (the first tag), with each of `subcategories` in turn."""
+    tags = [t.strip() for t in record["caption"].split(",")][1:]
+    at = tags.index(record["subcategory"])
+    return [", ".join(tags[:at] + [s] + tags[at + 1 :]) for s in subcategories]
+
+
+def tag_report(clip: str, data: Path, split: str = "holdout", limit: int = 290) -> dict[str, float]:
+    all_records = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines() if line]
+    records = [r for r in all_records if r["split"] == split]
+    records = records[:: max(1, len(records) // limit)][:limit]  # evenly spread when the split is larger
+    extractor = load_clip_extractor(clip)
+    images = image_features(extractor, data, records)
     texts = torch.from_numpy(extractor.encode_text([r["caption"] for r in records])).float()
     top5 = (texts @ images.T).topk(5, dim=1).indices  # [caption, 5]; caption i describes image i
     n, truth = len(records), torch.arange(len(records))
@@ -50,6 +91,15 @@ def tag_report(clip: str, data: Path, split: str = "holdout", limit: int = 290) 
         report[f"top1_same_{tag}"] = float(
             np.mean([records[i][tag] == records[int(top5[i, 0])][tag] for i in range(n)])
         )
+    subcategories = sorted({r["subcategory"] for r in all_records})
+    truth_index = torch.tensor([subcategories.index(r["subcategory"]) for r in records])
+    scores = []
+    for record, image in zip(records, images, strict=True):
+        prompts = subcategory_prompts(record, subcategories)
+        scores.append(torch.from_numpy(extractor.encode_text(prompts)).float() @ image)
+    ranked = torch.stack(scores).topk(min(5, len(subcategories)), dim=1).indices  # [image, 5]
+    report["zero_shot_subcategory_top1"] = (ranked[:, 0] == truth_index).float().mean().item()
+    report["zero_shot_subcategory_top5"] = (ranked == truth_index[:, None]).any(1).float().mean().item()
     group = Counter(tuple(r[t] for t in TAGS) for r in records)
     sizes = [group[tuple(r[t] for t in TAGS)] for r in records]
     report["tags_only_ceiling_top1"] = float(np.mean([1 / s for s in sizes]))
@@ -65,8 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("data", type=Path, help="the emoji dataset folder (metadata.jsonl)")
     p.add_argument("--split", default="holdout")
     p.add_argument("--limit", type=int, default=290, help="images (evenly spread over the split)")
+    p.add_argument("--free-form", type=int, default=0, metavar="N", help="also N free-form prompts")
     args = p.parse_args(argv)
-    print(json.dumps(tag_report(args.clip, args.data, args.split, args.limit), indent=2))
+    report = tag_report(args.clip, args.data, args.split, args.limit)
+    if args.free_form:
+        report |= free_form_report(args.clip, args.data, args.free_form)
+    print(json.dumps(report, indent=2))
     return 0
 
 

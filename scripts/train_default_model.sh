@@ -7,8 +7,9 @@
 #                                                                    then a 3000-step cool-down: v2.1;
 #                                                                    then increments from the shipped file)
 #   bash scripts/train_default_model.sh v3 [DATA_DIR] [RUNS_DIR]     the third edition, in progress: v2's
-#                                                                    stages 1-2, stage 3 from step 0 with
-#                                                                    dropout, then its free-form branch
+#                                                                    first stage, CLIP v3 (tag positives,
+#                                                                    free-form captions), stage 3 from step 0
+#                                                                    with dropout on its text tower
 # v1: CLIP and VAE are independent and may run at the same time (one core each: OMP_NUM_THREADS=1).
 # v2 runs for many CPU-hours on one core, a session at a time: start it as
 #   OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 setsid nohup nice -n 5 bash scripts/train_default_model.sh v2 \
@@ -37,14 +38,21 @@ if [ "$RECIPE" = v1 ]; then
   exit 0
 fi
 
-# A session's machine does not always keep RUNS: each finished v2 stage's result is committed under
-# artefacts/default-v2/STAGE/ and copied back instead of training the stage again.
+# A session's machine does not always keep RUNS: each finished stage's result is committed under
+# artefacts/default-v2/STAGE/ (artefacts/default-v3/ for the third edition's) and copied back instead of
+# training the stage again.
 ART=artefacts/default-v2
 restore() {  # restore STAGE FILE...: true (and RUNS/STAGE filled) when every FILE is in RUNS or ART
   local stage=$1 f; shift
   for f in "$@"; do [ -f "$RUNS/$stage/$f" ] || [ -f "$ART/$stage/$f" ] || return 1; done
   mkdir -p "$RUNS/$stage"
   for f in "$@"; do [ -f "$RUNS/$stage/$f" ] || cp "$ART/$stage/$f" "$RUNS/$stage/$f"; done
+}
+write_text_encoder() {  # write_text_encoder STAGE: RUNS/STAGE's text tower (fp32) from its whole CLIP file
+  [ -f "$RUNS/$1/final.text_encoder.safetensors" ] || "$PY" -c "import sys, torch
+from latentforge.checkpoints.exports import load_clip, save_text_encoder as save
+save(load_clip(sys.argv[1]).text, sys.argv[2], dtype=torch.float32)" "$RUNS/$1/final.safetensors" \
+    "$RUNS/$1/final.text_encoder.safetensors"
 }
 
 # v2, stage 1: the first stage, f = 4 with 8 latent channels (fixes the U-Net's latent space).
@@ -57,31 +65,29 @@ print(w(sys.argv[1], sys.argv[2]))" "$DATA" "$DATA-clip"
 restore clip final.safetensors ||
   "$PY" -m latentforge train clip configs/default/clip_v2.toml task_options.train_data="$DATA-clip/train" \
     task_options.holdout_data="$DATA/holdout" run_dir="$RUNS/clip"
-[ -f "$RUNS/clip/final.text_encoder.safetensors" ] || "$PY" -c "import sys, torch
-from latentforge.checkpoints.exports import load_clip, save_text_encoder as save
-save(load_clip(sys.argv[1]).text, sys.argv[2], dtype=torch.float32)" "$RUNS/clip/final.safetensors" \
-  "$RUNS/clip/final.text_encoder.safetensors"
+write_text_encoder clip
 free_form_data() {  # DATA-free: DATA-clip's captions plus the free-form ones ("apple", "apple, google style")
   [ -d "$DATA-free/train" ] || "$PY" -c "import sys; from latentforge.data.emoji import write_caption_variants as w
 print(w(sys.argv[1], sys.argv[2], free_form=True))" "$DATA" "$DATA-free"
 }
 SHIPPED=src/latentforge/assets/latentforge-emoji.safetensors
 if [ "$RECIPE" = v3 ]; then
-  # Stage 3 of the third edition: stage 3's config with dropout 0.1 in every ResBlock, from step 0 to its
-  # step 10000 (after warm-up the LR is constant, so max_steps changes no schedule), exported with
-  # the shipped decoder (stage 4's fine-tune of the same encoder); then the branch that continues it on
-  # the free-form captions too (docs/default-model.md, "Third edition"). Nothing of it ships yet.
-  "$PY" -m latentforge train unet configs/default/unet_v2.toml task_options.dropout=0.1 max_steps=10000 \
-    task_options.train_data="$DATA-clip/train" task_options.holdout_data="$DATA/holdout" \
-    run_dir="$RUNS/unet_v3" task_options.vae="$RUNS/vae/final.safetensors" \
-    task_options.text_encoder="$RUNS/clip/final.text_encoder.safetensors" task_options.cache_dir="$RUNS/cache"
-  D10000="$RUNS/unet_v3-10000.safetensors"
-  [ -f "$D10000" ] ||
-    "$PY" scripts/export_checkpoint.py "$RUNS/unet_v3" --step 10000 --vae "$SHIPPED" --out "$D10000"
+  # The third edition's CLIP: clip_v2.toml with tag positives, trained on the free-form captions as well
+  # (its config says why), committed as fp16 with both towers like v2's.
   free_form_data
-  "$PY" -m latentforge train unet configs/default/unet_v3_free_form.toml task_options.init="$D10000" \
+  ART=artefacts/default-v3 restore clip_v3 final.safetensors ||
+    "$PY" -m latentforge train clip configs/default/clip_v3.toml task_options.train_data="$DATA-free/train" \
+      task_options.holdout_data="$DATA/holdout" run_dir="$RUNS/clip_v3"
+  write_text_encoder clip_v3
+  # Stage 3 of the third edition: stage 3's config with dropout 0.1 in every ResBlock, from step 0 on CLIP
+  # v3's text tower and the same captions (40000 steps planned at a constant LR after warm-up: every
+  # checkpoint is a usable model). Nothing of it ships yet (docs/default-model.md, "Third edition").
+  "$PY" -m latentforge train unet configs/default/unet_v2.toml task_options.dropout=0.1 \
     task_options.train_data="$DATA-free/train" task_options.holdout_data="$DATA/holdout" \
-    run_dir="$RUNS/unet_v3_free_form" task_options.cache_dir="$RUNS/cache"
+    run_dir="$RUNS/unet_v3" task_options.vae="$RUNS/vae/final.safetensors" \
+    task_options.text_encoder="$RUNS/clip_v3/final.text_encoder.safetensors" task_options.cache_dir="$RUNS/cache"
+  echo "measure a step N while it trains: $PY scripts/export_checkpoint.py $RUNS/unet_v3 --step N --vae $SHIPPED --out EXPORT"
+  echo "  then $PY scripts/default_model_card.py --model EXPORT --data $DATA --out CARD_DIR"
   exit 0
 fi
 # Stage 3: the U-Net on the same caption variants, from step 0 at a constant LR (40000 steps planned);

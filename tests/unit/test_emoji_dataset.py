@@ -293,3 +293,14 @@ def test_clip_holdout_tags_script(package: Path, tmp_path: Path) -> None:
     assert report["images"] == 20
     assert 0 <= report["t2i_top1"] <= report["t2i_top5"] <= 1
     assert report["tags_only_ceiling_top1"] <= report["tags_only_ceiling_top5"] <= 1
+    assert 0 <= report["zero_shot_subcategory_top1"] <= report["zero_shot_subcategory_top5"] <= 1
+    free = module.free_form_report(str(tmp_path / "clip.safetensors"), out, prompts=6)
+    assert free["free_form_prompts"] == 6 and 0 <= free["free_form_top1"] <= free["free_form_top5"] <= 1
+    record = {
+        "caption": "ok hand sign, light skin tone, hand-fingers-partial, google style",
+        "subcategory": "hand-fingers-partial",
+    }
+    assert module.subcategory_prompts(record, ["keycap", "hand-fingers-partial"]) == [
+        "light skin tone, keycap, google style",
+        "light skin tone, hand-fingers-partial, google style",
+    ]
