@@ -33,22 +33,31 @@ from latentforge.evaluation.extractors import load_clip_extractor
 TAGS = ("subcategory", "style", "skin_tone")
 
 
-def image_features(extractor: Any, data: Path, records: list[dict]) -> torch.Tensor:
-    """[N, D] CLIP image features of the records' images."""
-    pixels = torch.stack(
+def read_records(data: Path) -> list[dict]:
+    """The dataset's `metadata.jsonl` records, every split."""
+    return [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines() if line]
+
+
+def load_pixels(data: Path, records: list[dict]) -> torch.Tensor:
+    """[N, 3, H, W] uint8 images of the records."""
+    return torch.stack(
         [
             torch.from_numpy(np.array(Image.open(data / r["file_name"]).convert("RGB"))).permute(2, 0, 1)
             for r in records
         ]
-    )  # [N, 3, H, W] uint8
+    )
+
+
+def image_features(extractor: Any, data: Path, records: list[dict]) -> torch.Tensor:
+    """[N, D] CLIP image features of the records' images."""
+    pixels = load_pixels(data, records)
     with torch.inference_mode():
         return torch.cat([extractor.image(chunk) for chunk in pixels.split(64)]).float()
 
 
 def free_form_report(clip: str, data: Path, prompts: int = 600, seed: int = 0) -> dict[str, float]:
     """Free-form "<name>, <style> style" prompts of training emoji against all training images."""
-    records = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines() if line]
-    train = [r for r in records if r["split"] == "train"]
+    train = [r for r in read_records(data) if r["split"] == "train"]
     pairs = [(c, r["base_unified"]) for r in train for c in free_form_captions(r) if c.endswith(" style")]
     pick = np.random.default_rng(seed).choice(len(pairs), min(prompts, len(pairs)), replace=False)
     captions, owners = [pairs[i][0] for i in pick], [pairs[i][1] for i in pick]
@@ -74,7 +83,7 @@ def subcategory_prompts(record: dict, subcategories: list[str]) -> list[str]:
 
 
 def tag_report(clip: str, data: Path, split: str = "holdout", limit: int = 290) -> dict[str, float]:
-    all_records = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines() if line]
+    all_records = read_records(data)
     records = [r for r in all_records if r["split"] == split]
     records = records[:: max(1, len(records) // limit)][:limit]  # evenly spread when the split is larger
     extractor = load_clip_extractor(clip)

@@ -20,20 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from clip_holdout_tags import load_pixels, read_records  # scripts/
 from torch import nn
 
 from latentforge.evaluation.extractors import load_clip_extractor
-
-
-def load_pixels(data: Path, records: list[dict]) -> torch.Tensor:
-    """[N, 3, 64, 64] uint8."""
-    return torch.stack(
-        [
-            torch.from_numpy(np.array(Image.open(data / r["file_name"]).convert("RGB"))).permute(2, 0, 1)
-            for r in records
-        ]
-    )
+from latentforge.training.tasks.clip import random_zoom
 
 
 def nearest_neighbour_accuracy(
@@ -61,14 +52,10 @@ def classifier(classes: int, width: int = 32) -> nn.Module:
 
 
 def augment(x: torch.Tensor) -> torch.Tensor:
-    """Random zoom crops (up to 1.2x) and horizontal flips."""
-    zoom = 1 + 0.2 * torch.rand(len(x))
-    theta = torch.zeros(len(x), 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1 / zoom
-    theta[:, :, 2] = (2 * torch.rand(len(x), 2) - 1) * (1 - 1 / zoom)[:, None]
-    theta[:, 0, 0] *= torch.where(torch.rand(len(x)) < 0.5, -1.0, 1.0)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    """Random zoom crops (up to 1.2x, the CLIP task's `random_zoom` on the global generator) and horizontal
+    flips."""
+    x = random_zoom(x, 1.2, torch.default_generator)
+    return torch.where((torch.rand(len(x)) < 0.5)[:, None, None, None], x.flip(-1), x)
 
 
 def train_classifier(x: torch.Tensor, y: torch.Tensor, xh: torch.Tensor, yh: torch.Tensor, classes: int,
@@ -108,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip", action="append", default=[], help="a CLIP export (repeatable)")
     p.add_argument("--classifier-epochs", type=int, default=20, help="0 = no classifier")
     args = p.parse_args(argv)
-    records = [json.loads(line) for line in (args.data / "metadata.jsonl").read_text().splitlines() if line]
+    records = read_records(args.data)
     train = [r for r in records if r["split"] == "train"]
     held_out = [r for r in records if r["split"] == "holdout"]
     subcategories = sorted({r["subcategory"] for r in records})
