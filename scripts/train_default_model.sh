@@ -82,12 +82,31 @@ if [ "$RECIPE" = v3 ]; then
   # Stage 3 of the third edition: stage 3's config with dropout 0.1 in every ResBlock, from step 0 on CLIP
   # v3's text tower and the same captions (40000 steps planned at a constant LR after warm-up: every
   # checkpoint is a usable model). Nothing of it ships yet (docs/default-model.md, "Third edition").
-  "$PY" -m latentforge train unet configs/default/unet_v2.toml task_options.dropout=0.1 \
-    task_options.train_data="$DATA-free/train" task_options.holdout_data="$DATA/holdout" \
-    run_dir="$RUNS/unet_v3" task_options.vae="$RUNS/vae/final.safetensors" \
-    task_options.text_encoder="$RUNS/clip_v3/final.text_encoder.safetensors" task_options.cache_dir="$RUNS/cache"
-  echo "measure a step N while it trains: $PY scripts/export_checkpoint.py $RUNS/unet_v3 --step N --vae $SHIPPED --out EXPORT"
+  # Sessions' machines do not keep RUNS, so a session ends by committing the step it reached, the run's own
+  # export (U-Net EMA, its VAE, CLIP v3's text tower; fp16), as the one file of $INC_ART/ named by the
+  # total step (step-NNNNNNN.safetensors). Without RUNS/unet_v3 the next machine continues from that file
+  # (unet_v3_free_form.toml: fresh optimizer, 100 warm-up steps, EMA from the initial weights) in a run
+  # named by the file's hash, seeded by its step so the data order differs; its step s is total step
+  # NNNNNNN + s. Only the first session trains from step 0.
+  INC_ART=artefacts/default-v3/unet_v3
+  FROM=$(ls "$INC_ART"/step-*.safetensors 2>/dev/null | sort | tail -n 1 || true)
+  if [ -d "$RUNS/unet_v3" ] || [ -z "$FROM" ]; then
+    RUN="$RUNS/unet_v3"
+    "$PY" -m latentforge train unet configs/default/unet_v2.toml task_options.dropout=0.1 \
+      task_options.train_data="$DATA-free/train" task_options.holdout_data="$DATA/holdout" \
+      run_dir="$RUN" task_options.vae="$RUNS/vae/final.safetensors" \
+      task_options.text_encoder="$RUNS/clip_v3/final.text_encoder.safetensors" task_options.cache_dir="$RUNS/cache"
+  else
+    TOTAL=$(basename "$FROM" .safetensors); TOTAL=$((10#${TOTAL#step-}))
+    RUN="$RUNS/unet_v3_from_$(sha256sum "$FROM" | cut -c1-8)"
+    "$PY" -m latentforge train unet configs/default/unet_v3_free_form.toml task_options.init="$FROM" \
+      seed="$TOTAL" task_options.train_data="$DATA-free/train" task_options.holdout_data="$DATA/holdout" \
+      run_dir="$RUN" task_options.cache_dir="$RUNS/cache"
+  fi
+  echo "measure a step N while it trains: $PY scripts/export_checkpoint.py $RUN --step N --vae $SHIPPED --out EXPORT"
   echo "  then $PY scripts/default_model_card.py --model EXPORT --data $DATA --out CARD_DIR"
+  echo "carry step N to the next machine: git rm $INC_ART/step-*.safetensors; $PY scripts/export_checkpoint.py \\"
+  echo "  $RUN --step N --out $INC_ART/step-TOTAL.safetensors  (TOTAL: N plus the step it started from, 7 digits)"
   exit 0
 fi
 # Stage 3: the U-Net on the same caption variants, from step 0 at a constant LR (40000 steps planned);
