@@ -54,6 +54,7 @@ GRID_PROMPTS = (
 )
 GRID_SEEDS = (0, 1, 2, 3)
 CAPTION_HEIGHT = 28  # two lines of Pillow's default font under each row
+TITLE_HEIGHT = 16  # one line of it above each panel of a side-by-side comparison
 
 
 @dataclass(frozen=True)
@@ -509,6 +510,26 @@ def caption_grid(
         lines = textwrap.wrap(caption, chars, max_lines=2, placeholder="...")
         draw.multiline_text((3, top + cell + 2), "\n".join(lines), fill="black", spacing=2)
     return grid
+
+
+def side_by_side(panels: Sequence[Image.Image], titles: Sequence[str], gap: int = 16) -> Image.Image:
+    """Panels (grids of the same prompts, one per model) left to right, each titled above, `gap` px apart.
+
+    Size: (sum of widths + gaps) x (TITLE_HEIGHT + the tallest panel's height).
+    """
+    if len(panels) != len(titles):
+        raise ValueError(
+            f"side_by_side needs one title per panel, got {len(panels)} panels, {len(titles)} titles"
+        )
+    width = sum(panel.width for panel in panels) + gap * (len(panels) - 1)
+    out = Image.new("RGB", (width, TITLE_HEIGHT + max(panel.height for panel in panels)), "white")
+    draw = ImageDraw.Draw(out)
+    left = 0
+    for panel, title in zip(panels, titles, strict=True):
+        out.paste(panel, (left, TITLE_HEIGHT))
+        draw.text((left + 3, 3), title, fill="black")
+        left += panel.width + gap
+    return out
 
 
 def sample_rows(

@@ -34,7 +34,8 @@ def _load_script(name: str):  # noqa: ANN202 (a module)
 
 
 _card = _load_script("model_card")  # a study tool in scripts/, not in the library
-CAPTION_HEIGHT, CardInputs, CardSettings = _card.CAPTION_HEIGHT, _card.CardInputs, _card.CardSettings
+CAPTION_HEIGHT, TITLE_HEIGHT = _card.CAPTION_HEIGHT, _card.TITLE_HEIGHT
+CardInputs, CardSettings = _card.CardInputs, _card.CardSettings
 NearestCaptionBaseline, caption_grid, choose_prompts = (
     _card.NearestCaptionBaseline,
     _card.caption_grid,
@@ -279,3 +280,22 @@ def test_scripts_run_from_the_command_line(files: dict[str, Path], tmp_path: Pat
     ]
     assert grid.main([str(a) for a in argv]) == 0
     assert Image.open(out).size == (2 * 32, 9 * (32 + CAPTION_HEIGHT))
+    # Two models side by side, titled: the same model twice gives two identical panels.
+    pair = tmp_path / "pair.png"
+    argv[argv.index(out)] = pair
+    argv += ["--model", files["model"], "--label", "before", "--prompts", _prompts(tmp_path)]
+    with pytest.raises(SystemExit):  # one --label per --model
+        grid.main([str(a) for a in argv])
+    argv += ["--label", "after"]
+    assert grid.main([str(a) for a in argv]) == 0
+    image = np.asarray(Image.open(pair).convert("RGB"))
+    panel_height = 2 * (32 + CAPTION_HEIGHT)
+    assert image.shape == (TITLE_HEIGHT + panel_height, 2 * 64 + 16, 3)
+    left, right = image[TITLE_HEIGHT:, :64], image[TITLE_HEIGHT:, 64 + 16 :]
+    assert np.array_equal(left, right) and (image[:TITLE_HEIGHT] < 128).any()  # titles drawn
+
+
+def _prompts(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("red apple, food-fruit, google style\nrocket, transport-air, twitter style\n")
+    return path
