@@ -9,7 +9,8 @@
 #   bash scripts/train_default_model.sh v3 [DATA_DIR] [RUNS_DIR]     the third edition, in progress: v2's
 #                                                                    first stage, CLIP v3 (tag positives,
 #                                                                    free-form captions), stage 3 from step 0
-#                                                                    with dropout on its text tower
+#                                                                    with dropout on its text tower, or from
+#                                                                    the step a session committed
 # v1: CLIP and VAE are independent and may run at the same time (one core each: OMP_NUM_THREADS=1).
 # v2 runs for many CPU-hours on one core, a session at a time: start it as
 #   OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 setsid nohup nice -n 5 bash scripts/train_default_model.sh v2 \
