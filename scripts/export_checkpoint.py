@@ -41,6 +41,7 @@ def export_checkpoint(
     module.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
     module.eval()
     out = out or run_dir / f"step-{step:07d}.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
     task.export(module, out)
     if vae is not None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))

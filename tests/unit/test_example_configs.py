@@ -63,3 +63,27 @@ def test_default_model_increment_starts_from_the_shipped_model(name):
     task = UNetTask(options, explicit=set(options))
     assert task.family.name == "latentforge-emoji" and task.family.unet.in_channels == 8
     assert config.lr_schedule == "cosine" and config.min_lr == 0.0 and config.warmup_steps < config.max_steps
+
+
+def test_default_model_v3_continues_from_the_committed_step():
+    """Stage 3 of the recipe's v3 continues on a new machine from the one committed step
+    (artefacts/default-v3/unet_v3/step-NNNNNNN.safetensors) with unet_v3_free_form.toml: that file is
+    accepted as init, and it is conditioned on CLIP v3's text tower, the one committed beside it."""
+    import torch
+
+    from latentforge.checkpoints.exports import load_clip
+
+    root = Path(__file__).parents[2]
+    recipe = RECIPE.read_text()
+    assert "INC_ART=artefacts/default-v3/unet_v3" in recipe and "unet_v3_free_form.toml" in recipe
+    (step,) = sorted((root / "artefacts" / "default-v3" / "unet_v3").glob("step-*.safetensors"))
+    assert len(step.stem) == len("step-0000000") and step.stem[5:].isdigit()
+    config = load_config(DEFAULT / "unet_v3_free_form.toml")
+    options = dict(config.task_options, init=str(step))
+    task = UNetTask(options, explicit=set(options))
+    assert task.family.name == "latentforge-emoji" and task.family.unet.in_channels == 8
+    assert config.lr_schedule == "constant" and config.ema_start == 0 and options["dropout"] == 0.1
+    clip_v3 = load_clip(root / "artefacts" / "default-v3" / "clip_v3" / "final.safetensors").text.state_dict()
+    text = task.text_encoder.state_dict()
+    assert set(clip_v3) - set(text) == {"text_projection.weight"}  # the U-Net reads hidden states only
+    assert all(torch.equal(text[k].float(), clip_v3[k].float()) for k in text)
