@@ -12,13 +12,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from model_card import (
+from model_card import (  # scripts/model_card.py
     GRID_PROMPTS,
     GRID_SEEDS,
     caption_grid,
     sample_rows,
     side_by_side,
-)  # scripts/model_card.py
+)
 
 from latentforge.checkpoints.loading import default_model_path
 from latentforge.evaluation.runs import parse_seeds, read_prompts
