@@ -48,9 +48,8 @@ def load_pixels(data: Path, records: list[dict]) -> torch.Tensor:
     )
 
 
-def image_features(extractor: Any, data: Path, records: list[dict]) -> torch.Tensor:
-    """[N, D] CLIP image features of the records' images."""
-    pixels = load_pixels(data, records)
+def image_features(extractor: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """[N, D] CLIP image features of [N, 3, H, W] uint8 images."""
     with torch.inference_mode():
         return torch.cat([extractor.image(chunk) for chunk in pixels.split(64)]).float()
 
@@ -62,7 +61,7 @@ def free_form_report(clip: str, data: Path, prompts: int = 600, seed: int = 0) -
     pick = np.random.default_rng(seed).choice(len(pairs), min(prompts, len(pairs)), replace=False)
     captions, owners = [pairs[i][0] for i in pick], [pairs[i][1] for i in pick]
     extractor = load_clip_extractor(clip)
-    images = image_features(extractor, data, train)
+    images = image_features(extractor, load_pixels(data, train))
     texts = torch.from_numpy(extractor.encode_text(captions)).float()
     top = (texts @ images.T).topk(min(5, len(train)), dim=1).indices
     hits = [
@@ -87,7 +86,7 @@ def tag_report(clip: str, data: Path, split: str = "holdout", limit: int = 290) 
     records = [r for r in all_records if r["split"] == split]
     records = records[:: max(1, len(records) // limit)][:limit]  # evenly spread when the split is larger
     extractor = load_clip_extractor(clip)
-    images = image_features(extractor, data, records)
+    images = image_features(extractor, load_pixels(data, records))
     texts = torch.from_numpy(extractor.encode_text([r["caption"] for r in records])).float()
     top5 = (texts @ images.T).topk(5, dim=1).indices  # [caption, 5]; caption i describes image i
     n, truth = len(records), torch.arange(len(records))

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from clip_holdout_tags import load_pixels, read_records  # scripts/
+from clip_holdout_tags import image_features, load_pixels, read_records  # scripts/
 from torch import nn
 
 from latentforge.evaluation.extractors import load_clip_extractor
@@ -109,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     report["nearest_by_pixels_16"] = nearest_neighbour_accuracy(small(pixels), small(pixels_h), labels, truth)
     for clip in args.clip:
         extractor = load_clip_extractor(clip)
-        with torch.inference_mode():
-            features = [torch.cat([extractor.image(c) for c in p.split(256)]) for p in (pixels, pixels_h)]
+        features = [image_features(extractor, p) for p in (pixels, pixels_h)]
         report[f"nearest_by_clip {clip}"] = nearest_neighbour_accuracy(*features, labels, truth)
     if args.classifier_epochs:
         y = torch.tensor([subcategories.index(s) for s in labels])
